@@ -268,7 +268,7 @@ def to_nvlabs(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], str]:
         layout = "hf layout, keys shown renamed to NVlabs names"
     else:
         layout += " layout"
-    sd = {k: v for k, v in sd.items() if not k.removeprefix("segformer.").startswith(DROPPED)}
+    sd = {k: v for k, v in sd.items() if not k.startswith(DROPPED)}
     return sd, layout
 
 
@@ -342,8 +342,7 @@ def read_torch_checkpoint(path: str) -> dict[str, Tensor]:
     except Exception as e:  # torch.load raises many types for a bad file; all mean the same to the user
         first_line = (str(e).strip().splitlines() or [""])[0]
         raise ValueError(f"{path} could not be read by torch.load(weights_only=True) ({type(e).__name__}: "
-                         f"{first_line}). Pass an "
-                         f"NVlabs mit_b*.pth or a Hugging Face pytorch_model.bin.") from None
+                         f"{first_line}). Pass an NVlabs mit_b*.pth or a Hugging Face pytorch_model.bin.") from None
     if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
         ckpt = ckpt["state_dict"]
     if not isinstance(ckpt, dict) or not all(isinstance(v, Tensor) for v in ckpt.values()):
@@ -355,11 +354,13 @@ def read_torch_checkpoint(path: str) -> dict[str, Tensor]:
 def convert_checkpoint(src: str, dst: str) -> None:
     """Convert a .pth/.bin MiT checkpoint (NVlabs or HF layout) to an NVlabs-layout safetensors file, checked
     against the MiT it describes and written atomically."""
+    if not os.path.isdir(os.path.dirname(os.path.abspath(dst))):
+        raise FileNotFoundError(f"the folder of the output {dst} does not exist; create it first.")
     sd, layout = to_nvlabs(read_torch_checkpoint(src))
     embed_dims, depths = arch_of(sd)
-    if not embed_dims:
-        raise ValueError(f"{src} ({layout}) holds no MiT encoder: no patch_embed1.proj.weight (NVlabs) or "
-                         f"encoder.patch_embeddings.0.proj.weight (Hugging Face) key.")
+    if len(embed_dims) != len(MiTConfig.embed_dims):
+        raise ValueError(f"{src} ({layout}) holds no 4-stage MiT encoder: it lacks patch_embed1..4.proj.weight "
+                         f"(NVlabs) or encoder.patch_embeddings.0..3.proj.weight (Hugging Face).")
     with torch.device("meta"):  # only the key names and shapes matter: allocate nothing
         model = build_mit("mit_b5", embed_dims=embed_dims, depths=depths)
     check_state_dict(model, sd, f"{src} ({layout})")
