@@ -1,0 +1,367 @@
+"""
+Evaluate a segmentor on the target validation set in the protocol of mmsegmentation/DAFormer, and convert the
+released DAFormer/MIC checkpoints.
+
+    python eval.py --ckpt runs/demo/model.safetensors --data-root runs/demo/data   # table, images/s, mIoU
+    python eval.py --ckpt model.safetensors --save-dir preds --side-by-side          # also colored predictions
+    python eval.py --convert-mmseg gta2cs_daformer.pth daformer.safetensors          # released mmseg checkpoint
+
+The protocol: each image is resized to the test scale (1024x512 for Cityscapes), the network's logits are resized
+bilinearly back to the label's full resolution (2048x1024), the argmax is compared with the label, and one
+confusion histogram is accumulated over the whole dataset with bincount (pixels labelled 255 are ignored).
+IoU per class = intersection / union over the dataset; mIoU = their mean over the classes whose union is non-zero.
+There is no per-image averaging: a small image counts as many pixels as it has.
+"""
+import argparse
+import collections
+import os
+import pickle
+import sys
+import time
+import types
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+import data
+import mit
+import ssr
+
+# ----------------------------------------------------------------------------------------------------------------
+# the metric
+
+
+def confusion(pred: Tensor, label: Tensor, num_classes: int) -> Tensor:
+    """(K, K) int64 histogram on pred's device: entry [t, p] counts the pixels of true class t predicted as p.
+
+    pred, label: integer tensors of one shape; label holds 0..K-1 or 255 (ignored)."""
+    valid = label != data.IGNORE
+    idx = num_classes * label[valid] + pred[valid]  # one bin per (true, predicted) pair
+    return torch.bincount(idx, minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def iou_from_confusion(hist: Tensor) -> tuple[Tensor, float]:
+    """Per-class IoU (float64, NaN where a class is neither in the labels nor in the predictions) and their mean
+    over the other classes. A class that is predicted but never present has IoU 0 and does count in the mean."""
+    hist = hist.double()
+    inter = hist.diag()
+    union = hist.sum(0) + hist.sum(1) - inter
+    iou = inter / union  # 0/0 = NaN for the classes with an empty union
+    return iou, iou.nanmean().item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inference
+
+
+def window_boxes(h: int, w: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """mmseg's slide_inference grid: (y1, y2, x1, x2) windows of crop x crop (smaller where the image is) every
+    `stride` pixels, the last row and column shifted back to end at the border, so that all windows share a size."""
+    boxes = []
+    for i in range(max(h - crop + stride - 1, 0) // stride + 1):
+        for j in range(max(w - crop + stride - 1, 0) // stride + 1):
+            y2, x2 = min(i * stride + crop, h), min(j * stride + crop, w)
+            boxes.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+    return boxes
+
+
+def network_logits(model: ssr.Segmentor, img: Tensor, mode: str, crop: int, stride: int) -> Tensor:
+    """(B, 3, h, w) -> float32 logits (B, K, h, w) at the input's size, as mmseg's whole/slide_inference before
+    the rescale: the head's 1/4-resolution logits are resized bilinearly to the input (window)."""
+    if mode == "whole":
+        return F.interpolate(model(img).float(), size=img.shape[2:], mode="bilinear", align_corners=False)
+    b, (h, w) = img.shape[0], img.shape[2:]
+    boxes = window_boxes(h, w, crop, stride)
+    windows = torch.cat([img[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])  # (n * B, 3, ch, cw), one forward
+    out = F.interpolate(model(windows).float(), size=windows.shape[2:], mode="bilinear", align_corners=False)
+    logits = img.new_zeros(b, out.shape[1], h, w, dtype=torch.float32)
+    count = img.new_zeros(1, 1, h, w, dtype=torch.float32)
+    for k, (y1, y2, x1, x2) in enumerate(boxes):  # overlapping windows average their logits
+        logits[:, :, y1:y2, x1:x2] += out[k * b:(k + 1) * b]
+        count[:, :, y1:y2, x1:x2] += 1
+    return logits / count
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pictures
+
+
+def colorize(label: np.ndarray) -> Image.Image:
+    """(H, W) train ids -> 'P' PNG image whose palette is the Cityscapes colors (255 and unknown ids: black)."""
+    im = Image.fromarray(label.astype(np.uint8), mode="P")
+    palette = np.zeros((256, 3), np.uint8)
+    palette[:len(data.PALETTE)] = data.PALETTE
+    im.putpalette(palette.ravel().tolist())
+    return im
+
+
+def compose_side_by_side(img: Tensor, label: np.ndarray, pred: np.ndarray) -> Image.Image:
+    """image | ground truth | prediction, at the network's scale (img: normalized (3, h, w); label, pred: (H, W))."""
+    rgb = (img.float().cpu() * torch.tensor(data.STD).view(3, 1, 1) + torch.tensor(data.MEAN).view(3, 1, 1))
+    rgb = Image.fromarray(rgb.round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
+    w, h = rgb.size
+    panels = [rgb] + [colorize(x).convert("RGB").resize((w, h), Image.NEAREST) for x in (label, pred)]
+    out = Image.new("RGB", (3 * w, h))
+    for k, panel in enumerate(panels):
+        out.paste(panel, (k * w, 0))
+    return out
+
+
+def save_predictions(save_dir: str, batch: dict, pred: Tensor, with_side: bool) -> None:
+    """save_dir/<stem>.png (palette PNG) for each image, and save_dir/side_by_side/<stem>.png with with_side."""
+    preds, labels = pred.cpu().numpy(), batch["lbl"].numpy()
+    for i, path in enumerate(batch["path"]):
+        stem = os.path.basename(path).removesuffix(".png").removesuffix("_leftImg8bit")
+        colorize(preds[i]).save(os.path.join(save_dir, stem + ".png"))
+        if with_side:
+            picture = compose_side_by_side(batch["img"][i], labels[i], preds[i])
+            picture.save(os.path.join(save_dir, "side_by_side", stem + ".png"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the evaluator
+
+
+def evaluate(model: ssr.Segmentor, loader, *, device, amp_dtype: torch.dtype | None = None, mode: str = "whole",
+             crop: int = 512, stride: int = 341, save_dir: str | None = None, side_by_side: bool = False,
+             progress: bool = False) -> dict:
+    """mIoU of `model` (already on `device`) over every batch of `loader` (data.make_val_loader).
+
+    Args:
+        amp_dtype: autocast dtype (torch.bfloat16 / torch.float16), None for full precision.
+        mode: 'whole' runs the resized image at once (DAFormer's test_cfg); 'slide' averages crop x crop windows
+            every `stride` pixels (mmseg's slide_inference; 341 = 2/3 of 512, mmseg's usual overlap).
+        save_dir: write each prediction there as a Cityscapes-palette PNG (and image | label | prediction
+            under save_dir/side_by_side with side_by_side=True).
+        progress: print a line to stderr about every 10% of the images.
+    Returns:
+        dict(iou=list of per-class IoU (NaN: class absent from labels and predictions), miou=float in 0..1,
+             hist=(K, K) int64 CPU confusion, images=int, images_per_s=float (loading included)).
+    """
+    if mode not in ("whole", "slide"):
+        raise ValueError(f"unknown evaluation mode {mode!r}; use 'whole' or 'slide'.")
+    device = torch.device(device)
+    if save_dir:
+        os.makedirs(os.path.join(save_dir, "side_by_side") if side_by_side else save_dir, exist_ok=True)
+    k = model.cfg.num_classes
+    hist = torch.zeros(k, k, dtype=torch.int64, device=device)
+    was_training = model.training
+    model.eval()  # dropout off, BatchNorm uses its running statistics
+    n, total, t0 = 0, len(loader.dataset), time.time()
+    with torch.inference_mode():
+        for batch in loader:
+            img = batch["img"].to(device, non_blocking=True)
+            label = batch["lbl"].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+                logits = network_logits(model, img, mode, crop, stride)
+            # The second resize (network scale -> label scale) is mmseg's `rescale`; argmax only after it, so that
+            # the prediction is made at every labelled pixel.
+            logits = F.interpolate(logits, size=label.shape[1:], mode="bilinear", align_corners=False)
+            pred = logits.argmax(1)  # (B, H, W)
+            hist += confusion(pred, label, k)
+            if save_dir:
+                save_predictions(save_dir, batch, pred, side_by_side)
+            n += img.shape[0]
+            if progress and n * 10 // total > (n - img.shape[0]) * 10 // total:  # crossed a tenth
+                print(f"{n}/{total} images", file=sys.stderr, flush=True)
+    hist = hist.cpu()  # waits for the device: the time below is the real one
+    seconds = time.time() - t0
+    model.train(was_training)
+    iou, miou = iou_from_confusion(hist)
+    return dict(iou=iou.tolist(), miou=miou, hist=hist, images=n, images_per_s=n / max(seconds, 1e-9))
+
+
+def print_table(result: dict, classes) -> None:
+    """Per-class IoU in percent, then the speed, then `mIoU: NN.NN` as the last line."""
+    width = max(len(c) for c in classes) + 2
+    print(f"{'class':<{width}}   IoU")
+    for name, iou in zip(classes, result["iou"]):
+        print(f"{name:<{width}}" + ("   n/a" if iou != iou else f"{100 * iou:6.2f}"))  # NaN: absent everywhere
+    print(f"{result['images']} images, {result['images_per_s']:.2f} images/s")
+    print(f"mIoU: {100 * result['miou']:.2f}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# released mmseg checkpoints (DAFormer, MIC)
+#
+# They are torch.save'd dicts: 'state_dict' holds the student under 'model.', the EMA teacher under 'ema_model.' and
+# the frozen ImageNet copy (for the feature distance) under 'imnet_model.'; 'meta' may hold numpy arrays and mmcv
+# objects. torch.load(weights_only=True) refuses the whole file for one such object, and weights_only=False would
+# run whatever code the pickle names. So we unpickle with an allow-list: the few functions that rebuild tensors,
+# and OrderedDict; every other global is replaced by an inert placeholder and is never imported or called.
+
+TENSOR_GLOBALS = {
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+}
+
+
+class Skipped:
+    """Stands in for any pickled object that is not a tensor or a plain container. Pickle may construct it, set
+    its state, items or list entries, or call it: it accepts everything and keeps nothing."""
+
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return Skipped()
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, item):
+        pass
+
+    def extend(self, items):
+        pass
+
+
+def restricted_pickle(skipped: set[str]) -> types.ModuleType:
+    """A pickle module for torch.load(pickle_module=...) whose unpickler resolves only TENSOR_GLOBALS; the names of
+    the globals it replaced by Skipped are added to `skipped`. (torch resolves storage types itself.)"""
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if (module, name) in TENSOR_GLOBALS:
+                return TENSOR_GLOBALS[module, name]
+            skipped.add(f"{module}.{name}")
+            return Skipped
+
+    module = types.ModuleType("restricted_pickle")
+    module.Unpickler = Unpickler
+    module.load = lambda file, **kwargs: Unpickler(file, **kwargs).load()
+    return module
+
+
+def read_mmseg_checkpoint(path: str) -> tuple[dict[str, Tensor], set[str]]:
+    """The student's state dict ('model.' stripped; a plain mmseg EncoderDecoder's keys as they are) and the names
+    of the non-tensor globals that were skipped."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"mmseg checkpoint {path} does not exist; pass the .pth file of a released "
+                                f"DAFormer or MIC model (e.g. the GTA5->Cityscapes checkpoint from their README).")
+    skipped: set[str] = set()
+    try:
+        # safe: the pickle module resolves no global outside TENSOR_GLOBALS (see restricted_pickle)
+        ckpt = torch.load(path, map_location="cpu", pickle_module=restricted_pickle(skipped), weights_only=False)
+    except Exception as e:  # a broken file fails in many ways inside torch.load; all mean the same to the user
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {first_line}); pass the "
+                         f".pth file of a released DAFormer or MIC model.") from None
+    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict) or not any(k.startswith(("model.backbone.", "backbone.")) for k in sd):
+        raise ValueError(f"{path} holds no mmseg segmentor: expected a dict with 'state_dict' holding "
+                         f"model.backbone.* and model.decode_head.* (DAFormer/MIC) or backbone.* and decode_head.*.")
+    # The published numbers are the student's (DACS evaluates `model`); the EMA teacher and the ImageNet copy
+    # only exist for training, so they are dropped.
+    prefix = "model." if any(k.startswith("model.") for k in sd) else ""
+    keep = (prefix + "backbone.", prefix + "decode_head.")
+    student = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(keep)}
+    bad = sorted(k for k, v in student.items() if not isinstance(v, Tensor))
+    if bad:
+        raise ValueError(f"{path}: the weights {', '.join(bad[:3])} are not plain tensors; pass the .pth file of a "
+                         f"released DAFormer or MIC model.")
+    return student, skipped
+
+
+def config_from_state_dict(sd: dict[str, Tensor], where: str) -> ssr.SegConfig:
+    """SegConfig that a DAFormer state dict describes: MiT size from the backbone's keys and shapes, number of
+    classes and head width from the classifier conv_seg (K, channels, 1, 1)."""
+    backbone = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
+    embed_dims, depths = mit.arch_of(backbone)
+    if not embed_dims or "decode_head.conv_seg.weight" not in sd:
+        raise ValueError(f"{where} holds no MiT backbone with a DAFormer head (no backbone.patch_embed1.proj.weight "
+                         f"or decode_head.conv_seg.weight); only DAFormer/MIC models with MiT encoders convert.")
+    name = next((n for n, p in mit.MIT_PRESETS.items() if (p["embed_dims"], p["depths"]) == (embed_dims, depths)), None)
+    num_classes, channels = sd["decode_head.conv_seg.weight"].shape[:2]
+    return ssr.SegConfig(backbone=name or "mit_b5", mit={} if name else dict(embed_dims=embed_dims, depths=depths),
+                         num_classes=num_classes, channels=channels)
+
+
+def convert_mmseg(src: str, dst: str) -> tuple[ssr.SegConfig, set[str]]:
+    """Released DAFormer/MIC .pth -> this project's checkpoint (safetensors + metadata), loaded strictly on the
+    way; returns the configuration and the skipped non-tensor globals."""
+    out_dir = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(out_dir):
+        raise FileNotFoundError(f"output folder {out_dir} of {dst} does not exist; create it first.")
+    sd, skipped = read_mmseg_checkpoint(src)
+    cfg = config_from_state_dict(sd, src)
+    with torch.device("meta"):  # no time spent on random init: every tensor comes from the file
+        model = ssr.build_segmentor(cfg)
+    ours = model.state_dict()
+    missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
+    shape = sorted(k for k in set(ours) & set(sd) if ours[k].shape != sd[k].shape)
+    if missing or unexpected or shape:
+        raise ValueError(f"{src} does not match the DAFormer segmentor {cfg}: missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}, wrong shape {shape[:3]}. Only DAFormer-head models (DAFormer, MIC "
+                         f"with the DAFormer head) convert; HRDA's multi-resolution head does not.")
+    model.load_state_dict(sd, strict=True, assign=True)
+    ssr.save_segmentor(model, dst, dataset="cityscapes", test_scale=[1024, 512],
+                       source=f"converted from {os.path.basename(src)}")
+    return cfg, skipped
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--ckpt", help="checkpoint written by train.py or --convert-mmseg (.safetensors)")
+    what.add_argument("--convert-mmseg", nargs=2, metavar=("IN.pth", "OUT.safetensors"),
+                      help="convert a released DAFormer/MIC mmseg checkpoint (reads tensors only, runs no code)")
+    p.add_argument("--data-root", help="folder holding cityscapes/ as downloaded (default: the checkpoint's, or data)")
+    p.add_argument("--split", default="val", help="split of the target dataset; it must have labels")
+    p.add_argument("--mode", default="whole", choices=["whole", "slide"],
+                   help="whole: the resized image at once (DAFormer); slide: 512x512 windows, stride 341")
+    p.add_argument("--batch-size", type=int, default=2, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data loader processes")
+    p.add_argument("--amp", choices=["bf16", "fp16", "fp32"],
+                   help="precision (default: bf16 on GPUs that support it, else fp32, as the papers evaluated)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--save-dir", help="write each prediction there as a Cityscapes-palette PNG")
+    p.add_argument("--side-by-side", action="store_true", help="with --save-dir: also image | label | prediction")
+    args = p.parse_args()
+
+    if args.convert_mmseg:
+        cfg, skipped = convert_mmseg(*args.convert_mmseg)
+        print(f"wrote {args.convert_mmseg[1]}: {cfg.backbone}{' ' + str(cfg.mit) if cfg.mit else ''}, "
+              f"{cfg.num_classes} classes, head width {cfg.channels}")
+        if skipped:
+            print(f"skipped non-tensor objects without running them: {', '.join(sorted(skipped))}")
+        return
+    if args.side_by_side and not args.save_dir:
+        raise ValueError("--side-by-side writes pictures into --save-dir; pass --save-dir DIR as well.")
+    device = torch.device(args.device)
+    if args.amp is None:
+        args.amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.amp]
+
+    model, meta = ssr.load_segmentor(args.ckpt, device)
+    if model.cfg.num_classes != len(data.CLASSES):
+        raise ValueError(f"{args.ckpt} predicts {model.cfg.num_classes} classes but the evaluation uses the "
+                         f"{len(data.CLASSES)} Cityscapes classes; pass a checkpoint of a 19-class model.")
+    loader = data.make_val_loader(args.data_root or meta.get("data_root") or "data", meta.get("dataset", "cityscapes"),
+                                  args.split, scale=tuple(meta.get("test_scale", (1024, 512))),
+                                  batch_size=args.batch_size, workers=args.workers)
+    result = evaluate(model, loader, device=device, amp_dtype=amp_dtype, mode=args.mode, save_dir=args.save_dir,
+                      side_by_side=args.side_by_side, progress=True)
+    print_table(result, data.CLASSES)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:  # bad files, flags, datasets: a message, not a traceback
+        sys.exit(f"error: {e}")
