@@ -1,0 +1,626 @@
+"""GTA5 -> Cityscapes data, read straight from the official downloads, with DAFormer's training pipeline.
+
+No preparation step: GTA5 palette labels and Cityscapes `_labelIds` are mapped to the 19 train ids on the fly,
+and the rare-class statistics are computed on first use and cached outside the dataset folder.
+Every random choice of the training sample at global position k comes from np.random.default_rng([seed, k]),
+so a batch is a function of (seed, iteration, rank) alone: resuming or changing the worker count changes nothing.
+`make_demo_data` writes two small synthetic domains in the very same layouts, so the demo runs the real code path.
+"""
+import hashlib
+import itertools
+import math
+import os
+from dataclasses import dataclass
+from multiprocessing import Pool
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+           "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
+PALETTE = ((128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+           (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+           (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32))
+MEAN = (123.675, 116.28, 103.53)  # ImageNet, 0..255 scale (= SAM's pixel mean/std)
+STD = (58.395, 57.12, 57.375)
+IGNORE = 255
+LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)  # Cityscapes id of train id i
+
+# 256-entry lookup tables: any byte a label PNG can hold maps to a train id or IGNORE
+ID_TO_TRAIN = np.full(256, IGNORE, np.uint8)
+ID_TO_TRAIN[list(LABEL_IDS)] = np.arange(19)
+TRAIN_TO_TRAIN = np.full(256, IGNORE, np.uint8)
+TRAIN_TO_TRAIN[:19] = np.arange(19)  # a `_labelTrainIds.png` is used as is; stray values become IGNORE
+
+RCS_TEMPERATURE = 0.01  # DAFormer: p_c ∝ exp((1 - f_c) / T)
+RCS_MIN_CROP_RATIO = 0.5  # the crop must keep > min_crop_ratio * min_pixels pixels of the sampled class
+CAT_MAX_RATIO = 0.75  # mmseg RandomCrop: no class may cover 75% of a source crop
+SIZE_TOLERANCE = 0.05  # a label whose aspect ratio is this close to its image's is resized onto it
+
+# the demo's sizes: val images at 256x128 with 512x256 labels mimic the real 1024x512 / 2048x1024 protocol;
+# min_pixels scales DAFormer's 3000 (for 1914x1052 labels) to the 384x216 demo source labels
+DEMO = dict(src_scale=(256, 144), tgt_scale=(256, 128), crop=128,
+            rcs_min_pixels=round(3000 * 384 * 216 / (1914 * 1052)))
+
+
+class DatasetError(ValueError):
+    """Bad or missing data, explained in one paragraph for the person running the program."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# finding the files
+
+LAYOUTS = {
+    "gta5": ("<root>/gta5/images/00001.png ...  and  <root>/gta5/labels/00001.png ... (palette PNGs of Cityscapes "
+             "label ids, as in the download). Download images and labels from "
+             "https://download.visinf.tu-darmstadt.de/data/from_games/ and unzip them into <root>/gta5/."),
+    "cityscapes": ("<root>/cityscapes/leftImg8bit/{train,val}/<city>/<stem>_leftImg8bit.png  and  "
+                   "<root>/cityscapes/gtFine/{train,val}/<city>/<stem>_gtFine_labelIds.png. Download "
+                   "leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from https://www.cityscapes-dataset.com/ "
+                   "and unzip both into <root>/cityscapes/."),
+}
+
+
+@dataclass(frozen=True)
+class Sample:
+    img: str
+    lbl: str | None  # None: an unlabelled target image
+    train_ids: bool = False  # True: the label already holds train ids (`_labelTrainIds.png`)
+
+
+def _require_dir(path: str, name: str, root: str) -> None:
+    if not os.path.isdir(path):
+        raise DatasetError(f"{name} not found: missing folder {path}. Expected the layout "
+                           f"{LAYOUTS[name].replace('<root>', root)}")
+
+
+def list_gta5(root: str) -> list[Sample]:
+    """All GTA5 pairs, images/NNNNN.png with labels/NNNNN.png (the whole set is the training split)."""
+    images, labels = os.path.join(root, "gta5", "images"), os.path.join(root, "gta5", "labels")
+    _require_dir(images, "gta5", root)
+    _require_dir(labels, "gta5", root)
+    names = sorted(f for f in os.listdir(images) if f.endswith(".png"))
+    samples = []
+    for name in names:
+        lbl = os.path.join(labels, name)
+        if not os.path.isfile(lbl):
+            raise DatasetError(f"GTA5 image {os.path.join(images, name)} has no label: expected {lbl}. Re-extract "
+                               f"the labels archive, or delete the image if it is not part of the dataset.")
+        samples.append(Sample(os.path.join(images, name), lbl))
+    return samples
+
+
+def list_cityscapes(root: str, split: str, need_labels: bool) -> list[Sample]:
+    """Images of one split paired by stem with `_gtFine_labelTrainIds.png` if present, else `_gtFine_labelIds.png`.
+
+    The `_color.png`, `_instanceIds.png` and `_polygons.json` neighbours in gtFine are never looked at."""
+    img_dir, gt_dir = (os.path.join(root, "cityscapes", d, split) for d in ("leftImg8bit", "gtFine"))
+    _require_dir(img_dir, "cityscapes", root)
+    if need_labels:
+        _require_dir(gt_dir, "cityscapes", root)
+    samples = []
+    cities = sorted(c for c in os.listdir(img_dir) if os.path.isdir(os.path.join(img_dir, c)))
+    for city in cities:
+        for name in sorted(os.listdir(os.path.join(img_dir, city))):
+            if not name.endswith("_leftImg8bit.png"):
+                continue
+            img = os.path.join(img_dir, city, name)
+            stem = os.path.join(gt_dir, city, name[: -len("_leftImg8bit.png")])
+            if os.path.isfile(stem + "_gtFine_labelTrainIds.png"):
+                samples.append(Sample(img, stem + "_gtFine_labelTrainIds.png", train_ids=True))
+            elif os.path.isfile(stem + "_gtFine_labelIds.png"):
+                samples.append(Sample(img, stem + "_gtFine_labelIds.png"))
+            elif need_labels:
+                raise DatasetError(f"Cityscapes image {img} has no label: expected {stem}_gtFine_labelIds.png "
+                                   f"(or _gtFine_labelTrainIds.png). Unzip gtFine_trainvaltest.zip into "
+                                   f"{os.path.join(root, 'cityscapes')}.")
+            else:
+                samples.append(Sample(img, None))
+    return samples
+
+
+def list_dataset(root: str, name: str, split: str, need_labels: bool = True) -> list[Sample]:
+    if not os.path.isdir(root):
+        raise DatasetError(f"data root {root} does not exist. Pass --data-root pointing to a folder holding "
+                           f"gta5/ and cityscapes/ as in: {LAYOUTS['gta5']} {LAYOUTS['cityscapes']}")
+    if name == "gta5":
+        samples = list_gta5(root)
+    elif name == "cityscapes":
+        samples = list_cityscapes(root, split, need_labels)
+    else:
+        raise DatasetError(f"unknown dataset '{name}': expected 'gta5' or 'cityscapes'.")
+    if not samples:
+        where = "gta5" if name == "gta5" else f"cityscapes split '{split}'"
+        raise DatasetError(f"no images found for {where} under {root}. Expected the layout "
+                           f"{LAYOUTS[name].replace('<root>', root)}")
+    return samples
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading files
+
+def _open(path: str, what: str) -> Image.Image:
+    try:
+        im = Image.open(path)
+        im.load()  # PIL decodes lazily: a truncated file only fails here
+        return im
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"cannot read {what} {path} ({e}). The file is truncated or not a PNG; "
+                           f"re-extract it from the dataset archive.") from None
+
+
+def read_image(path: str) -> np.ndarray:
+    return np.array(_open(path, "image").convert("RGB"))  # (H, W, 3) uint8, writable for torch.from_numpy
+
+
+def _label_values(path: str) -> np.ndarray:
+    """(H, W) uint8 raw values of a label PNG. GTA5 'P' images hold label ids as palette indices: read those."""
+    im = _open(path, "label")
+    if im.mode not in ("P", "L"):
+        raise DatasetError(f"label {path} has mode {im.mode}; expected a single-channel PNG of Cityscapes "
+                           f"label ids (palette or grayscale), not a color visualisation.")
+    return np.asarray(im)
+
+
+def read_label(sample: Sample) -> np.ndarray:
+    """(H, W) uint8 train ids / IGNORE."""
+    return (TRAIN_TO_TRAIN if sample.train_ids else ID_TO_TRAIN)[_label_values(sample.lbl)]
+
+
+def read_pair(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+    """Image and label at the image's size.
+
+    A few GTA5 labels differ in size from their image. When the aspect ratios agree the label is resized onto
+    the image with nearest neighbour (the pipeline resizes both to the training scale anyway, so this only fixes
+    the alignment); any other mismatch cannot be aligned and is an error, never a silent misalignment."""
+    img, lbl = read_image(sample.img), read_label(sample)
+    (h, w), (lh, lw) = img.shape[:2], lbl.shape
+    if (lh, lw) != (h, w):
+        if abs(lw * h / (lh * w) - 1) > SIZE_TOLERANCE:
+            raise DatasetError(f"label {sample.lbl} is {lw}x{lh} but its image {sample.img} is {w}x{h}: the aspect "
+                               f"ratios differ, so they cannot be aligned. Replace or remove this pair.")
+        lbl = resize_label(lbl, (w, h))
+    return img, lbl
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# transforms, with mmseg/mmcv semantics
+
+def rescale_size(w: int, h: int, scale: tuple[int, int]) -> tuple[int, int]:
+    """mmcv.rescale_size: the largest size with the image's ratio that fits inside scale (either orientation)."""
+    factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
+    return int(w * factor + 0.5), int(h * factor + 0.5)
+
+
+def resize_image(img: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, h, w) float32 in 0..255. Bilinear with half-pixel centres and no antialiasing, as
+    cv2.INTER_LINEAR in mmcv; rounded because cv2 returns uint8."""
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()
+    if (x.shape[2], x.shape[1]) != tuple(size):
+        x = F.interpolate(x[None], size=(size[1], size[0]), mode="bilinear", align_corners=False)[0]
+    return x.round_().clamp_(0, 255)
+
+
+def resize_label(lbl: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest neighbour as cv2.INTER_NEAREST: output pixel i reads source pixel floor(i * src / dst)."""
+    (h, w), (nw, nh) = lbl.shape, size
+    rows = np.arange(nh) * h // nh
+    cols = np.arange(nw) * w // nw
+    return lbl[rows[:, None], cols[None, :]]
+
+
+def normalize(img: torch.Tensor) -> torch.Tensor:
+    return (img - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+
+
+def random_crop_box(rng: np.random.Generator, h: int, w: int, crop: int) -> tuple[int, int]:
+    return int(rng.integers(0, max(h - crop, 0) + 1)), int(rng.integers(0, max(w - crop, 0) + 1))
+
+
+def cat_max_crop(rng: np.random.Generator, lbl: np.ndarray, crop: int,
+                 cat_max_ratio: float = CAT_MAX_RATIO) -> tuple[int, int]:
+    """mmseg RandomCrop: redraw up to 10 times until the crop holds more than one class and none covers
+    cat_max_ratio of the labelled pixels; after 10 failures the 11th box is kept unchecked, as in mmseg."""
+    y, x = random_crop_box(rng, *lbl.shape, crop)
+    for _ in range(10):
+        counts = np.bincount(lbl[y:y + crop, x:x + crop].ravel(), minlength=256)[:IGNORE]
+        counts = counts[counts > 0]
+        if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+            break
+        y, x = random_crop_box(rng, *lbl.shape, crop)
+    return y, x
+
+
+def crop_flip(rng: np.random.Generator, img: torch.Tensor, lbl: np.ndarray | None, crop: int):
+    """RandomCrop (cat_max_ratio when there is a label) then RandomFlip(0.5), on a resized (3, h, w) image."""
+    h, w = img.shape[1:]
+    y, x = cat_max_crop(rng, lbl, crop) if lbl is not None else random_crop_box(rng, h, w, crop)
+    img = img[:, y:y + crop, x:x + crop]
+    lbl = lbl[y:y + crop, x:x + crop] if lbl is not None else None
+    if rng.random() < 0.5:
+        img = img.flip(-1)
+        lbl = lbl[:, ::-1] if lbl is not None else None
+    return img, lbl
+
+
+def finish(img: torch.Tensor, lbl: np.ndarray | None, crop: int):
+    """Normalize, then pad bottom/right to crop x crop (image 0 after normalization, label IGNORE), as mmseg."""
+    img = normalize(img)
+    pad = (0, crop - img.shape[2], 0, crop - img.shape[1])
+    img = F.pad(img, pad, value=0.0)
+    if lbl is None:
+        return img, None
+    return img, F.pad(torch.from_numpy(lbl.astype(np.int64)), pad, value=IGNORE)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rare class sampling (DAFormer)
+
+def _count_classes(sample: Sample) -> np.ndarray:
+    """Pixels per train id in one label at its original resolution, as DAFormer's convert script counts them."""
+    per_value = np.bincount(_label_values(sample.lbl).ravel(), minlength=256)  # count raw values, then map
+    lut = TRAIN_TO_TRAIN if sample.train_ids else ID_TO_TRAIN
+    return np.bincount(lut, weights=per_value, minlength=256)[:19].astype(np.int64)
+
+
+def class_pixel_counts(samples: list[Sample], cache_dir: str | None = None) -> np.ndarray:
+    """(N, 19) int64 pixel counts, cached in cache_dir under a hash of the label paths, sizes and mtimes, so a
+    changed dataset is recomputed and the dataset folder (maybe read-only) is never written."""
+    cache_dir = cache_dir or os.environ.get("SSR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ssr")
+    key = hashlib.sha1()
+    for s in samples:
+        st = os.stat(s.lbl)
+        key.update(f"{os.path.abspath(s.lbl)}|{s.train_ids}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    path = os.path.join(cache_dir, f"rcs_counts_{key.hexdigest()[:20]}.npy")
+    if os.path.isfile(path):
+        return np.load(path)
+    print(f"computing rare-class statistics of {len(samples)} labels (once, cached in {path})", flush=True)
+    if len(samples) < 256:
+        counts = [_count_classes(s) for s in samples]
+    else:
+        with Pool(min(os.cpu_count() or 1, 16)) as pool:
+            counts = pool.map(_count_classes, samples, chunksize=64)
+    counts = np.stack(counts).astype(np.int64)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        with open(path + ".tmp", "wb") as f:
+            np.save(f, counts)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        raise DatasetError(f"cannot write the rare-class statistics cache {path} ({e}). Set SSR_CACHE (or "
+                           f"cache_dir) to a writable folder.") from None
+    return counts
+
+
+def rcs_tables(counts: np.ndarray, min_pixels: int = 3000,
+               temperature: float = RCS_TEMPERATURE) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """From (N, 19) counts: the sampled classes, their probabilities, and per class the images to draw from.
+
+    As DAFormer: only classes present in the data, f_c over those classes, p_c = softmax((1 - f_c) / T), and an
+    image qualifies for class c with strictly more than min_pixels pixels of it. DAFormer asserts that every
+    class has a qualifying image; here a class without one is dropped and the others renormalized."""
+    total = counts.sum(0)
+    classes = np.flatnonzero(total > 0)
+    logits = (1 - total[classes] / total[classes].sum()) / temperature
+    images = [np.flatnonzero(counts[:, c] > min_pixels) for c in classes]
+    keep = np.array([len(i) > 0 for i in images], bool)
+    if not keep.any():
+        raise DatasetError(f"rare class sampling found no source label with more than {min_pixels} pixels of any "
+                           f"class; the labels are empty or tiny. Disable rare class sampling or check the labels.")
+    logits = logits[keep]
+    probs = np.exp(logits - logits.max())
+    return classes[keep], probs / probs.sum(), [i for i, k in zip(images, keep) if k]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# datasets and loaders
+
+class TrainSamples(Dataset):
+    """Item k: the (source crop, source label, target crop) for global sample position k, from rng([seed, k])."""
+
+    def __init__(self, source: list[Sample], target: list[Sample], *, crop: int, seed: int, src_scale, tgt_scale,
+                 rcs: tuple | None, rcs_min_pixels: int):
+        self.source, self.target, self.crop, self.seed = source, target, crop, seed
+        self.src_scale, self.tgt_scale, self.rcs, self.rcs_min_pixels = src_scale, tgt_scale, rcs, rcs_min_pixels
+
+    def _source(self, rng: np.random.Generator):
+        if self.rcs is not None:
+            classes, probs, images = self.rcs
+            j = rng.choice(len(classes), p=probs)
+            c, i = classes[j], rng.choice(images[j])
+        else:
+            c, i = None, rng.integers(len(self.source))
+        img, lbl = read_pair(self.source[i])
+        size = rescale_size(img.shape[1], img.shape[0], self.src_scale)
+        img, lbl = resize_image(img, size), resize_label(lbl, size)
+        s_img, s_lbl = crop_flip(rng, img, lbl, self.crop)
+        if c is not None:
+            # DAFormer reruns the pipeline up to 10 times until the crop keeps enough of the sampled class;
+            # loading and resizing are deterministic, so only the crop and flip are redrawn
+            for _ in range(10):
+                if (s_lbl == c).sum() > self.rcs_min_pixels * RCS_MIN_CROP_RATIO:
+                    break
+                s_img, s_lbl = crop_flip(rng, img, lbl, self.crop)
+        return finish(s_img, s_lbl, self.crop)
+
+    def _target(self, rng: np.random.Generator) -> torch.Tensor:
+        # no cat_max_ratio here: target labels are never used in training (DAFormer's crop peeks at them)
+        img = read_image(self.target[rng.integers(len(self.target))].img)
+        img = resize_image(img, rescale_size(img.shape[1], img.shape[0], self.tgt_scale))
+        return finish(crop_flip(rng, img, None, self.crop)[0], None, self.crop)[0]
+
+    def __getitem__(self, k: int):
+        try:
+            rng = np.random.default_rng([self.seed, k])
+            src_img, src_lbl = self._source(rng)
+            return {"src_img": src_img, "src_lbl": src_lbl, "tgt_img": self._target(rng)}
+        except DatasetError as e:
+            return e  # returned, not raised: a worker's raise would reach the user wrapped in its traceback
+
+
+class ValSamples(Dataset):
+    """Cityscapes-style evaluation: image resized to `scale` keeping its ratio, label at full resolution."""
+
+    def __init__(self, samples: list[Sample], scale):
+        self.samples, self.scale = samples, scale
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        s = self.samples[i]
+        try:
+            img, lbl = read_image(s.img), read_label(s)
+            if lbl.shape != img.shape[:2]:
+                raise DatasetError(f"label {s.lbl} is {lbl.shape[1]}x{lbl.shape[0]} but its image {s.img} is "
+                                   f"{img.shape[1]}x{img.shape[0]}; evaluation needs the label at the image's "
+                                   f"resolution. Replace the label with the one from the archive.")
+            img = resize_image(img, rescale_size(img.shape[1], img.shape[0], self.scale))
+            return {"img": normalize(img), "lbl": torch.from_numpy(lbl.astype(np.int64)), "path": s.img}
+        except DatasetError as e:
+            return e
+
+
+class Positions(Sampler):
+    """Infinite global sample positions of one rank: iteration it, slot j -> (it * world + rank) * batch + j."""
+
+    def __init__(self, start_iter: int, batch_size: int, rank: int, world_size: int):
+        self.start_iter, self.batch_size, self.rank, self.world_size = start_iter, batch_size, rank, world_size
+
+    def __iter__(self):
+        for it in itertools.count(self.start_iter):
+            first = (it * self.world_size + self.rank) * self.batch_size
+            yield from range(first, first + self.batch_size)
+
+
+def _collate(items: list):
+    errors = [e for e in items if isinstance(e, DatasetError)]
+    if errors:
+        return errors[0]
+    if "lbl" in items[0] and len({tuple(it["lbl"].shape) for it in items}) > 1:
+        sizes = ", ".join(f"{it['path']}: {tuple(it['lbl'].shape)}" for it in items)
+        return DatasetError(f"validation labels of one batch differ in size ({sizes}); full-resolution labels "
+                            f"only batch when they share a size. Use batch_size=1.")
+    return default_collate(items)
+
+
+class CleanLoader(DataLoader):
+    """A DataLoader that re-raises a DatasetError from a worker with its own message, not a worker traceback."""
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if isinstance(batch, DatasetError):
+                break
+            yield batch
+        else:
+            return
+        # raised after the loop let go of the worker iterator, so the workers stop now: a traceback that held it
+        # would leave it to the cyclic gc, which closes the worker queues first and then waits 5 s per worker
+        raise DatasetError(str(batch)) from None
+
+
+def make_train_loader(data_root: str, src: str = "gta5", tgt: str = "cityscapes", *, crop: int = 512,
+                      batch_size: int = 2, seed: int = 0, start_iter: int = 0, workers: int = 2, rank: int = 0,
+                      world_size: int = 1, src_scale=(1280, 720), tgt_scale=(1024, 512), rcs: bool = True,
+                      cache_dir: str | None = None, pin_memory: bool = False,
+                      rcs_min_pixels: int = 3000) -> Iterator[dict]:
+    """Infinite iterator of training batches; the k-th batch is iteration start_iter + k.
+
+    Batches: src_img float32 (B, 3, crop, crop) normalized, src_lbl int64 (B, crop, crop) train ids / 255,
+    tgt_img float32 (B, 3, crop, crop). rcs_min_pixels is DAFormer's 3000 for GTA5-sized labels."""
+    source = list_dataset(data_root, src, "train")
+    target = list_dataset(data_root, tgt, "train", need_labels=False)
+    tables = rcs_tables(class_pixel_counts(source, cache_dir), rcs_min_pixels) if rcs else None
+    dataset = TrainSamples(source, target, crop=crop, seed=seed, src_scale=src_scale, tgt_scale=tgt_scale,
+                           rcs=tables, rcs_min_pixels=rcs_min_pixels)
+    # no persistent_workers: it only keeps workers across epochs, and this one iterator never ends
+    loader = CleanLoader(dataset, batch_size=batch_size, sampler=Positions(start_iter, batch_size, rank, world_size),
+                         num_workers=workers, pin_memory=pin_memory, collate_fn=_collate)
+    return iter(loader)
+
+
+def make_val_loader(data_root: str, tgt: str = "cityscapes", split: str = "val", *, scale=(1024, 512),
+                    batch_size: int = 1, workers: int = 2) -> DataLoader:
+    """Batches {'img': (B, 3, h, w) normalized at `scale`, 'lbl': int64 (B, H, W) full resolution, 'path'}."""
+    samples = list_dataset(data_root, tgt, split)
+    return CleanLoader(ValSamples(samples, scale), batch_size=batch_size, shuffle=False, num_workers=workers,
+                       collate_fn=_collate)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# synthetic demo domains: street scenes in the GTA5 and Cityscapes layouts with a real domain shift between them
+
+DEMO_DOMAINS = {
+    # GTA-like: sunny blue sky, saturated colors, big windows, clean pixels
+    "source": dict(sky=((90, 150, 230), (185, 215, 245)), window=(8, 6), car_size=1.0, person_size=1.0,
+                   light=1.0, saturation=1.0, tint=(0, 0, 0), noise=3.0, blur=False, ego=False),
+    # Cityscapes-like: overcast sky, dim desaturated light with a blue-green cast, small windows, bigger cars and
+    # people, sensor noise and lens blur, and the ego car's bonnet (an ignored label id) at the bottom
+    "target": dict(sky=((175, 182, 192), (215, 218, 222)), window=(5, 4), car_size=1.3, person_size=1.25,
+                   light=0.8, saturation=0.55, tint=(-12, 4, 16), noise=7.0, blur=True, ego=True),
+}
+_BUILDINGS = np.array([(150, 85, 65), (125, 115, 105), (175, 155, 115)], np.float32)
+_CARS = np.array([(200, 30, 30), (30, 60, 170), (220, 220, 225), (25, 25, 30), (230, 180, 20)], np.float32)
+_CLOTHES = np.array([(60, 60, 170), (170, 40, 120), (40, 120, 60), (200, 120, 30)], np.float32)
+_DEMO_CITIES = {"train": ("aachen", "bochum"), "val": ("frankfurt", "lindau")}
+
+
+def _box(lbl, img, y0, y1, x0, x1, cls, color, ellipse=False) -> None:
+    """Paint an axis-aligned box, or the ellipse inscribed in it, clipped to the image."""
+    h, w = lbl.shape
+    ya, yb, xa, xb = max(int(y0), 0), min(math.ceil(y1), h), max(int(x0), 0), min(math.ceil(x1), w)
+    if ya >= yb or xa >= xb:
+        return
+    if not ellipse:
+        lbl[ya:yb, xa:xb], img[ya:yb, xa:xb] = cls, color
+        return
+    yy, xx = np.ogrid[ya:yb, xa:xb]
+    m = ((yy + 0.5 - (y0 + y1) / 2) / ((y1 - y0) / 2)) ** 2 + ((xx + 0.5 - (x0 + x1) / 2) / ((x1 - x0) / 2)) ** 2 <= 1
+    lbl[ya:yb, xa:xb][m] = cls
+    img[ya:yb, xa:xb][m] = color
+
+
+def _shade(img: np.ndarray, mask: np.ndarray, factor) -> np.ndarray:
+    return np.where(mask[..., None], img * np.asarray(factor, np.float32), img)
+
+
+def _demo_objects(rng, lbl, img, hor, vx, rw, dom) -> None:
+    """Poles with signs or lights on the sidewalks, cars on the road, people on the sidewalks, far to near."""
+    h, w = lbl.shape
+    objects = [("pole", g) for g in rng.uniform(0.1, 0.8, rng.integers(1, 4))]
+    objects += [("car", g) for g in rng.uniform(0.15, 0.9, rng.integers(1, 5))]
+    objects += [("person", g) for g in rng.uniform(0.15, 0.85, rng.integers(0, 5))]
+    for kind, g in sorted(objects, key=lambda o: o[1]):
+        base, side = hor + g * (h - hor), rng.choice((-1, 1))
+        if kind == "pole":
+            x, pw, s = vx + side * g * rw * 1.35, max(1.5, g * w * 0.012), max(4.0, g * w * 0.045)
+            top = base - (0.6 + 1.6 * g) * (h - hor)
+            _box(lbl, img, top, base, x - pw / 2, x + pw / 2, 5, (75, 78, 85))
+            if rng.random() < 0.5:
+                _box(lbl, img, top - s, top + 0.1 * s, x - s / 2, x + s / 2, 7, (235, 200, 30), ellipse=True)
+            else:
+                _box(lbl, img, top - 1.6 * s, top, x - 0.35 * s, x + 0.35 * s, 6, (30, 30, 30))
+                lamp = ((230, 40, 30), (40, 220, 80))[rng.integers(2)]
+                _box(lbl, img, top - 1.4 * s, top - 0.8 * s, x - 0.25 * s, x + 0.25 * s, 6, lamp, ellipse=True)
+        elif kind == "car":
+            x, cw = vx + rng.uniform(-0.7, 0.7) * g * rw, g * w * 0.22 * dom["car_size"]
+            ch = 0.55 * cw
+            _box(lbl, img, base - 0.6 * ch, base - 0.1 * ch, x - cw / 2, x + cw / 2, 13,
+                 _CARS[rng.integers(len(_CARS))] * rng.uniform(0.8, 1.1))
+            _box(lbl, img, base - ch, base - 0.55 * ch, x - 0.35 * cw, x + 0.35 * cw, 13, (45, 55, 65))
+            for wx in (x - 0.3 * cw, x + 0.3 * cw):
+                _box(lbl, img, base - 0.25 * ch, base, wx - 0.12 * cw, wx + 0.12 * cw, 13, (20, 20, 20), ellipse=True)
+        else:
+            x = vx + side * g * rw * rng.uniform(1.1, 1.6)
+            ph = g * (h - hor) * 0.9 * dom["person_size"] + 4
+            pw = 0.3 * ph
+            _box(lbl, img, base - 0.45 * ph, base, x - 0.4 * pw, x + 0.4 * pw, 11, (40, 40, 50))
+            _box(lbl, img, base - 0.82 * ph, base - 0.45 * ph, x - pw / 2, x + pw / 2, 11,
+                 _CLOTHES[rng.integers(len(_CLOTHES))])
+            _box(lbl, img, base - ph, base - 0.78 * ph, x - 0.3 * pw, x + 0.3 * pw, 11, (225, 185, 150), ellipse=True)
+
+
+def demo_scene(rng: np.random.Generator, h: int, w: int, dom: dict) -> tuple[np.ndarray, np.ndarray]:
+    """One street scene: (H, W, 3) uint8 image and (H, W) uint8 train ids (IGNORE for the ego car)."""
+    lbl = np.full((h, w), 10, np.uint8)
+    yy, xx = np.ogrid[0:h, 0:w]  # (H, 1), (1, W)
+    sky_top, sky_low = (np.array(c, np.float32) for c in dom["sky"])
+    img = np.empty((h, w, 3), np.float32)
+    img[:] = sky_top + (sky_low - sky_top) * (yy / np.float32(h))[..., None]  # the sky brightens to the horizon
+    hor = int(h * rng.uniform(0.42, 0.55))
+    x = -int(rng.integers(0, w // 10))
+    while x < w:  # skyline: buildings and trees side by side on the horizon
+        bw = int(rng.integers(w // 10, w // 4))
+        if rng.random() < 0.7:
+            _box(lbl, img, rng.integers(h // 20, hor - h // 8), hor, x, x + bw, 2,
+                 _BUILDINGS[rng.integers(3)] * rng.uniform(0.85, 1.15))
+        else:
+            crown = bw * rng.uniform(0.8, 1.2)
+            _box(lbl, img, hor - 0.25 * crown, hor, x + 0.45 * bw, x + 0.55 * bw, 8, (90, 65, 40))
+            _box(lbl, img, hor - 1.1 * crown, hor - 0.2 * crown, x, x + bw, 8, (55, 135, 45), ellipse=True)
+        x += bw
+    if rng.random() < 0.5:  # a fence along the foot of the skyline
+        x0 = rng.uniform(0, 0.6) * w
+        _box(lbl, img, hor - 0.07 * h, hor, x0, x0 + rng.uniform(0.2, 0.4) * w, 4, (140, 115, 80))
+    # ground: road in perspective towards a vanishing point, lane dashes, sidewalks, then terrain
+    vx, rw = w * rng.uniform(0.35, 0.65), w * rng.uniform(0.3, 0.45)
+    g = np.clip((yy - hor) / np.float32(h - hor), 0, 1)  # (H, 1): 0 at the horizon, 1 at the bottom
+    d = np.abs(xx - np.float32(vx))  # (1, W)
+    ground = np.broadcast_to(yy >= hor, (h, w))
+    for cls, mask, color in ((9, ground, (150, 170, 85)), (1, ground & (d <= 1.7 * g * rw), (175, 150, 130)),
+                             (0, ground & (d <= g * rw), (95, 92, 100))):
+        lbl = np.where(mask, np.uint8(cls), lbl)
+        img = np.where(mask[..., None], np.array(color, np.float32), img)
+    dash = (lbl == 0) & (d <= 0.5 + 0.012 * g * w) & ((np.sqrt(g) * 14).astype(int) % 2 == 0)
+    img = np.where(dash[..., None], np.array((235, 235, 225), np.float32), img)
+    _demo_objects(rng, lbl, img, hor, vx, rw, dom)
+    # textures that differ per domain only in scale
+    py, px = dom["window"]
+    img = _shade(img, (lbl == 2) & (yy % py < py // 2) & (xx % px < px // 2), (0.35, 0.4, 0.55))
+    img = _shade(img, (lbl == 1) & ((xx % 9 == 0) | (yy % 5 == 0)), 0.8)
+    img = _shade(img, (lbl == 4) & (xx % 4 == 0), 0.6)
+    blobs = rng.uniform(0.6, 1.3, (h // 4 + 1, w // 4 + 1)).astype(np.float32)
+    img = _shade(img, lbl == 8, blobs.repeat(4, 0).repeat(4, 1)[:h, :w, None])
+    if dom["ego"]:
+        _box(lbl, img, 0.92 * h, 1.3 * h, -0.1 * w, 1.1 * w, IGNORE, (40, 40, 45), ellipse=True)
+    # camera and light: saturation, exposure, color cast, lens blur, sensor noise
+    gray = img.mean(-1, keepdims=True)
+    img = (gray + dom["saturation"] * (img - gray)) * dom["light"] + np.array(dom["tint"], np.float32)
+    if dom["blur"]:
+        p = np.pad(img, ((1, 1), (1, 1), (0, 0)), mode="edge")
+        img = sum(p[i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9
+    img += (rng.random(img.shape, np.float32) - 0.5) * (dom["noise"] * 12 ** 0.5)  # uniform noise of std `noise`
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8), lbl
+
+
+def _label_ids(lbl: np.ndarray) -> np.ndarray:
+    """Train ids -> Cityscapes label ids; IGNORE (the ego car) -> 1, Cityscapes' 'ego vehicle'."""
+    lut = np.zeros(256, np.uint8)
+    lut[:19], lut[IGNORE] = LABEL_IDS, 1
+    return lut[lbl]
+
+
+def _color(lbl: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.array(PALETTE, np.uint8), np.zeros((237, 3), np.uint8)])[lbl]
+
+
+def _write_demo_item(job: tuple) -> None:
+    """Write one scene: job = (root, seed, split, i, (w, h)); split 'gta5' is the source domain."""
+    root, seed, split, i, (w, h) = job
+    code = ("gta5", "train", "val").index(split)  # separate random streams per split
+    dom = DEMO_DOMAINS["source" if split == "gta5" else "target"]
+    img, lbl = demo_scene(np.random.default_rng([seed, code, i]), h, w, dom)
+    if split == "gta5":
+        Image.fromarray(img).save(os.path.join(root, "gta5", "images", f"{i + 1:05d}.png"), compress_level=1)
+        label = Image.fromarray(_label_ids(lbl), mode="P")
+        palette = np.zeros((256, 3), np.uint8)
+        palette[list(LABEL_IDS)] = PALETTE  # GTA5's palette: label id -> Cityscapes color
+        label.putpalette(palette.ravel().tolist())
+        label.save(os.path.join(root, "gta5", "labels", f"{i + 1:05d}.png"), compress_level=1)
+        return
+    city = _DEMO_CITIES[split][i % 2]
+    stem = f"{city}_{i // 2:06d}_000019"
+    img_dir, gt_dir = (os.path.join(root, "cityscapes", d, split, city) for d in ("leftImg8bit", "gtFine"))
+    Image.fromarray(img).save(os.path.join(img_dir, f"{stem}_leftImg8bit.png"), compress_level=1)
+    Image.fromarray(_label_ids(lbl)).save(os.path.join(gt_dir, f"{stem}_gtFine_labelIds.png"), compress_level=1)
+    Image.fromarray(_color(lbl)).save(os.path.join(gt_dir, f"{stem}_gtFine_color.png"), compress_level=1)
+
+
+def make_demo_data(root: str, seed: int = 0, n_src: int = 200, n_tgt: int = 200, n_val: int = 40,
+                   src_size=(384, 216), tgt_size=(512, 256)) -> None:
+    """Write root/gta5 (n_src scenes, palette-PNG labels of label ids) and root/cityscapes (train and val over two
+    cities each, `_gtFine_labelIds.png` and `_color.png` but no `_labelTrainIds.png`, so labels are mapped on the
+    fly). Files are overwritten; the same seed writes the same pixels, in parallel over the CPU cores."""
+    folders = [os.path.join(root, "gta5", d) for d in ("images", "labels")]
+    folders += [os.path.join(root, "cityscapes", d, split, city) for d in ("leftImg8bit", "gtFine")
+                for split, cities in _DEMO_CITIES.items() for city in cities]
+    for folder in folders:
+        os.makedirs(folder, exist_ok=True)
+    jobs = [(root, seed, "gta5", i, src_size) for i in range(n_src)]
+    jobs += [(root, seed, split, i, tgt_size) for split, n in (("train", n_tgt), ("val", n_val)) for i in range(n)]
+    with Pool(min(os.cpu_count() or 1, 8)) as pool:
+        pool.map(_write_demo_item, jobs, chunksize=8)
