@@ -409,7 +409,11 @@ def _collate(items: list):
 
 
 class CleanLoader(DataLoader):
-    """A DataLoader that re-raises a DatasetError from a worker with its own message, not a worker traceback."""
+    """A DataLoader that re-raises a DatasetError from a worker with its own message, not a worker traceback.
+
+    Both loaders get their own torch.Generator (for the worker seeds DataLoader draws, which nothing here uses):
+    with the default one, creating or iterating a loader would shift torch's global random stream, and a resumed
+    run, which iterates its loaders at other moments, would no longer mix and jitter like the uninterrupted one."""
 
     def __iter__(self):
         for batch in super().__iter__():
@@ -439,7 +443,7 @@ def make_train_loader(data_root: str, src: str = "gta5", tgt: str = "cityscapes"
                            rcs=tables, rcs_min_pixels=rcs_min_pixels)
     # no persistent_workers: it only keeps workers across epochs, and this one iterator never ends
     loader = CleanLoader(dataset, batch_size=batch_size, sampler=Positions(start_iter, batch_size, rank, world_size),
-                         num_workers=workers, pin_memory=pin_memory, collate_fn=_collate)
+                         num_workers=workers, pin_memory=pin_memory, collate_fn=_collate, generator=torch.Generator())
     return iter(loader)
 
 
@@ -448,7 +452,7 @@ def make_val_loader(data_root: str, tgt: str = "cityscapes", split: str = "val",
     """Batches {'img': (B, 3, h, w) normalized at `scale`, 'lbl': int64 (B, H, W) full resolution, 'path'}."""
     samples = list_dataset(data_root, tgt, split)
     return CleanLoader(ValSamples(samples, scale), batch_size=batch_size, shuffle=False, num_workers=workers,
-                       collate_fn=_collate)
+                       collate_fn=_collate, generator=torch.Generator())
 
 
 # ----------------------------------------------------------------------------------------------------------------

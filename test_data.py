@@ -205,6 +205,16 @@ def test_batches_depend_only_on_seed_iteration_and_rank(tmp_path):
     assert not torch.equal(_data_batches(root, 1, seed=4)[0]["src_img"], ref[0]["src_img"])
 
 
+def test_loaders_leave_torchs_global_random_stream_alone(tmp_path):
+    root = _data_root(tmp_path)
+    _data_cityscapes(root, "val", n=2)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    _data_batches(root, 1, workers=2)
+    list(data.make_val_loader(str(root), workers=0))
+    assert torch.equal(state, torch.get_rng_state())
+
+
 def test_missing_or_empty_datasets_explain_the_layout(tmp_path):
     with pytest.raises(DatasetError, match="does not exist.*download.visinf.*cityscapes-dataset.com"):
         data.make_train_loader(str(tmp_path / "nowhere"))
