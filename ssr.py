@@ -1,0 +1,510 @@
+"""The DAFormer segmentor, DACS self-training with an EMA teacher, and SSR's training-only SAM branch.
+
+Read top to bottom:
+1. The deployed model: a MiT encoder (mit.py) and DAFormer's decode head, whose context-aware fusion is an ASPP of
+   depthwise-separable convolutions. Parameter names are those of DAFormer's released checkpoints
+   (decode_head.embed_layers.0.proj.weight, ...), so their student weights load strictly.
+2. The method as small pure functions: EMA teacher, confidence-weighted pseudo-labels, ClassMix, color jitter and
+   Gaussian blur (kornia 0.5.8's semantics, as DAFormer pins it, in plain torch), the ImageNet feature distance,
+   MIC's block masks, and mmsegmentation 0.x's weighted cross-entropy.
+3. SSRBranch, which fuses frozen SAM tokens into every MiT stage by cross-attention, and UDA, which computes one
+   training step's loss terms by name. The caller sums them and calls backward.
+
+References: lhoyer/DAFormer (mmseg/models/uda/dacs.py, utils/dacs_transforms.py), lhoyer/MIC
+(masking_consistency_module.py) and geyanqi/SSR (mmseg/models/uda/ssr.py).
+"""
+import copy
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+import mit
+from data import IGNORE, MEAN, STD
+
+
+@dataclass
+class SegConfig:
+    backbone: str = "mit_b5"  # MiT preset of mit.py
+    mit: dict = field(default_factory=dict)  # MiTConfig overrides (tiny test models)
+    num_classes: int = 19  # Cityscapes train ids
+    channels: int = 256  # DAFormer head width: every stage is embedded to it, and the ASPP fuses to it
+
+    def __post_init__(self):
+        # checkpoint metadata is JSON, which turns tuples into lists; MiTConfig holds tuples
+        self.mit = {k: tuple(v) if isinstance(v, list) else v for k, v in self.mit.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The DAFormer head (daformer_sepaspp: linear embeddings, then a depthwise-separable ASPP as the fusion layer)
+
+class ConvModule(nn.Module):
+    """mmcv's ConvModule as DAFormer configures it: conv without bias (the BatchNorm has one), BatchNorm, ReLU."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, dilation: int = 1, groups: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, padding=dilation * (kernel // 2), dilation=dilation,
+                              groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")  # mmcv's init
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.bn(self.conv(x)), inplace=True)
+
+
+class SepConvModule(nn.Module):
+    """mmcv's DepthwiseSeparableConvModule: a dilated depthwise 3x3 ConvModule, then a pointwise 1x1 one."""
+
+    def __init__(self, cin: int, cout: int, dilation: int):
+        super().__init__()
+        self.depthwise_conv = ConvModule(cin, cin, 3, dilation, groups=cin)
+        self.pointwise_conv = ConvModule(cin, cout, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pointwise_conv(self.depthwise_conv(x))
+
+
+class SepASPP(nn.Module):
+    """The fusion layer: parallel branches of growing dilation (1 is a plain 1x1 ConvModule) see the concatenated
+    multi-level features with several context sizes; a 3x3 bottleneck merges them (no image pooling branch)."""
+
+    def __init__(self, cin: int, channels: int, dilations: tuple[int, ...] = (1, 6, 12, 18)):
+        super().__init__()
+        self.aspp_modules = nn.ModuleList(
+            ConvModule(cin, channels, 1) if d == 1 else SepConvModule(cin, channels, d) for d in dilations)
+        self.bottleneck = ConvModule(len(dilations) * channels, channels, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bottleneck(torch.cat([m(x) for m in self.aspp_modules], dim=1))
+
+
+class LinearEmbed(nn.Module):
+    """A linear map of every pixel's features (SegFormer's 'MLP'); its own module so the keys read '.proj'."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.proj = nn.Linear(cin, cout)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, Cin, H, W) -> (B, H*W, Cout)
+        return self.proj(x.flatten(2).transpose(1, 2))
+
+
+class DAFormerHead(nn.Module):
+    def __init__(self, in_dims: tuple[int, ...], channels: int = 256, num_classes: int = 19, dropout: float = 0.1):
+        super().__init__()
+        self.embed_layers = nn.ModuleList(LinearEmbed(c, channels) for c in in_dims)
+        self.fuse_layer = SepASPP(len(in_dims) * channels, channels)
+        self.dropout = nn.Dropout2d(dropout)  # drops whole channels, as mmseg's BaseDecodeHead
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+        nn.init.normal_(self.conv_seg.weight, std=0.01)  # mmseg's init of the classifier
+        nn.init.zeros_(self.conv_seg.bias)
+
+    def forward(self, feats: list[Tensor]) -> Tensor:
+        """[(B, C_i, H/2^(i+2), W/2^(i+2))] -> logits (B, K, H/4, W/4)."""
+        size = feats[0].shape[2:]
+        xs = []
+        for embed, f in zip(self.embed_layers, feats):
+            x = embed(f).transpose(1, 2).unflatten(2, f.shape[2:])  # (B, channels, h, w)
+            if x.shape[2:] != size:
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            xs.append(x)
+        return self.conv_seg(self.dropout(self.fuse_layer(torch.cat(xs, dim=1))))
+
+
+class Segmentor(nn.Module):
+    def __init__(self, cfg: SegConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = mit.build_mit(cfg.backbone, **cfg.mit)
+        self.decode_head = DAFormerHead(self.backbone.cfg.embed_dims, cfg.channels, cfg.num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 3, H, W) normalized -> logits (B, K, H/4, W/4)
+        return self.decode_head(self.backbone(x))
+
+
+def build_segmentor(cfg: SegConfig) -> Segmentor:
+    return Segmentor(cfg)
+
+
+FORMAT = "ssr-segmentor"  # metadata mark that tells our checkpoints from other safetensors files
+
+
+def save_segmentor(model: Segmentor, path: str, **meta) -> None:
+    """Weights as safetensors, with the SegConfig and `meta` (JSON-serializable extras) in its metadata;
+    written to path + '.tmp' and renamed, so an interrupted save never leaves a broken file."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    metadata = {"format": FORMAT, "cfg": json.dumps(asdict(model.cfg)), "meta": json.dumps(meta)}
+    save_file(tensors, path + ".tmp", metadata=metadata)
+    os.replace(path + ".tmp", path)
+
+
+def load_segmentor(path: str, device="cpu") -> tuple[Segmentor, dict]:
+    """A checkpoint of save_segmentor -> (model in eval mode on `device`, dict(cfg=SegConfig, **meta)), strictly."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the model.safetensors that train.py wrote "
+                                f"(or one made by python eval.py --convert-mmseg).")
+    try:
+        with safe_open(path, "pt") as f:
+            header = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a safetensors file ({e}); pass the model.safetensors that train.py wrote, "
+                         f"or convert a released DAFormer/MIC .pth with python eval.py --convert-mmseg.") from None
+    if header.get("format") != FORMAT or "cfg" not in header:
+        raise ValueError(f"{path} is a safetensors file but not a segmentor checkpoint of this project (no "
+                         f"'{FORMAT}' metadata). ImageNet MiT weights go to train.py --pretrained; released "
+                         f"DAFormer/MIC models convert with python eval.py --convert-mmseg IN.pth OUT.safetensors.")
+    try:
+        cfg = SegConfig(**json.loads(header["cfg"]))
+    except (TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: its segmentor metadata cannot be read ({e}); re-save the model with "
+                         f"save_segmentor.") from None
+    with torch.device("meta"):  # no time spent on random init: every tensor comes from the file
+        model = build_segmentor(cfg)
+    ours = model.state_dict()
+    bad = sorted(set(ours) ^ set(sd)) + sorted(
+        f"{k} {tuple(sd[k].shape)} (model {tuple(ours[k].shape)})"
+        for k in set(ours) & set(sd) if sd[k].shape != ours[k].shape)
+    if bad:
+        raise ValueError(f"{path}: its tensors do not fit the segmentor its metadata describes ({cfg}), e.g. "
+                         f"{', '.join(bad[:3])}. The file was edited or mixed up; re-save it with save_segmentor.")
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.to(device).eval(), {"cfg": cfg, **json.loads(header.get("meta", "{}"))}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DACS / DAFormer self-training, as pure functions
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, it: int, alpha_max: float = 0.999) -> None:
+    """teacher <- alpha * teacher + (1 - alpha) * student, alpha = min(1 - 1/(it+1), alpha_max); it=0 copies.
+    Parameters only, as DAFormer: the teacher's BatchNorm buffers are its own (see UDA.train)."""
+    t, s = list(teacher.parameters()), [p.detach() for p in student.parameters()]
+    if it == 0:
+        for a, b in zip(t, s):
+            a.copy_(b)
+        return
+    alpha = min(1 - 1 / (it + 1), alpha_max)
+    torch._foreach_mul_(t, alpha)  # one fused launch per group instead of one per tensor (~700 in MiT-B5)
+    torch._foreach_add_(t, s, alpha=1 - alpha)
+
+
+@torch.no_grad()
+def pseudo_label(logits: Tensor, threshold: float = 0.968, ignore_top: int = 15,
+                 ignore_bottom: int = 120) -> tuple[Tensor, Tensor]:
+    """Teacher logits (B, K, H, W) -> labels (B, H, W) and pixel weights (B, H, W).
+
+    An image's weight is the fraction of its pixels whose max probability reaches `threshold`, on all its pixels;
+    0 in the top and bottom rows (rectification border, ego car), whose pseudo-labels DAFormer does not trust.
+    DAFormer computes one fraction for the whole batch (with a .cpu() copy); we take one per image, on device."""
+    prob, label = logits.float().softmax(dim=1).max(dim=1)
+    weight = (prob >= threshold).float().mean(dim=(1, 2))[:, None, None].expand_as(prob).clone()
+    weight[:, :ignore_top] = 0
+    if ignore_bottom > 0:
+        weight[:, -ignore_bottom:] = 0
+    return label, weight
+
+
+def class_masks(lbl: Tensor) -> Tensor:
+    """(B, H, W) source labels -> (B, H, W) bool: per image, the pixels of ceil(n/2) of its n classes, at random.
+
+    Per image: each image pastes half of *its own* classes. DAFormer's get_class_masks draws from the classes of
+    the whole batch (torch.unique(labels), not label), so it may pick classes absent from an image. Like DAFormer,
+    the ignore label counts as a class."""
+    masks = []
+    for x in lbl:  # B is small (2); torch.unique has a data-dependent size, so it cannot be batched
+        classes = torch.unique(x)
+        n = classes.numel()
+        masks.append(torch.isin(x, classes[torch.randperm(n, device=x.device)[:(n + 1) // 2]]))
+    return torch.stack(masks)
+
+
+def class_mix(mask: Tensor, src: Tensor, tgt: Tensor) -> Tensor:
+    """Source where mask (B, H, W) is set, target elsewhere; images (B, C, H, W) or labels/weights (B, H, W)."""
+    return torch.where(mask[:, None] if src.dim() == 4 else mask, src, tgt)
+
+
+def rgb_to_hsv(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """(..., 3, H, W) RGB in [0, 1] -> HSV with hue in [0, 2pi), as kornia.color.rgb_to_hsv."""
+    maxc, argmax = x.max(dim=-3)
+    delta = maxc - x.min(dim=-3).values
+    s = delta / (maxc + eps)
+    delta = torch.where(delta == 0, torch.ones_like(delta), delta)
+    r, g, b = (maxc.unsqueeze(-3) - x).unbind(-3)
+    h = torch.stack([b - g, 2 * delta + r - b, 4 * delta + g - r], dim=-3).gather(-3, argmax.unsqueeze(-3))
+    return torch.stack([(h.squeeze(-3) / delta / 6) % 1 * (2 * math.pi), s, maxc], dim=-3)
+
+
+def hsv_to_rgb(x: Tensor) -> Tensor:
+    """Inverse of rgb_to_hsv, as kornia.color.hsv_to_rgb (hue may be negative: it wraps)."""
+    h, s, v = x.unbind(-3)
+    h6 = h / (2 * math.pi) * 6
+    hi = torch.floor(h6) % 6
+    f = h6 % 6 - hi
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    table = torch.stack([v, q, p, p, t, v, t, v, v, q, p, p, p, p, t, v, v, q], dim=-3)  # r, g, b rows by sextant
+    hi = hi.long()
+    return table.gather(-3, torch.stack([hi, hi + 6, hi + 12], dim=-3))
+
+
+def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
+    h, s, v = rgb_to_hsv(x).unbind(-3)
+    return hsv_to_rgb(torch.stack([h, (s * factor).clamp(0, 1), v], dim=-3))
+
+
+def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:  # shift in radians
+    h, s, v = rgb_to_hsv(x).unbind(-3)
+    return hsv_to_rgb(torch.stack([torch.fmod(h + shift, 2 * math.pi), s, v], dim=-3))
+
+
+def color_jitter(x: Tensor, s: float = 0.2) -> Tensor:
+    """kornia 0.5.8's ColorJitter(s, s, s, s) on RGB images in [0, 1], (B, 3, H, W). Per image: a brightness shift
+    in [-s, s] (kornia 0.5 adds it), contrast and saturation factors in [1-s, 1+s] (its contrast multiplies the
+    values, no blending with the mean), a hue rotation in [-s, s] turns, the four in a random order, each clamped."""
+    out = []
+    for img in x:  # DAFormer calls kornia once per mixed image: each image has its own factors and order
+        b, c, sat, hue = (torch.rand(4, device=x.device, dtype=x.dtype) * 2 - 1) * s
+        ops = (lambda y: (y + b).clamp(0, 1), lambda y: (y * (1 + c)).clamp(0, 1),
+               lambda y: adjust_saturation(y, 1 + sat), lambda y: adjust_hue(y, hue * 2 * math.pi))
+        for k in torch.randperm(4).tolist():  # a CPU draw: no device sync
+            img = ops[k](img)
+        out.append(img)
+    return torch.stack(out)
+
+
+def blur_kernel_size(n: int) -> int:
+    """DAFormer's kernel for a side of n pixels: ceil(n/10), made odd by subtracting 1 (51 for 512)."""
+    k = math.ceil(0.1 * n)
+    return k if k % 2 else k - 1
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
+    """kornia's GaussianBlur2d (reflect border) of (B, C, H, W) with one sigma per image, (B,). Separable: the 2-D
+    kernel is the outer product of two normalized 1-D ones, so two 1-D passes give the same result, cheaper."""
+    B, C, H, W = x.shape
+    y = x.reshape(1, B * C, H, W)  # every channel of every image is its own group
+    sigma = sigma.to(x.dtype).repeat_interleave(C)[:, None]  # (B*C, 1)
+    with torch.autocast(x.device.type, enabled=False):  # an image operation: keep the input's precision
+        for k, vertical in ((blur_kernel_size(H), True), (blur_kernel_size(W), False)):
+            t = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2
+            g = torch.exp(-t ** 2 / (2 * sigma ** 2))
+            g = g / g.sum(dim=1, keepdim=True)  # (B*C, k)
+            pad = (0, 0, k // 2, k // 2) if vertical else (k // 2, k // 2, 0, 0)
+            shape = (B * C, 1, k, 1) if vertical else (B * C, 1, 1, k)
+            y = F.conv2d(F.pad(y, pad, mode="reflect"), g.view(shape), groups=B * C)
+    return y.view(B, C, H, W)
+
+
+def denormalize(img: Tensor) -> Tensor:  # (B, 3, H, W) normalized -> RGB in [0, 1]; python constants: no copies
+    return torch.stack([img[:, c] * (STD[c] / 255) + MEAN[c] / 255 for c in range(3)], dim=1)
+
+
+def normalize(img: Tensor) -> Tensor:  # inverse of denormalize
+    return torch.stack([(img[:, c] * 255 - MEAN[c]) / STD[c] for c in range(3)], dim=1)
+
+
+def strong_transform(img: Tensor, s: float = 0.2, p_jitter: float = 0.8, p_blur: float = 0.5) -> Tensor:
+    """DACS's strong augmentation of normalized images (B, 3, H, W): color jitter, then blur (sigma ~ U[0.15, 1.15]
+    per image). One coin per batch for each, as DAFormer. p_jitter is 0.8: DAFormer's color_jitter_probability=0.2
+    is the chance of *skipping* (it jitters when uniform(0, 1) > 0.2)."""
+    if torch.rand(()) < p_jitter:  # CPU coins: no device sync
+        img = normalize(color_jitter(denormalize(img), s))
+    if torch.rand(()) < p_blur:
+        img = gaussian_blur(img, torch.empty(img.shape[0], device=img.device).uniform_(0.15, 1.15))
+    return img
+
+
+THINGS = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)  # light, sign, person, rider, car, truck, bus, train, moto, bike
+
+
+def downscale_label_ratio(lbl: Tensor, scale: int, min_ratio: float, num_classes: int) -> Tensor:
+    """(B, H, W) -> (B, H/scale, W/scale): each block's most frequent label, or IGNORE where it covers less than
+    min_ratio of the block (or is IGNORE itself); DAFormer's mmseg/utils/utils.py."""
+    x = F.one_hot(lbl.masked_fill(lbl == IGNORE, num_classes), num_classes + 1)  # (B, H, W, K+1)
+    ratio, out = F.avg_pool2d(x.permute(0, 3, 1, 2).float(), scale).max(dim=1)
+    return out.masked_fill((out == num_classes) | (ratio < min_ratio), IGNORE)
+
+
+def feature_distance(feat: Tensor, feat_imnet: Tensor, lbl: Tensor, num_classes: int = 19,
+                     classes: tuple[int, ...] = THINGS, min_ratio: float = 0.75) -> Tensor:
+    """DAFormer's ImageNet feature distance: the mean over feature pixels of thing classes of the L2 norm (over
+    channels) of student minus ImageNet features, (B, C, h, w) each. 0 when no pixel qualifies (DAFormer's
+    torch.mean of nothing is NaN there; its gradient, zero, is the same)."""
+    small = downscale_label_ratio(lbl, lbl.shape[-1] // feat.shape[-1], min_ratio, num_classes)
+    mask = torch.stack([small == c for c in classes]).any(dim=0)  # (B, h, w); no host-to-device copy
+    dist = torch.linalg.vector_norm(feat.float() - feat_imnet.float(), dim=1)  # (B, h, w)
+    return (dist * mask).sum() / mask.sum().clamp(min=1)
+
+
+def mic_mask(img: Tensor, ratio: float = 0.7, block: int = 32) -> Tensor:
+    """MIC's BlockMaskGenerator: (B, 1, H, W) of 0/1 in the image's dtype, whole block x block squares dropped
+    with probability `ratio`."""
+    B, _, H, W = img.shape
+    keep = (torch.rand(B, 1, round(H / block), round(W / block), device=img.device) > ratio).to(img.dtype)
+    return F.interpolate(keep, size=(H, W), mode="nearest")
+
+
+def seg_loss(logits: Tensor, label: Tensor, weight: Tensor | None = None) -> Tensor:
+    """mmseg 0.x's decode loss: logits (B, K, h, w) upsampled bilinearly in fp32 to the label (B, H, W),
+    cross-entropy times the pixel weight, averaged over ALL pixels (ignored ones count as 0: avg_factor=None)."""
+    logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
+    loss = F.cross_entropy(logits, label, ignore_index=IGNORE, reduction="none")  # (B, H, W)
+    return (loss if weight is None else loss * weight).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SSR: SAM tokens fused into each MiT stage (training only)
+
+SAM_DIM = 256  # channels of the SAM encoder's neck output
+
+
+class CrossAttention(nn.Module):
+    """The stage's tokens ask (queries), the embedded SAM tokens answer (keys, values); SSR's AttentionCross."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, ctx: Tensor) -> Tensor:  # (B, N, C), (B, M, C) -> (B, N, C)
+        B, N, C = x.shape
+        nh = self.num_heads
+        q = self.q(x).view(B, N, nh, C // nh).transpose(1, 2)  # (B, nh, N, hd)
+        k, v = self.kv(ctx).view(B, -1, 2, nh, C // nh).permute(2, 0, 3, 1, 4)  # 2 x (B, nh, M, hd)
+        x = F.scaled_dot_product_attention(q, k, v)  # never builds the (N, M) matrix: 16384 x 4096 in stage 1
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class SSRBranch(nn.Module):
+    """For each regularized stage i: SAM tokens (B, 256, s, s) -> Linear to C_i -> cross-attention from the stage's
+    tokens; the result is added to the stage feature. Keys as SSR: embedding_layer.{i}.proj, fusion_layer.{i}."""
+
+    def __init__(self, embed_dims: tuple[int, ...], num_heads: tuple[int, ...], stages=(0, 1, 2, 3)):
+        super().__init__()
+        self.stages = tuple(stages)
+        self.embedding_layer = nn.ModuleDict({str(i): LinearEmbed(SAM_DIM, embed_dims[i]) for i in self.stages})
+        self.fusion_layer = nn.ModuleDict({str(i): CrossAttention(embed_dims[i], num_heads[i]) for i in self.stages})
+
+    def forward(self, feats: list[Tensor], sam_feat: Tensor) -> list[Tensor]:
+        out = list(feats)
+        for i in self.stages:
+            f = feats[i]  # (B, C_i, h, w)
+            x = self.fusion_layer[str(i)](f.flatten(2).transpose(1, 2), self.embedding_layer[str(i)](sam_feat))
+            out[i] = f + x.transpose(1, 2).unflatten(2, f.shape[2:])  # enhanced = feature + attention
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One training step
+
+METHODS = ("source-only", "dacs", "ssr")
+FD_LAMBDA = 0.005  # DAFormer's imnet_feature_dist_lambda
+
+
+def frozen_copy(m: nn.Module) -> nn.Module:
+    return copy.deepcopy(m).requires_grad_(False)
+
+
+class UDA(nn.Module):
+    """The student and what trains it: the EMA teacher (`ema`), the frozen ImageNet encoder (`imnet`, for FD) and
+    the SSR branch (`ssr`), each present only where the method needs it. The SAM encoder is passed to forward, so
+    it is never part of a state dict."""
+
+    def __init__(self, student: Segmentor, method: str = "ssr", mic: bool = False, ssr_stages=(0, 1, 2, 3),
+                 sam_img_size: int = 1024, ignore_rows: tuple[int, int] = (15, 120)):
+        """Args:
+            method: 'source-only' (source loss only), 'dacs' (DAFormer: + ClassMix self-training + FD) or 'ssr'
+                (dacs + the SAM-regularized losses).
+            mic: add masked image consistency on the target (needs the teacher: not with 'source-only').
+            ssr_stages: the MiT stages (0..3) that SAM regularizes.
+            sam_img_size: side the source and mixed images are resized to for the SAM encoder.
+            ignore_rows: target rows at the top and bottom whose pseudo-labels get weight 0 (DAFormer's 15 and
+                120 are for 512-pixel crops; scale them with smaller crops)."""
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+        if mic and method == "source-only":
+            raise ValueError("mic=True needs the EMA teacher's pseudo-labels; use it with method 'dacs' or 'ssr'.")
+        if not ssr_stages or len(set(ssr_stages)) != len(ssr_stages) or not set(ssr_stages) <= {0, 1, 2, 3}:
+            raise ValueError(f"ssr_stages={ssr_stages!r}: give distinct MiT stages among 0, 1, 2, 3.")
+        self.student, self.method, self.mic = student, method, mic
+        self.sam_img_size, self.ignore_rows = sam_img_size, ignore_rows
+        adapt = method != "source-only"
+        self.ema = frozen_copy(student) if adapt else None
+        self.imnet = frozen_copy(student.backbone) if adapt else None  # the ImageNet weights, before any training
+        bcfg = student.backbone.cfg
+        self.ssr = SSRBranch(bcfg.embed_dims, bcfg.num_heads, ssr_stages) if method == "ssr" else None
+        self.train()
+
+    def train(self, mode: bool = True) -> "UDA":
+        """The student trains normally. The teacher runs without dropout and drop path, but its BatchNorms (in the
+        head) stay in training mode, as in DAFormer, which never puts the EMA model in eval mode: they normalize
+        with the statistics of the target batch, and their running buffers (updated by those passes, never
+        averaged from the student) are unused. The ImageNet encoder is in eval mode, as DAFormer's calc_feat_dist."""
+        super().train(mode)
+        if self.ema is not None:
+            self.ema.eval()
+            for m in self.ema.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.train(mode)
+            self.imnet.eval()
+        return self
+
+    def forward(self, src_img: Tensor, src_lbl: Tensor, tgt_img: Tensor, it: int, sam: nn.Module | None = None
+                ) -> dict[str, Tensor]:
+        """Normalized source (B, 3, H, W) with labels (B, H, W) and target images (B, 3, H, W), the iteration (for
+        the EMA) and, for 'ssr', the frozen SAM encoder -> the weighted loss terms by name: src, src_ssr, mix,
+        mix_ssr, fd, mic (those the method has). Their sum is the loss to back-propagate."""
+        head = self.student.decode_head
+        if self.method == "source-only":
+            return {"src": seg_loss(self.student(src_img), src_lbl)}
+        if self.method == "ssr" and sam is None:
+            raise ValueError("method 'ssr' needs the frozen SAM encoder: pass sam=sam_encoder.frozen_teacher(...).")
+
+        ema_update(self.ema, self.student, it)
+        with torch.no_grad():
+            # the teacher's pseudo-labels at full resolution, ClassMix, strong augmentation of the mixed image
+            tgt_logits = F.interpolate(self.ema(tgt_img).float(), size=tgt_img.shape[2:], mode="bilinear",
+                                       align_corners=False)
+            plabel, pweight = pseudo_label(tgt_logits, ignore_top=self.ignore_rows[0],
+                                           ignore_bottom=self.ignore_rows[1])
+            mask = class_masks(src_lbl)
+            mix_img = strong_transform(class_mix(mask, src_img, tgt_img))
+            mix_lbl = class_mix(mask, src_lbl, plabel)
+            mix_weight = class_mix(mask, torch.ones_like(pweight), pweight)  # source pixels are fully trusted
+            imnet_feat = self.imnet(src_img)[-1]
+            if self.ssr is not None:
+                S = self.sam_img_size
+                x = F.interpolate(torch.cat([src_img, mix_img]), size=(S, S), mode="bilinear", align_corners=False)
+                tokens = sam(x.to(next(sam.parameters()).dtype)).to(src_img.dtype)  # (2B, 256, S/16, S/16)
+
+        # One encoder pass over source and mixed images: MiT has no BatchNorm, so this equals two passes. The head
+        # runs per domain, so its BatchNorms see each domain's statistics, as in DAFormer's separate passes.
+        feats = self.student.backbone(torch.cat([src_img, mix_img]))
+        src_feats, mix_feats = zip(*(f.chunk(2) for f in feats))
+        losses = {"src": seg_loss(head(src_feats), src_lbl)}
+        if self.ssr is not None:
+            src_enh, mix_enh = zip(*(f.chunk(2) for f in self.ssr(feats, tokens)))
+            losses["src_ssr"] = seg_loss(head(src_enh), src_lbl)
+        losses["mix"] = seg_loss(head(mix_feats), mix_lbl, mix_weight)
+        if self.ssr is not None:
+            losses["mix_ssr"] = seg_loss(head(mix_enh), mix_lbl, mix_weight)
+        # FD on the plain (not SAM-enhanced) source features of the last stage
+        losses["fd"] = FD_LAMBDA * feature_distance(src_feats[-1], imnet_feat, src_lbl, self.student.cfg.num_classes)
+        if self.mic:
+            # MIC 'separatetrgaug': the strongly augmented target with 70% of its 32 px blocks blanked (0 is the
+            # mean color after normalization) must still give the teacher's pseudo-labels
+            with torch.no_grad():
+                masked = strong_transform(tgt_img)
+                masked = masked * mic_mask(masked)
+            losses["mic"] = seg_loss(self.student(masked), plabel, pweight)
+        return losses
