@@ -1,0 +1,405 @@
+"""The image encoder of Segment Anything (SAM, Kirillov et al. 2023), ViT-B/L/H, from scratch.
+
+SSR uses it as a frozen teacher: its features barely depend on the domain, so the student learns from them.
+The encoder
+  1. cuts the (B, 3, S, S) image into 16x16 patches with a strided conv and adds a learned absolute position
+     embedding, giving a (B, S/16, S/16, C) token grid (channels last throughout: the linears act on C),
+  2. runs pre-norm transformer blocks. Most attend inside 14x14 windows of the grid (padded at the bottom/right
+     to a multiple of 14); the blocks of `global_attn_indexes` attend over the whole grid. Every attention adds a
+     decomposed relative position bias (MViTv2): bias[q, k] = q . R_h[row(q) - row(k)] + q . R_w[col(q) - col(k)],
+  3. maps the tokens to 256 channels with a neck: 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d.
+
+Module names equal those of segment_anything's ImageEncoderViT (patch_embed.proj, pos_embed, blocks.N.attn.qkv,
+blocks.N.attn.rel_pos_h, neck.0 ... neck.3), so the official weights load without renaming. `load_weights` also
+reads the Hugging Face layout (facebook/sam-vit-*), and resizes the position tables when the weights were trained
+at another image size. `python sam_encoder.py convert IN.pth OUT.safetensors` turns an official .pth into
+safetensors.
+
+Speed (the reference is the yardstick): attention runs in F.scaled_dot_product_attention with the rel-pos bias as
+its additive mask, so no (B*heads, N, N) softmax is materialized; q, k, v enter SDPA as strided views of the qkv
+output; the token grid is kept contiguous channels-last; window blocks project only the real tokens. On a 2-core
+CPU in fp32 (ViT-B, 1024 px, batch 1, one thread) our forward takes about 2/3 of the reference's time.
+"""
+import argparse
+import os
+import re
+import sys
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+
+@dataclass
+class SamConfig:
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12  # head dim 64 in ViT-B, 80 in ViT-H
+    global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)  # every few blocks one sees the whole image
+    img_size: int = 1024  # SAM's training size; smaller teachers resize pos_embed and rel-pos tables on load
+    patch_size: int = 16
+    window_size: int = 14  # a 64x64 grid (1024 px) pads to 70x70 = 5x5 windows
+    out_chans: int = 256
+    mlp_ratio: float = 4.0
+
+
+# The official sizes differ only in width, depth, heads and where the global blocks sit.
+SAM_PRESETS: dict[str, dict] = {
+    "vit_b": dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
+    "vit_l": dict(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
+    "vit_h": dict(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
+}
+
+LN_EPS = 1e-6  # SAM builds every LayerNorm with eps 1e-6 (torch's default is 1e-5)
+
+
+def window_partition(x: Tensor, ws: int) -> Tensor:
+    """(B, H, W, C) -> (B * nH * nW, ws*ws, C) windows; the grid is zero-padded at the bottom/right to multiples
+    of ws first, as in the reference, so nH = ceil(H / ws)."""
+    B, H, W, C = x.shape
+    x = F.pad(x, (0, 0, 0, -W % ws, 0, -H % ws))  # (B, Hp, Wp, C)
+    nH, nW = x.shape[1] // ws, x.shape[2] // ws
+    x = x.view(B, nH, ws, nW, ws, C).transpose(2, 3)  # (B, nH, nW, ws, ws, C)
+    return x.reshape(B * nH * nW, ws * ws, C)
+
+
+def window_unpartition(x: Tensor, ws: int, H: int, W: int) -> Tensor:
+    """(B * nH * nW, ws*ws, C) windows -> (B, H, W, C), the padding cut off."""
+    nH, nW = -(-H // ws), -(-W // ws)
+    C = x.shape[-1]
+    x = x.view(-1, nH, nW, ws, ws, C).transpose(2, 3)  # (B, nH, ws, nW, ws, C)
+    return x.reshape(-1, nH * ws, nW * ws, C)[:, :H, :W]
+
+
+def get_rel_pos(size: int, rel_pos: Tensor) -> Tensor:
+    """(2*size-1, d) table -> (size, size, d): entry [i, j] embeds the offset i - j along one axis."""
+    idx = torch.arange(size, device=rel_pos.device)
+    return rel_pos[idx[:, None] - idx[None, :] + size - 1]
+
+
+def rel_pos_bias(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, h: int, w: int) -> Tensor:
+    """Decomposed relative position bias of queries q (B, heads, h*w, d) on an h x w grid -> the additive
+    attention mask (B, heads, h*w, h*w). It depends on the query (not only on the offset), so it cannot be shared
+    across windows or images; the two small factors are built first and summed once into the mask."""
+    B, nh, N, d = q.shape
+    q = q.reshape(B, nh, h, w, d)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", q, get_rel_pos(h, rel_pos_h)).contiguous()  # (B, nh, h, w, kh)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", q, get_rel_pos(w, rel_pos_w)).contiguous()  # (B, nh, h, w, kw)
+    return (rel_h[..., :, None] + rel_w[..., None, :]).view(B, nh, N, N)  # (B, nh, h, w, kh, kw) flattened
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over windows of the grid (window_size > 0) or the whole grid (window_size 0),
+    with the relative position bias passed to SDPA as its additive mask."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, grid: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        side = window_size or grid  # the rel-pos tables span offsets -(side-1) .. side-1
+        self.rel_pos_h = nn.Parameter(torch.zeros(2 * side - 1, dim // num_heads))
+        self.rel_pos_w = nn.Parameter(torch.zeros(2 * side - 1, dim // num_heads))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, H, W, C)
+        B, H, W, C = x.shape
+        ws = self.window_size
+        if ws:
+            # A padding token is zero when the reference projects it, so its q, k, v are the qkv bias, and real
+            # queries attend to it. Projecting first without the bias, padding with zeros and then adding the bias
+            # gives the same numbers with 1/6 fewer qkv FLOPs at 1024 px (4096 tokens instead of 4900).
+            qkv = window_partition(F.linear(x, self.qkv.weight), ws).add_(self.qkv.bias)  # (B*nW, ws*ws, 3C)
+            h = w = ws
+        else:
+            qkv = self.qkv(x).view(B, H * W, 3 * C)
+            h, w = H, W
+        Bw, N, _ = qkv.shape
+        # strided views, no copy: SDPA reads them as they are
+        q, k, v = qkv.view(Bw, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # each (Bw, nh, N, hd)
+        bias = rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, h, w)  # (Bw, nh, N, N)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (Bw, nh, N, hd)
+        x = x.transpose(1, 2).reshape(Bw, N, C)  # free on CPU: SDPA returns this memory order
+        x = window_unpartition(x, ws, H, W) if ws else x.view(B, H, W, C)
+        return self.proj(x)  # padding tokens are cut off before proj: the reference discards them after it
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.lin1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()  # exact erf GELU, as SAM
+        self.lin2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin2(self.act(self.lin1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, window_size: int, grid: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = Attention(dim, num_heads, window_size, grid)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, H, W, C)
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of a (B, C, H, W) map."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, LN_EPS)  # (B, H, W, C)
+        return x.permute(0, 3, 1, 2)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 3, S, S) -> (B, S/16, S/16, C)
+        # channels last in memory too: a permuted view would make every LayerNorm copy and every add stride badly
+        return self.proj(x).permute(0, 2, 3, 1).contiguous()
+
+
+class SamEncoder(nn.Module):
+    def __init__(self, cfg: SamConfig):
+        super().__init__()
+        self.cfg = cfg
+        grid = cfg.img_size // cfg.patch_size
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.embed_dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, cfg.embed_dim))
+        self.blocks = nn.ModuleList(
+            Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio,
+                  0 if i in cfg.global_attn_indexes else cfg.window_size, grid)
+            for i in range(cfg.depth))
+        self.neck = nn.Sequential(
+            nn.Conv2d(cfg.embed_dim, cfg.out_chans, 1, bias=False),
+            LayerNorm2d(cfg.out_chans),
+            nn.Conv2d(cfg.out_chans, cfg.out_chans, 3, padding=1, bias=False),
+            LayerNorm2d(cfg.out_chans),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalized images (B, 3, S, S), S = cfg.img_size -> features (B, out_chans, S/16, S/16) in the model's
+        dtype (the input is cast to it: a bf16 teacher takes the fp32 batch of the student)."""
+        S = self.cfg.img_size
+        if x.shape[1:] != (3, S, S):
+            raise ValueError(f"SamEncoder built for img_size={S} got input of shape {tuple(x.shape)}; resize the "
+                             f"images to (B, 3, {S}, {S}) or build the encoder with img_size={x.shape[-1]}.")
+        x = self.patch_embed(x.to(self.pos_embed.dtype)) + self.pos_embed  # (B, H, W, C)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.neck(x.permute(0, 3, 1, 2)).contiguous()  # (B, 256, H, W)
+
+
+def build_sam_encoder(name: str = "vit_b", img_size: int = 1024, **overrides) -> SamEncoder:
+    """SAM image encoder by preset ('vit_b', 'vit_l', 'vit_h') at input size img_size (a multiple of 16);
+    `overrides` replace SamConfig fields (tiny test models)."""
+    if name not in SAM_PRESETS:
+        raise ValueError(f"unknown SAM preset {name!r}; choose one of {', '.join(SAM_PRESETS)}")
+    unknown = set(overrides) - {f.name for f in fields(SamConfig)}
+    if unknown:
+        raise ValueError(f"unknown SamConfig field(s) {sorted(unknown)} passed to build_sam_encoder({name!r})")
+    cfg = SamConfig(**{**SAM_PRESETS[name], "img_size": img_size, **overrides})
+    if cfg.img_size % cfg.patch_size:
+        raise ValueError(f"img_size={cfg.img_size} is not a multiple of the patch size {cfg.patch_size}; "
+                         f"pick e.g. {cfg.img_size // cfg.patch_size * cfg.patch_size}.")
+    return SamEncoder(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weights. Our keys are the official ones without the "image_encoder." prefix. The Hugging Face layout
+# (transformers' SamModel, the hub's facebook/sam-vit-*) keeps the encoder under "vision_encoder." and renames a few
+# modules; these rules map it back.
+
+HF_RULES = [  # (pattern on the HF key without "vision_encoder.", replacement)
+    (r"^patch_embed\.projection\.", "patch_embed.proj."),
+    (r"^layers\.(\d+)\.layer_norm1\.", r"blocks.\1.norm1."),
+    (r"^layers\.(\d+)\.layer_norm2\.", r"blocks.\1.norm2."),
+    (r"^layers\.(\d+)\.", r"blocks.\1."),
+    (r"^neck\.conv1\.", "neck.0."),
+    (r"^neck\.layer_norm1\.", "neck.1."),
+    (r"^neck\.conv2\.", "neck.2."),
+    (r"^neck\.layer_norm2\.", "neck.3."),
+]
+# SAM's promptable parts, dropped on load: SSR uses the image encoder only. In the HF layout everything outside
+# "vision_encoder." is such a part (prompt_encoder, mask_decoder, shared_image_embedding).
+DROPPED = ("prompt_encoder.", "mask_decoder.")
+
+
+def to_official(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], str]:
+    """Any supported layout -> (encoder-only state dict under our names, description of the detected layout)."""
+    if any(k.startswith("vision_encoder.") for k in sd):
+        out = {}
+        for k, v in sd.items():
+            if k.startswith("vision_encoder."):
+                k = k.removeprefix("vision_encoder.")
+                for pattern, repl in HF_RULES:
+                    k = re.sub(pattern, repl, k)
+                out[k] = v
+        return out, "Hugging Face layout, keys shown renamed to official names"
+    if any(k.startswith("image_encoder.") for k in sd):
+        sd = {k.removeprefix("image_encoder."): v for k, v in sd.items() if not k.startswith(DROPPED)}
+        return sd, "official layout, image_encoder. prefix removed"
+    return sd, "official layout without prefix"
+
+
+def arch_of(sd: dict[str, Tensor]) -> tuple[int, int]:
+    """(embed_dim, depth) that an official-layout state dict describes."""
+    embed_dim = sd["patch_embed.proj.weight"].shape[0] if "patch_embed.proj.weight" in sd else 0
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    return embed_dim, depth
+
+
+def arch_name(embed_dim: int, depth: int) -> str:
+    name = next((n for n, p in SAM_PRESETS.items() if (p["embed_dim"], p["depth"]) == (embed_dim, depth)), None)
+    return f"{name or 'a custom SAM encoder'} (embed_dim={embed_dim}, depth={depth})"
+
+
+def resize_pos_embed(pos_embed: Tensor, grid: int) -> Tensor:
+    """(1, G, G, C) -> (1, grid, grid, C), bicubic like ViTDet's get_abs_pos (SAM's encoder comes from ViTDet).
+    Antialiased, so that when shrinking each new position averages the positions its larger patch covers instead
+    of sampling a few of them; growing is plain bicubic."""
+    x = pos_embed.permute(0, 3, 1, 2).float()  # (1, C, G, G)
+    x = F.interpolate(x, size=(grid, grid), mode="bicubic", align_corners=False, antialias=True)
+    return x.permute(0, 2, 3, 1).to(pos_embed.dtype)
+
+
+def resize_rel_pos(rel_pos: Tensor, length: int) -> Tensor:
+    """(L, d) relative position table -> (length, d) by linear interpolation along L: what segment_anything's
+    get_rel_pos does at run time when a table does not fit the grid."""
+    return F.interpolate(rel_pos.T[None], size=length, mode="linear")[0].T
+
+
+def resize_to_model(model: SamEncoder, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Resize pos_embed and the global blocks' rel-pos tables of weights trained at another image size (read from
+    the file's pos_embed) to the model's grid. Window blocks' tables span one 14x14 window at any image size."""
+    grid = model.cfg.img_size // model.cfg.patch_size
+    pos = sd.get("pos_embed")
+    if pos is None or pos.dim() != 4 or pos.shape[1] == grid or pos.shape[-1] != model.cfg.embed_dim:
+        return sd  # nothing to resize; any other mismatch is reported by check_state_dict
+    trained = pos.shape[1]
+    sd = {**sd, "pos_embed": resize_pos_embed(pos, grid)}
+    for i in model.cfg.global_attn_indexes:
+        for axis in ("h", "w"):
+            key = f"blocks.{i}.attn.rel_pos_{axis}"
+            if key in sd and sd[key].shape[0] == 2 * trained - 1:
+                sd[key] = resize_rel_pos(sd[key].float(), 2 * grid - 1).to(sd[key].dtype)
+    return sd
+
+
+def _few(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def check_state_dict(model: SamEncoder, sd: dict[str, Tensor], where: str) -> None:
+    """Raise ValueError unless sd has exactly the model's keys and shapes; `where` names the source."""
+    ours = model.state_dict()
+    cfg = model.cfg
+    file_arch = arch_of(sd)
+    if file_arch[0] and file_arch != (cfg.embed_dim, cfg.depth):
+        raise ValueError(
+            f"{where} holds {arch_name(*file_arch)} but the model is {arch_name(cfg.embed_dim, cfg.depth)}; build "
+            f"the model that matches the weights (build_sam_encoder(name)) or pass the weights of this model size.")
+    missing = sorted(set(ours) - set(sd))
+    unexpected = sorted(set(sd) - set(ours))
+    shape = sorted(f"{k} {tuple(sd[k].shape)} vs model {tuple(ours[k].shape)}"
+                   for k in set(ours) & set(sd) if sd[k].shape != ours[k].shape)
+    problems = [f"{len(ks)} {what} ({_few(ks)})" for what, ks in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("keys of the wrong shape", shape)) if ks]
+    if problems:
+        raise ValueError(f"{where} does not match the SAM image encoder: {'; '.join(problems)}. Expected the "
+                         f"official (image_encoder.patch_embed.proj.weight, ..., prefix optional) or Hugging Face "
+                         f"(vision_encoder.patch_embed.projection.weight, ...) key layout of the same model size.")
+
+
+def read_safetensors(path: str) -> dict[str, Tensor]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"SAM weights file {path} does not exist; pass the path of a .safetensors file "
+                                f"(convert an official sam_vit_*.pth with: python sam_encoder.py convert IN OUT).")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a safetensors file ({e}); load_weights reads only .safetensors, convert an "
+                         f"official .pth first with: python sam_encoder.py convert {path} OUT.safetensors") from None
+
+
+def load_weights(model: SamEncoder, path: str) -> None:
+    """Load a safetensors file in the official or Hugging Face layout into `model`, strictly: the encoder's keys
+    and shapes must match (only the prompt encoder and mask decoder are ignored). Weights trained at another
+    image size have pos_embed and the global blocks' rel-pos tables resized to model.cfg.img_size."""
+    sd, layout = to_official(read_safetensors(path))
+    sd = resize_to_model(model, sd)
+    check_state_dict(model, sd, f"{path} ({layout})")
+    model.load_state_dict(sd, strict=True)
+
+
+def frozen_teacher(name: str, weights: str | None, img_size: int = 1024, device="cpu",
+                   dtype: torch.dtype = torch.float32, **overrides) -> SamEncoder:
+    """The SAM encoder as SSR's teacher: built, loaded (weights=None keeps the random init; the caller warns),
+    in eval mode, frozen, on `device` in `dtype`. Run it under torch.no_grad(): nothing flows back into it."""
+    model = build_sam_encoder(name, img_size, **overrides)
+    if weights is not None:
+        load_weights(model, weights)
+    return model.eval().requires_grad_(False).to(device, dtype)
+
+
+def read_torch_checkpoint(path: str) -> dict[str, Tensor]:
+    """A .pth state dict, flat (as the official sam_vit_*.pth) or wrapped under 'model' or 'state_dict'."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass an official sam_vit_b/l/h_*.pth.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many types for a bad file; all mean the same to the user
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{path} could not be read by torch.load(weights_only=True) ({type(e).__name__}: "
+                         f"{first_line}). Pass an official sam_vit_b/l/h_*.pth.") from None
+    for wrapper in ("model", "state_dict"):
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(wrapper), dict):
+            ckpt = ckpt[wrapper]
+    if not isinstance(ckpt, dict) or not all(isinstance(v, Tensor) for v in ckpt.values()):
+        raise ValueError(f"{path} holds no flat state dict of tensors (nor one under 'model' or 'state_dict'); "
+                         f"pass an official sam_vit_b/l/h_*.pth.")
+    return ckpt
+
+
+def convert_checkpoint(src: str, dst: str) -> None:
+    """Convert a .pth SAM checkpoint (official or HF layout) to a safetensors file that holds only the image
+    encoder, under our names (the official ones without "image_encoder."), written atomically. The prompt encoder
+    and mask decoder are dropped; load_weights checks the rest strictly against the model it loads into."""
+    sd, layout = to_official(read_torch_checkpoint(src))
+    embed_dim, depth = arch_of(sd)
+    if not embed_dim or not depth or "pos_embed" not in sd:
+        raise ValueError(f"{src} ({layout}) holds no SAM image encoder: no image_encoder.patch_embed.proj.weight, "
+                         f"pos_embed or blocks.* keys (official layout) nor vision_encoder.* keys (Hugging Face). "
+                         f"Pass an official sam_vit_b/l/h_*.pth.")
+    save_file({k: v.contiguous() for k, v in sd.items()}, dst + ".tmp")
+    os.replace(dst + ".tmp", dst)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="SAM image encoder tools.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    conv = sub.add_parser("convert", help="convert an official SAM .pth to image-encoder-only safetensors")
+    conv.add_argument("src", help="input checkpoint: official sam_vit_b_01ec64.pth, sam_vit_l_0b3195.pth, ...")
+    conv.add_argument("dst", help="output .safetensors path")
+    args = parser.parse_args()
+    try:
+        convert_checkpoint(args.src, args.dst)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {args.dst}")
