@@ -262,6 +262,7 @@ def test_bad_labels_give_clear_errors(tmp_path):
 
 def test_demo_data_is_read_by_the_same_loaders(tmp_path):
     data.make_demo_data(str(tmp_path), seed=0, n_src=8, n_tgt=4, n_val=4)
+    assert sorted(os.listdir(tmp_path)) == ["cityscapes", "gta5"]  # written aside, then moved in whole
     assert Image.open(tmp_path / "gta5/labels/00001.png").mode == "P"
     assert Image.open(tmp_path / "gta5/images/00001.png").size == (384, 216)
     gt = sorted(os.listdir(tmp_path / "cityscapes/gtFine/val/frankfurt"))
