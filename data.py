@@ -278,7 +278,9 @@ def class_pixel_counts(samples: list[Sample], cache_dir: str | None = None) -> n
         key.update(f"{os.path.abspath(s.lbl)}|{s.train_ids}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     path = os.path.join(cache_dir, f"rcs_counts_{key.hexdigest()[:20]}.npy")
     if os.path.isfile(path):
-        return np.load(path)
+        counts = np.load(path)
+        if counts.shape == (len(samples), 19):
+            return counts
     print(f"computing rare-class statistics of {len(samples)} labels (once, cached in {path})", flush=True)
     if len(samples) < 256:
         counts = [_count_classes(s) for s in samples]
@@ -288,9 +290,10 @@ def class_pixel_counts(samples: list[Sample], cache_dir: str | None = None) -> n
     counts = np.stack(counts).astype(np.int64)
     try:
         os.makedirs(cache_dir, exist_ok=True)
-        with open(path + ".tmp", "wb") as f:
+        tmp = f"{path}.{os.getpid()}.tmp"  # per process: every DDP rank may be writing the same cache
+        with open(tmp, "wb") as f:
             np.save(f, counts)
-        os.replace(path + ".tmp", path)
+        os.replace(tmp, path)
     except OSError as e:
         raise DatasetError(f"cannot write the rare-class statistics cache {path} ({e}). Set SSR_CACHE (or "
                            f"cache_dir) to a writable folder.") from None
@@ -498,7 +501,8 @@ def _recolor(cv: tuple, mask: np.ndarray, cls: int | None, color) -> tuple:
     """Give every pixel of mask a new color (and class, unless None): the textures and the ground."""
     lbl, idx, colors = cv
     colors.append(color)
-    return (lbl if cls is None else np.where(mask, np.uint8(cls), lbl)), np.where(mask, np.uint8(len(colors) - 1), idx), colors
+    lbl = lbl if cls is None else np.where(mask, np.uint8(cls), lbl)
+    return lbl, np.where(mask, np.uint8(len(colors) - 1), idx), colors
 
 
 def _demo_objects(rng, cv, hor, vx, rw, dom) -> None:
@@ -532,7 +536,8 @@ def _demo_objects(rng, cv, hor, vx, rw, dom) -> None:
             ph = g * (h - hor) * 0.9 * dom["person_size"] + 4
             pw = 0.3 * ph
             _box(cv, base - 0.45 * ph, base, x - 0.4 * pw, x + 0.4 * pw, 11, (40, 40, 50))
-            _box(cv, base - 0.82 * ph, base - 0.45 * ph, x - pw / 2, x + pw / 2, 11, _CLOTHES[rng.integers(len(_CLOTHES))])
+            _box(cv, base - 0.82 * ph, base - 0.45 * ph, x - pw / 2, x + pw / 2, 11,
+                 _CLOTHES[rng.integers(len(_CLOTHES))])
             _box(cv, base - ph, base - 0.78 * ph, x - 0.3 * pw, x + 0.3 * pw, 11, (225, 185, 150), ellipse=True)
 
 

@@ -46,7 +46,7 @@ def _data_gta(root, n=6, h=48, w=64, rare=(0,)) -> None:
 def _data_cityscapes(root, split="train", n=4, h=32, w=64, train_ids=False) -> None:
     for i in range(n):
         city = ("aachen", "bremen")[i % 2]
-        img_dir, gt_dir = root / "cityscapes" / "leftImg8bit" / split / city, root / "cityscapes" / "gtFine" / split / city
+        img_dir, gt_dir = (root / "cityscapes" / d / split / city for d in ("leftImg8bit", "gtFine"))
         os.makedirs(img_dir, exist_ok=True)
         os.makedirs(gt_dir, exist_ok=True)
         stem = f"{city}_{i:06d}_000019"
