@@ -76,6 +76,21 @@ class OverlapPatchEmbed(nn.Module):
         return self.norm(x), H, W
 
 
+def patch_linear(x: Tensor, conv: nn.Conv2d, H: int, W: int) -> Tensor:
+    """`conv` (kernel = stride = s, no padding) applied to tokens (B, H*W, C) -> (B, H/s * W/s, C_out).
+
+    A conv whose patches do not overlap is one linear map of each flattened s x s patch: gathering the patches
+    (one copy) and running a matmul gives the conv's numbers, and on CPUs its backward is much faster than the
+    conv's. Rows/columns beyond a multiple of s are dropped, as the conv does."""
+    B, N, C = x.shape
+    s = conv.stride[0]
+    h, w = H // s, W // s
+    x = x.view(B, H, W, C)[:, :h * s, :w * s].reshape(B, h, s, w, s, C)
+    x = x.transpose(2, 3).reshape(B, h * w, s * s * C)  # (B, M, s*s*C): each patch row by row, channels last
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)  # (C_out, s*s*C_in) in the same order
+    return F.linear(x, weight, conv.bias)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention whose keys/values come from the token grid shrunk sr_ratio times per side
     (efficient self-attention): N queries attend to N/sr^2 keys."""
@@ -96,9 +111,7 @@ class Attention(nn.Module):
         nh = self.num_heads
         q = self.q(x).view(B, N, nh, C // nh).transpose(1, 2)  # (B, nh, N, hd)
         if self.sr_ratio > 1:
-            x = x.transpose(1, 2).view(B, C, H, W)  # a channels-last view of the tokens, no copy
-            x = self.sr(x).flatten(2).transpose(1, 2)  # (B, M, C), M = N / sr^2
-            x = self.norm(x)
+            x = self.norm(patch_linear(x, self.sr, H, W))  # (B, M, C), M = N / sr^2
         k, v = self.kv(x).view(B, -1, 2, nh, C // nh).permute(2, 0, 3, 1, 4)  # 2 x (B, nh, M, hd)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, nh, N, hd)
         x = x.transpose(1, 2).reshape(B, N, C)
