@@ -127,7 +127,9 @@ class DWConv(nn.Module):
 
     def forward(self, x: Tensor, H: int, W: int) -> Tensor:
         B, N, C = x.shape
-        x = self.dwconv(x.transpose(1, 2).view(B, C, H, W))  # channels-last view in and out, no copies
+        # A channels-last view in and out, no copies. Not x.transpose(1, 2).view(B, C, H, W): at B = 1 that view
+        # gets a batch stride that hides the channels-last layout from the conv, which then copies to NCHW.
+        x = self.dwconv(x.view(B, H, W, C).permute(0, 3, 1, 2))  # (B, C, H, W)
         return x.flatten(2).transpose(1, 2)  # (B, N, C)
 
 
