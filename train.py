@@ -29,6 +29,16 @@ from eval import evaluate, print_table
 # -----------------------------------------------------------------------------
 # arguments
 
+# The demo trains a tiny MiT and a tiny random SAM teacher from scratch on the synthetic domains of data.py; the
+# method, the loop and the evaluator are the real code path. --demo sets these defaults (flags still override
+# them); the model and data sizes below are fixed.
+DEMO_FLAGS = dict(data_root="data/demo", backbone="mit_b0", pretrained="none", sam_weights="none", sam_img_size=128,
+                  iters=400, lr=6e-4, warmup=50, crop=data.DEMO["crop"], eval_every=100, save_every=100, log_every=50)
+DEMO = dict(mit=dict(embed_dims=(32, 64, 160, 256), depths=(1, 1, 1, 1)), channels=32,
+            sam=dict(embed_dim=96, depth=2, num_heads=2, global_attn_indexes=(1,)),
+            ignore_rows=(4, 30),  # DAFormer's 15 and 120 pseudo-label rows are for 512 crops; these are 128
+            **data.DEMO)
+
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--src", default="gta5", choices=["gta5"], help="labelled source domain (folder under --data-root)")
 p.add_argument("--tgt", default="cityscapes", choices=["cityscapes"], help="unlabelled target domain (folder under --data-root)")
@@ -57,14 +67,12 @@ p.add_argument("--log-every", type=int, default=50, help="print a progress line 
 p.add_argument("--eval-every", type=int, default=4000, help="evaluate on the target val set every N iterations (0 = at the end)")
 p.add_argument("--save-every", type=int, default=4000, help="write checkpoints every N iterations (and at the end)")
 p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
-p.add_argument("--demo", action="store_true", help="generate synthetic domains and train a tiny model on them (CPU, minutes)")
+p.add_argument("--demo", action="store_true",
+               help="generate synthetic domains (if absent) and train a tiny model on them: minutes on a CPU; sets "
+                    "the defaults " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_FLAGS.items()))
+if "--demo" in sys.argv[1:]:
+    p.set_defaults(**DEMO_FLAGS)
 args = p.parse_args()
-
-# The demo: a tiny MiT and a tiny random SAM teacher from scratch on the synthetic domains of data.py. Everything
-# else (the method, the loop, the evaluator) is the real code path.
-DEMO = dict(backbone="mit_b0", mit=dict(embed_dims=(32, 64, 160, 256), depths=(1, 1, 1, 1)), channels=64,
-            sam=dict(embed_dim=96, depth=2, num_heads=2, global_attn_indexes=(1,)), sam_img_size=128,
-            iters=600, lr=6e-4, warmup=50, eval_every=200, log_every=50, **data.DEMO)
 
 
 def fail(msg: str) -> None:
@@ -92,16 +100,13 @@ if ddp:
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
 stages = tuple(int(s) for s in args.ssr_stages.split(",") if s.strip())
+data_root = args.data_root
 if args.demo:
-    data_root, mit_overrides, channels = os.path.join(args.data_root, "demo"), DEMO["mit"], DEMO["channels"]
-    src_scale, tgt_scale = DEMO["src_scale"], DEMO["tgt_scale"]
-    sam_overrides = DEMO["sam"]
-    for k in ("backbone", "iters", "lr", "warmup", "eval_every", "log_every", "crop", "sam_img_size"):
-        setattr(args, k, DEMO[k])
-    args.pretrained, args.sam_weights = args.pretrained or "none", args.sam_weights or "none"
-else:
-    data_root, mit_overrides, channels, sam_overrides = args.data_root, {}, 256, {}
-    src_scale, tgt_scale = (1280, 720), (1024, 512)
+    mit_overrides, channels, sam_overrides, ignore_rows = DEMO["mit"], DEMO["channels"], DEMO["sam"], DEMO["ignore_rows"]
+    src_scale, tgt_scale, rcs_min_pixels = DEMO["src_scale"], DEMO["tgt_scale"], DEMO["rcs_min_pixels"]
+else:  # the paper's configuration
+    mit_overrides, channels, sam_overrides, ignore_rows = {}, 256, {}, (15, 120)
+    src_scale, tgt_scale, rcs_min_pixels = (1280, 720), (1024, 512), 3000
 if args.amp is None:
     args.amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.amp]
@@ -156,7 +161,8 @@ try:
     if args.pretrained != "none":
         mit.load_weights(student.backbone, args.pretrained)
     student.backbone.grad_checkpoint = args.grad_checkpoint
-    uda = ssr.UDA(student, method=args.method, mic=args.mic, ssr_stages=stages, sam_img_size=args.sam_img_size)
+    uda = ssr.UDA(student, method=args.method, mic=args.mic, ssr_stages=stages, sam_img_size=args.sam_img_size,
+                  ignore_rows=ignore_rows)
     uda.to(device)
     sam = None
     if args.method == "ssr":
@@ -194,14 +200,17 @@ try:
             fail(f"the run in {out} finished already ({start} of {args.iters} iterations).")
         if master:
             print(f"resuming {out} at iteration {start}")
+    if ddp and not master:
+        dist.barrier()  # rank 0 computes and caches the rare class statistics first, once
     train_batches = data.make_train_loader(
         data_root, args.src, args.tgt, crop=args.crop, batch_size=args.batch_size, seed=args.seed, start_iter=start,
         workers=args.workers, rank=rank, world_size=world, src_scale=src_scale, tgt_scale=tgt_scale,
-        pin_memory=device.type == "cuda")
+        rcs_min_pixels=rcs_min_pixels, pin_memory=device.type == "cuda")
+    if ddp and master:
+        dist.barrier()
     val_loader = data.make_val_loader(data_root, args.tgt, "val", scale=tgt_scale, batch_size=1,
                                       workers=args.workers) if master else None
-    # Seeded after the loaders exist (creating one draws from the global generator), so that a resumed run
-    # continues the random stream (mixing, jitter, dropout) exactly where the interrupted one stopped.
+    # Each rank its own random stream (mixing, jitter, drop path); a resumed run continues it where it stopped.
     torch.manual_seed(args.seed + rank)
     if args.resume:
         torch.set_rng_state(state["rng_cpu"])
