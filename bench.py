@@ -17,14 +17,17 @@ Items (ours / reference in the ratio column):
   4. Evaluation throughput of the deployable Segmentor (forward, resize to the input, argmax) in images/s.
 
 Time: the median of --repeats calls after --warmup calls; items 1 and 2 interleave ours and the reference call by
-call, so that load from other processes hits both alike. Memory, per item and model:
+call, so that load from other processes hits both alike. Memory, from one more call per model:
   cuda: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), i.e. everything allocated at the peak
         (weights, gradients and optimizer state included);
   cpu:  the growth of the peak resident set (VmHWM) over the resident set just before the call, after freed heap
-        memory is returned to the system (malloc_trim) and the peak is reset (/proc/self/clear_refs). Weights,
-        and after warm-up gradients and optimizer state, are resident before the call and not counted: the
-        figure is the memory the call itself takes (mostly activations).
+        memory is returned to the system (malloc_trim) and the peak is reset (/proc/self/clear_refs). Weights and
+        optimizer state are resident before the call and not counted: the figure is the memory the call itself
+        takes (activations, and gradients, which are set to None between steps as optimizer.zero_grad does).
 Weights are random (nothing is downloaded): speed does not depend on their values.
+
+On a CPU that other processes also use, run with OMP_WAIT_POLICY=PASSIVE (or OMP_NUM_THREADS=1): OpenMP threads
+that spin while a sibling thread is descheduled made MiT's fwd+bwd 30x slower on a busy 2-core machine.
 """
 import argparse
 import contextlib
@@ -127,22 +130,27 @@ def peak_mib(base: float) -> float:
 
 
 def measure(fns: dict, n_repeats: int, n_warmup: int) -> dict[str, tuple[float, float]]:
-    """{name: fn() -> None} -> {name: (median seconds per call, peak MiB over the timed calls)}. The functions are
-    called in turn (a, b, a, b, ...), so that a slow spell of the machine hits every one of them."""
+    """{name: fn() -> None} -> {name: (median seconds per call, peak MiB of one more call)}. The functions are
+    called in turn (a, b, a, b, ...), so that a slow spell of the machine hits every one of them. Memory is taken
+    in a separate call: on cpu, handing the freed heap back before it (see reset_peak) makes the call fault its
+    pages in afresh, which would slow the timed calls down."""
     for _ in range(n_warmup):
         for fn in fns.values():
             fn()
     times = {name: [] for name in fns}
-    peaks = {name: 0.0 for name in fns}
     for _ in range(n_repeats):
         for name, fn in fns.items():
-            base = reset_peak()
             sync()
             t0 = time.perf_counter()
             fn()
             sync()
             times[name].append(time.perf_counter() - t0)
-            peaks[name] = max(peaks[name], peak_mib(base))
+    peaks = {}
+    for name, fn in fns.items():
+        base = reset_peak()
+        fn()
+        sync()
+        peaks[name] = peak_mib(base)
     return {name: (statistics.median(times[name]), peaks[name]) for name in fns}
 
 
@@ -356,7 +364,8 @@ def bench_eval() -> None:
 # run and report
 
 benches = {"1": bench_sam, "2": bench_mit, "3": bench_train, "4": bench_eval}
-name = torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads"
+name = torch.cuda.get_device_name(device) if cuda else (
+    f"cpu, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
 print(f"device {device} ({name}), torch {torch.__version__}, dtype {args.dtype}, compile {args.compile}, "
       f"median of {repeats} after {warmup} warm-up")
 for i in sorted(items):
