@@ -33,7 +33,7 @@ from eval import evaluate, print_table
 # method, the loop and the evaluator are the real code path. --demo sets these defaults (flags still override
 # them); the model and data sizes below are fixed.
 DEMO_FLAGS = dict(data_root="data/demo", backbone="mit_b0", pretrained="none", sam_weights="none", sam_img_size=128,
-                  iters=400, lr=6e-4, warmup=50, crop=data.DEMO["crop"], eval_every=100, save_every=100, log_every=50)
+                  iters=300, lr=6e-4, warmup=50, crop=data.DEMO["crop"], eval_every=100, save_every=100, log_every=50)
 DEMO = dict(mit=dict(embed_dims=(32, 64, 160, 256), depths=(1, 1, 1, 1)), channels=32,
             sam=dict(embed_dim=96, depth=2, num_heads=2, global_attn_indexes=(1,)),
             ignore_rows=(4, 30),  # DAFormer's 15 and 120 pseudo-label rows are for 512 crops; these are 128

@@ -1,0 +1,1402 @@
+"""The tests of ssr, one section per file. They run on a CPU in a few minutes with tiny models (the real sizes
+only where the point is the real size), make their own random weights in the official layouts and their own
+small datasets in the original formats, and compare with the reference implementations (transformers,
+segment_anything) where those define the right answer."""
+import collections
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import pickle
+import re
+import runpy
+import signal
+import subprocess
+import sys
+import types
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import data
+import eval as ev
+import mit
+import sam_encoder
+import ssr
+from data import DatasetError
+
+_ROOT = os.path.dirname(os.path.abspath(__file__))
+# The official checkpoints' key names and shapes, kept beside the repository (CI has it; a bare clone may not).
+_OFFICIAL_KEYS = os.path.join(_ROOT, "..", "shared", "reference", "official_keys.json")
+
+
+def _official_keys() -> dict:
+    if not os.path.isfile(_OFFICIAL_KEYS):
+        pytest.skip(f"{_OFFICIAL_KEYS} is not there: the official key list comes with the project's shared folder")
+    with open(_OFFICIAL_KEYS) as f:
+        return json.load(f)
+
+
+# ==============================================================================================================
+# mit.py: the MiT encoders
+# ==============================================================================================================
+
+_MIT_TINY = dict(embed_dims=(16, 32, 40, 64), depths=(2, 1, 1, 2))  # heads stay (1, 2, 5, 8)
+
+
+def _mit_hf_model(classifier: bool = False):
+    """A tiny transformers SegFormer with every tensor random (the default init leaves norms at 1/0, biases at 0,
+    which would hide swapped or dropped tensors)."""
+    from transformers import SegformerConfig, SegformerForImageClassification, SegformerModel
+
+    cfg = SegformerConfig(hidden_sizes=list(_MIT_TINY["embed_dims"]), depths=list(_MIT_TINY["depths"]),
+                          num_attention_heads=[1, 2, 5, 8], sr_ratios=[8, 4, 2, 1], num_labels=7)
+    torch.manual_seed(0)
+    model = (SegformerForImageClassification if classifier else SegformerModel)(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            scale = p[0].numel() ** -0.5 if p.ndim > 1 else 0.5  # ~unit-variance activations
+            p.copy_(torch.randn_like(p) * scale)
+    # NVlabs (and so mit.py) uses LayerNorm eps 1e-6 in blocks and stage norms; transformers uses 1e-5 everywhere.
+    # Give the reference the official eps so the comparison is tight; patch-embed and sr norms keep 1e-5 in both.
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.LayerNorm) and "patch_embeddings" not in name and "attention" not in name:
+            m.eps = 1e-6
+    return model
+
+
+def _mit_hf_stages(model, x: torch.Tensor) -> list[torch.Tensor]:
+    base = getattr(model, "segformer", model)
+    with torch.no_grad():
+        return list(base(x, output_hidden_states=True).hidden_states)
+
+
+def _mit_assert_parity(ref: list[torch.Tensor], path: str, x: torch.Tensor) -> None:
+    ours = mit.build_mit("mit_b0", **_MIT_TINY).eval()
+    mit.load_weights(ours, path)
+    with torch.no_grad():
+        out = ours(x)
+    assert len(out) == len(ref) == 4
+    for o, r in zip(out, ref):
+        assert o.shape == r.shape
+        assert (o - r).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("classifier", [False, True], ids=["SegformerModel", "segformer-prefix+classifier"])
+def test_mit_parity_hf_layout_and_nvlabs_layout(tmp_path, classifier):
+    hf = _mit_hf_model(classifier)
+    hf.save_pretrained(tmp_path / "hf")
+    hf_file = str(tmp_path / "hf" / "model.safetensors")
+    keys = load_file(hf_file)
+    assert any(k.startswith("segformer.encoder.") for k in keys) == classifier
+    assert any(k.startswith("classifier.") for k in keys) == classifier
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 64, 96)
+    ref = _mit_hf_stages(hf, x)
+    assert ref[0].abs().mean() > 0.1  # the reference computes something non-trivial
+
+    _mit_assert_parity(ref, hf_file, x)  # HF layout, read directly
+    torch.save(keys, tmp_path / "pytorch_model.bin")  # the hub's .bin is this flat HF state dict
+    nv_file = str(tmp_path / "nvlabs.safetensors")
+    mit.convert_checkpoint(str(tmp_path / "pytorch_model.bin"), nv_file)
+    assert all(k.startswith(("patch_embed", "block", "norm")) for k in load_file(nv_file))
+    _mit_assert_parity(ref, nv_file, x)  # NVlabs layout
+
+
+def test_mit_keys_and_shapes_match_official_checkpoints():
+    official = _official_keys()
+    for name in mit.MIT_PRESETS:
+        with torch.device("meta"):
+            model = mit.build_mit(name)
+        assert {k: list(v.shape) for k, v in model.state_dict().items()} == official[name], name
+    assert sum(p.numel() for p in model.parameters()) == 81_443_008  # mit_b5, the last preset
+
+
+def test_mit_drop_path_schedule_is_linear_over_all_blocks():
+    with torch.device("meta"):
+        model = mit.build_mit("mit_b5")
+    rates = [b.drop_path for i in range(1, 5) for b in getattr(model, f"block{i}")]
+    assert len(rates) == 52 and rates[0] == 0.0 and rates[-1] == pytest.approx(0.1)
+    assert rates[1] == pytest.approx(0.1 / 51)
+
+
+def _mit_tiny_nvlabs_file(tmp_path, name="mit_b0", **overrides) -> str:
+    torch.manual_seed(0)
+    path = str(tmp_path / f"{name}.safetensors")
+    save_file(mit.build_mit(name, **overrides).state_dict(), path)
+    return path
+
+
+def test_mit_wrong_size_nonsafetensors_and_missing_file_errors(tmp_path):
+    with torch.device("meta"):
+        b5 = mit.build_mit("mit_b5")
+    with pytest.raises(ValueError, match=r"mit_b0.*but the model is mit_b5"):
+        mit.load_weights(b5, _mit_tiny_nvlabs_file(tmp_path, "mit_b0"))
+
+    tiny = mit.build_mit("mit_b0", **_MIT_TINY)
+    pth = tmp_path / "mit_b0.pth"
+    torch.save(tiny.state_dict(), pth)
+    with pytest.raises(ValueError, match=r"mit_b0\.pth is not a safetensors file.*python mit.py convert"):
+        mit.load_weights(tiny, str(pth))
+    with pytest.raises(FileNotFoundError, match=r"nope\.safetensors does not exist"):
+        mit.load_weights(tiny, str(tmp_path / "nope.safetensors"))
+
+    sd = tiny.state_dict()
+    sd.pop("block1.0.attn.kv.weight")
+    sd["block1.0.attn.qkv.weight"] = torch.zeros(3)
+    sd["norm4.weight"] = torch.zeros(3)
+    bad = str(tmp_path / "bad.safetensors")
+    save_file(sd, bad)
+    with pytest.raises(ValueError) as e:
+        mit.load_weights(tiny, bad)
+    msg = str(e.value)
+    assert "bad.safetensors (nvlabs layout)" in msg
+    assert "1 missing keys (block1.0.attn.kv.weight)" in msg
+    assert "1 unexpected keys (block1.0.attn.qkv.weight)" in msg
+    assert "norm4.weight (3,) vs model (64,)" in msg
+
+
+def test_mit_convert_cli_nvlabs_pth_and_bad_input(tmp_path, monkeypatch):
+    tiny = mit.build_mit("mit_b0", **_MIT_TINY).eval()
+    sd = tiny.state_dict()
+    # NVlabs .pth as mmcv saves it: wrapped under state_dict, with the ImageNet classifier that we drop
+    wrapped = {"state_dict": {**sd, "head.weight": torch.randn(1000, 64), "head.bias": torch.randn(1000)}}
+    torch.save(wrapped, tmp_path / "mit_tiny.pth")
+    out = tmp_path / "mit_tiny.safetensors"
+    run = subprocess.run([sys.executable, "mit.py", "convert", str(tmp_path / "mit_tiny.pth"), str(out)],
+                         cwd=_ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert load_file(out).keys() == sd.keys()
+    other = mit.build_mit("mit_b0", **_MIT_TINY)
+    mit.load_weights(other, str(out))
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), sd.values()))
+
+    junk = tmp_path / "junk.pth"
+    junk.write_text("not a checkpoint")
+    # the CLI's __main__ in-process (a second interpreter would cost seconds): sys.exit(str) prints the string
+    # alone to stderr and exits with status 1, so no traceback reaches the user
+    monkeypatch.setattr(sys, "argv", ["mit.py", "convert", str(junk), str(tmp_path / "o.safetensors")])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(_ROOT, "mit.py"), run_name="__main__")
+    assert isinstance(e.value.code, str)
+    assert e.value.code.startswith("error: ") and "junk.pth could not be read by torch.load" in e.value.code
+    assert "\n" not in e.value.code  # one paragraph
+    assert not (tmp_path / "o.safetensors").exists()
+    with pytest.raises(FileNotFoundError, match="missing.pth does not exist"):  # same path as the CLI, in-process
+        mit.convert_checkpoint(str(tmp_path / "missing.pth"), str(tmp_path / "o.safetensors"))
+
+
+def test_mit_grad_checkpoint_same_outputs_and_grads():
+    torch.manual_seed(0)
+    model = mit.build_mit("mit_b0", **_MIT_TINY).train()
+    x = torch.randn(2, 3, 64, 64)
+
+    def run(ckpt: bool):
+        model.grad_checkpoint = ckpt
+        model.zero_grad()
+        torch.manual_seed(1)  # same stochastic-depth draws in both runs
+        outs = model(x)
+        sum((o * o).mean() for o in outs).backward()
+        return [o.detach() for o in outs], [p.grad.clone() for p in model.parameters()]
+
+    (o1, g1), (o2, g2) = run(False), run(True)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(o1, o2))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2))
+
+
+def test_mit_drop_path_drops_whole_samples_in_training_only():
+    x, branch = torch.zeros(64, 3, 2), torch.ones(64, 3, 2)
+    torch.manual_seed(0)
+    y = mit.add_drop_path(x, branch, 0.5, training=True)
+    per_sample = y.flatten(1)
+    assert ((per_sample == 0).all(1) | (per_sample == 2).all(1)).all()  # dropped, or kept and scaled by 1/(1-p)
+    assert 10 < (per_sample[:, 0] == 0).sum() < 54
+    assert torch.equal(mit.add_drop_path(x, branch, 0.5, training=False), branch)
+
+
+# ==============================================================================================================
+# sam_encoder.py: the SAM image encoder
+# ==============================================================================================================
+
+_SAM_TINY = dict(embed_dim=32, depth=3, num_heads=2, global_attn_indexes=(1,))  # head dim 16
+
+
+def _sam_official():
+    """segment_anything.modeling loaded by path: `import segment_anything` pulls in torchvision through the
+    package __init__, which the tests do not need."""
+    if "segment_anything.modeling" not in sys.modules:
+        root = pathlib.Path(importlib.util.find_spec("segment_anything").submodule_search_locations[0])
+        parent = types.ModuleType("segment_anything")  # stub parent package, so the relative imports resolve
+        parent.__path__ = [str(root)]
+        sys.modules.setdefault("segment_anything", parent)
+        spec = importlib.util.spec_from_file_location("segment_anything.modeling", root / "modeling" / "__init__.py",
+                                                      submodule_search_locations=[str(root / "modeling")])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["segment_anything.modeling"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["segment_anything.modeling"]
+
+
+def _sam_reference(img_size: int, embed_dim: int, depth: int, num_heads: int, global_attn_indexes, window_size=14):
+    """The official encoder as sam_model_registry builds it, with every tensor random (LayerNorms, rel-pos tables
+    and pos_embed included: their defaults of 1/0 would hide a misplaced or transposed weight)."""
+    torch.manual_seed(0)
+    ref = _sam_official().ImageEncoderViT(
+        img_size=img_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=4,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True, window_size=window_size,
+        global_attn_indexes=global_attn_indexes, qkv_bias=True, out_chans=256)
+    _sam_randomize(ref)
+    return ref.eval()
+
+
+def _sam_randomize(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * (0.2 if p.dim() > 1 else 0.5) + (0.0 if p.dim() > 1 else 0.3))
+
+
+def _sam_save_official(ref: torch.nn.Module, path) -> None:
+    """Official sam_vit_*.pth layout: the encoder under image_encoder., plus the parts load_weights must skip."""
+    sd = {f"image_encoder.{k}": v.contiguous() for k, v in ref.state_dict().items()}
+    sd["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"] = torch.randn(2, 128)
+    sd["mask_decoder.iou_token.weight"] = torch.randn(1, 256)
+    save_file(sd, str(path))
+
+
+def test_sam_parity_with_segment_anything(tmp_path):
+    # 256 px: a 16x16 grid that pads to 28x28 for 14x14 windows, and global blocks on a grid smaller than 64
+    ref = _sam_reference(256, **_SAM_TINY)
+    _sam_save_official(ref, tmp_path / "sam.safetensors")
+    ours = sam_encoder.build_sam_encoder("vit_b", 256, **_SAM_TINY).eval()
+    sam_encoder.load_weights(ours, str(tmp_path / "sam.safetensors"))
+    x = torch.randn(2, 3, 256, 256)
+    with torch.no_grad():
+        expected, got = ref(x), ours(x)
+    assert got.shape == (2, 256, 16, 16)
+    assert (got - expected).abs().max() < 1e-4
+
+
+def test_sam_parity_with_transformers(tmp_path):
+    from transformers import SamConfig, SamModel, SamVisionConfig
+
+    vision = SamVisionConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, mlp_dim=128,
+                             image_size=256, window_size=14, global_attn_indexes=[1])
+    torch.manual_seed(0)
+    hf = SamModel(SamConfig(vision_config=vision.to_dict())).eval()
+    _sam_randomize(hf.vision_encoder)
+    hf.save_pretrained(tmp_path)  # model.safetensors, as facebook/sam-vit-* on the hub
+    ours = sam_encoder.build_sam_encoder("vit_b", 256, **_SAM_TINY).eval()
+    sam_encoder.load_weights(ours, str(tmp_path / "model.safetensors"))
+    x = torch.randn(2, 3, 256, 256)
+    with torch.no_grad():
+        expected, got = hf.vision_encoder(x).last_hidden_state, ours(x)
+    assert (got - expected).abs().max() < 1e-4
+
+
+def test_sam_vit_b_parameter_count():
+    with torch.device("meta"):  # shapes only, nothing allocated
+        model = sam_encoder.build_sam_encoder("vit_b", 1024)
+    assert sum(p.numel() for p in model.parameters()) == 89_670_912
+
+
+def test_sam_window_partition_round_trip():
+    x = torch.randn(2, 16, 16, 5)
+    windows = sam_encoder.window_partition(x, 14)
+    assert windows.shape == (2 * 4, 14 * 14, 5)  # 16 pads to 28: 2x2 windows per image
+    assert windows[1].view(14, 14, 5)[:, 2:].abs().sum() == 0  # window (0, 1) holds columns 14..15, then padding
+    assert torch.equal(sam_encoder.window_unpartition(windows, 14, 16, 16), x)
+
+
+def test_sam_load_1024_weights_into_smaller_encoder(tmp_path):
+    # Tiny width, but the tables of a 1024 px model: pos_embed (1, 64, 64, C), global rel-pos (127, head_dim).
+    ref_1024 = sam_encoder.build_sam_encoder("vit_b", 1024, **_SAM_TINY)
+    _sam_randomize(ref_1024)
+    save_file({f"image_encoder.{k}": v for k, v in ref_1024.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    for size in (512, 256):
+        ours = sam_encoder.build_sam_encoder("vit_b", size, **_SAM_TINY).eval()
+        sam_encoder.load_weights(ours, str(tmp_path / "w.safetensors"))
+        assert ours.pos_embed.shape == (1, size // 16, size // 16, 32)
+        with torch.no_grad():
+            out = ours(torch.randn(1, 3, size, size))
+        assert out.shape == (1, 256, size // 16, size // 16) and torch.isfinite(out).all()
+
+    # The rel-pos tables are resized exactly as segment_anything interpolates a misfit table at run time: the
+    # reference at 256 px, handed the 127-long 1024 px tables, computes what we compute from our resized ones.
+    ref = _sam_reference(256, **_SAM_TINY)
+    ref.load_state_dict({k: v for k, v in ours.state_dict().items()}, strict=True)
+    with torch.no_grad():
+        for i in _SAM_TINY["global_attn_indexes"]:
+            attn = ref.blocks[i].attn
+            attn.rel_pos_h = torch.nn.Parameter(ref_1024.blocks[i].attn.rel_pos_h.clone())
+            attn.rel_pos_w = torch.nn.Parameter(ref_1024.blocks[i].attn.rel_pos_w.clone())
+        x = torch.randn(1, 3, 256, 256)
+        assert (ref(x) - ours(x)).abs().max() < 1e-4
+
+
+def test_sam_pos_embed_resize_keeps_a_constant():
+    pos = torch.full((1, 64, 64, 4), 0.7)
+    assert torch.allclose(sam_encoder.resize_pos_embed(pos, 16), torch.full((1, 16, 16, 4), 0.7), atol=1e-6)
+
+
+def test_sam_bad_inputs_give_clear_errors(tmp_path):
+    model = sam_encoder.build_sam_encoder("vit_b", 64, **_SAM_TINY)
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        sam_encoder.load_weights(model, str(tmp_path / "nope.safetensors"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        sam_encoder.load_weights(model, str(tmp_path / "junk.safetensors"))
+
+    wider = sam_encoder.build_sam_encoder("vit_b", 64, **{**_SAM_TINY, "embed_dim": 64})
+    save_file(wider.state_dict(), str(tmp_path / "wide.safetensors"))
+    with pytest.raises(ValueError, match=r"embed_dim=64, depth=3.*model is .*embed_dim=32"):
+        sam_encoder.load_weights(model, str(tmp_path / "wide.safetensors"))
+
+    sd = {f"image_encoder.{k}": v for k, v in model.state_dict().items() if k != "blocks.1.attn.rel_pos_h"}
+    save_file(sd, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(ValueError, match=r"partial.safetensors \(official layout.*missing keys.*blocks.1.attn.rel_pos_h"):
+        sam_encoder.load_weights(model, str(tmp_path / "partial.safetensors"))
+
+    save_file({"encoder.weight": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="does not match the SAM image encoder.*unexpected keys"):
+        sam_encoder.load_weights(model, str(tmp_path / "other.safetensors"))
+
+    with pytest.raises(ValueError, match="img_size=64"):
+        model(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="vit_b, vit_l, vit_h"):
+        sam_encoder.build_sam_encoder("vit_x")
+
+
+def test_sam_convert_cli(tmp_path):
+    ref = _sam_reference(64, **_SAM_TINY, window_size=3)
+    sd = {f"image_encoder.{k}": v for k, v in ref.state_dict().items()}
+    sd["mask_decoder.iou_token.weight"] = torch.randn(1, 256)
+    torch.save(sd, tmp_path / "sam_vit_tiny.pth")
+    script = pathlib.Path(sam_encoder.__file__)
+    run = subprocess.run([sys.executable, str(script), "convert", str(tmp_path / "sam_vit_tiny.pth"),
+                          str(tmp_path / "out.safetensors")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    ours = sam_encoder.build_sam_encoder("vit_b", 64, **_SAM_TINY, window_size=3).eval()
+    sam_encoder.load_weights(ours, str(tmp_path / "out.safetensors"))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert (ours(x) - ref(x)).abs().max() < 1e-4
+
+    bad = subprocess.run([sys.executable, str(script), "convert", str(tmp_path / "missing.pth"),
+                          str(tmp_path / "bad.safetensors")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "error:" in bad.stderr and "missing.pth" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    torch.save({"head.weight": torch.zeros(2)}, tmp_path / "not_sam.pth")  # what the CLI catches, in-process
+    with pytest.raises(ValueError, match="not_sam.pth.*holds no SAM image encoder"):
+        sam_encoder.convert_checkpoint(str(tmp_path / "not_sam.pth"), str(tmp_path / "bad.safetensors"))
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_sam_frozen_teacher_is_frozen(tmp_path):
+    model = sam_encoder.build_sam_encoder("vit_b", 64, **_SAM_TINY)
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    teacher = sam_encoder.frozen_teacher("vit_b", str(tmp_path / "w.safetensors"), img_size=64, dtype=torch.bfloat16,
+                                **_SAM_TINY)
+    assert not teacher.training and all(not m.training for m in teacher.modules())
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert torch.equal(teacher.pos_embed.float(), model.pos_embed.bfloat16().float())
+    with torch.no_grad():
+        out = teacher(torch.randn(2, 3, 64, 64))  # an fp32 batch into a bf16 teacher
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 256, 4, 4)
+
+
+# ==============================================================================================================
+# data.py: datasets, pipeline, rare class sampling, demo domains
+# ==============================================================================================================
+
+_DATA_ID_TO_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
+                     26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+
+
+def _data_palette_png(path, ids: np.ndarray) -> None:
+    """A GTA5-style label: palette image whose indices are Cityscapes label ids."""
+    im = Image.fromarray(ids.astype(np.uint8), mode="P")
+    im.putpalette(np.random.default_rng(0).integers(0, 256, 768).tolist())
+    im.save(path)
+
+
+def _data_image(path, h, w, seed=0) -> None:
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+
+
+def _data_scene_ids(h, w, rare: bool = False) -> np.ndarray:
+    """Label ids: sky (23) on top, road (7) below, a building (11) block, optionally a small train (31) patch."""
+    ids = np.full((h, w), 7, np.uint8)
+    ids[: h // 2] = 23
+    ids[h // 4: h // 2, : w // 3] = 11
+    if rare:
+        ids[h // 2: h // 2 + 12, w // 2: w // 2 + 12] = 31
+    return ids
+
+
+def _data_gta(root, n=6, h=48, w=64, rare=(0,)) -> None:
+    os.makedirs(root / "gta5" / "images", exist_ok=True)
+    os.makedirs(root / "gta5" / "labels", exist_ok=True)
+    for i in range(n):
+        _data_image(root / "gta5" / "images" / f"{i + 1:05d}.png", h, w, seed=i)
+        _data_palette_png(root / "gta5" / "labels" / f"{i + 1:05d}.png", _data_scene_ids(h, w, rare=i in rare))
+
+
+def _data_cityscapes(root, split="train", n=4, h=32, w=64, train_ids=False) -> None:
+    for i in range(n):
+        city = ("aachen", "bremen")[i % 2]
+        img_dir, gt_dir = (root / "cityscapes" / d / split / city for d in ("leftImg8bit", "gtFine"))
+        os.makedirs(img_dir, exist_ok=True)
+        os.makedirs(gt_dir, exist_ok=True)
+        stem = f"{city}_{i:06d}_000019"
+        _data_image(img_dir / f"{stem}_leftImg8bit.png", h, w, seed=100 + i)
+        ids = _data_scene_ids(h, w)
+        Image.fromarray(ids).save(gt_dir / f"{stem}_gtFine_labelIds.png")
+        if train_ids:
+            Image.fromarray(np.full((h, w), 5, np.uint8)).save(gt_dir / f"{stem}_gtFine_labelTrainIds.png")
+        # the neighbours that ship in gtFine and must be ignored
+        Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(gt_dir / f"{stem}_gtFine_color.png")
+        Image.fromarray(np.zeros((h, w), np.uint16)).save(gt_dir / f"{stem}_gtFine_instanceIds.png")
+        (gt_dir / f"{stem}_gtFine_polygons.json").write_text("{}")
+
+
+def _data_root(tmp_path):
+    _data_gta(tmp_path)
+    _data_cityscapes(tmp_path, "train")
+    return tmp_path
+
+
+def _data_batches(root, n, **kw):
+    kw = dict(crop=32, batch_size=2, seed=3, workers=0, src_scale=(64, 48), tgt_scale=(64, 32),
+              cache_dir=str(root / "cache"), rcs_min_pixels=100) | kw
+    it = data.make_train_loader(str(root), **kw)
+    return [next(it) for _ in range(n)]
+
+
+def test_label_tables_match_the_official_mapping_pixel_for_pixel(tmp_path):
+    ids = np.arange(256, dtype=np.uint8).reshape(16, 16)  # every possible palette index once
+    _data_palette_png(tmp_path / "l.png", ids)
+    got = data.read_label(data.Sample("unused", str(tmp_path / "l.png")))
+    want = np.array([_DATA_ID_TO_TRAIN.get(int(i), 255) for i in ids.ravel()]).reshape(16, 16)
+    assert np.array_equal(got, want)
+    Image.fromarray(ids).save(tmp_path / "t.png")  # a labelTrainIds file: 0..18 kept, the rest ignored
+    got = data.read_label(data.Sample("unused", str(tmp_path / "t.png"), train_ids=True))
+    assert np.array_equal(got, np.where(ids < 19, ids, 255))
+    assert len(data.CLASSES) == len(data.PALETTE) == 19 and data.PALETTE[0] == (128, 64, 128)
+
+
+def test_rescale_size_matches_mmcv():
+    assert data.rescale_size(1914, 1052, (1280, 720)) == (1280, 704)
+    assert data.rescale_size(2048, 1024, (1024, 512)) == (1024, 512)
+    assert data.rescale_size(384, 216, (256, 144)) == (256, 144)
+    lbl = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    assert np.array_equal(data.resize_label(lbl, (8, 6)), lbl.repeat(2, 0).repeat(2, 1))
+    assert data.resize_label(lbl, (3, 3))[0].tolist() == [0, 1, 2]  # cv2 nearest: source floor(i * 4 / 3)
+
+
+def test_cityscapes_val_prefers_train_ids_ignores_neighbours_and_keeps_full_resolution(tmp_path):
+    _data_cityscapes(tmp_path, "val", n=2, h=32, w=64)
+    # give the second image a labelTrainIds file whose content differs from the mapped labelIds: it must win
+    Image.fromarray(np.full((32, 64), 5, np.uint8)).save(
+        tmp_path / "cityscapes/gtFine/val/bremen/bremen_000001_000019_gtFine_labelTrainIds.png")
+    batches = list(data.make_val_loader(str(tmp_path), scale=(32, 16), workers=0))
+    assert len(batches) == 2
+    first, second = batches
+    assert first["img"].shape == (1, 3, 16, 32) and first["lbl"].shape == (1, 32, 64)  # full-resolution label
+    want = np.vectorize(lambda i: _DATA_ID_TO_TRAIN.get(int(i), 255))(_data_scene_ids(32, 64))
+    assert np.array_equal(first["lbl"][0].numpy(), want)
+    assert (second["lbl"] == 5).all() and second["path"][0].endswith("bremen_000001_000019_leftImg8bit.png")
+    assert first["lbl"].dtype == torch.int64 and first["img"].dtype == torch.float32
+
+
+def test_gta_label_of_another_size_is_aligned_or_rejected(tmp_path):
+    _data_gta(tmp_path, n=1, h=48, w=64)
+    ids = np.zeros((24, 32), np.uint8)
+    ids[:, 16:] = 26  # car on the right half
+    _data_palette_png(tmp_path / "gta5/labels/00001.png", ids)  # half size, same aspect ratio
+    img, lbl = data.read_pair(data.list_gta5(str(tmp_path))[0])
+    assert lbl.shape == img.shape[:2] == (48, 64)
+    assert (lbl[:, :32] == 255).all() and (lbl[:, 32:] == 13).all()
+    _data_palette_png(tmp_path / "gta5/labels/00001.png", np.zeros((64, 48), np.uint8))  # transposed
+    with pytest.raises(DatasetError, match=r"48x64 but its image .* is 64x48.*aspect"):
+        data.read_pair(data.list_gta5(str(tmp_path))[0])
+
+
+def test_crops_respect_cat_max_ratio():
+    lbl = np.zeros((50, 100), np.uint8)
+    lbl[:, 60:] = 1  # a 50-wide crop is acceptable only for offsets 23..47 of 0..50
+    ok = []
+    for k in range(300):
+        y, x = data.cat_max_crop(np.random.default_rng([0, k]), lbl, 50)
+        counts = np.bincount(lbl[y:y + 50, x:x + 50].ravel(), minlength=2)
+        ok.append(counts.max() / counts.sum() < 0.75)
+    assert np.mean(ok) > 0.98  # a plain random crop passes about half the time
+    single = np.zeros((50, 100), np.uint8)  # no acceptable crop: gives up after 10 redraws, as mmseg
+    assert data.cat_max_crop(np.random.default_rng(0), single, 50)[1] in range(51)
+
+
+def test_crop_flip_pad_keep_image_and_label_aligned():
+    lbl = np.random.default_rng(0).integers(0, 19, (40, 60)).astype(np.uint8)
+    img = torch.from_numpy(lbl.astype(np.float32) * 10).expand(3, -1, -1)  # each pixel's value names its class
+    flips = 0
+    for k in range(200):
+        i, l = data.crop_flip(np.random.default_rng([1, k]), img, lbl, 32)
+        assert torch.equal(i[0], torch.from_numpy(l.astype(np.float32) * 10))
+        flips += not any(np.array_equal(l, lbl[y:y + 32, x:x + 32]) for y in range(9) for x in range(29))
+    assert 70 < flips < 130  # RandomFlip(prob=0.5)
+    i, l = data.finish(img[:, :20, :30], lbl[:20, :30], 32)  # smaller than the crop: pad bottom and right
+    assert i.shape == (3, 32, 32) and l.shape == (32, 32) and l.dtype == torch.int64
+    assert (i[:, 20:] == 0).all() and (i[:, :, 30:] == 0).all() and (l[20:] == 255).all() and (l[:, 30:] == 255).all()
+    assert torch.allclose(i[:, 0, 0] * torch.tensor(data.STD) + torch.tensor(data.MEAN), img[:, 0, 0])
+
+
+def test_rcs_tables_follow_daformer():
+    counts = np.array([[5000, 0, 3001, 0], [9000, 10, 0, 0], [0, 20, 3000, 0]])
+    classes, probs, images = data.rcs_tables(np.pad(counts, ((0, 0), (0, 15))), min_pixels=3000)
+    # class 3 is absent; class 1 is present but no image has more than 3000 pixels of it, so it is dropped
+    assert classes.tolist() == [0, 2]
+    freq = counts.sum(0) / counts.sum()
+    want = np.exp((1 - freq[[0, 2]]) / 0.01)
+    assert np.allclose(probs, want / want.sum())
+    assert [i.tolist() for i in images] == [[0, 1], [0]]  # strictly more than min_pixels, as DAFormer
+
+
+def test_rcs_prefers_rare_classes(tmp_path):
+    root = _data_root(tmp_path)  # one of six images holds a 12x12 'train' patch
+    def rare_share(rcs):
+        batches = _data_batches(root, 8, rcs=rcs, batch_size=4)
+        # DAFormer redraws the crop until it keeps > min_crop_ratio * min_pixels pixels of the sampled class
+        return np.mean([(b["src_lbl"][j] == 16).sum().item() > 50 for b in batches for j in range(4)])
+    assert rare_share(True) > 0.95  # without the crop redraws about 0.6
+    assert rare_share(False) < 0.4
+
+
+def test_rcs_statistics_are_cached_outside_the_dataset_and_refreshed_on_change(tmp_path, monkeypatch, capsys):
+    root = _data_root(tmp_path)
+    samples = data.list_gta5(str(root))
+    cache = tmp_path / "cache"
+    counts = data.class_pixel_counts(samples, str(cache))
+    assert "computing" in capsys.readouterr().out
+    assert counts.shape == (6, 19) and counts[0, 16] == 144 and counts[1, 16] == 0 and counts[0].sum() == 48 * 64
+    assert len(os.listdir(cache)) == 1 and not any("rcs" in f for f in os.listdir(root / "gta5"))
+    monkeypatch.setattr(data, "_count_classes", lambda s: 1 / 0)  # a second run must not recount
+    assert np.array_equal(data.class_pixel_counts(samples, str(cache)), counts)
+    monkeypatch.undo()
+    _data_palette_png(root / "gta5/labels/00002.png", np.full((48, 64), 31, np.uint8))
+    os.utime(root / "gta5/labels/00002.png", ns=(1, 1))  # a changed file: new content, new mtime
+    assert data.class_pixel_counts(samples, str(cache))[1, 16] == 48 * 64
+
+
+def test_batches_depend_only_on_seed_iteration_and_rank(tmp_path):
+    root = _data_root(tmp_path)
+    ref = _data_batches(root, 4)
+    assert ref[0]["src_img"].shape == (2, 3, 32, 32) and ref[0]["src_lbl"].shape == (2, 32, 32)
+    assert ref[0]["tgt_img"].shape == (2, 3, 32, 32) and ref[0]["src_lbl"].dtype == torch.int64
+    for other in (_data_batches(root, 4, workers=2), [None, None] + _data_batches(root, 2, start_iter=2)):
+        for a, b in zip(ref, other):
+            if b is not None:
+                assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(ref[0]["src_img"], ref[1]["src_img"])
+    rank1 = _data_batches(root, 2, rank=1, world_size=2)
+    assert not torch.equal(rank1[0]["src_img"], ref[0]["src_img"])
+    # global positions (iteration * world_size + rank) * batch_size + j: rank 1 of 2 reads iterations 1, 3 of 1
+    assert all(torch.equal(rank1[0][k], ref[1][k]) and torch.equal(rank1[1][k], ref[3][k]) for k in ref[0])
+    assert not torch.equal(_data_batches(root, 1, seed=4)[0]["src_img"], ref[0]["src_img"])
+
+
+def test_loaders_leave_torchs_global_random_stream_alone(tmp_path):
+    root = _data_root(tmp_path)
+    _data_cityscapes(root, "val", n=2)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    _data_batches(root, 1, workers=2)
+    list(data.make_val_loader(str(root), workers=0))
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_missing_or_empty_datasets_explain_the_layout(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist.*download.visinf.*cityscapes-dataset.com"):
+        data.make_train_loader(str(tmp_path / "nowhere"))
+    _data_gta(tmp_path, n=1)
+    with pytest.raises(DatasetError, match=r"cityscapes not found.*leftImg8bit.*gtFine_trainvaltest.zip"):
+        data.make_train_loader(str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    os.makedirs(tmp_path / "cityscapes/leftImg8bit/val")
+    os.makedirs(tmp_path / "cityscapes/gtFine/val")
+    with pytest.raises(DatasetError, match="no images found for cityscapes split 'val'"):
+        data.make_val_loader(str(tmp_path))
+
+
+def test_image_without_label_is_named(tmp_path):
+    _data_gta(tmp_path, n=2)
+    os.remove(tmp_path / "gta5/labels/00002.png")
+    with pytest.raises(DatasetError, match=r"00002.png has no label: expected .*labels.00002.png"):
+        data.list_gta5(str(tmp_path))
+    _data_cityscapes(tmp_path, "val", n=2)
+    os.remove(tmp_path / "cityscapes/gtFine/val/bremen/bremen_000001_000019_gtFine_labelIds.png")
+    with pytest.raises(DatasetError, match=r"bremen_000001_000019_leftImg8bit.png has no label"):
+        data.make_val_loader(str(tmp_path))
+
+
+def test_truncated_image_in_a_worker_gives_one_clean_error(tmp_path):
+    root = _data_root(tmp_path)
+    for i in range(1, 7):
+        path = root / f"gta5/images/{i:05d}.png"
+        path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(DatasetError) as e:
+        _data_batches(root, 1, workers=2)
+    assert "cannot read image" in str(e.value) and "truncated" in str(e.value) and ".png" in str(e.value)
+    assert "Traceback" not in str(e.value) and "worker" not in str(e.value)
+
+
+def test_bad_labels_give_clear_errors(tmp_path):
+    _data_cityscapes(tmp_path, "val", n=2, h=32, w=64)
+    label = tmp_path / "cityscapes/gtFine/val/aachen/aachen_000000_000019_gtFine_labelIds.png"
+    Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(label)  # a color image where ids belong
+    with pytest.raises(DatasetError, match="mode RGB; expected a single-channel"):
+        next(iter(data.make_val_loader(str(tmp_path), workers=2)))
+    Image.fromarray(np.zeros((16, 32), np.uint8)).save(label)  # half size: evaluation cannot use it
+    with pytest.raises(DatasetError, match="32x16 but its image .* is 64x32"):
+        next(iter(data.make_val_loader(str(tmp_path), workers=0)))
+
+
+def test_demo_data_is_read_by_the_same_loaders(tmp_path):
+    data.make_demo_data(str(tmp_path), seed=0, n_src=8, n_tgt=4, n_val=4)
+    assert sorted(os.listdir(tmp_path)) == ["cityscapes", "gta5"]  # written aside, then moved in whole
+    assert Image.open(tmp_path / "gta5/labels/00001.png").mode == "P"
+    assert Image.open(tmp_path / "gta5/images/00001.png").size == (384, 216)
+    gt = sorted(os.listdir(tmp_path / "cityscapes/gtFine/val/frankfurt"))
+    assert gt == ["frankfurt_000000_000019_gtFine_color.png", "frankfurt_000000_000019_gtFine_labelIds.png",
+                  "frankfurt_000001_000019_gtFine_color.png", "frankfurt_000001_000019_gtFine_labelIds.png"]
+    demo = {k: data.DEMO[k] for k in ("src_scale", "tgt_scale", "crop", "rcs_min_pixels")}
+    batch = next(data.make_train_loader(str(tmp_path), batch_size=2, workers=0, cache_dir=str(tmp_path / "c"),
+                                        **demo))
+    assert batch["src_img"].shape == batch["tgt_img"].shape == (2, 3, 128, 128)
+    val = list(data.make_val_loader(str(tmp_path), scale=data.DEMO["tgt_scale"], batch_size=2, workers=0))
+    assert len(val) == 2 and val[0]["img"].shape == (2, 3, 128, 256) and val[0]["lbl"].shape == (2, 256, 512)
+    present = set(np.unique(data.class_pixel_counts(data.list_gta5(str(tmp_path)), str(tmp_path / "c")).nonzero()[1]))
+    assert len(present) >= 10 and {0, 2, 5, 8, 10, 11, 13} <= present
+    assert (val[0]["lbl"] == 255).any()  # the ego car's label id maps to ignore
+    img, lbl = data.demo_scene(np.random.default_rng([0, 0, 0]), 216, 384, data.DEMO_DOMAINS["source"])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "gta5/images/00001.png")), img)  # same seed, same pixels
+
+
+# ==============================================================================================================
+# ssr.py: the segmentor and the DACS / MIC / SSR method
+# ==============================================================================================================
+
+_SSR_TINY = ssr.SegConfig(backbone="mit_b0", mit=dict(embed_dims=(16, 32, 40, 64), depths=(1, 1, 1, 1)), channels=32)
+
+
+def _ssr_tiny_sam():
+    sam = sam_encoder.build_sam_encoder("vit_b", img_size=64, embed_dim=32, depth=2, num_heads=2,
+                                        global_attn_indexes=(1,), window_size=3)
+    return sam.eval().requires_grad_(False)
+
+
+def _ssr_batch(seed: int = 0):
+    """Two 64x64 source images whose label is a few big class blocks (thing classes among them), and targets."""
+    g = torch.Generator().manual_seed(seed)
+    lbl = torch.tensor([[0, 1, 2, 13], [8, 13, 255, 11]]).view(2, 2, 2)
+    lbl = lbl.repeat_interleave(32, 1).repeat_interleave(32, 2)  # (2, 64, 64): four 32x32 blocks per image
+    palette = torch.randn(256, 3, generator=g)
+    src = palette[lbl].permute(0, 3, 1, 2) + 0.3 * torch.randn(2, 3, 64, 64, generator=g)
+    tgt = src.flip(-1) * 0.8 + 0.2 + 0.3 * torch.randn(2, 3, 64, 64, generator=g)  # a shifted domain
+    return src, lbl, tgt
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the segmentor and its checkpoints
+
+def test_ssr_head_and_segmentor_keys_match_official_checkpoints():
+    official = _official_keys()
+    with torch.device("meta"):
+        model = ssr.build_segmentor(ssr.SegConfig())
+    sd = model.state_dict()
+    head = {k: list(v.shape) for k, v in sd.items() if k.startswith("decode_head.")}
+    assert head == official["daformer_sepaspp_head"]
+    assert set(sd) == {"backbone." + k for k in official["mit_b5"]} | set(head)
+    # a released DAFormer student (backbone.* + decode_head.*, official shapes) loads strictly
+    released = {**{"backbone." + k: torch.empty(s, device="meta") for k, s in official["mit_b5"].items()},
+                **{k: torch.empty(s, device="meta") for k, s in official["daformer_sepaspp_head"].items()}}
+    model.load_state_dict(released, strict=True)
+    assert sum(p.numel() for p in model.decode_head.parameters()) == 3_712_275  # the "3.7M" of the DAFormer paper
+
+
+def test_ssr_segmentor_gives_quarter_resolution_logits_and_conv_bn_relu():
+    torch.manual_seed(0)
+    model = ssr.build_segmentor(_SSR_TINY).eval()
+    assert model(torch.randn(2, 3, 64, 96)).shape == (2, 19, 16, 24)
+    aspp = model.decode_head.fuse_layer.aspp_modules
+    assert aspp[0].conv.kernel_size == (1, 1) and aspp[0].conv.bias is None
+    assert [m.depthwise_conv.conv.dilation for m in aspp[1:]] == [(6, 6), (12, 12), (18, 18)]
+    assert isinstance(model.decode_head.dropout, torch.nn.Dropout2d) and model.decode_head.dropout.p == 0.1
+
+
+def test_ssr_save_load_round_trip_and_errors(tmp_path):
+    torch.manual_seed(0)
+    model = ssr.build_segmentor(_SSR_TINY)
+    model.train()(torch.randn(2, 3, 64, 64))  # move the BatchNorm running statistics away from their init
+    path = str(tmp_path / "model.safetensors")
+    ssr.save_segmentor(model, path, dataset="cityscapes", test_scale=[1024, 512], iters=7)
+    assert not os.path.exists(path + ".tmp")
+    loaded, meta = ssr.load_segmentor(path)
+    assert meta == {"cfg": _SSR_TINY, "dataset": "cityscapes", "test_scale": [1024, 512], "iters": 7}
+    assert not loaded.training
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(loaded(x), model.eval()(x))
+
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        ssr.load_segmentor(str(tmp_path / "missing.safetensors"))
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="garbage.safetensors"):
+        ssr.load_segmentor(str(garbage))
+    backbone_only = str(tmp_path / "mit.safetensors")  # e.g. ImageNet MiT weights
+    save_file({k: v.contiguous() for k, v in model.backbone.state_dict().items()}, backbone_only)
+    with pytest.raises(ValueError, match="mit.safetensors.*not a segmentor"):
+        ssr.load_segmentor(backbone_only)
+    other = ssr.build_segmentor(ssr.SegConfig(**{**vars(_SSR_TINY), "num_classes": 5}))
+    mixed = str(tmp_path / "mixed.safetensors")  # 5-class tensors under a 19-class configuration
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, mixed,
+              metadata={"format": ssr.FORMAT, "cfg": json.dumps(vars(_SSR_TINY)), "meta": "{}"})
+    with pytest.raises(ValueError, match="mixed.safetensors.*conv_seg"):
+        ssr.load_segmentor(mixed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the method's pieces
+
+def test_ssr_ema_copies_at_step_zero_then_moves_by_alpha():
+    torch.manual_seed(0)
+    student, teacher = ssr.build_segmentor(_SSR_TINY), ssr.build_segmentor(_SSR_TINY)
+    buffers = {k: v.clone() for k, v in teacher.named_buffers()}
+    ssr.ema_update(teacher, student, 0)
+    assert all(torch.equal(a, b) for a, b in zip(teacher.parameters(), student.parameters()))
+    for it, alpha in ((1, 0.5), (9, 0.9), (50_000, 0.999)):
+        before = [p.clone() for p in teacher.parameters()]
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(torch.randn_like(p))
+        ssr.ema_update(teacher, student, it)
+        for t, b, s in zip(teacher.parameters(), before, student.parameters()):
+            torch.testing.assert_close(t, alpha * b + (1 - alpha) * s)
+    # parameters only, as DAFormer: BatchNorm buffers are not averaged
+    assert all(torch.equal(v, buffers[k]) for k, v in teacher.named_buffers())
+
+
+def test_ssr_pseudo_label_weight_is_confident_fraction_per_image_and_zero_in_ignored_rows():
+    logits = torch.zeros(2, 3, 20, 10)  # uniform: max prob 1/3, not confident
+    logits[0, 2, :10] = 10.0  # image 0: top half confidently class 2 -> 50%
+    logits[1, 1, :, :3] = 10.0  # image 1: 3 of 10 columns confidently class 1 -> 30%
+    label, weight = ssr.pseudo_label(logits, threshold=0.968, ignore_top=2, ignore_bottom=5)
+    assert label.shape == weight.shape == (2, 20, 10)
+    assert (label[0, :10] == 2).all() and (label[1, :, :3] == 1).all()
+    assert (weight[:, :2] == 0).all() and (weight[:, -5:] == 0).all()
+    torch.testing.assert_close(weight[0, 2:-5], torch.full((13, 10), 0.5))
+    torch.testing.assert_close(weight[1, 2:-5], torch.full((13, 10), 0.3))
+
+
+def test_ssr_class_mix_pastes_half_of_each_images_own_classes():
+    lbl = torch.zeros(2, 8, 8, dtype=torch.long)
+    lbl[0, :, 2:4], lbl[0, :, 4:6], lbl[0, :, 6:] = 1, 2, 255  # image 0: classes {0, 1, 2, 255}
+    lbl[1, :4], lbl[1, 4:] = 5, 9  # image 1: classes {5, 9}, none shared with image 0
+    src, tgt = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    for seed in range(10):
+        torch.manual_seed(seed)
+        mask = ssr.class_masks(lbl)
+        for x, m in zip(lbl, mask):
+            present = set(x.unique().tolist())
+            chosen = set(x[m].unique().tolist())
+            assert chosen <= present and len(chosen) == (len(present) + 1) // 2  # per image: its own classes
+            assert torch.equal(m, torch.isin(x, torch.tensor(sorted(chosen))))  # whole classes, nothing else
+        mixed = ssr.class_mix(mask, src, tgt)
+        assert torch.equal(mixed, torch.where(mask[:, None].expand_as(src), src, tgt))
+        assert torch.equal(ssr.class_mix(mask, lbl, torch.full_like(lbl, 7)), torch.where(mask, lbl, 7))
+
+
+def test_ssr_color_jitter_and_blur_known_answers():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 16, 16)
+    out = ssr.color_jitter(x, 0.2)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1 and not torch.allclose(out, x)
+    torch.testing.assert_close(ssr.color_jitter(x, 0.0), x, atol=1e-5, rtol=0)  # zero strength: HSV round trip
+    red = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1).expand(3, 2, 2)
+    torch.testing.assert_close(ssr.adjust_hue(red, torch.tensor(2 * math.pi / 3)),  # a third of a turn: green
+                               torch.tensor([0.0, 1.0, 0.0]).view(3, 1, 1).expand(3, 2, 2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ssr.adjust_saturation(red, torch.tensor(0.0)), torch.ones(3, 2, 2))  # gray
+    assert [ssr.blur_kernel_size(n) for n in (512, 64, 1024, 30)] == [51, 7, 103, 3]
+    img = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(ssr.gaussian_blur(img, torch.tensor([0.05, 0.05])), img)  # tiny sigma: identity
+    blurred = ssr.gaussian_blur(img, torch.tensor([1.15, 0.15]))
+    assert blurred[0].std() < 0.7 * img[0].std()  # smooths
+    flat = torch.full((1, 3, 40, 24), 0.3)
+    torch.testing.assert_close(ssr.gaussian_blur(flat, torch.tensor([1.0])), flat)  # kernel sums to 1
+    aug = ssr.strong_transform(img, p_jitter=1.0, p_blur=1.0)
+    assert aug.shape == img.shape and torch.isfinite(aug).all()
+
+
+def test_ssr_feature_distance_only_counts_thing_classes():
+    f1, f2 = torch.randn(2, 8, 2, 2, requires_grad=True), torch.randn(2, 8, 2, 2)
+    stuff = torch.zeros(2, 64, 64, dtype=torch.long)  # road everywhere
+    fd = ssr.feature_distance(f1, f2, stuff)
+    fd.backward()
+    assert fd.item() == 0 and torch.equal(f1.grad, torch.zeros_like(f1))
+    things = stuff.clone()
+    things[0, :32, :32] = 13  # a car filling block (0, 0) of image 0
+    things[1, 32:, :40] = 6  # traffic light: fills block (1, 0), only 25% of block (1, 1) -> below 0.75
+    expected = torch.stack([(f1[0, :, 0, 0] - f2[0, :, 0, 0]).norm(), (f1[1, :, 1, 0] - f2[1, :, 1, 0]).norm()]).mean()
+    torch.testing.assert_close(ssr.feature_distance(f1, f2, things), expected)
+    assert expected > 0
+
+
+def test_ssr_seg_loss_matches_hand_computation():
+    logits = torch.randn(2, 4, 3, 5)
+    label = torch.randint(0, 4, (2, 3, 5))
+    label[0, 0, :2] = 255
+    weight = torch.rand(2, 3, 5)
+    logp = logits.log_softmax(1)
+    total = sum(-logp[b, label[b, i, j], i, j] * weight[b, i, j]
+                for b in range(2) for i in range(3) for j in range(5) if label[b, i, j] != 255)
+    torch.testing.assert_close(ssr.seg_loss(logits, label, weight), total / 30)  # mean over ALL 30 pixels
+    # logits at 1/4 resolution are upsampled bilinearly to the label
+    small = torch.randn(1, 4, 4, 4)
+    big = F.interpolate(small, size=(16, 16), mode="bilinear", align_corners=False)
+    lbl = torch.randint(0, 4, (1, 16, 16))
+    torch.testing.assert_close(ssr.seg_loss(small, lbl), F.cross_entropy(big, lbl))
+
+
+def test_ssr_mic_mask_drops_whole_blocks():
+    torch.manual_seed(0)
+    mask = ssr.mic_mask(torch.zeros(4, 3, 512, 512), ratio=0.7, block=32)
+    assert mask.shape == (4, 1, 512, 512)
+    blocks = mask.view(4, 16, 32, 16, 32)
+    assert torch.equal(blocks.amax((2, 4)), blocks.amin((2, 4)))  # constant on each 32x32 block
+    assert abs(mask.mean().item() - 0.3) < 0.05
+
+
+def test_ssr_cross_attention_sdpa_equals_naive_softmax():
+    torch.manual_seed(0)
+    attn = ssr.CrossAttention(40, num_heads=5)
+    x, ctx = torch.randn(2, 12, 40), torch.randn(2, 7, 40)
+    q = attn.q(x).view(2, 12, 5, 8).transpose(1, 2)
+    k, v = attn.kv(ctx).view(2, 7, 2, 5, 8).permute(2, 0, 3, 1, 4)
+    a = (q @ k.transpose(-2, -1) * 8 ** -0.5).softmax(-1)  # (B, heads, 12, 7), as SSR's AttentionCross
+    naive = attn.proj((a @ v).transpose(1, 2).reshape(2, 12, 40))
+    torch.testing.assert_close(attn(x, ctx), naive)
+    assert attn.q.bias is None and attn.kv.bias is None and attn.proj.bias is not None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the training step
+
+def test_ssr_teacher_keeps_batchnorm_in_training_mode_and_is_deterministic():
+    torch.manual_seed(0)
+    uda = ssr.UDA(ssr.build_segmentor(_SSR_TINY), method="dacs").train()
+    bns = [m for m in uda.ema.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(m.training for m in bns)
+    assert not uda.ema.backbone.training and not uda.ema.decode_head.dropout.training and not uda.imnet.training
+    assert uda.student.training and uda.student.decode_head.dropout.training
+    assert not any(p.requires_grad for p in [*uda.ema.parameters(), *uda.imnet.parameters()])
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = uda.ema(x), uda.ema(x)
+        c = uda.ema(torch.cat([x[:1], torch.randn(1, 3, 64, 64)]))
+    assert torch.equal(a, b)  # no dropout, no drop path
+    assert not torch.allclose(a[:1], c[:1])  # BatchNorm normalizes with the batch's statistics, as DAFormer
+
+
+@pytest.mark.parametrize("method,mic,keys", [
+    ("source-only", False, {"src"}),
+    ("dacs", False, {"src", "mix", "fd"}),
+    ("dacs", True, {"src", "mix", "fd", "mic"}),
+    ("ssr", False, {"src", "src_ssr", "mix", "mix_ssr", "fd"}),
+    ("ssr", True, {"src", "src_ssr", "mix", "mix_ssr", "fd", "mic"}),
+])
+def test_ssr_training_steps_lower_the_loss(method, mic, keys):
+    torch.manual_seed(0)
+    student = ssr.build_segmentor(_SSR_TINY)
+    uda = ssr.UDA(student, method=method, mic=mic, sam_img_size=64, ignore_rows=(2, 8))
+    sam = _ssr_tiny_sam() if method == "ssr" else None
+    src, lbl, tgt = _ssr_batch()
+    opt = torch.optim.AdamW([p for p in uda.parameters() if p.requires_grad], lr=3e-3)
+
+    def src_loss():  # in training mode (BatchNorm on batch statistics), with the same dropout draws every time
+        rng = torch.get_rng_state()
+        torch.manual_seed(123)
+        with torch.no_grad():
+            loss = ssr.seg_loss(student.train()(src), lbl).item()
+        torch.set_rng_state(rng)
+        return loss
+
+    start = src_loss()
+    for it in range(8):
+        uda.train()
+        losses = uda(src, lbl, tgt, it, sam=sam)
+        assert set(losses) == keys and all(v.ndim == 0 and torch.isfinite(v) for v in losses.values())
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+    assert src_loss() < 0.85 * start
+
+
+def test_ssr_branch_trains_but_is_not_part_of_the_deployed_model():
+    torch.manual_seed(0)
+    student = ssr.build_segmentor(_SSR_TINY)
+    uda = ssr.UDA(student, method="ssr", sam_img_size=64, ignore_rows=(2, 8))
+    src, lbl, tgt = _ssr_batch()
+    losses = uda(src, lbl, tgt, 0, sam=_ssr_tiny_sam())
+    (losses["src_ssr"] + losses["mix_ssr"]).backward()
+    for name, p in uda.ssr.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert student.backbone.patch_embed1.proj.weight.grad.abs().sum() > 0  # the branch regularizes the encoder
+    names = ("embedding_layer.{}.proj.weight", "embedding_layer.{}.proj.bias", "fusion_layer.{}.q.weight",
+             "fusion_layer.{}.kv.weight", "fusion_layer.{}.proj.weight", "fusion_layer.{}.proj.bias")  # SSR's keys
+    assert sorted(uda.ssr.state_dict()) == sorted(n.format(i) for i in range(4) for n in names)
+    # deployed: exactly the DAFormer segmentor; the UDA state (for resuming) holds no SAM tensor
+    assert all(k.startswith(("backbone.", "decode_head.")) for k in student.state_dict())
+    plain = ssr.build_segmentor(_SSR_TINY)
+    assert sum(p.numel() for p in student.parameters()) == sum(p.numel() for p in plain.parameters())
+    assert {k.split(".")[0] for k in uda.state_dict()} == {"student", "ema", "imnet", "ssr"}
+    # only configured stages get modules
+    one = ssr.UDA(ssr.build_segmentor(_SSR_TINY), method="ssr", ssr_stages=(2,), sam_img_size=64)
+    assert set(one.ssr.embedding_layer) == set(one.ssr.fusion_layer) == {"2"}
+    with pytest.raises(ValueError, match="SAM"):
+        uda(src, lbl, tgt, 1)
+    with pytest.raises(ValueError, match="mic"):
+        ssr.UDA(ssr.build_segmentor(_SSR_TINY), method="source-only", mic=True)
+
+
+def test_ssr_mic_learns_the_teachers_confident_labels_on_masked_targets():
+    torch.manual_seed(0)
+    src, lbl, tgt = _ssr_batch()
+    for rows, confident in (((2, 8), True), ((32, 32), False)):  # the second ignores every target row
+        uda = ssr.UDA(ssr.build_segmentor(_SSR_TINY), method="dacs", mic=True, ignore_rows=rows)
+        ssr.ema_update(uda.ema, uda.student, 0)
+        with torch.no_grad():
+            uda.ema.decode_head.conv_seg.bias[3] = 100.0  # at it=1 (alpha 0.5) still ~50: a confident class 3
+        mic = uda(src, lbl, tgt, 1)["mic"]
+        # an untrained student gives class 3 a probability near 1/19: CE ~ ln 19 on the weighted pixels
+        assert (mic > 0.5 * math.log(19)) if confident else (mic == 0)
+
+
+# ==============================================================================================================
+# eval.py: the metric, the evaluator, released checkpoints
+# ==============================================================================================================
+
+_EVAL_FILE = os.path.join(_ROOT, "eval.py")
+# Cityscapes label id of each train id, written out here so that the test does not trust data.py's table
+_EVAL_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+_EVAL_TINY = dict(backbone="mit_b0", mit=dict(embed_dims=(16, 32, 40, 64), depths=(1, 1, 1, 1)), channels=32)
+
+
+def _eval_tiny(seed: int = 0, **kw) -> ssr.Segmentor:
+    torch.manual_seed(seed)
+    return ssr.build_segmentor(ssr.SegConfig(**{**_EVAL_TINY, **kw}))
+
+
+def _eval_forced(cls: int, **kw) -> ssr.Segmentor:
+    """A segmentor that predicts `cls` everywhere: zero classifier weights, one-hot bias."""
+    model = _eval_tiny(**kw)
+    with torch.no_grad():
+        model.decode_head.conv_seg.weight.zero_()
+        model.decode_head.conv_seg.bias.zero_()[cls] = 1.0
+    return model
+
+
+def _eval_write_val(root, n: int = 3, size=(128, 64), labels: bool = True) -> np.ndarray:
+    """A Cityscapes val tree as downloaded: leftImg8bit/val/<city>/<stem>_leftImg8bit.png and
+    gtFine/val/<city>/<stem>_gtFine_labelIds.png (label ids; id 0 'unlabeled' -> ignored). Returns the train ids
+    (n, H, W) with 255 where ignored. Only train ids 0..5 occur, so classes 6..18 are absent."""
+    rng = np.random.default_rng(0)
+    w, h = size
+    train = rng.integers(0, 6, (n, h, w)).astype(np.uint8)
+    train[:, : h // 8] = 255  # a band of ignored pixels
+    train[0, -5:, -7:] = 5  # so that class 5 surely occurs
+    to_id = np.zeros(256, np.uint8)
+    to_id[:19] = _EVAL_LABEL_IDS
+    for i in range(n):
+        city = ("frankfurt", "lindau")[i % 2]
+        stem = f"{city}_{i:06d}_000019"
+        for d in ("leftImg8bit", "gtFine"):
+            os.makedirs(os.path.join(root, "cityscapes", d, "val", city), exist_ok=True)
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(img).save(
+            os.path.join(root, "cityscapes", "leftImg8bit", "val", city, f"{stem}_leftImg8bit.png"))
+        if labels:
+            Image.fromarray(to_id[train[i]]).save(
+                os.path.join(root, "cityscapes", "gtFine", "val", city, f"{stem}_gtFine_labelIds.png"))
+    return train
+
+
+def _eval_expected(train: np.ndarray, cls: int) -> tuple[list[float], float]:
+    """IoUs of predicting `cls` at every pixel, by hand: cls gets (its pixels) / (all valid pixels), every other
+    class present in the labels gets 0, absent classes NaN; the mean runs over the present classes."""
+    counts = np.bincount(train[train != 255].ravel(), minlength=19)
+    iou = [counts[cls] / counts.sum() if c == cls else (0.0 if counts[c] else float("nan")) for c in range(19)]
+    return iou, counts[cls] / counts.sum() / np.count_nonzero(counts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the metric
+
+
+def test_metric_hand_made():
+    label = torch.tensor([[0, 0, 1, 255],
+                          [1, 2, 2, 255]])
+    pred = torch.tensor([[0, 1, 1, 3],
+                         [1, 2, 4, 0]])
+    hist = ev.confusion(pred, label, 5)
+    expected = torch.zeros(5, 5, dtype=torch.int64)
+    for t, p in ((0, 0), (0, 1), (1, 1), (1, 1), (2, 2), (2, 4)):  # the 6 valid pixels; 255 drops (., 3), (., 0)
+        expected[t, p] += 1
+    assert torch.equal(hist, expected)
+    iou, miou = ev.iou_from_confusion(hist)
+    # class 0: 1 / (2 + 1 - 1); class 1: 2 / (2 + 3 - 2); class 2: 1 / (2 + 1 - 1); class 3: predicted only on an
+    # ignored pixel -> empty union -> NaN, not counted; class 4: predicted, never present -> 0, counted
+    assert iou[:3].tolist() == pytest.approx([1 / 2, 2 / 3, 1 / 2])
+    assert iou[3].isnan() and iou[4] == 0
+    assert miou == pytest.approx((1 / 2 + 2 / 3 + 1 / 2 + 0) / 4)
+
+
+def test_metric_is_dataset_wide_not_per_image():
+    # image a: a big correct road; image b: one pixel, wrong. Pooled, road is almost perfect; a per-image mean
+    # would give the one-pixel image the weight of the big one.
+    a_lbl, a_pred = torch.zeros(10, 10, dtype=torch.long), torch.zeros(10, 10, dtype=torch.long)
+    b_lbl, b_pred = torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.long)
+    hist = ev.confusion(a_pred, a_lbl, 2) + ev.confusion(b_pred, b_lbl, 2)
+    assert torch.equal(hist, torch.tensor([[100, 1], [0, 0]]))
+    iou, miou = ev.iou_from_confusion(hist)
+    assert iou.tolist() == pytest.approx([100 / 101, 0.0]) and miou == pytest.approx(50 / 101)
+
+
+def test_window_boxes_follow_mmseg():
+    # 1024x512 image, 512 windows, stride 341: three windows, the last shifted back to end at the border
+    assert ev.window_boxes(512, 1024, 512, 341) == [(0, 512, 0, 512), (0, 512, 341, 853), (0, 512, 512, 1024)]
+    assert ev.window_boxes(128, 256, 512, 341) == [(0, 128, 0, 256)]  # smaller than a window: the whole image
+    cover = torch.zeros(300, 700)
+    for y1, y2, x1, x2 in ev.window_boxes(300, 700, 128, 85):
+        assert (y2 - y1, x2 - x1) == (128, 128)
+        cover[y1:y2, x1:x2] += 1
+    assert cover.min() >= 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the evaluator
+
+
+@pytest.mark.parametrize("mode, amp", [("whole", None), ("slide", torch.bfloat16)])
+def test_forced_class_gives_hand_counted_miou(tmp_path, mode, amp):
+    train = _eval_write_val(tmp_path)
+    model = _eval_forced(2).train()
+    loader = data.make_val_loader(str(tmp_path), scale=(64, 32), batch_size=2, workers=0)
+    # network input 64x32, slide windows 32x32 every 21 pixels; labels counted at their full 128x64
+    result = ev.evaluate(model, loader, device="cpu", amp_dtype=amp, mode=mode, crop=32, stride=21)
+    iou, miou = _eval_expected(train, 2)
+    assert result["miou"] == pytest.approx(miou, abs=1e-12)
+    np.testing.assert_allclose(result["iou"], iou, atol=1e-12)  # NaN where expected NaN
+    assert int(result["hist"].sum()) == int((train != 255).sum())
+    assert result["images"] == 3 and result["images_per_s"] > 0
+    assert model.training  # the caller's mode comes back
+
+
+def test_saved_predictions_use_the_palette(tmp_path):
+    train = _eval_write_val(tmp_path / "d", n=2)
+    loader = data.make_val_loader(str(tmp_path / "d"), scale=(64, 32), batch_size=1, workers=0)
+    out = tmp_path / "preds"
+    ev.evaluate(_eval_forced(13), loader, device="cpu", save_dir=str(out), side_by_side=True)
+    pred = Image.open(out / "frankfurt_000000_000019.png")
+    assert pred.mode == "P" and pred.size == (128, 64)  # full label resolution
+    assert pred.getpalette()[:57] == [c for rgb in data.PALETTE for c in rgb]
+    assert (np.asarray(pred) == 13).all()
+    assert set(map(tuple, np.asarray(pred.convert("RGB")).reshape(-1, 3))) == {(0, 0, 142)}  # car is (0, 0, 142)
+
+    side = np.asarray(Image.open(out / "side_by_side" / "frankfurt_000000_000019.png"))
+    assert side.shape == (32, 3 * 64, 3)  # image | ground truth | prediction at the network's scale
+    src = np.asarray(Image.open(next((tmp_path / "d").rglob("frankfurt_000000_000019_leftImg8bit.png")))).astype(float)
+    box = src.reshape(32, 2, 64, 2, 3).mean((1, 3))  # a 2x bilinear downscale with half-pixel centres = 2x2 mean
+    assert np.abs(side[:, :64] - box).max() <= 1.0
+    gt = [tuple(data.PALETTE[t]) if t != 255 else (0, 0, 0) for t in train[0, 1::2, 1::2].ravel()]
+    assert list(map(tuple, side[:, 64:128].reshape(-1, 3))) == gt  # nearest from the centre: pixels 2i+1
+    assert (side[:, 128:] == (0, 0, 142)).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# released mmseg checkpoints
+
+
+class _EvalConfigDict(dict):
+    """Stands for mmcv's Config objects in a checkpoint's meta: a dict subclass that is not importable there."""
+
+
+class _EvalPayload:
+    """A pickled object whose unpickling runs a shell command."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _eval_save_released(path, student, meta_extra=(), sd_extra=()) -> None:
+    """torch.save in the layout of DAFormer's/MIC's released checkpoints."""
+    sd = collections.OrderedDict()
+    others = (("ema_model.", _eval_tiny(seed=1)), ("imnet_model.", _eval_tiny(seed=2)))  # differ from the student
+    for prefix, model in (("model.", student), *others):
+        sd.update((prefix + k, v) for k, v in model.state_dict().items())
+    sd.update(sd_extra)
+    meta = dict(mmseg_version="0.16.0", config="model = dict(type='EncoderDecoder')", CLASSES=data.CLASSES,
+                PALETTE=[list(c) for c in data.PALETTE], iter=40000, seed=np.int64(0), mean=np.arange(3.0),
+                cfg=_EvalConfigDict(norm_cfg=dict(type="BN")), **dict(meta_extra))
+    torch.save(dict(meta=meta, state_dict=sd), path)
+
+
+def test_convert_mmseg_round_trip(tmp_path):
+    student = _eval_tiny(seed=0)
+    src, dst = str(tmp_path / "released.pth"), str(tmp_path / "ours.safetensors")
+    _eval_save_released(src, student)
+    with pytest.raises(pickle.UnpicklingError):  # what the converter has to get around
+        torch.load(src, weights_only=True)
+    cfg, skipped = ev.convert_mmseg(src, dst)
+    assert f"{__name__}._EvalConfigDict" in skipped and any(s.endswith("multiarray._reconstruct") for s in skipped)
+    assert (cfg.num_classes, cfg.channels, tuple(cfg.mit["embed_dims"]), tuple(cfg.mit["depths"])) == (
+        19, 32, (16, 32, 40, 64), (1, 1, 1, 1))
+    model, meta = ssr.load_segmentor(dst)
+    assert meta["dataset"] == "cityscapes" and list(meta["test_scale"]) == [1024, 512]
+    ours, theirs = model.state_dict(), student.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)  # the student, not the EMA teacher or ImageNet copy
+
+
+@pytest.mark.parametrize("name", ["mit_b0", "mit_b5"])
+def test_convert_infers_the_preset(name):
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        model = ssr.build_segmentor(ssr.SegConfig(backbone=name))
+    cfg = ev.config_from_state_dict(model.state_dict(), "test")
+    assert (cfg.backbone, cfg.mit, cfg.num_classes, cfg.channels) == (name, {}, 19, 256)
+
+
+def test_malicious_pickle_is_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    bad = str(tmp_path / "bad.pth")
+    _eval_save_released(bad, _eval_tiny(), meta_extra={"hook": _EvalPayload(str(marker))})
+    torch.load(bad, weights_only=False)  # the payload works when unpickled the unsafe way ...
+    assert marker.exists()
+    marker.unlink()
+    _, skipped = ev.convert_mmseg(bad, str(tmp_path / "out.safetensors"))  # ... and does not run here
+    assert not marker.exists()
+    assert f"{os.system.__module__}.system" in skipped
+    # a payload in place of a weight is refused, and does not run either
+    _eval_save_released(bad, _eval_tiny(), sd_extra={"model.backbone.evil": _EvalPayload(str(marker))})
+    with pytest.raises(ValueError, match="model.backbone.evil|backbone.evil"):
+        ev.convert_mmseg(bad, str(tmp_path / "out2.safetensors"))
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def _eval_cli(monkeypatch, *args) -> str:
+    """Run eval.py's __main__ in this process; return the SystemExit message ('' when it ends normally)."""
+    monkeypatch.setattr(sys, "argv", ["eval.py", *args])
+    try:
+        runpy.run_path(_EVAL_FILE, run_name="__main__")
+    except SystemExit as e:
+        return str(e.code)
+    return ""
+
+
+def test_cli_end_to_end(tmp_path):
+    train = _eval_write_val(tmp_path)
+    ckpt = str(tmp_path / "model.safetensors")
+    ssr.save_segmentor(_eval_forced(0), ckpt, dataset="cityscapes", test_scale=[64, 32])
+    out = subprocess.run([sys.executable, _EVAL_FILE, "--ckpt", ckpt, "--data-root", str(tmp_path), "--workers", "0",
+                          "--save-dir", str(tmp_path / "preds")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].split() == ["class", "IoU"] and lines[1].split()[0] == "road" and "images/s" in lines[-2]
+    assert lines[-1] == f"mIoU: {100 * _eval_expected(train, 0)[1]:.2f}"
+    assert len(list((tmp_path / "preds").glob("*.png"))) == 3
+
+
+def test_cli_bad_input_is_one_clean_error(tmp_path):
+    # in a real process: non-zero exit, a message, no traceback
+    missing = str(tmp_path / "nope.safetensors")
+    out = subprocess.run([sys.executable, _EVAL_FILE, "--ckpt", missing, "--data-root", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("error:") and "nope.safetensors" in out.stderr
+
+
+def test_cli_bad_inputs(tmp_path, monkeypatch):
+    _eval_write_val(tmp_path / "nolabels", labels=False)
+    _eval_write_val(tmp_path / "ok")
+    good, k16, foreign = (str(tmp_path / f) for f in ("good.safetensors", "k16.safetensors", "foreign.safetensors"))
+    ssr.save_segmentor(_eval_tiny(), good, dataset="cityscapes", test_scale=[64, 32])
+    ssr.save_segmentor(_eval_tiny(num_classes=16), k16, dataset="cityscapes", test_scale=[64, 32])
+    with open(foreign, "w") as f:
+        f.write("not a checkpoint")
+    notmmseg = str(tmp_path / "plain.pth")
+    torch.save({"weights": torch.zeros(3)}, notmmseg)
+    cases = [
+        (["--ckpt", foreign], "foreign.safetensors"),
+        (["--ckpt", k16, "--data-root", str(tmp_path / "ok")], "16 classes"),
+        (["--ckpt", good, "--data-root", str(tmp_path / "nolabels")], "gtFine|label"),
+        (["--convert-mmseg", str(tmp_path / "nope.pth"), str(tmp_path / "o.safetensors")], "nope.pth"),
+        (["--convert-mmseg", notmmseg, str(tmp_path / "o.safetensors")], "plain.pth"),
+        (["--convert-mmseg", notmmseg, str(tmp_path / "no" / "o.safetensors")], "does not exist"),
+    ]
+    for args, pattern in cases:
+        msg = _eval_cli(monkeypatch, *args, "--workers", "0")
+        assert msg.startswith("error:") and re.search(pattern, msg), (args, msg)
+        assert "\n" not in msg.strip()  # one paragraph
+
+
+# ==============================================================================================================
+# train.py: the training program end to end
+# ==============================================================================================================
+
+
+
+@pytest.fixture(scope="module")
+def _train_root(tmp_path_factory):
+    """A small tree of the synthetic domains, in the GTA5 and Cityscapes layouts, where --demo looks for it."""
+    root = str(tmp_path_factory.mktemp("train") / "demo")
+    data.make_demo_data(root, seed=0, n_src=12, n_tgt=12, n_val=4)
+    return root
+
+
+def _train_cmd(root, out, *extra, torchrun=None):
+    """train.py on the demo path with a smaller crop and SAM input, so that one iteration takes a fraction of a second."""
+    launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}"] if torchrun else [sys.executable]
+    return launch + [os.path.join(_ROOT, "train.py"), "--demo", "--data-root", root, "--out", str(out), "--crop", "64",
+                     "--sam-img-size", "64", "--workers", "0", "--log-every", "1", *extra]
+
+
+def _train_run(cmd):
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # several processes share 2 cores
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=_ROOT, timeout=300)
+
+
+@pytest.mark.parametrize("method", ["ssr", "dacs", "source-only"])
+def test_train_each_method_end_to_end(_train_root, tmp_path, method):
+    extra = ["--mic"] if method == "dacs" else []
+    r = _train_run(_train_cmd(_train_root, tmp_path, "--method", method, "--iters", "3", "--eval-every", "0", *extra))
+    assert r.returncode == 0, r.stderr
+    assert "target mIoU:" in r.stdout
+    sd = load_file(tmp_path / "model.safetensors")
+    # the deployable model: backbone and head only, whatever the method trained with
+    assert sd and all(k.startswith(("backbone.", "decode_head.")) for k in sd)
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    assert state["iter"] == 3
+    assert any(k.startswith("ssr.") for k in state["uda"]) == (method == "ssr")
+    assert any(k.startswith("ema.") for k in state["uda"]) == (method != "source-only")
+    logged = [line for line in open(tmp_path / "log.jsonl")]
+    assert len(logged) == 4  # 3 progress lines and the final evaluation
+
+
+def test_train_resume_is_bit_identical(_train_root, tmp_path):
+    """A run stopped by SIGTERM somewhere in the middle and resumed ends with exactly the weights of a run that
+    was never stopped. Where it stops does not matter, so the race of the signal with the loop is harmless."""
+    common = ["--method", "ssr", "--iters", "10", "--eval-every", "0", "--save-every", "100"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    assert _train_run(_train_cmd(_train_root, ref, *common)).returncode == 0
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(_train_cmd(_train_root, cut, *common), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=_ROOT)
+    for line in proc.stdout:
+        if line.startswith("iter 2/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "stopped at iteration" in out
+    stopped = torch.load(cut / "train_state.pt", weights_only=True)["iter"]
+    assert 2 <= stopped < 10
+
+    r = _train_run(_train_cmd(_train_root, cut, *common, "--resume"))
+    assert r.returncode == 0, r.stderr
+    assert f"resuming {cut} at iteration {stopped}" in r.stdout
+    a, b = load_file(ref / "model.safetensors"), load_file(cut / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the optimizer and teacher state agree too, not only the student
+    sa, sb = (torch.load(d / "train_state.pt", weights_only=True) for d in (ref, cut))
+    assert all(torch.equal(sa["uda"][k], sb["uda"][k]) for k in sa["uda"])
+
+
+def test_train_torchrun_two_cpu_processes_agree(_train_root, tmp_path):
+    r = _train_run(_train_cmd(_train_root, tmp_path, "--method", "dacs", "--iters", "3", "--eval-every", "0", torchrun=2))
+    assert r.returncode == 0, r.stderr
+    assert "ranks agree on the weights: True" in r.stdout
+    assert "1 x cpu" not in r.stdout and "2 x cpu" in r.stdout
+
+
+def _train_inprocess(monkeypatch, capsys, *argv):
+    """Run train.py's bad-input checks in this process (they stop before any training): the message and the
+    exit status a user sees, without a new interpreter per case."""
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(_ROOT, "train.py"), run_name="__main__")
+    return str(e.value.code)
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--pretrained", "none", "--method", "ssr"], "--sam-weights"),
+    (["--sam-weights", "none"], "--pretrained is required"),
+    (["--pretrained", "none", "--method", "dacs", "--sam-weights", "sam.safetensors"], "only used by --method ssr"),
+    (["--pretrained", "none", "--method", "dacs", "--crop", "1024"], "--crop 1024"),
+    (["--pretrained", "none", "--method", "dacs", "--ssr-stages", "0,4"], "--ssr-stages"),
+    (["--pretrained", "none", "--method", "dacs", "--resume", "--out", "{tmp}/nothing"], "--resume"),
+    (["--pretrained", "{tmp}/missing.safetensors", "--backbone", "mit_b0", "--method", "dacs", "--data-root", "{root}",
+      "--out", "{tmp}/a"], "missing.safetensors"),
+    (["--pretrained", "none", "--backbone", "mit_b0", "--method", "dacs", "--data-root", "{tmp}/no-data",
+      "--out", "{tmp}/b"], "gta5"),
+])
+def test_train_bad_input_is_one_clear_error(_train_root, tmp_path, monkeypatch, capsys, argv, expect):
+    argv = [a.format(tmp=tmp_path, root=_train_root) for a in argv]
+    msg = _train_inprocess(monkeypatch, capsys, *argv)
+    assert msg.startswith("error: ") and expect in msg, msg
+    assert "Traceback" not in msg and "\n" not in msg.strip()
+
+
+# ==============================================================================================================
+# bench.py: smoke test
+# ==============================================================================================================
+
+
+
+def test_bench_tiny_prints_every_item_with_ratios():
+    # One thread: tiny ops on threads that other processes keep busy can take 100x longer, and only the table
+    # matters here.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "bench.py", "--tiny", "--repeats", "1", "--warmup", "0"], cwd=_ROOT,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = run.stdout
+    assert "skipped" not in out, out  # transformers and segment_anything are test requirements
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("item"))
+    assert "time ratio" in lines[header] and "mem ratio" in lines[header]
+    rows = {line[0]: line for line in lines[header + 1:] if line[:1].isdigit()}
+    assert sorted(rows) == ["1", "2", "3", "4"], out
+    number = r"\d+\.\d\d"
+    for item in "123":  # ours / reference: a time ratio, and the outputs of items 1 and 2 agree with the reference
+        assert re.search(rf"\s{number}\s", rows[item]), rows[item]
+    for item in "12":
+        diff = float(re.search(r"max\|diff\| (\S+)", rows[item])[1])
+        assert diff < 1e-4, rows[item]
+    assert re.search(rf"{number} images/s", rows["4"]), rows["4"]
+
+
+def test_bench_rejects_unknown_item():
+    run = subprocess.run([sys.executable, "bench.py", "--tiny", "--items", "5"], cwd=_ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0
+    assert "error: --items 5" in run.stderr and "Traceback" not in run.stderr
