@@ -50,6 +50,15 @@ from safetensors.torch import save_file
 import mit
 import sam_encoder
 
+
+def size_wxh(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 1024x512") from None
+    return w, h
+
+
 p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--items", default="1,2,3,4", help="comma-separated items to run (see above)")
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
@@ -61,7 +70,7 @@ p.add_argument("--warmup", type=int, default=None, help="untimed calls first (de
 p.add_argument("--sam-size", type=int, default=None, help="SAM input side (default 1024)")
 p.add_argument("--crop", type=int, default=None, help="training crop side for items 2 and 3 (default 512)")
 p.add_argument("--batch-size", type=int, default=None, help="batch of items 2 and 3 (default 2)")
-p.add_argument("--eval-size", default=None, help="WxH of the evaluation images of item 4 (default 1024x512)")
+p.add_argument("--eval-size", type=size_wxh, default=None, help="WxH of the evaluation images of item 4 (default 1024x512)")
 p.add_argument("--eval-batch", type=int, default=1, help="batch of item 4")
 p.add_argument("--grad-checkpoint", action="store_true", help="item 3: recompute the student's MiT blocks in backward")
 p.add_argument("--tiny", action="store_true", help="tiny models and sizes for every item (seconds on a CPU)")
@@ -83,19 +92,22 @@ if not items <= {"1", "2", "3", "4"}:
 if args.tiny:
     mit_name, mit_overrides = "mit_b0", dict(embed_dims=(16, 32, 40, 64), depths=(1, 1, 1, 1))
     sam_overrides = dict(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=3)
-    sizes = dict(sam=64, crop=64, batch=2, eval="128x64", channels=32)
+    sizes = dict(sam=64, crop=64, batch=2, eval=(128, 64), channels=32)
 else:
     mit_name, mit_overrides, sam_overrides = "mit_b5", {}, {}
-    sizes = dict(sam=1024, crop=512, batch=2, eval="1024x512", channels=256)
+    sizes = dict(sam=1024, crop=512, batch=2, eval=(1024, 512), channels=256)
 sam_size = args.sam_size or sizes["sam"]
 crop = args.crop or sizes["crop"]
 batch_size = args.batch_size or sizes["batch"]
-eval_w, eval_h = (int(s) for s in (args.eval_size or sizes["eval"]).lower().split("x"))
+eval_w, eval_h = args.eval_size or sizes["eval"]
 
 # ------------------------------------------------------------------------------------------------------------------
 # measuring
 
+# cpu memory needs glibc's malloc_trim and a writable /proc/self/clear_refs (Linux); elsewhere it reads nan
 libc = ctypes.CDLL(None) if sys.platform == "linux" else None
+if libc is not None and not (hasattr(libc, "malloc_trim") and os.access("/proc/self/clear_refs", os.W_OK)):
+    libc = None
 
 
 def sync() -> None:
