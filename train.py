@@ -304,6 +304,7 @@ try:
         dist.all_gather(sums, torch.stack([flat.sum(), flat.square().sum()]))
         if master:
             print(f"ranks agree on the weights: {all(torch.equal(s, sums[0]) for s in sums)}")
+        dist.barrier()  # no rank tears the process group down while another still talks to it
         dist.destroy_process_group()
 except (FileNotFoundError, ValueError) as e:  # bad weights files, datasets, flags: a message, not a traceback
     fail(str(e))
