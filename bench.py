@@ -311,6 +311,33 @@ def import_ssr():
     return ssr
 
 
+def time_train_iter(ssr, method, src, lbl, tgt, scaler):
+    """Time one optimizer step of `method`. Its models live only in this call: building both UDA models at
+    once would double the resident memory at B5."""
+    cfg = ssr.SegConfig(backbone=mit_name, mit=dict(mit_overrides), channels=sizes["channels"])
+    student = ssr.build_segmentor(cfg)
+    student.backbone.grad_checkpoint = args.grad_checkpoint
+    uda = ssr.UDA(student, method=method, sam_img_size=sam_size).to(device).train()
+    sam = None
+    if method == "ssr":  # a random teacher: its speed does not depend on its weights
+        sam = sam_encoder.frozen_teacher("vit_b", None, img_size=sam_size, device=device,
+                                         dtype=amp_dtype or torch.float32, **sam_overrides)
+    optimizer = torch.optim.AdamW([q for q in uda.parameters() if q.requires_grad], lr=6e-5, weight_decay=0.01)
+    step = maybe_compile(uda)
+    it = [0]
+
+    def fn():
+        with autocast():
+            losses = step(src, lbl, tgt, it[0], sam=sam)
+        scaler.scale(sum(losses.values())).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        it[0] += 1
+
+    return measure({method: fn}, repeats, warmup)[method]
+
+
 def bench_train() -> None:
     ssr = import_ssr()
     torch.manual_seed(0)
@@ -319,34 +346,7 @@ def bench_train() -> None:
     lbl = torch.randint(0, 19, (batch_size, crop, crop), device=device)
     lbl[:, : crop // 8] = 255  # some ignored pixels, as in GTA5 labels
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    result = {}
-    for method in ("dacs", "ssr"):  # one at a time: two UDA models at B5 would double the resident memory
-        cfg = ssr.SegConfig(backbone=mit_name, mit=dict(mit_overrides), channels=sizes["channels"])
-        student = ssr.build_segmentor(cfg)
-        student.backbone.grad_checkpoint = args.grad_checkpoint
-        uda = ssr.UDA(student, method=method, sam_img_size=sam_size).to(device).train()
-        sam = None
-        if method == "ssr":  # a random teacher: its speed does not depend on its weights
-            sam = sam_encoder.frozen_teacher("vit_b", None, img_size=sam_size, device=device,
-                                             dtype=amp_dtype or torch.float32, **sam_overrides)
-        optimizer = torch.optim.AdamW([q for q in uda.parameters() if q.requires_grad], lr=6e-5, weight_decay=0.01)
-        step = maybe_compile(uda)
-        it = [0]
-
-        def fn():
-            with autocast():
-                losses = step(src, lbl, tgt, it[0], sam=sam)
-            scaler.scale(sum(losses.values())).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            it[0] += 1
-
-        result[method] = measure({method: fn}, repeats, warmup)[method]
-        del uda, student, sam, optimizer, step, fn
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
+    result = {method: time_train_iter(ssr, method, src, lbl, tgt, scaler) for method in ("dacs", "ssr")}
     rows.append((f"3 train iter {'MiT-B5' if not args.tiny else 'tiny'} crop {crop} b{batch_size} SAM {sam_size}"
                  f"{' ckpt' if args.grad_checkpoint else ''}",
                  "ssr", "dacs", result["ssr"], result["dacs"], f"{args.dtype}"))
