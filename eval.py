@@ -2,7 +2,7 @@
 Evaluate a segmentor on the target validation set in the protocol of mmsegmentation/DAFormer, and convert the
 released DAFormer/MIC checkpoints.
 
-    python eval.py --ckpt runs/demo/model.safetensors --data-root runs/demo/data   # table, images/s, mIoU
+    python eval.py --ckpt runs/demo/model.safetensors                                # table, images/s, mIoU
     python eval.py --ckpt model.safetensors --save-dir preds --side-by-side          # also colored predictions
     python eval.py --convert-mmseg gta2cs_daformer.pth daformer.safetensors          # released mmseg checkpoint
 

@@ -272,10 +272,10 @@ try:
         it += 1
 
         if master and (it % args.log_every == 0 or it == args.iters):
-            vals = {k: round(v.item(), 4) for k, v in losses.items()}
+            vals = {k: v.item() for k, v in losses.items()}
             speed = (it - start) / (time.time() - t0)
             eta = (args.iters - it) / speed
-            print(f"iter {it}/{args.iters} " + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
+            print(f"iter {it}/{args.iters} " + " ".join(f"{k} {v:.4g}" for k, v in vals.items())
                   + f" lr {get_lr(it - 1):.2e} {speed:.2f} it/s eta {eta / 60:.0f} min"
                   + (f" skipped {skipped}" if skipped else ""), flush=True)
             log.write(json.dumps(dict(iter=it, **vals, lr=get_lr(it - 1), it_s=speed, skipped=skipped)) + "\n")
