@@ -82,6 +82,10 @@ class SepASPP(nn.Module):
         self.bottleneck = ConvModule(len(dilations) * channels, channels, 3)
 
     def forward(self, x: Tensor) -> Tensor:
+        # The embedded stage maps arrive channels-last (they are transposed token tensors). The dilated depthwise
+        # convs are several times slower on that layout on CPUs (oneDNN): one copy to NCHW first made the head's
+        # forward + backward 2x faster there (24 s -> 12 s for MiT-B5's head at batch 2, crop 512).
+        x = x.contiguous()
         return self.bottleneck(torch.cat([m(x) for m in self.aspp_modules], dim=1))
 
 
