@@ -46,9 +46,9 @@ p.add_argument("--data-root", default="data", help="folder holding gta5/ and cit
 p.add_argument("--method", default="ssr", choices=["ssr", "dacs", "source-only"],
                help="ssr: DAFormer + SAM regularization; dacs: DAFormer (DACS + FD + RCS); source-only: no adaptation")
 p.add_argument("--mic", action="store_true", help="add masked image consistency (MIC) on top of the method")
-p.add_argument("--backbone", default="mit_b5", choices=sorted(mit.MIT_PRESETS), help="MiT encoder size")
+p.add_argument("--backbone", default="mit_b5", choices=list(mit.MIT_PRESETS), help="MiT encoder size")
 p.add_argument("--pretrained", help="ImageNet MiT weights (.safetensors, see README), or 'none' for random init")
-p.add_argument("--sam", default="vit_b", choices=sorted(sam_encoder.SAM_PRESETS), help="SAM image encoder size")
+p.add_argument("--sam", default="vit_b", choices=list(sam_encoder.SAM_PRESETS), help="SAM image encoder size")
 p.add_argument("--sam-weights", help="SAM weights (.safetensors), required for --method ssr; 'none' = random teacher (tests only)")
 p.add_argument("--sam-img-size", type=int, default=1024, help="resolution the SAM teacher sees (smaller = cheaper)")
 p.add_argument("--ssr-stages", default="0,1,2,3", help="comma-separated MiT stages that SAM regularizes")
