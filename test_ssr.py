@@ -1301,6 +1301,24 @@ def test_train_each_method_end_to_end(_train_root, tmp_path, method):
     assert len(logged) == 4  # 3 progress lines and the final evaluation
 
 
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_train_mixed_precision_path_runs_on_cpu(_train_root, tmp_path, amp):
+    """The GPU's path on the CPU's autocast: student under autocast, SAM and EMA teachers in the reduced dtype,
+    fp16 with a GradScaler. The losses stay finite, and the saved weights and optimizer state stay fp32."""
+    r = _train_run(_train_cmd(_train_root, tmp_path, "--method", "ssr", "--mic", "--iters", "2", "--eval-every", "0",
+                              "--amp", amp))
+    assert r.returncode == 0, r.stderr
+    assert f"1 x cpu, {amp}" in r.stdout
+    logged = [json.loads(line) for line in open(tmp_path / "log.jsonl") if '"src"' in line]
+    assert len(logged) == 2 and all(math.isfinite(v) for e in logged for v in e.values()) and logged[-1]["skipped"] == 0
+    saved = list(load_file(tmp_path / "model.safetensors").values())
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in saved + list(state["uda"].values()) if v.is_floating_point())
+    assert all(t.dtype == torch.float32 for s in state["optimizer"]["state"].values() for t in s.values()
+               if t.is_floating_point() and t.dim() > 0)
+    assert bool(state["scaler"]) == (amp == "fp16")  # a GradScaler only for fp16
+
+
 def test_train_resume_is_bit_identical(_train_root, tmp_path):
     """A run stopped by SIGTERM somewhere in the middle and resumed ends with exactly the weights of a run that
     was never stopped. Where it stops does not matter, so the race of the signal with the loop is harmless."""

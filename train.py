@@ -130,8 +130,6 @@ if args.crop % 32 or args.crop > min(src_scale[1], tgt_scale[1]):
          f"({min(src_scale[1], tgt_scale[1])} px here), e.g. --crop 512.")
 if args.iters <= 0 or args.batch_size <= 0:
     fail("--iters and --batch-size must be positive.")
-if args.amp != "fp32" and device.type == "cpu":
-    fail(f"--amp {args.amp} needs a GPU; on the CPU train with --amp fp32.")
 if args.resume and not os.path.exists(state_path):
     fail(f"--resume: there is no {state_path} to continue from. Check --out, or start a new run without --resume.")
 if not args.resume and os.path.exists(state_path):
