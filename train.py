@@ -273,10 +273,12 @@ try:
             vals = {k: v.item() for k, v in losses.items()}
             speed = (it - start) / (time.time() - t0)
             eta = (args.iters - it) / speed
+            mem = {"mem_gib": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}  # peak so far
             print(f"iter {it}/{args.iters} " + " ".join(f"{k} {v:.4g}" for k, v in vals.items())
                   + f" lr {get_lr(it - 1):.2e} {speed:.2f} it/s eta {eta / 60:.0f} min"
-                  + (f" skipped {skipped}" if skipped else ""), flush=True)
-            log.write(json.dumps(dict(iter=it, **vals, lr=get_lr(it - 1), it_s=speed, skipped=skipped)) + "\n")
+                  + (f" skipped {skipped}" if skipped else "") + "".join(f" mem {v:.1f} GiB" for v in mem.values()),
+                  flush=True)
+            log.write(json.dumps(dict(iter=it, **vals, lr=get_lr(it - 1), it_s=speed, skipped=skipped, **mem)) + "\n")
             log.flush()
         last = it == args.iters
         if master and ((args.eval_every and it % args.eval_every == 0) or last):
