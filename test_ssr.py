@@ -1301,6 +1301,16 @@ def test_train_each_method_end_to_end(_train_root, tmp_path, method):
     assert len(logged) == 4  # 3 progress lines and the final evaluation
 
 
+def test_train_stops_cleanly_after_ten_nonfinite_losses(_train_root, tmp_path):
+    # a learning rate that blows the weights up in the first step: every later loss is inf or nan
+    r = _train_run(_train_cmd(_train_root, tmp_path, "--method", "dacs", "--iters", "30", "--eval-every", "0",
+                              "--lr", "1e38"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "error: the loss was not finite for 10 iterations in a row" in r.stderr
+    assert "No checkpoint was written yet." in r.stderr and not (tmp_path / "train_state.pt").exists()
+    assert "skipped 9" in r.stdout  # the steps were skipped, not taken, before the stop
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_train_mixed_precision_path_runs_on_cpu(_train_root, tmp_path, amp):
     """The GPU's path on the CPU's autocast: student under autocast, SAM and EMA teachers in the reduced dtype,

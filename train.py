@@ -260,8 +260,10 @@ try:
         if nonfinite:
             bad, skipped = bad + 1, skipped + 1
             if bad >= 10:
+                kept = (f"The last checkpoint is {state_path}." if os.path.exists(state_path)
+                        else "No checkpoint was written yet.")
                 fail(f"the loss was not finite for 10 iterations in a row (at iteration {it}); lower --lr, "
-                     f"or use --amp bf16/fp32 instead of fp16. The last good state is in {out}.")
+                     f"or use --amp bf16/fp32 instead of fp16. {kept}")
         else:
             bad = 0
             scaler.step(optimizer)
