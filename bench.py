@@ -64,7 +64,8 @@ p.add_argument("--items", default="1,2,3,4", help="comma-separated items to run 
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
 p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                help="precision of ours (item 1), of both sides under autocast (items 2-4)")
-p.add_argument("--compile", action="store_true", help="torch.compile every model measured (compiled in warm-up)")
+p.add_argument("--compile", action="store_true", help="torch.compile every model measured (compiled in warm-up; "
+               "item 3 compiles the networks, as train.py --compile)")
 p.add_argument("--repeats", type=int, default=None, help="timed calls per model (default 10, 3 on cpu)")
 p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3, 1 on cpu)")
 p.add_argument("--sam-size", type=int, default=None, help="SAM input side (default 1024)")
@@ -323,12 +324,15 @@ def time_train_iter(ssr, method, src, lbl, tgt, scaler):
         sam = sam_encoder.frozen_teacher("vit_b", None, img_size=sam_size, device=device,
                                          dtype=amp_dtype or torch.float32, **sam_overrides)
     optimizer = torch.optim.AdamW([q for q in uda.parameters() if q.requires_grad], lr=6e-5, weight_decay=0.01)
-    step = maybe_compile(uda)
+    if args.compile:  # as train.py --compile: the networks, not the step
+        uda.compile_networks()
+        if sam is not None:
+            sam.compile()
     it = [0]
 
     def fn():
         with autocast():
-            losses = step(src, lbl, tgt, it[0], sam=sam)
+            losses = uda(src, lbl, tgt, it[0], sam=sam)
         scaler.scale(sum(losses.values())).backward()
         scaler.step(optimizer)
         scaler.update()

@@ -60,7 +60,7 @@ p.add_argument("--warmup", type=int, default=1500, help="linear warm-up iteratio
 p.add_argument("--amp", choices=["bf16", "fp16", "fp32"], help="mixed precision (default: bf16 where supported, else fp32)")
 p.add_argument("--seed", type=int, default=0, help="seed for weights, sampling and augmentation")
 p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data loader processes per GPU")
-p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+p.add_argument("--compile", action="store_true", help="torch.compile the networks (the first iterations are slow)")
 p.add_argument("--grad-checkpoint", action="store_true", help="recompute MiT blocks in backward to save memory")
 p.add_argument("--out", help="run folder (default: runs/<name>)")
 p.add_argument("--log-every", type=int, default=50, help="print a progress line every N iterations")
@@ -167,8 +167,12 @@ try:
         sam = sam_encoder.frozen_teacher(args.sam, None if args.sam_weights == "none" else args.sam_weights,
                                          img_size=args.sam_img_size, device=device,
                                          dtype=amp_dtype or torch.float32, **sam_overrides)
-    model = torch.nn.parallel.DistributedDataParallel(uda, device_ids=[device.index] if device.type == "cuda" else None) if ddp else uda
-    step = torch.compile(model) if args.compile else model
+    if args.compile:
+        uda.compile_networks()
+        if sam is not None:
+            sam.compile()
+    step = torch.nn.parallel.DistributedDataParallel(
+        uda, device_ids=[device.index] if device.type == "cuda" else None) if ddp else uda
 
     # -------------------------------------------------------------------------
     # optimizer: AdamW as the paper's config. mmcv's paramwise_cfg matches names: 'head' -> lr x10,
