@@ -325,9 +325,7 @@ def time_train_iter(ssr, method, src, lbl, tgt, scaler):
                                          dtype=amp_dtype or torch.float32, **sam_overrides)
     optimizer = torch.optim.AdamW([q for q in uda.parameters() if q.requires_grad], lr=6e-5, weight_decay=0.01)
     if args.compile:  # as train.py --compile: the networks, not the step
-        uda.compile_networks()
-        if sam is not None:
-            sam.compile()
+        uda.compile_networks(sam)
     it = [0]
 
     def fn():

@@ -449,12 +449,13 @@ class UDA(nn.Module):
         self.ssr = SSRBranch(bcfg.embed_dims, bcfg.num_heads, ssr_stages) if method == "ssr" else None
         self.train()
 
-    def compile_networks(self, **compile_kwargs) -> None:
-        """torch.compile each network in place (student encoder and head, teachers, SSR branch), keeping parameter
-        names; the step around them stays eager Python (EMA update, ClassMix draws). Compiling the whole step
-        instead recompiled when the iteration changed, took twice as long to compile, and (torch 2.13, CPU,
-        inductor) gave the student's first layers a zero gradient; compiled this way, losses equal eager ones."""
-        for m in (self.student.backbone, self.student.decode_head, self.ema, self.imnet, self.ssr):
+    def compile_networks(self, sam: nn.Module | None = None, **compile_kwargs) -> None:
+        """torch.compile each network in place (student encoder and head, teachers, SSR branch, and the SAM
+        encoder if given), keeping parameter names; the step around them stays eager Python (EMA update, ClassMix
+        draws). Compiling the whole step instead recompiled when the iteration changed, took twice as long to
+        compile, and (torch 2.13, CPU, inductor) gave the student's first layer a zero gradient; compiled this way,
+        losses equal eager ones."""
+        for m in (self.student.backbone, self.student.decode_head, self.ema, self.imnet, self.ssr, sam):
             if m is not None:
                 m.compile(**compile_kwargs)
 

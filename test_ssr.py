@@ -953,8 +953,7 @@ def test_ssr_compiled_networks_train_like_eager():
         uda = ssr.UDA(ssr.build_segmentor(_SSR_TINY), method="ssr", mic=True, sam_img_size=64, ignore_rows=(2, 8))
         sam = _ssr_tiny_sam()
         if compiled:
-            uda.compile_networks(backend="aot_eager")
-            sam.compile(backend="aot_eager")
+            uda.compile_networks(sam, backend="aot_eager")
         opt = torch.optim.AdamW([p for p in uda.parameters() if p.requires_grad], lr=3e-3)
         src, lbl, tgt = _ssr_batch()
         history = []

@@ -168,9 +168,7 @@ try:
                                          img_size=args.sam_img_size, device=device,
                                          dtype=amp_dtype or torch.float32, **sam_overrides)
     if args.compile:
-        uda.compile_networks()
-        if sam is not None:
-            sam.compile()
+        uda.compile_networks(sam)
     step = torch.nn.parallel.DistributedDataParallel(
         uda, device_ids=[device.index] if device.type == "cuda" else None) if ddp else uda
 
