@@ -248,7 +248,7 @@ def read_mmseg_checkpoint(path: str) -> tuple[dict[str, Tensor], set[str]]:
     """The student's state dict ('model.' stripped; a plain mmseg EncoderDecoder's keys as they are) and the names
     of the non-tensor globals that were skipped."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"mmseg checkpoint {path} does not exist; pass the .pth file of a released "
+        raise mit.WeightsError(f"mmseg checkpoint {path} does not exist; pass the .pth file of a released "
                                 f"DAFormer or MIC model (e.g. the GTA5->Cityscapes checkpoint from their README).")
     skipped: set[str] = set()
     try:
@@ -256,11 +256,11 @@ def read_mmseg_checkpoint(path: str) -> tuple[dict[str, Tensor], set[str]]:
         ckpt = torch.load(path, map_location="cpu", pickle_module=restricted_pickle(skipped), weights_only=False)
     except Exception as e:  # a broken file fails in many ways inside torch.load; all mean the same to the user
         first_line = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {first_line}); pass the "
+        raise mit.WeightsError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {first_line}); pass the "
                          f".pth file of a released DAFormer or MIC model.") from None
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not any(k.startswith(("model.backbone.", "backbone.")) for k in sd):
-        raise ValueError(f"{path} holds no mmseg segmentor: expected a dict with 'state_dict' holding "
+        raise mit.WeightsError(f"{path} holds no mmseg segmentor: expected a dict with 'state_dict' holding "
                          f"model.backbone.* and model.decode_head.* (DAFormer/MIC) or backbone.* and decode_head.*.")
     # The published numbers are the student's (DACS evaluates `model`); the EMA teacher and the ImageNet copy
     # only exist for training, so they are dropped.
@@ -269,7 +269,7 @@ def read_mmseg_checkpoint(path: str) -> tuple[dict[str, Tensor], set[str]]:
     student = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(keep)}
     bad = sorted(k for k, v in student.items() if not isinstance(v, Tensor))
     if bad:
-        raise ValueError(f"{path}: the weights {', '.join(bad[:3])} are not plain tensors; pass the .pth file of a "
+        raise mit.WeightsError(f"{path}: the weights {', '.join(bad[:3])} are not plain tensors; pass the .pth file of a "
                          f"released DAFormer or MIC model.")
     return student, skipped
 
@@ -280,7 +280,7 @@ def config_from_state_dict(sd: dict[str, Tensor], where: str) -> ssr.SegConfig:
     backbone = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
     embed_dims, depths = mit.arch_of(backbone)
     if not embed_dims or "decode_head.conv_seg.weight" not in sd:
-        raise ValueError(f"{where} holds no MiT backbone with a DAFormer head (no backbone.patch_embed1.proj.weight "
+        raise mit.WeightsError(f"{where} holds no MiT backbone with a DAFormer head (no backbone.patch_embed1.proj.weight "
                          f"or decode_head.conv_seg.weight); only DAFormer/MIC models with MiT encoders convert.")
     name = next((n for n, p in mit.MIT_PRESETS.items() if (p["embed_dims"], p["depths"]) == (embed_dims, depths)), None)
     num_classes, channels = sd["decode_head.conv_seg.weight"].shape[:2]
@@ -293,7 +293,7 @@ def convert_mmseg(src: str, dst: str) -> tuple[ssr.SegConfig, set[str]]:
     way; returns the configuration and the skipped non-tensor globals."""
     out_dir = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(out_dir):
-        raise FileNotFoundError(f"output folder {out_dir} of {dst} does not exist; create it first.")
+        raise mit.WeightsError(f"output folder {out_dir} of {dst} does not exist; create it first.")
     sd, skipped = read_mmseg_checkpoint(src)
     cfg = config_from_state_dict(sd, src)
     with torch.device("meta"):  # no time spent on random init: every tensor comes from the file
@@ -302,7 +302,7 @@ def convert_mmseg(src: str, dst: str) -> tuple[ssr.SegConfig, set[str]]:
     missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
     shape = sorted(k for k in set(ours) & set(sd) if ours[k].shape != sd[k].shape)
     if missing or unexpected or shape:
-        raise ValueError(f"{src} does not match the DAFormer segmentor {cfg}: missing {missing[:3]}, unexpected "
+        raise mit.WeightsError(f"{src} does not match the DAFormer segmentor {cfg}: missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]}, wrong shape {shape[:3]}. Only DAFormer-head models (DAFormer, MIC "
                          f"with the DAFormer head) convert; HRDA's multi-resolution head does not.")
     model.load_state_dict(sd, strict=True, assign=True)

@@ -27,6 +27,12 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 
+class WeightsError(ValueError):
+    """A weights or checkpoint file that cannot be used (missing, unreadable, of another model), explained in one
+    paragraph for the person running the program. The programs print it without a traceback; any other exception
+    is a bug and keeps its traceback."""
+
+
 @dataclass
 class MiTConfig:
     embed_dims: tuple[int, ...] = (64, 128, 320, 512)  # channels of the 4 stages
@@ -307,12 +313,12 @@ def _few(keys: list[str], n: int = 3) -> str:
 
 
 def check_state_dict(model: nn.Module, sd: dict[str, Tensor], where: str) -> None:
-    """Raise ValueError unless sd has exactly the model's keys and shapes; `where` names the source."""
+    """Raise WeightsError unless sd has exactly the model's keys and shapes; `where` names the source."""
     ours = model.state_dict()
     cfg = model.cfg
     file_arch = arch_of(sd)
     if len(file_arch[0]) == len(cfg.embed_dims) and file_arch != (tuple(cfg.embed_dims), tuple(cfg.depths)):
-        raise ValueError(
+        raise WeightsError(
             f"{where} holds {arch_name(*file_arch)} but the model is "
             f"{arch_name(tuple(cfg.embed_dims), tuple(cfg.depths))}; build the model that matches the weights "
             f"(build_mit(name)) or pass the weights of this model size.")
@@ -323,19 +329,19 @@ def check_state_dict(model: nn.Module, sd: dict[str, Tensor], where: str) -> Non
     problems = [f"{len(ks)} {what} ({_few(ks)})" for what, ks in
                 (("missing keys", missing), ("unexpected keys", unexpected), ("keys of the wrong shape", shape)) if ks]
     if problems:
-        raise ValueError(f"{where} does not match the MiT encoder: {'; '.join(problems)}. Expected the NVlabs "
+        raise WeightsError(f"{where} does not match the MiT encoder: {'; '.join(problems)}. Expected the NVlabs "
                          f"(patch_embed1.proj.weight, ...) or Hugging Face (encoder.block.0.0..., optionally under "
                          f"segformer.) key layout of the same model size.")
 
 
 def read_safetensors(path: str) -> dict[str, Tensor]:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"MiT weights file {path} does not exist; pass the path of a .safetensors file "
+        raise WeightsError(f"MiT weights file {path} does not exist; pass the path of a .safetensors file "
                                 f"(convert a .pth/.bin with: python mit.py convert IN OUT.safetensors).")
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a safetensors file ({e}); load_weights reads only .safetensors, convert a "
+        raise WeightsError(f"{path} is not a safetensors file ({e}); load_weights reads only .safetensors, convert a "
                          f".pth/.bin checkpoint first with: python mit.py convert {path} OUT.safetensors") from None
 
 
@@ -350,18 +356,18 @@ def load_weights(model: MixVisionTransformer, path: str) -> None:
 def read_torch_checkpoint(path: str) -> dict[str, Tensor]:
     """A .pth/.bin state dict, flat or wrapped under 'state_dict' (mmcv-style checkpoints)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass an NVlabs mit_b*.pth or a Hugging Face "
+        raise WeightsError(f"checkpoint {path} does not exist; pass an NVlabs mit_b*.pth or a Hugging Face "
                                 f"pytorch_model.bin.")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types for a bad file; all mean the same to the user
         first_line = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(f"{path} could not be read by torch.load(weights_only=True) ({type(e).__name__}: "
+        raise WeightsError(f"{path} could not be read by torch.load(weights_only=True) ({type(e).__name__}: "
                          f"{first_line}). Pass an NVlabs mit_b*.pth or a Hugging Face pytorch_model.bin.") from None
     if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
         ckpt = ckpt["state_dict"]
     if not isinstance(ckpt, dict) or not all(isinstance(v, Tensor) for v in ckpt.values()):
-        raise ValueError(f"{path} holds no flat state dict of tensors (nor one under 'state_dict'); pass an NVlabs "
+        raise WeightsError(f"{path} holds no flat state dict of tensors (nor one under 'state_dict'); pass an NVlabs "
                          f"mit_b*.pth or a Hugging Face pytorch_model.bin.")
     return ckpt
 
@@ -370,11 +376,11 @@ def convert_checkpoint(src: str, dst: str) -> None:
     """Convert a .pth/.bin MiT checkpoint (NVlabs or HF layout) to an NVlabs-layout safetensors file, checked
     against the MiT it describes and written atomically."""
     if not os.path.isdir(os.path.dirname(os.path.abspath(dst))):
-        raise FileNotFoundError(f"the folder of the output {dst} does not exist; create it first.")
+        raise WeightsError(f"the folder of the output {dst} does not exist; create it first.")
     sd, layout = to_nvlabs(read_torch_checkpoint(src))
     embed_dims, depths = arch_of(sd)
     if len(embed_dims) != len(MiTConfig.embed_dims):
-        raise ValueError(f"{src} ({layout}) holds no 4-stage MiT encoder: it lacks patch_embed1..4.proj.weight "
+        raise WeightsError(f"{src} ({layout}) holds no 4-stage MiT encoder: it lacks patch_embed1..4.proj.weight "
                          f"(NVlabs) or encoder.patch_embeddings.0..3.proj.weight (Hugging Face).")
     with torch.device("meta"):  # only the key names and shapes matter: allocate nothing
         model = build_mit("mit_b5", embed_dims=embed_dims, depths=depths)
@@ -392,6 +398,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     try:
         convert_checkpoint(args.src, args.dst)
-    except (FileNotFoundError, ValueError) as e:
+    except WeightsError as e:
         sys.exit(f"error: {e}")
     print(f"wrote {args.dst}")

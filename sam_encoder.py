@@ -33,6 +33,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from mit import WeightsError  # the project's error for unusable weights files
+
 
 @dataclass
 class SamConfig:
@@ -307,12 +309,12 @@ def _few(keys: list[str], n: int = 3) -> str:
 
 
 def check_state_dict(model: SamEncoder, sd: dict[str, Tensor], where: str) -> None:
-    """Raise ValueError unless sd has exactly the model's keys and shapes; `where` names the source."""
+    """Raise WeightsError unless sd has exactly the model's keys and shapes; `where` names the source."""
     ours = model.state_dict()
     cfg = model.cfg
     file_arch = arch_of(sd)
     if file_arch[0] and file_arch != (cfg.embed_dim, cfg.depth):
-        raise ValueError(
+        raise WeightsError(
             f"{where} holds {arch_name(*file_arch)} but the model is {arch_name(cfg.embed_dim, cfg.depth)}; build "
             f"the model that matches the weights (build_sam_encoder(name)) or pass the weights of this model size.")
     missing = sorted(set(ours) - set(sd))
@@ -322,19 +324,19 @@ def check_state_dict(model: SamEncoder, sd: dict[str, Tensor], where: str) -> No
     problems = [f"{len(ks)} {what} ({_few(ks)})" for what, ks in
                 (("missing keys", missing), ("unexpected keys", unexpected), ("keys of the wrong shape", shape)) if ks]
     if problems:
-        raise ValueError(f"{where} does not match the SAM image encoder: {'; '.join(problems)}. Expected the "
+        raise WeightsError(f"{where} does not match the SAM image encoder: {'; '.join(problems)}. Expected the "
                          f"official (image_encoder.patch_embed.proj.weight, ..., prefix optional) or Hugging Face "
                          f"(vision_encoder.patch_embed.projection.weight, ...) key layout of the same model size.")
 
 
 def read_safetensors(path: str) -> dict[str, Tensor]:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"SAM weights file {path} does not exist; pass the path of a .safetensors file "
+        raise WeightsError(f"SAM weights file {path} does not exist; pass the path of a .safetensors file "
                                 f"(convert an official sam_vit_*.pth with: python sam_encoder.py convert IN OUT).")
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a safetensors file ({e}); load_weights reads only .safetensors, convert an "
+        raise WeightsError(f"{path} is not a safetensors file ({e}); load_weights reads only .safetensors, convert an "
                          f"official .pth first with: python sam_encoder.py convert {path} OUT.safetensors") from None
 
 
@@ -361,18 +363,18 @@ def frozen_teacher(name: str, weights: str | None, img_size: int = 1024, device=
 def read_torch_checkpoint(path: str) -> dict[str, Tensor]:
     """A .pth state dict, flat (as the official sam_vit_*.pth) or wrapped under 'model' or 'state_dict'."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass an official sam_vit_b/l/h_*.pth.")
+        raise WeightsError(f"checkpoint {path} does not exist; pass an official sam_vit_b/l/h_*.pth.")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types for a bad file; all mean the same to the user
         first_line = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(f"{path} could not be read by torch.load(weights_only=True) ({type(e).__name__}: "
+        raise WeightsError(f"{path} could not be read by torch.load(weights_only=True) ({type(e).__name__}: "
                          f"{first_line}). Pass an official sam_vit_b/l/h_*.pth.") from None
     for wrapper in ("model", "state_dict"):
         if isinstance(ckpt, dict) and isinstance(ckpt.get(wrapper), dict):
             ckpt = ckpt[wrapper]
     if not isinstance(ckpt, dict) or not all(isinstance(v, Tensor) for v in ckpt.values()):
-        raise ValueError(f"{path} holds no flat state dict of tensors (nor one under 'model' or 'state_dict'); "
+        raise WeightsError(f"{path} holds no flat state dict of tensors (nor one under 'model' or 'state_dict'); "
                          f"pass an official sam_vit_b/l/h_*.pth.")
     return ckpt
 
@@ -384,7 +386,7 @@ def convert_checkpoint(src: str, dst: str) -> None:
     sd, layout = to_official(read_torch_checkpoint(src))
     embed_dim, depth = arch_of(sd)
     if not embed_dim or not depth or "pos_embed" not in sd:
-        raise ValueError(f"{src} ({layout}) holds no SAM image encoder: no image_encoder.patch_embed.proj.weight, "
+        raise WeightsError(f"{src} ({layout}) holds no SAM image encoder: no image_encoder.patch_embed.proj.weight, "
                          f"pos_embed or blocks.* keys (official layout) nor vision_encoder.* keys (Hugging Face). "
                          f"Pass an official sam_vit_b/l/h_*.pth.")
     save_file({k: v.contiguous() for k, v in sd.items()}, dst + ".tmp")
@@ -400,6 +402,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     try:
         convert_checkpoint(args.src, args.dst)
-    except (FileNotFoundError, ValueError) as e:
+    except WeightsError as e:
         sys.exit(f"error: {e}")
     print(f"wrote {args.dst}")

@@ -152,23 +152,23 @@ def save_segmentor(model: Segmentor, path: str, **meta) -> None:
 def load_segmentor(path: str, device="cpu") -> tuple[Segmentor, dict]:
     """A checkpoint of save_segmentor -> (model in eval mode on `device`, dict(cfg=SegConfig, **meta)), strictly."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the model.safetensors that train.py wrote "
+        raise mit.WeightsError(f"checkpoint {path} does not exist; pass the model.safetensors that train.py wrote "
                                 f"(or one made by python eval.py --convert-mmseg).")
     try:
         with safe_open(path, "pt") as f:
             header = f.metadata() or {}
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a safetensors file ({e}); pass the model.safetensors that train.py wrote, "
+        raise mit.WeightsError(f"{path} is not a safetensors file ({e}); pass the model.safetensors that train.py wrote, "
                          f"or convert a released DAFormer/MIC .pth with python eval.py --convert-mmseg.") from None
     if header.get("format") != FORMAT or "cfg" not in header:
-        raise ValueError(f"{path} is a safetensors file but not a segmentor checkpoint of this project (no "
+        raise mit.WeightsError(f"{path} is a safetensors file but not a segmentor checkpoint of this project (no "
                          f"'{FORMAT}' metadata). ImageNet MiT weights go to train.py --pretrained; released "
                          f"DAFormer/MIC models convert with python eval.py --convert-mmseg IN.pth OUT.safetensors.")
     try:
         cfg = SegConfig(**json.loads(header["cfg"]))
     except (TypeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: its segmentor metadata cannot be read ({e}); re-save the model with "
+        raise mit.WeightsError(f"{path}: its segmentor metadata cannot be read ({e}); re-save the model with "
                          f"save_segmentor.") from None
     with torch.device("meta"):  # no time spent on random init: every tensor comes from the file
         model = build_segmentor(cfg)
@@ -177,7 +177,7 @@ def load_segmentor(path: str, device="cpu") -> tuple[Segmentor, dict]:
         f"{k} {tuple(sd[k].shape)} (model {tuple(ours[k].shape)})"
         for k in set(ours) & set(sd) if sd[k].shape != ours[k].shape)
     if bad:
-        raise ValueError(f"{path}: its tensors do not fit the segmentor its metadata describes ({cfg}), e.g. "
+        raise mit.WeightsError(f"{path}: its tensors do not fit the segmentor its metadata describes ({cfg}), e.g. "
                          f"{', '.join(bad[:3])}. The file was edited or mixed up; re-save it with save_segmentor.")
     model.load_state_dict(sd, strict=True, assign=True)
     return model.to(device).eval(), {"cfg": cfg, **json.loads(header.get("meta", "{}"))}

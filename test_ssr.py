@@ -144,7 +144,7 @@ def test_mit_wrong_size_nonsafetensors_and_missing_file_errors(tmp_path):
     torch.save(tiny.state_dict(), pth)
     with pytest.raises(ValueError, match=r"mit_b0\.pth is not a safetensors file.*python mit.py convert"):
         mit.load_weights(tiny, str(pth))
-    with pytest.raises(FileNotFoundError, match=r"nope\.safetensors does not exist"):
+    with pytest.raises(mit.WeightsError, match=r"nope\.safetensors does not exist"):
         mit.load_weights(tiny, str(tmp_path / "nope.safetensors"))
 
     sd = tiny.state_dict()
@@ -188,7 +188,7 @@ def test_mit_convert_cli_nvlabs_pth_and_bad_input(tmp_path, monkeypatch):
     assert e.value.code.startswith("error: ") and "junk.pth could not be read by torch.load" in e.value.code
     assert "\n" not in e.value.code  # one paragraph
     assert not (tmp_path / "o.safetensors").exists()
-    with pytest.raises(FileNotFoundError, match="missing.pth does not exist"):  # same path as the CLI, in-process
+    with pytest.raises(mit.WeightsError, match="missing.pth does not exist"):  # same path as the CLI, in-process
         mit.convert_checkpoint(str(tmp_path / "missing.pth"), str(tmp_path / "o.safetensors"))
 
 
@@ -346,7 +346,7 @@ def test_sam_pos_embed_resize_keeps_a_constant():
 
 def test_sam_bad_inputs_give_clear_errors(tmp_path):
     model = sam_encoder.build_sam_encoder("vit_b", 64, **_SAM_TINY)
-    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+    with pytest.raises(mit.WeightsError, match="nope.safetensors"):
         sam_encoder.load_weights(model, str(tmp_path / "nope.safetensors"))
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="not a safetensors file"):
@@ -750,7 +750,7 @@ def test_ssr_save_load_round_trip_and_errors(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(loaded(x), model.eval()(x))
 
-    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+    with pytest.raises(mit.WeightsError, match="missing.safetensors"):
         ssr.load_segmentor(str(tmp_path / "missing.safetensors"))
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file at all")
