@@ -17,6 +17,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -256,6 +257,39 @@ HF_RULES = [  # (pattern on the HF key without "segformer.", replacement)
 DROPPED = ("head.", "classifier.", "decode_head.")
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask can only be read by setting it, which would race
+    with files that other threads create meanwhile)."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError):  # not Linux: the set-and-restore fallback
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def save_atomic(path: str, write: Callable[[str], None]) -> None:
+    """Write a file so that a reader, or a program killed at any moment, sees the old file or the new one, never
+    half of one: write(tmp) fills a temporary file beside `path`, which is flushed to disk, given the mode a new
+    file gets under the user's umask (safetensors creates its files 0600, torch.save 0644), and renamed onto
+    `path`. The temporary file is removed if anything fails."""
+    tmp = f"{path}.{os.getpid()}.tmp"  # per process: two writers never share a temporary file
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def detect_layout(sd: dict[str, Tensor]) -> str:
     """'nvlabs' or 'hf' from the key names, else 'unknown'."""
     if any(k.startswith(("encoder.", "segformer.encoder.")) for k in sd):
@@ -385,8 +419,7 @@ def convert_checkpoint(src: str, dst: str) -> None:
     with torch.device("meta"):  # only the key names and shapes matter: allocate nothing
         model = build_mit("mit_b5", embed_dims=embed_dims, depths=depths)
     check_state_dict(model, sd, f"{src} ({layout})")
-    save_file({k: v.contiguous() for k, v in sd.items()}, dst + ".tmp")
-    os.replace(dst + ".tmp", dst)
+    save_atomic(dst, lambda tmp: save_file({k: v.contiguous() for k, v in sd.items()}, tmp))
 
 
 if __name__ == "__main__":

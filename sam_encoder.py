@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from mit import WeightsError  # the project's error for unusable weights files
+from mit import WeightsError, save_atomic  # shared with mit.py: the error for unusable weights files, atomic writes
 
 
 @dataclass
@@ -389,8 +389,7 @@ def convert_checkpoint(src: str, dst: str) -> None:
         raise WeightsError(f"{src} ({layout}) holds no SAM image encoder: no image_encoder.patch_embed.proj.weight, "
                          f"pos_embed or blocks.* keys (official layout) nor vision_encoder.* keys (Hugging Face). "
                          f"Pass an official sam_vit_b/l/h_*.pth.")
-    save_file({k: v.contiguous() for k, v in sd.items()}, dst + ".tmp")
-    os.replace(dst + ".tmp", dst)
+    save_atomic(dst, lambda tmp: save_file({k: v.contiguous() for k, v in sd.items()}, tmp))
 
 
 if __name__ == "__main__":

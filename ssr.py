@@ -141,12 +141,11 @@ FORMAT = "ssr-segmentor"  # metadata mark that tells our checkpoints from other 
 
 
 def save_segmentor(model: Segmentor, path: str, **meta) -> None:
-    """Weights as safetensors, with the SegConfig and `meta` (JSON-serializable extras) in its metadata;
-    written to path + '.tmp' and renamed, so an interrupted save never leaves a broken file."""
+    """Weights as safetensors, with the SegConfig and `meta` (JSON-serializable extras) in its metadata,
+    written atomically (mit.save_atomic), so an interrupted save never leaves a broken file."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT, "cfg": json.dumps(asdict(model.cfg)), "meta": json.dumps(meta)}
-    save_file(tensors, path + ".tmp", metadata=metadata)
-    os.replace(path + ".tmp", path)
+    mit.save_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_segmentor(path: str, device="cpu") -> tuple[Segmentor, dict]:

@@ -225,8 +225,7 @@ try:
                            data_root=data_root, method=args.method, iters=it)
         state = dict(uda=uda.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter=it,
                      rng_cpu=torch.get_rng_state(), rng_cuda=rng_cuda, args=json.dumps(vars(args)))
-        torch.save(state, state_path + ".tmp")
-        os.replace(state_path + ".tmp", state_path)
+        mit.save_atomic(state_path, lambda tmp: torch.save(state, tmp))
 
     def run_eval() -> float:
         result = evaluate(student, val_loader, device=device, amp_dtype=amp_dtype)
