@@ -1,6 +1,7 @@
-"""GTA5 -> Cityscapes data, read straight from the official downloads, with DAFormer's training pipeline.
+"""GTA5 / SYNTHIA -> Cityscapes data, read straight from the official downloads, with DAFormer's training pipeline.
 
-No preparation step: GTA5 palette labels and Cityscapes `_labelIds` are mapped to the 19 train ids on the fly,
+No preparation step: GTA5 palette labels, SYNTHIA's 16-bit label PNGs and Cityscapes `_labelIds` are mapped to the
+19 train ids on the fly,
 and the rare-class statistics are computed on first use and cached outside the dataset folder.
 Every random choice of the training sample at global position k comes from np.random.default_rng([seed, k]),
 so a batch is a function of (seed, iteration, rank) alone: resuming or changing the worker count changes nothing.
@@ -11,6 +12,8 @@ import itertools
 import math
 import os
 import shutil
+import struct
+import zlib
 from dataclasses import dataclass
 from multiprocessing import Pool
 from typing import Iterator
@@ -36,11 +39,23 @@ ID_TO_TRAIN = np.full(256, IGNORE, np.uint8)
 ID_TO_TRAIN[list(LABEL_IDS)] = np.arange(19)
 TRAIN_TO_TRAIN = np.full(256, IGNORE, np.uint8)
 TRAIN_TO_TRAIN[:19] = np.arange(19)  # a `_labelTrainIds.png` is used as is; stray values become IGNORE
+# SYNTHIA class id of train id i, as DAFormer's tools/convert_datasets/synthia.py (from SYNTHIA's README.txt);
+# 16 (terrain), 18 (truck) and 20 (train) never occur in SYNTHIA-RAND-CITYSCAPES. The ids are 16-bit values.
+SYNTHIA_IDS = (3, 4, 2, 21, 5, 7, 15, 9, 6, 16, 1, 10, 17, 8, 18, 19, 20, 12, 11)
+SYNTHIA_TO_TRAIN = np.full(2 ** 16, IGNORE, np.uint8)
+SYNTHIA_TO_TRAIN[list(SYNTHIA_IDS)] = np.arange(19)
+SYNTHIA_CLASSES = tuple(i for i, c in enumerate(CLASSES) if c not in ("terrain", "truck", "train"))  # mIoU16
+SYNTHIA_CLASSES_13 = tuple(i for i in SYNTHIA_CLASSES if CLASSES[i] not in ("wall", "fence", "pole"))  # mIoU13
 
 RCS_TEMPERATURE = 0.01  # DAFormer: p_c ∝ exp((1 - f_c) / T)
 RCS_MIN_CROP_RATIO = 0.5  # the crop must keep > min_crop_ratio * min_pixels pixels of the sampled class
 CAT_MAX_RATIO = 0.75  # mmseg RandomCrop: no class may cover 75% of a source crop
 SIZE_TOLERANCE = 0.05  # a label whose aspect ratio is this close to its image's is resized onto it
+# DAFormer's per-source pipeline (configs/_base_/datasets/uda_{gta,synthia}_to_cityscapes_512x512.py): the scale
+# the source is resized to, and RCS's min_pixels (uda/dacs configs: 3000 for both); the target: 1024x512
+SOURCES = {"gta5": dict(scale=(1280, 720), rcs_min_pixels=3000),
+           "synthia": dict(scale=(1280, 760), rcs_min_pixels=3000)}
+TARGET_SCALE = (1024, 512)
 
 # the demo's sizes: val images at 256x128 with 512x256 labels mimic the real 1024x512 / 2048x1024 protocol;
 # min_pixels scales DAFormer's 3000 (for 1914x1052 labels) to the 384x216 demo source labels
@@ -63,6 +78,10 @@ LAYOUTS = {
                    "<root>/cityscapes/gtFine/{train,val}/<city>/<stem>_gtFine_labelIds.png. Download "
                    "leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from https://www.cityscapes-dataset.com/ "
                    "and unzip both into <root>/cityscapes/."),
+    "synthia": ("<root>/synthia/RGB/0000000.png ...  and  <root>/synthia/GT/LABELS/0000000.png ... (16-bit PNGs, "
+                "SYNTHIA class id in the first channel), as in SYNTHIA-RAND-CITYSCAPES. Download "
+                "SYNTHIA-RAND-CITYSCAPES (CVPR16) from https://synthia-dataset.net/downloads/ and move the contents "
+                "of its RAND_CITYSCAPES folder (RGB/, GT/, Depth/) into <root>/synthia/."),
 }
 
 
@@ -71,6 +90,7 @@ class Sample:
     img: str
     lbl: str | None  # None: an unlabelled target image
     train_ids: bool = False  # True: the label already holds train ids (`_labelTrainIds.png`)
+    synthia: bool = False  # True: a SYNTHIA label, 16-bit RGB with the class id in the first channel
 
 
 def _require_dir(path: str, name: str, root: str) -> None:
@@ -124,18 +144,54 @@ def list_cityscapes(root: str, split: str, need_labels: bool) -> list[Sample]:
     return samples
 
 
+def _synthia_layout_error(base: str, root: str) -> DatasetError:
+    """The clearest message for a synthia/ folder without RGB/ and GT/LABELS/ side by side."""
+    expected = f"Expected the layout {LAYOUTS['synthia'].replace('<root>', root)}"
+    entries = sorted(os.listdir(base)) if os.path.isdir(base) else []
+    seqs = [e for e in entries if e.upper().startswith("SYNTHIA-SEQS") or e in ("Stereo_Left", "Stereo_Right")]
+    if seqs or os.path.isdir(os.path.join(base, "RGB", "Stereo_Left")):
+        return DatasetError(f"{base} holds the SYNTHIA video sequences ({(seqs or ['RGB/Stereo_Left'])[0]}); the "
+                            f"benchmark uses SYNTHIA-RAND-CITYSCAPES, a different download. {expected}")
+    if os.path.isdir(os.path.join(base, "RAND_CITYSCAPES")):
+        return DatasetError(f"{base} holds RAND_CITYSCAPES/ one level too deep: move its contents (RGB/, GT/) up "
+                            f"into {base}. {expected}")
+    if os.path.isdir(os.path.join(base, "RGB")):
+        return DatasetError(f"synthia labels not found: missing folder {os.path.join(base, 'GT', 'LABELS')} (the "
+                            f"16-bit label PNGs; GT/COLOR holds only pictures of them). {expected}")
+    return DatasetError(f"synthia not found: missing folder {os.path.join(base, 'RGB')}. {expected}")
+
+
+def list_synthia(root: str) -> list[Sample]:
+    """All SYNTHIA-RAND-CITYSCAPES pairs, RGB/NNNNNNN.png with GT/LABELS/NNNNNNN.png (all of it is training data)."""
+    base = os.path.join(root, "synthia")
+    images, labels = os.path.join(base, "RGB"), os.path.join(base, "GT", "LABELS")
+    names = sorted(f for f in os.listdir(images) if f.endswith(".png")) if os.path.isdir(images) else []
+    if not (names and os.path.isdir(labels)):
+        raise _synthia_layout_error(base, root)
+    samples = []
+    for name in names:
+        lbl = os.path.join(labels, name)
+        if not os.path.isfile(lbl):
+            raise DatasetError(f"SYNTHIA image {os.path.join(images, name)} has no label: expected {lbl}. "
+                               f"Re-extract SYNTHIA-RAND-CITYSCAPES, or delete the image if it is not part of it.")
+        samples.append(Sample(os.path.join(images, name), lbl, synthia=True))
+    return samples
+
+
 def list_dataset(root: str, name: str, split: str, need_labels: bool = True) -> list[Sample]:
     if not os.path.isdir(root):
         raise DatasetError(f"data root {root} does not exist. Pass --data-root pointing to a folder holding "
-                           f"gta5/ and cityscapes/ as in: {LAYOUTS['gta5']} {LAYOUTS['cityscapes']}")
+                           f"gta5/ (or synthia/) and cityscapes/ as in: {LAYOUTS['gta5']} {LAYOUTS['cityscapes']}")
     if name == "gta5":
         samples = list_gta5(root)
+    elif name == "synthia":
+        samples = list_synthia(root)
     elif name == "cityscapes":
         samples = list_cityscapes(root, split, need_labels)
     else:
-        raise DatasetError(f"unknown dataset '{name}': expected 'gta5' or 'cityscapes'.")
+        raise DatasetError(f"unknown dataset '{name}': expected 'gta5', 'synthia' or 'cityscapes'.")
     if not samples:
-        where = "gta5" if name == "gta5" else f"cityscapes split '{split}'"
+        where = name if name != "cityscapes" else f"cityscapes split '{split}'"
         raise DatasetError(f"no images found for {where} under {root}. Expected the layout "
                            f"{LAYOUTS[name].replace('<root>', root)}")
     return samples
@@ -167,9 +223,62 @@ def _label_values(path: str) -> np.ndarray:
     return np.asarray(im)
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def read_png16_rgb(path: str) -> np.ndarray:
+    """(H, W, 3) uint16 values of a 16-bit RGB PNG (colour type 2, not interlaced), as SYNTHIA's labels are.
+
+    Pillow opens such a file as 8-bit 'RGB' and keeps only each value's high byte (a SYNTHIA class id < 256 reads
+    as 0), and has no 16-bit RGB mode. Its PNG decoder ('zip': inflate and the five scanline filters, in C) is still
+    sound: Image.frombytes with raw mode 'RGB;16B' gives the high byte of each big-endian value, 'RGB;16L' (which
+    reads pairs as little-endian) the second, low one. So we find the chunks here and let Pillow decode twice;
+    the tests check every filter type against files written by hand."""
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except OSError as e:
+        raise DatasetError(f"cannot read label {path} ({e.strerror}).") from None
+    if blob[:8] != PNG_SIGNATURE:
+        raise DatasetError(f"label {path} is not a PNG file; re-extract it from the SYNTHIA-RAND-CITYSCAPES archive.")
+    header, idat, pos = None, [], 8
+    while pos + 8 <= len(blob):  # chunk: length (4 bytes), type (4), data, CRC (4)
+        length, kind = struct.unpack(">I4s", blob[pos:pos + 8])
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", blob[pos + 8:pos + 21])  # w, h, depth, colour, compr, filter, interl.
+        elif kind == b"IDAT":
+            idat.append(blob[pos + 8:pos + 8 + length])
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    if header is None or not idat:
+        raise DatasetError(f"label {path} is truncated (no image header or data); re-extract it from the archive.")
+    w, h, depth, colour, _, _, interlace = header
+    if (depth, colour, interlace) != (16, 2, 0):
+        kind = {0: "grayscale", 2: "RGB", 3: "palette", 4: "grayscale+alpha", 6: "RGBA"}.get(colour, "unknown")
+        raise DatasetError(f"label {path} is a {depth}-bit {kind}{' interlaced' if interlace else ''} PNG; SYNTHIA "
+                           f"labels (GT/LABELS) are 16-bit RGB PNGs, not interlaced, with the class id in the first "
+                           f"channel. Use the GT/LABELS files of SYNTHIA-RAND-CITYSCAPES as downloaded.")
+    data = b"".join(idat)
+    try:
+        hi, lo = (np.asarray(Image.frombytes("RGB", (w, h), data, "zip", raw)) for raw in ("RGB;16B", "RGB;16L"))
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"cannot decode label {path} ({e}); the file is truncated or damaged. Re-extract it "
+                           f"from the SYNTHIA-RAND-CITYSCAPES archive.") from None
+    return (hi.astype(np.uint16) << 8) | lo
+
+
+def _raw_label(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W) raw values of the label file and the lookup table that maps them to train ids."""
+    if sample.synthia:
+        return read_png16_rgb(sample.lbl)[..., 0], SYNTHIA_TO_TRAIN  # channels 1, 2: instance ids, unused
+    return _label_values(sample.lbl), TRAIN_TO_TRAIN if sample.train_ids else ID_TO_TRAIN
+
+
 def read_label(sample: Sample) -> np.ndarray:
     """(H, W) uint8 train ids / IGNORE."""
-    return (TRAIN_TO_TRAIN if sample.train_ids else ID_TO_TRAIN)[_label_values(sample.lbl)]
+    values, lut = _raw_label(sample)
+    return lut[values]
 
 
 def read_pair(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
@@ -263,8 +372,8 @@ def finish(img: torch.Tensor, lbl: np.ndarray | None, crop: int):
 
 def _count_classes(sample: Sample) -> np.ndarray:
     """Pixels per train id in one label at its original resolution, as DAFormer's convert script counts them."""
-    per_value = np.bincount(_label_values(sample.lbl).ravel(), minlength=256)  # count raw values, then map
-    lut = TRAIN_TO_TRAIN if sample.train_ids else ID_TO_TRAIN
+    values, lut = _raw_label(sample)
+    per_value = np.bincount(values.ravel(), minlength=len(lut))  # count raw values, then map
     return np.bincount(lut, weights=per_value, minlength=256)[:19].astype(np.int64)
 
 
@@ -433,14 +542,15 @@ class CleanLoader(DataLoader):
 
 def make_train_loader(data_root: str, src: str = "gta5", tgt: str = "cityscapes", *, crop: int = 512,
                       batch_size: int = 2, seed: int = 0, start_iter: int = 0, workers: int = 2, rank: int = 0,
-                      world_size: int = 1, src_scale=(1280, 720), tgt_scale=(1024, 512), rcs: bool = True,
+                      world_size: int = 1, src_scale=None, tgt_scale=TARGET_SCALE, rcs: bool = True,
                       cache_dir: str | None = None, pin_memory: bool = False,
-                      rcs_min_pixels: int = 3000) -> Iterator[dict]:
+                      rcs_min_pixels: int | None = None) -> Iterator[dict]:
     """Infinite iterator of training batches; the k-th batch is iteration start_iter + k.
 
     Batches: src_img float32 (B, 3, crop, crop) normalized, src_lbl int64 (B, crop, crop) train ids / 255,
-    tgt_img float32 (B, 3, crop, crop). rcs_min_pixels is DAFormer's 3000 for GTA5-sized labels."""
+    tgt_img float32 (B, 3, crop, crop). src_scale and rcs_min_pixels default to DAFormer's, SOURCES[src]."""
     source = list_dataset(data_root, src, "train")
+    src_scale, rcs_min_pixels = src_scale or SOURCES[src]["scale"], rcs_min_pixels or SOURCES[src]["rcs_min_pixels"]
     target = list_dataset(data_root, tgt, "train", need_labels=False)
     tables = rcs_tables(class_pixel_counts(source, cache_dir), rcs_min_pixels) if rcs else None
     dataset = TrainSamples(source, target, crop=crop, seed=seed, src_scale=src_scale, tgt_scale=tgt_scale,
@@ -451,7 +561,7 @@ def make_train_loader(data_root: str, src: str = "gta5", tgt: str = "cityscapes"
     return iter(loader)
 
 
-def make_val_loader(data_root: str, tgt: str = "cityscapes", split: str = "val", *, scale=(1024, 512),
+def make_val_loader(data_root: str, tgt: str = "cityscapes", split: str = "val", *, scale=TARGET_SCALE,
                     batch_size: int = 1, workers: int = 2) -> DataLoader:
     """Batches {'img': (B, 3, h, w) normalized at `scale`, 'lbl': int64 (B, H, W) full resolution, 'path'}."""
     samples = list_dataset(data_root, tgt, split)

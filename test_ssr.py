@@ -11,10 +11,13 @@ import pathlib
 import pickle
 import re
 import runpy
+import shutil
 import signal
+import struct
 import subprocess
 import sys
 import types
+import zlib
 from functools import partial
 
 import numpy as np
@@ -662,6 +665,164 @@ def test_bad_labels_give_clear_errors(tmp_path):
     Image.fromarray(np.zeros((16, 32), np.uint8)).save(label)  # half size: evaluation cannot use it
     with pytest.raises(DatasetError, match="32x16 but its image .* is 64x32"):
         next(iter(data.make_val_loader(str(tmp_path), workers=0)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SYNTHIA-RAND-CITYSCAPES: 16-bit RGB label PNGs
+
+# DAFormer's tools/convert_datasets/synthia.py, written out again here as the reference
+_DATA_SYNTHIA_TO_TRAIN = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10, 10: 11, 17: 12,
+                          8: 13, 18: 14, 19: 15, 20: 16, 12: 17, 11: 18}
+
+
+def _data_png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def _data_png16(path, values: np.ndarray, filters=(0,), depth=16, colour=2) -> None:
+    """A PNG written byte by byte: values (H, W, C) big-endian samples, row y filtered with filters[y % len],
+    each filter computed from the PNG specification (None, Sub, Up, Average, Paeth); the data in two IDATs."""
+    h = values.shape[0]
+    raw = values.astype(">u2" if depth == 16 else np.uint8).reshape(h, -1).view(np.uint8).astype(np.int32)
+    bpp = raw.shape[1] // values.shape[1]
+    rows = []
+    for y in range(h):
+        x, up = raw[y], raw[y - 1] if y else np.zeros_like(raw[y])
+        left = np.concatenate([np.zeros(bpp, np.int32), x[:-bpp]])
+        upleft = np.concatenate([np.zeros(bpp, np.int32), up[:-bpp]])
+        p = left + up - upleft
+        pa, pb, pc = abs(p - left), abs(p - up), abs(p - upleft)
+        paeth = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, upleft))
+        f = filters[y % len(filters)]
+        pred = (0 * x, left, up, (left + up) // 2, paeth)[f]
+        rows.append(bytes([f]) + ((x - pred) % 256).astype(np.uint8).tobytes())
+    z = zlib.compress(b"".join(rows))
+    ihdr = struct.pack(">IIBBBBB", values.shape[1], h, depth, colour, 0, 0, 0)
+    pathlib.Path(path).write_bytes(data.PNG_SIGNATURE + _data_png_chunk(b"IHDR", ihdr)
+                                   + _data_png_chunk(b"IDAT", z[:len(z) // 2]) + _data_png_chunk(b"IDAT", z[len(z) // 2:])
+                                   + _data_png_chunk(b"IEND", b""))
+
+
+def _data_synthia_label(ids: np.ndarray, seed: int = 0) -> np.ndarray:
+    """(H, W, 3) uint16: SYNTHIA class ids, then two instance channels that are never zero and whose low bytes
+    look like class ids (a reader that mixed up channels or bytes would be caught)."""
+    inst = np.random.default_rng(seed).integers(1, 200, (2,) + ids.shape) * 256 + ids
+    return np.stack([ids, inst[0], inst[1]], -1).astype(np.uint16)
+
+
+def _data_synthia_ids(h, w, rare: bool = False) -> np.ndarray:
+    """SYNTHIA ids: sky (1) on top, road (3) below, a building (2) block, optionally a bus (19) patch."""
+    ids = np.full((h, w), 3, np.uint16)
+    ids[: h // 2] = 1
+    ids[h // 4: h // 2, : w // 3] = 2
+    if rare:
+        ids[h // 2: h // 2 + 12, w // 2: w // 2 + 12] = 19
+    return ids
+
+
+def _data_synthia(root, n=6, h=38, w=64, rare=(0,)) -> None:
+    os.makedirs(root / "synthia" / "RGB", exist_ok=True)
+    os.makedirs(root / "synthia" / "GT" / "LABELS", exist_ok=True)
+    os.makedirs(root / "synthia" / "GT" / "COLOR", exist_ok=True)  # ships beside LABELS; never read
+    for i in range(n):
+        _data_image(root / "synthia" / "RGB" / f"{i:07d}.png", h, w, seed=i)
+        labels = _data_synthia_label(_data_synthia_ids(h, w, rare=i in rare), seed=i)
+        _data_png16(root / "synthia" / "GT" / "LABELS" / f"{i:07d}.png", labels, filters=(4, 1, 0, 3, 2))
+
+
+@pytest.mark.parametrize("filters", [(0,), (1,), (2,), (3,), (4,), (0, 1, 2, 3, 4, 4, 3)])
+def test_png16_reader_matches_hand_written_files_for_every_filter(tmp_path, filters):
+    values = np.random.default_rng(len(filters)).integers(0, 2 ** 16, (9, 13, 3)).astype(np.uint16)
+    values[:3] //= 257  # smooth rows too, where the filters' predictions are close
+    _data_png16(tmp_path / "l.png", values, filters)
+    assert np.array_equal(data.read_png16_rgb(str(tmp_path / "l.png")), values)
+
+
+def test_png16_reader_refuses_other_pngs_clearly(tmp_path):
+    _data_png16(tmp_path / "gray.png", np.zeros((4, 4, 1), np.uint16), colour=0)
+    with pytest.raises(DatasetError, match=r"16-bit grayscale PNG; SYNTHIA labels .* are 16-bit RGB"):
+        data.read_png16_rgb(str(tmp_path / "gray.png"))
+    _data_png16(tmp_path / "rgb8.png", np.zeros((4, 4, 3), np.uint8), depth=8)
+    with pytest.raises(DatasetError, match=r"8-bit RGB PNG"):
+        data.read_png16_rgb(str(tmp_path / "rgb8.png"))
+    _data_png16(tmp_path / "ok.png", np.ones((40, 40, 3), np.uint16) * 1234, filters=(1,))
+    blob = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(blob[:60])  # inside the first IDAT
+    with pytest.raises(DatasetError, match=r"cut.png.*truncated or damaged"):
+        data.read_png16_rgb(str(tmp_path / "cut.png"))
+    (tmp_path / "text.png").write_text("not a png")
+    with pytest.raises(DatasetError, match="text.png is not a PNG"):
+        data.read_png16_rgb(str(tmp_path / "text.png"))
+
+
+def test_synthia_labels_map_every_id_as_daformer_and_pillow_alone_would_lose_them(tmp_path):
+    _data_synthia(tmp_path, n=2)
+    ids = np.arange(16 * 20, dtype=np.uint16).reshape(16, 20)  # ids 0..319: every SYNTHIA id, and beyond 255
+    _data_png16(tmp_path / "synthia/GT/LABELS/0000001.png", _data_synthia_label(ids), filters=(0, 4, 3))
+    _data_image(tmp_path / "synthia/RGB/0000001.png", 16, 20)
+    samples = data.list_dataset(str(tmp_path), "synthia", "train")
+    assert [os.path.basename(s.img) for s in samples] == ["0000000.png", "0000001.png"]
+    assert all(s.synthia and s.lbl.endswith(os.path.join("GT", "LABELS", os.path.basename(s.img))) for s in samples)
+    want = np.vectorize(lambda i: _DATA_SYNTHIA_TO_TRAIN.get(int(i), 255))(ids)
+    assert np.array_equal(data.read_label(samples[1]), want)
+    assert np.array_equal(np.asarray(Image.open(samples[1].lbl))[:, :, 0], ids >> 8)  # pillow: the high byte only
+    img, lbl = data.read_pair(samples[0])
+    assert img.shape == (38, 64, 3) and lbl[0, 0] == 10 and lbl[-1, -1] == 0 and lbl[12, 0] == 2
+    assert [data.CLASSES[i] for i in data.SYNTHIA_CLASSES_13] == [
+        "road", "sidewalk", "building", "traffic light", "traffic sign", "vegetation", "sky", "person", "rider",
+        "car", "bus", "motorcycle", "bicycle"]
+    assert len(data.SYNTHIA_CLASSES) == 16 and {9, 14, 16}.isdisjoint(data.SYNTHIA_CLASSES)
+
+
+def test_synthia_pipeline_resizes_to_1280x760_and_crops_aligned(tmp_path):
+    _data_synthia(tmp_path, n=1)
+    _data_cityscapes(tmp_path, "train", n=1)
+    h, w = 760, 1280
+    yy, xx = np.mgrid[0:h, 0:w]  # each pixel's color names its position
+    img = np.stack([xx % 256, yy % 256, (xx // 256) * 16 + yy // 256], -1).astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / "synthia/RGB/0000000.png")
+    ids = np.random.default_rng(0).choice([1, 2, 3, 10, 19], (h, w)).astype(np.uint16)  # no class > 75%
+    _data_png16(tmp_path / "synthia/GT/LABELS/0000000.png", _data_synthia_label(ids))
+    batch = next(data.make_train_loader(str(tmp_path), "synthia", batch_size=1, workers=0, rcs=False,
+                                        tgt_scale=(64, 32), crop=512))
+    assert batch["src_img"].shape == (1, 3, 512, 512) and batch["src_lbl"].shape == (1, 512, 512)
+    crop = (batch["src_img"][0] * torch.tensor(data.STD).view(3, 1, 1) + torch.tensor(data.MEAN).view(3, 1, 1))
+    crop = crop.round().byte().permute(1, 2, 0).numpy().astype(int)
+    lbl = batch["src_lbl"][0].numpy()
+    found = []
+    for c, l in ((crop, lbl), (crop[:, ::-1], lbl[:, ::-1])):  # as drawn, and unflipped
+        y, x = c[0, 0, 1] + 256 * (c[0, 0, 2] % 16), c[0, 0, 0] + 256 * (c[0, 0, 2] // 16)
+        if np.array_equal(c, img[y:y + 512, x:x + 512]):  # no resize: 1280x760 is SYNTHIA's own size
+            found.append(np.array_equal(l, data.SYNTHIA_TO_TRAIN[ids[y:y + 512, x:x + 512]]))
+    assert found == [True]
+
+
+def test_synthia_rcs_counts_and_prefers_rare_classes(tmp_path):
+    _data_synthia(tmp_path)  # one of six labels holds a 12x12 bus patch
+    _data_cityscapes(tmp_path, "train")
+    counts = data.class_pixel_counts(data.list_dataset(str(tmp_path), "synthia", "train"), str(tmp_path / "c"))
+    assert counts.shape == (6, 19) and counts[0, 15] == 144 and counts[1:, 15].sum() == 0
+    building = (19 - 9) * 21  # rows 9..18, columns 0..20
+    assert counts[0].sum() == 38 * 64 and counts[1, 2] == building and counts[1, 10] == 19 * 64 - building
+    batches = _data_batches(tmp_path, 4, src="synthia", batch_size=4)
+    assert np.mean([(b["src_lbl"][j] == 15).sum().item() > 50 for b in batches for j in range(4)]) > 0.9
+
+
+def test_synthia_in_another_layout_is_explained(tmp_path):
+    os.makedirs(tmp_path / "synthia/SYNTHIA-SEQS-01-SPRING/RGB/Stereo_Left/Omni_F")
+    with pytest.raises(DatasetError, match=r"video sequences \(SYNTHIA-SEQS-01-SPRING\).*RAND-CITYSCAPES.*"
+                                           r"synthia.RGB.0000000.png.*synthia-dataset.net"):
+        data.list_dataset(str(tmp_path), "synthia", "train")
+    shutil.rmtree(tmp_path / "synthia")
+    _data_synthia(tmp_path, n=1)
+    os.makedirs(tmp_path / "x/synthia/RAND_CITYSCAPES/RGB")
+    with pytest.raises(DatasetError, match="RAND_CITYSCAPES/ one level too deep"):
+        data.list_dataset(str(tmp_path / "x"), "synthia", "train")
+    shutil.rmtree(tmp_path / "synthia/GT/LABELS")
+    with pytest.raises(DatasetError, match=r"synthia labels not found: missing folder .*GT.LABELS"):
+        data.list_dataset(str(tmp_path), "synthia", "train")
+    with pytest.raises(DatasetError, match=r"synthia not found: missing folder .*RGB"):
+        data.list_dataset(str(tmp_path / "x/synthia/RAND_CITYSCAPES"), "synthia", "train")
 
 
 def test_demo_data_is_read_by_the_same_loaders(tmp_path):

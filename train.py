@@ -40,7 +40,7 @@ DEMO = dict(mit=dict(embed_dims=(32, 64, 160, 256), depths=(1, 1, 1, 1)), channe
             **data.DEMO)
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--src", default="gta5", choices=["gta5"], help="labelled source domain (folder under --data-root)")
+p.add_argument("--src", default="gta5", choices=list(data.SOURCES), help="labelled source domain (folder under --data-root)")
 p.add_argument("--tgt", default="cityscapes", choices=["cityscapes"], help="unlabelled target domain (folder under --data-root)")
 p.add_argument("--data-root", default="data", help="folder holding gta5/ and cityscapes/ as downloaded")
 p.add_argument("--method", default="ssr", choices=["ssr", "dacs", "source-only"],
@@ -106,7 +106,8 @@ if args.demo:
     src_scale, tgt_scale, rcs_min_pixels = DEMO["src_scale"], DEMO["tgt_scale"], DEMO["rcs_min_pixels"]
 else:  # the paper's configuration
     mit_overrides, channels, sam_overrides, ignore_rows = {}, 256, {}, (15, 120)
-    src_scale, tgt_scale, rcs_min_pixels = (1280, 720), (1024, 512), 3000
+    src_scale, rcs_min_pixels = data.SOURCES[args.src]["scale"], data.SOURCES[args.src]["rcs_min_pixels"]
+    tgt_scale = data.TARGET_SCALE
 if args.amp is None:
     args.amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.amp]
@@ -221,7 +222,7 @@ try:
     def save() -> None:
         """The deployable model and the full training state, each written atomically (tmp file, then rename)."""
         rng_cuda = [torch.cuda.get_rng_state()] if device.type == "cuda" else []
-        ssr.save_segmentor(student, model_path, dataset=args.tgt, test_scale=list(tgt_scale),
+        ssr.save_segmentor(student, model_path, dataset=args.tgt, source=args.src, test_scale=list(tgt_scale),
                            data_root=data_root, method=args.method, iters=it)
         state = dict(uda=uda.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter=it,
                      rng_cpu=torch.get_rng_state(), rng_cuda=rng_cuda, args=json.dumps(vars(args)))
