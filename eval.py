@@ -4,19 +4,23 @@ released DAFormer/MIC checkpoints.
 
     python eval.py --ckpt runs/demo/model.safetensors                                # table, images/s, mIoU
     python eval.py --ckpt model.safetensors --save-dir preds --side-by-side          # also colored predictions
+    python eval.py --ckpt model.safetensors --images photos/ --save-dir preds        # your own images, no labels
     python eval.py --convert-mmseg gta2cs_daformer.pth daformer.safetensors          # released mmseg checkpoint
 
 The protocol: each image is resized to the test scale (1024x512 for Cityscapes), the network's logits are resized
 bilinearly back to the label's full resolution (2048x1024), the argmax is compared with the label, and one
 confusion histogram is accumulated over the whole dataset with bincount (pixels labelled 255 are ignored).
 IoU per class = intersection / union over the dataset; mIoU = their mean over the classes whose union is non-zero.
-There is no per-image averaging: a small image counts as many pixels as it has.
+There is no per-image averaging: a small image counts as many pixels as it has. A model trained from SYNTHIA is
+reported as the papers do: mIoU16 (without terrain, truck and train, which SYNTHIA lacks) and mIoU13 (also without
+wall, fence and pole), and its final `mIoU:` line is the 16-class mean.
 """
 import argparse
 import collections
 import os
 import pickle
 import sys
+import tempfile
 import time
 import types
 from contextlib import nullcontext
@@ -24,8 +28,9 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
 import data
 import mit
@@ -52,6 +57,15 @@ def iou_from_confusion(hist: Tensor) -> tuple[Tensor, float]:
     union = hist.sum(0) + hist.sum(1) - inter
     iou = inter / union  # 0/0 = NaN for the classes with an empty union
     return iou, iou.nanmean().item()
+
+
+def reported_means(iou: list[float], source: str) -> dict[str, float]:
+    """The means a paper's table gives for a model trained from `source`, headline first. The IoUs stay those of
+    the 19-class confusion (a pixel predicted as terrain still counts against its true class)."""
+    if source != "synthia":
+        return {"mIoU": float(np.nanmean(iou))}
+    return {name: float(np.nanmean([iou[c] for c in classes]))
+            for name, classes in (("mIoU16", data.SYNTHIA_CLASSES), ("mIoU13", data.SYNTHIA_CLASSES_13))}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -99,15 +113,46 @@ def colorize(label: np.ndarray) -> Image.Image:
     return im
 
 
-def compose_side_by_side(img: Tensor, label: np.ndarray, pred: np.ndarray) -> Image.Image:
-    """image | ground truth | prediction, at the network's scale (img: normalized (3, h, w); label, pred: (H, W))."""
+def denormalize(img: Tensor) -> Image.Image:
+    """Normalized (3, h, w) network input -> the RGB picture it came from."""
     rgb = (img.float().cpu() * torch.tensor(data.STD).view(3, 1, 1) + torch.tensor(data.MEAN).view(3, 1, 1))
-    rgb = Image.fromarray(rgb.round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
+    return Image.fromarray(rgb.round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
+
+
+def side_by_side(img: Tensor, *labels: np.ndarray) -> Image.Image:
+    """image | each label map, at the network's scale (img: normalized (3, h, w); labels: (H, W) train ids)."""
+    rgb = denormalize(img)
     w, h = rgb.size
-    panels = [rgb] + [colorize(x).convert("RGB").resize((w, h), Image.NEAREST) for x in (label, pred)]
-    out = Image.new("RGB", (3 * w, h))
+    panels = [rgb] + [colorize(x).convert("RGB").resize((w, h), Image.NEAREST) for x in labels]
+    out = Image.new("RGB", (len(panels) * w, h))
     for k, panel in enumerate(panels):
         out.paste(panel, (k * w, 0))
+    return out
+
+
+LEGEND_CELL = (150, 16)  # one class's swatch and name (pixels): the longest name, 'traffic light', fits
+
+
+def legend(width: int) -> Image.Image:
+    """The 19 classes' colors and names in a grid `width` pixels wide, in Pillow's default font."""
+    cols = max(1, width // LEGEND_CELL[0])
+    rows = -(-len(data.CLASSES) // cols)
+    out = Image.new("RGB", (width, rows * LEGEND_CELL[1] + 4), (255, 255, 255))
+    draw, font = ImageDraw.Draw(out), ImageFont.load_default()
+    for i, (name, color) in enumerate(zip(data.CLASSES, data.PALETTE)):
+        x, y = (i % cols) * LEGEND_CELL[0] + 4, (i // cols) * LEGEND_CELL[1] + 4
+        draw.rectangle((x, y, x + 11, y + 11), fill=color, outline=(0, 0, 0))
+        draw.text((x + 16, y), name, fill=(0, 0, 0), font=font)
+    return out
+
+
+def compose_with_legend(img: Tensor, pred: np.ndarray) -> Image.Image:
+    """image | prediction at the network's scale, above the legend of the colors."""
+    top = side_by_side(img, pred)
+    key = legend(top.width)
+    out = Image.new("RGB", (top.width, top.height + key.height))
+    out.paste(top, (0, 0))
+    out.paste(key, (0, top.height))
     return out
 
 
@@ -118,7 +163,7 @@ def save_predictions(save_dir: str, batch: dict, pred: Tensor, with_side: bool) 
         stem = os.path.basename(path).removesuffix(".png").removesuffix("_leftImg8bit")
         colorize(preds[i]).save(os.path.join(save_dir, stem + ".png"))
         if with_side:
-            picture = compose_side_by_side(batch["img"][i], labels[i], preds[i])
+            picture = side_by_side(batch["img"][i], labels[i], preds[i])  # image | ground truth | prediction
             picture.save(os.path.join(save_dir, "side_by_side", stem + ".png"))
 
 
@@ -175,14 +220,108 @@ def evaluate(model: ssr.Segmentor, loader, *, device, amp_dtype: torch.dtype | N
     return dict(iou=iou.tolist(), miou=miou, hist=hist, images=n, images_per_s=n / max(seconds, 1e-9))
 
 
-def print_table(result: dict, classes) -> None:
-    """Per-class IoU in percent, then the speed, then `mIoU: NN.NN` as the last line."""
+def print_table(result: dict, classes, source: str = "gta5") -> float:
+    """Per-class IoU in percent, the speed, the means of reported_means, then `mIoU: NN.NN` as the last line: the
+    headline mean (for a SYNTHIA-trained model the 16-class one), which is returned (0..1)."""
     width = max(len(c) for c in classes) + 2
     print(f"{'class':<{width}}   IoU")
     for name, iou in zip(classes, result["iou"]):
         print(f"{name:<{width}}" + ("   n/a" if iou != iou else f"{100 * iou:6.2f}"))  # NaN: absent everywhere
     print(f"{result['images']} images, {result['images_per_s']:.2f} images/s")
-    print(f"mIoU: {100 * result['miou']:.2f}")
+    means = reported_means(result["iou"], source)
+    for name, value in means.items():
+        if name != "mIoU":
+            print(f"{name}: {100 * value:.2f}")
+    headline = next(iter(means.values()))
+    print(f"mIoU: {100 * headline:.2f}")
+    return headline
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# predictions on a user's own images (no labels)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def list_images(folder: str) -> list[str]:
+    """JPEG and PNG files under folder and its subfolders, as sorted paths relative to folder."""
+    if not os.path.isdir(folder):
+        raise data.DatasetError(f"--images {folder} is not a folder; pass the folder that holds your images.")
+    found = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder)
+                   for f in files if f.lower().endswith(IMAGE_SUFFIXES))
+    if not found:
+        raise data.DatasetError(f"--images {folder} holds no {'/'.join(IMAGE_SUFFIXES)} files (subfolders "
+                                f"included); pass the folder that holds your images.")
+    return found
+
+
+def output_names(paths: list[str]) -> list[str]:
+    """<path without suffix>.png for each relative path; where two would collide (a.jpg, a.png), both keep their
+    suffix (a.jpg.png, a.png.png)."""
+    stems = [os.path.splitext(p)[0] for p in paths]
+    counts = collections.Counter(stems)
+    return [(p if counts[s] > 1 else s) + ".png" for p, s in zip(paths, stems)]
+
+
+class UserImages(Dataset):
+    """Item i: dict(img=(3, h, w) normalized at `scale` keeping the ratio (as the val protocol), size=(W, H) of the
+    image as it is viewed, path), or dict(path, error) for a file that cannot be read."""
+
+    def __init__(self, folder: str, paths: list[str], scale):
+        self.folder, self.paths, self.scale = folder, paths, scale
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        path = os.path.join(self.folder, self.paths[i])
+        try:
+            with Image.open(path) as im:
+                im = ImageOps.exif_transpose(im).convert("RGB")  # as viewers show it; L, RGBA, P, CMYK -> RGB
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            return {"path": path, "error": f"{type(e).__name__}: {e}"}
+        w, h = im.size
+        img = data.resize_image(np.array(im), data.rescale_size(w, h, self.scale))
+        return {"img": data.normalize(img), "size": (w, h), "path": path}
+
+
+def predict_images(model: ssr.Segmentor, folder: str, save_dir: str, *, device, scale, amp_dtype=None,
+                   mode: str = "whole", crop: int = 512, stride: int = 341, with_legend: bool = False,
+                   workers: int = 0) -> tuple[int, list[str]]:
+    """Write save_dir/<relative path>.png, a Cityscapes-palette prediction at each image's own size, for every
+    JPEG/PNG under folder (and save_dir/side_by_side/... image | prediction above a legend with with_legend).
+
+    Inference as the val protocol: resize to `scale` keeping the ratio, logits resized bilinearly back to the
+    image's size, argmax. Returns (images written, messages for the files skipped because they cannot be read)."""
+    paths = list_images(folder)
+    names = output_names(paths)
+    loader = DataLoader(UserImages(folder, paths, scale), batch_size=None, num_workers=workers,
+                        generator=torch.Generator())  # images differ in size: one at a time
+    device, written, skipped = torch.device(device), 0, []
+    model.eval()
+    with torch.inference_mode():
+        for k, (item, name) in enumerate(zip(loader, names)):
+            if "error" in item:
+                skipped.append(f"{item['path']} ({item['error']})")
+                print(f"skipped {skipped[-1]}", file=sys.stderr, flush=True)
+            else:
+                img = item["img"][None].to(device)
+                with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+                    logits = network_logits(model, img, mode, crop, stride)
+                w, h = item["size"]
+                pred = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).argmax(1)[0]
+                pred = pred.cpu().numpy()
+                out = os.path.join(save_dir, name)
+                os.makedirs(os.path.dirname(out), exist_ok=True)
+                colorize(pred).save(out)
+                if with_legend:
+                    out = os.path.join(save_dir, "side_by_side", name)
+                    os.makedirs(os.path.dirname(out), exist_ok=True)
+                    compose_with_legend(item["img"], pred).save(out)
+                written += 1
+            if (k + 1) * 10 // len(paths) > k * 10 // len(paths):  # crossed a tenth
+                print(f"{k + 1}/{len(paths)} images", file=sys.stderr, flush=True)
+    return written, skipped
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -288,12 +427,10 @@ def config_from_state_dict(sd: dict[str, Tensor], where: str) -> ssr.SegConfig:
                          num_classes=num_classes, channels=channels)
 
 
-def convert_mmseg(src: str, dst: str) -> tuple[ssr.SegConfig, set[str]]:
+def convert_mmseg(src: str, dst: str, source: str | None = None) -> tuple[ssr.SegConfig, set[str]]:
     """Released DAFormer/MIC .pth -> this project's checkpoint (safetensors + metadata), loaded strictly on the
-    way; returns the configuration and the skipped non-tensor globals."""
-    out_dir = os.path.dirname(os.path.abspath(dst))
-    if not os.path.isdir(out_dir):
-        raise mit.WeightsError(f"output folder {out_dir} of {dst} does not exist; create it first.")
+    way; returns the configuration and the skipped non-tensor globals. source: the dataset the model was trained
+    from ('gta5', 'synthia'), recorded for eval.py's report; None records nothing (eval.py then assumes gta5)."""
     sd, skipped = read_mmseg_checkpoint(src)
     cfg = config_from_state_dict(sd, src)
     with torch.device("meta"):  # no time spent on random init: every tensor comes from the file
@@ -306,13 +443,49 @@ def convert_mmseg(src: str, dst: str) -> tuple[ssr.SegConfig, set[str]]:
                          f"{unexpected[:3]}, wrong shape {shape[:3]}. Only DAFormer-head models (DAFormer, MIC "
                          f"with the DAFormer head) convert; HRDA's multi-resolution head does not.")
     model.load_state_dict(sd, strict=True, assign=True)
-    ssr.save_segmentor(model, dst, dataset="cityscapes", test_scale=[1024, 512],
-                       source=f"converted from {os.path.basename(src)}")
+    ssr.save_segmentor(model, dst, dataset="cityscapes", test_scale=list(data.TARGET_SCALE),
+                       converted_from=os.path.basename(src), **({"source": source} if source else {}))
     return cfg, skipped
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # command line
+
+
+class FlagError(ValueError):
+    """A command-line flag that cannot work, explained in one paragraph."""
+
+
+def check_device(name: str) -> torch.device:
+    """The torch.device for --device, or a FlagError where this machine does not have it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FlagError(f"--device {name}: not a device name; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FlagError(f"--device {name}: PyTorch sees no CUDA GPU on this machine (torch {torch.__version__}, "
+                        f"built {'without CUDA' if torch.version.cuda is None else 'for CUDA ' + torch.version.cuda}"
+                        f"); use --device cpu.")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise FlagError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from "
+                        f"0; pick one of them.")
+    if device.type not in ("cpu", "cuda"):
+        raise FlagError(f"--device {name}: eval.py runs on cpu or cuda[:N].")
+    return device
+
+
+def check_writable(folder: str, flag: str, create: bool = True) -> None:
+    """Fail now, not after the slow steps, when no file can be written in folder (made first if create)."""
+    try:
+        if create:
+            os.makedirs(folder, exist_ok=True)
+        elif not os.path.isdir(folder):
+            raise FlagError(f"{flag}: the output folder {folder} does not exist; create it first.")
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise FlagError(f"{flag}: cannot write into {folder} ({e.strerror or e}); pass a folder you can "
+                        f"write to.") from None
 
 
 def main() -> None:
@@ -323,45 +496,73 @@ def main() -> None:
                       help="convert a released DAFormer/MIC mmseg checkpoint (reads tensors only, runs no code)")
     p.add_argument("--data-root", help="folder holding cityscapes/ as downloaded (default: the checkpoint's, or data)")
     p.add_argument("--split", default="val", help="split of the target dataset; it must have labels")
+    p.add_argument("--images", metavar="DIR",
+                   help="predict every .jpg/.jpeg/.png under DIR (subfolders too) instead of evaluating; no labels "
+                        "needed; the predictions go to --save-dir under the same relative paths")
+    p.add_argument("--src", choices=list(data.SOURCES),
+                   help="the source the model was trained from; synthia reports mIoU16 and mIoU13 (default: the "
+                        "checkpoint's, else gta5). With --convert-mmseg: recorded in the converted file")
     p.add_argument("--mode", default="whole", choices=["whole", "slide"],
                    help="whole: the resized image at once (DAFormer); slide: 512x512 windows, stride 341")
     p.add_argument("--batch-size", type=int, default=2, help="images per forward pass")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data loader processes")
-    p.add_argument("--amp", choices=["bf16", "fp16", "fp32"],
-                   help="precision (default: bf16 on GPUs that support it, else fp32, as the papers evaluated)")
+    p.add_argument("--amp", default="fp32", choices=["bf16", "fp16", "fp32"],
+                   help="precision of the forward pass (default fp32, as the DAFormer, MIC and SSR authors "
+                        "evaluated; bf16/fp16 are faster on GPUs and can move the mIoU slightly)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--save-dir", help="write each prediction there as a Cityscapes-palette PNG")
-    p.add_argument("--side-by-side", action="store_true", help="with --save-dir: also image | label | prediction")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="with --save-dir: also image | label | prediction (with --images: image | prediction and "
+                        "a legend of the colors)")
     args = p.parse_args()
 
     if args.convert_mmseg:
-        cfg, skipped = convert_mmseg(*args.convert_mmseg)
-        print(f"wrote {args.convert_mmseg[1]}: {cfg.backbone}{' ' + str(cfg.mit) if cfg.mit else ''}, "
+        src, dst = args.convert_mmseg
+        if os.path.isdir(dst):
+            raise FlagError(f"--convert-mmseg: the output {dst} is a folder; name the .safetensors file to write.")
+        check_writable(os.path.dirname(os.path.abspath(dst)), "--convert-mmseg", create=False)
+        cfg, skipped = convert_mmseg(src, dst, source=args.src)
+        print(f"wrote {dst}: {cfg.backbone}{' ' + str(cfg.mit) if cfg.mit else ''}, "
               f"{cfg.num_classes} classes, head width {cfg.channels}")
         if skipped:
             print(f"skipped non-tensor objects without running them: {', '.join(sorted(skipped))}")
         return
+    # every flag is checked before the model and the data are read
     if args.side_by_side and not args.save_dir:
-        raise ValueError("--side-by-side writes pictures into --save-dir; pass --save-dir DIR as well.")
-    device = torch.device(args.device)
-    if args.amp is None:
-        args.amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        raise FlagError("--side-by-side writes pictures into --save-dir; pass --save-dir DIR as well.")
+    if args.images and not args.save_dir:
+        raise FlagError("--images writes its predictions into --save-dir; pass --save-dir DIR as well.")
+    if args.batch_size <= 0 or args.workers < 0:
+        raise FlagError("--batch-size must be positive and --workers at least 0.")
+    device = check_device(args.device)
+    if args.save_dir:
+        check_writable(args.save_dir, "--save-dir")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.amp]
 
     model, meta = ssr.load_segmentor(args.ckpt, device)
     if model.cfg.num_classes != len(data.CLASSES):
-        raise ValueError(f"{args.ckpt} predicts {model.cfg.num_classes} classes but the evaluation uses the "
-                         f"{len(data.CLASSES)} Cityscapes classes; pass a checkpoint of a 19-class model.")
+        raise mit.WeightsError(f"{args.ckpt} predicts {model.cfg.num_classes} classes but the evaluation uses the "
+                               f"{len(data.CLASSES)} Cityscapes classes; pass a checkpoint of a 19-class model.")
+    scale = tuple(meta.get("test_scale", data.TARGET_SCALE))
+    if args.images:
+        written, skipped = predict_images(model, args.images, args.save_dir, device=device, scale=scale,
+                                          amp_dtype=amp_dtype, mode=args.mode, with_legend=args.side_by_side,
+                                          workers=args.workers)
+        if not written:
+            raise data.DatasetError(f"none of the images under {args.images} could be read: {'; '.join(skipped)}")
+        print(f"wrote {written} predictions to {args.save_dir}"
+              + (f"; skipped {len(skipped)} unreadable: {'; '.join(skipped)}" if skipped else ""))
+        return
+    source = args.src or meta.get("source", "gta5")  # train.py records it; older and converted files may not
     loader = data.make_val_loader(args.data_root or meta.get("data_root") or "data", meta.get("dataset", "cityscapes"),
-                                  args.split, scale=tuple(meta.get("test_scale", (1024, 512))),
-                                  batch_size=args.batch_size, workers=args.workers)
+                                  args.split, scale=scale, batch_size=args.batch_size, workers=args.workers)
     result = evaluate(model, loader, device=device, amp_dtype=amp_dtype, mode=args.mode, save_dir=args.save_dir,
                       side_by_side=args.side_by_side, progress=True)
-    print_table(result, data.CLASSES)
+    print_table(result, data.CLASSES, source if source in data.SOURCES else "gta5")
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError) as e:  # bad files, flags, datasets: a message, not a traceback
+    except (data.DatasetError, mit.WeightsError, FlagError) as e:  # user input; a bug keeps its traceback
         sys.exit(f"error: {e}")

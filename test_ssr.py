@@ -1449,6 +1449,93 @@ def test_cli_bad_inputs(tmp_path, monkeypatch):
         assert "\n" not in msg.strip()  # one paragraph
 
 
+def test_cli_synthia_checkpoint_reports_miou16_and_miou13(tmp_path, monkeypatch, capsys):
+    train = _eval_write_val(tmp_path)
+    train[0, -10:, :20] = 9  # terrain: in the labels, but not among SYNTHIA's 16 classes
+    to_id = np.zeros(256, np.uint8)
+    to_id[:19] = _EVAL_LABEL_IDS
+    Image.fromarray(to_id[train[0]]).save(tmp_path / "cityscapes/gtFine/val/frankfurt/frankfurt_000000_000019_gtFine_labelIds.png")
+    road = np.count_nonzero(train == 0) / np.count_nonzero(train != 255)  # IoU of road when predicted everywhere
+    present = set(np.unique(train[train != 255]).tolist())  # every other present class has IoU 0
+    assert present == {0, 1, 2, 3, 4, 5, 9}
+    want = {"mIoU16": road / 6, "mIoU13": road / 3, "all19": road / 7}  # 16: without 9; 13: also without 3, 4, 5
+    ckpts = {}
+    for source in ("synthia", None):
+        ckpts[source] = str(tmp_path / f"{source}.safetensors")
+        ssr.save_segmentor(_eval_forced(0), ckpts[source], dataset="cityscapes", test_scale=[64, 32],
+                           **({"source": source} if source else {}))
+    for ckpt, extra in ((ckpts["synthia"], ()), (ckpts[None], ("--src", "synthia"))):
+        assert _eval_cli(monkeypatch, "--ckpt", ckpt, "--data-root", str(tmp_path), "--workers", "0", *extra) == ""
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert lines[-3:] == [f"mIoU16: {100 * want['mIoU16']:.2f}", f"mIoU13: {100 * want['mIoU13']:.2f}",
+                              f"mIoU: {100 * want['mIoU16']:.2f}"]
+    assert _eval_cli(monkeypatch, "--ckpt", ckpts[None], "--data-root", str(tmp_path), "--workers", "0") == ""
+    lines = capsys.readouterr().out.strip().splitlines()  # no source recorded: GTA5's report, the 19-class mean
+    assert lines[-1] == f"mIoU: {100 * want['all19']:.2f}" and not any("mIoU16" in l for l in lines)
+
+
+def test_cli_predicts_a_folder_of_own_images(tmp_path, monkeypatch, capsys):
+    photos = tmp_path / "photos"
+    os.makedirs(photos / "trip")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)).save(photos / "street.png")  # RGB
+    Image.fromarray(rng.integers(0, 256, (41, 23), dtype=np.uint8)).save(photos / "gray.jpg")  # L, JPEG
+    Image.fromarray(rng.integers(0, 256, (20, 70, 4), dtype=np.uint8)).save(photos / "trip" / "alpha.png")  # RGBA
+    Image.fromarray(rng.integers(0, 8, (16, 16), dtype=np.uint8), mode="P").save(photos / "trip" / "pal.PNG")
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (photos / "notes.txt").write_text("not an image: ignored")
+    ckpt = str(tmp_path / "m.safetensors")
+    ssr.save_segmentor(_eval_forced(13), ckpt, dataset="cityscapes", test_scale=[64, 32])
+    out = tmp_path / "preds"
+    msg = _eval_cli(monkeypatch, "--ckpt", ckpt, "--images", str(photos), "--save-dir", str(out), "--side-by-side",
+                    "--workers", "0")
+    assert msg == ""
+    captured = capsys.readouterr()
+    assert re.search(r"skipped .*broken.jpg \(", captured.err) and "5/5 images" in captured.err
+    assert captured.out.startswith(f"wrote 4 predictions to {out}; skipped 1 unreadable: ")
+    for name, size in (("street.png", (50, 30)), ("gray.png", (23, 41)), ("trip/alpha.png", (70, 20)),
+                       ("trip/pal.png", (16, 16))):
+        pred = Image.open(out / name)
+        assert pred.mode == "P" and pred.size == size and (np.asarray(pred) == 13).all(), name  # the image's size
+    assert sorted(p.name for p in out.rglob("*.png") if "side_by_side" not in p.parts) == [
+        "alpha.png", "gray.png", "pal.png", "street.png"]
+    side = Image.open(out / "side_by_side" / "street.png")
+    w, h = data.rescale_size(50, 30, (64, 32))  # the network's scale: 53x32
+    legend_h = 19 * ev.LEGEND_CELL[1] + 4  # 2 * 53 px wide: one class per row
+    assert side.size == (2 * w, h + legend_h)
+    pixels = np.asarray(side)
+    assert (pixels[:h, w:] == (0, 0, 142)).all()  # the prediction panel: car everywhere
+    assert (pixels[h:] == (0, 0, 142)).all(-1).sum() >= 100  # car's swatch in the legend, 12x12 minus its outline
+    assert (pixels[h:] == 0).all(-1).sum() > 19 * 20  # black text and outlines
+    assert (out / "side_by_side" / "trip" / "alpha.png").is_file()
+
+
+def test_cli_device_and_output_errors_come_before_any_slow_step(tmp_path, monkeypatch):
+    missing = str(tmp_path / "missing.safetensors")  # the checkpoint would fail later: the flag must fail first
+    (tmp_path / "file").write_text("a file where a folder must go")
+    cases = [(["--save-dir", str(tmp_path / "file" / "preds")], r"--save-dir: cannot write into .*file.preds"),
+             (["--save-dir", str(tmp_path / "file")], r"--save-dir: cannot write into .*file"),
+             (["--images", str(tmp_path)], "--images writes its predictions into --save-dir"),
+             (["--device", "gpu0"], "--device gpu0: not a device name")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], r"--device cuda: PyTorch sees no CUDA GPU .*use --device cpu"))
+    for extra, pattern in cases:
+        msg = _eval_cli(monkeypatch, "--ckpt", missing, "--workers", "0", *extra)
+        assert msg.startswith("error:") and re.search(pattern, msg) and "\n" not in msg, (extra, msg)
+    for dst, pattern in ((tmp_path, "is a folder"), (tmp_path / "file" / "o.safetensors", "does not exist")):
+        msg = _eval_cli(monkeypatch, "--convert-mmseg", str(tmp_path / "nope.pth"), str(dst))
+        assert msg.startswith("error: --convert-mmseg") and pattern in msg, msg  # before reading the input
+
+
+def test_cli_keeps_the_traceback_of_a_bug(tmp_path, monkeypatch):
+    _eval_write_val(tmp_path)
+    ckpt = str(tmp_path / "m.safetensors")
+    ssr.save_segmentor(_eval_tiny(), ckpt, dataset="cityscapes", test_scale=[64, 32])
+    monkeypatch.setattr(ev.F, "interpolate", lambda *a, **k: (_ for _ in ()).throw(ValueError("a bug")))
+    with pytest.raises(ValueError, match="a bug"):  # not turned into an 'error:' line
+        _eval_cli(monkeypatch, "--ckpt", ckpt, "--data-root", str(tmp_path), "--workers", "0")
+
+
 # ==============================================================================================================
 # train.py: the training program end to end
 # ==============================================================================================================
