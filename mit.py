@@ -28,6 +28,11 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 
+# Where the ImageNet weights come from (README, "Weights"); every missing-weights message names it.
+DOWNLOAD = ("mit_b5.pth, 'pretrained on ImageNet-1K', linked from the NVlabs SegFormer README "
+            "(https://github.com/NVlabs/SegFormer#training), or the files of https://huggingface.co/nvidia/mit-b5")
+
+
 class WeightsError(ValueError):
     """A weights or checkpoint file that cannot be used (missing, unreadable, of another model), explained in one
     paragraph for the person running the program. The programs print it without a traceback; any other exception
@@ -371,7 +376,7 @@ def check_state_dict(model: nn.Module, sd: dict[str, Tensor], where: str) -> Non
 def read_safetensors(path: str) -> dict[str, Tensor]:
     if not os.path.isfile(path):
         raise WeightsError(f"MiT weights file {path} does not exist; pass the path of a .safetensors file "
-                                f"(convert a .pth/.bin with: python mit.py convert IN OUT.safetensors).")
+                           f"(convert a .pth/.bin with: python mit.py convert IN OUT.safetensors). Download: {DOWNLOAD}.")
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
@@ -391,7 +396,7 @@ def read_torch_checkpoint(path: str) -> dict[str, Tensor]:
     """A .pth/.bin state dict, flat or wrapped under 'state_dict' (mmcv-style checkpoints)."""
     if not os.path.isfile(path):
         raise WeightsError(f"checkpoint {path} does not exist; pass an NVlabs mit_b*.pth or a Hugging Face "
-                                f"pytorch_model.bin.")
+                           f"pytorch_model.bin. Download: {DOWNLOAD}.")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types for a bad file; all mean the same to the user

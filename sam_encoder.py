@@ -35,6 +35,11 @@ from torch import Tensor
 
 from mit import WeightsError, save_atomic  # shared with mit.py: the error for unusable weights files, atomic writes
 
+# Where the weights come from (README, "Weights"); every missing-weights message names it.
+DOWNLOAD = ("the official https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth (ViT-L: "
+            "sam_vit_l_0b3195.pth, ViT-H: sam_vit_h_4b8939.pth), or the model.safetensors of "
+            "https://huggingface.co/facebook/sam-vit-base (sam-vit-large, sam-vit-huge)")
+
 
 @dataclass
 class SamConfig:
@@ -332,7 +337,8 @@ def check_state_dict(model: SamEncoder, sd: dict[str, Tensor], where: str) -> No
 def read_safetensors(path: str) -> dict[str, Tensor]:
     if not os.path.isfile(path):
         raise WeightsError(f"SAM weights file {path} does not exist; pass the path of a .safetensors file "
-                                f"(convert an official sam_vit_*.pth with: python sam_encoder.py convert IN OUT).")
+                           f"(convert an official sam_vit_*.pth with: python sam_encoder.py convert IN OUT). "
+                           f"Download: {DOWNLOAD}.")
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
@@ -363,7 +369,8 @@ def frozen_teacher(name: str, weights: str | None, img_size: int = 1024, device=
 def read_torch_checkpoint(path: str) -> dict[str, Tensor]:
     """A .pth state dict, flat (as the official sam_vit_*.pth) or wrapped under 'model' or 'state_dict'."""
     if not os.path.isfile(path):
-        raise WeightsError(f"checkpoint {path} does not exist; pass an official sam_vit_b/l/h_*.pth.")
+        raise WeightsError(f"checkpoint {path} does not exist; pass an official sam_vit_b/l/h_*.pth. "
+                           f"Download: {DOWNLOAD}.")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types for a bad file; all mean the same to the user

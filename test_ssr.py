@@ -147,7 +147,8 @@ def test_mit_wrong_size_nonsafetensors_and_missing_file_errors(tmp_path):
     torch.save(tiny.state_dict(), pth)
     with pytest.raises(ValueError, match=r"mit_b0\.pth is not a safetensors file.*python mit.py convert"):
         mit.load_weights(tiny, str(pth))
-    with pytest.raises(mit.WeightsError, match=r"nope\.safetensors does not exist"):
+    with pytest.raises(mit.WeightsError, match=r"nope\.safetensors does not exist.*Download: mit_b5.pth.*"
+                                               r"github.com/NVlabs/SegFormer.*huggingface.co/nvidia/mit-b5"):
         mit.load_weights(tiny, str(tmp_path / "nope.safetensors"))
 
     sd = tiny.state_dict()
@@ -398,6 +399,14 @@ def test_sam_convert_cli(tmp_path):
     with pytest.raises(ValueError, match="not_sam.pth.*holds no SAM image encoder"):
         sam_encoder.convert_checkpoint(str(tmp_path / "not_sam.pth"), str(tmp_path / "bad.safetensors"))
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_sam_missing_weights_say_where_to_download(tmp_path):
+    for path in ("nope.safetensors", "nope.pth"):
+        with pytest.raises(mit.WeightsError, match=r"nope.* does not exist.*Download: .*dl.fbaipublicfiles.com/"
+                                                   r"segment_anything/sam_vit_b_01ec64.pth.*facebook/sam-vit-base"):
+            read = sam_encoder.read_safetensors if path.endswith("safetensors") else sam_encoder.read_torch_checkpoint
+            read(str(tmp_path / path))
 
 
 def test_sam_frozen_teacher_is_frozen(tmp_path):

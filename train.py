@@ -117,11 +117,11 @@ state_path, model_path = os.path.join(out, "train_state.pt"), os.path.join(out, 
 
 # Flags that contradict each other fail here, before anything slow happens.
 if args.pretrained is None:
-    fail("--pretrained is required: pass the ImageNet MiT weights (e.g. mit_b5.safetensors, see README) "
+    fail(f"--pretrained is required: pass the ImageNet MiT weights ({mit.DOWNLOAD}; see README) "
          "or --pretrained none for a random initialization (for tests only: it will not reach the paper's numbers).")
 if args.method == "ssr" and args.sam_weights is None:
-    fail("--method ssr needs the SAM teacher: pass --sam-weights PATH (e.g. the model.safetensors of "
-         "facebook/sam-vit-base, see README), or --sam-weights none for a random teacher (tests and demo only).")
+    fail(f"--method ssr needs the SAM teacher: pass --sam-weights PATH ({sam_encoder.DOWNLOAD}; see README), "
+         "or --sam-weights none for a random teacher (tests and demo only).")
 if args.method != "ssr" and args.sam_weights not in (None, "none"):
     fail(f"--sam-weights is only used by --method ssr, not by --method {args.method}: drop it or use --method ssr.")
 if not stages or any(s not in range(4) for s in stages) or len(set(stages)) != len(stages):
