@@ -461,7 +461,7 @@ class TrainSamples(Dataset):
         return finish(s_img, s_lbl, self.crop)
 
     def _target(self, rng: np.random.Generator) -> torch.Tensor:
-        # no cat_max_ratio here: target labels are never used in training (DAFormer's crop peeks at them)
+        # a plain random crop, as DAFormer's released Cityscapes pipeline: target labels are never read in training
         img = read_image(self.target[rng.integers(len(self.target))].img)
         img = resize_image(img, rescale_size(img.shape[1], img.shape[0], self.tgt_scale))
         return finish(crop_flip(rng, img, None, self.crop)[0], None, self.crop)[0]
