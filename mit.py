@@ -376,7 +376,8 @@ def check_state_dict(model: nn.Module, sd: dict[str, Tensor], where: str) -> Non
 def read_safetensors(path: str) -> dict[str, Tensor]:
     if not os.path.isfile(path):
         raise WeightsError(f"MiT weights file {path} does not exist; pass the path of a .safetensors file "
-                           f"(convert a .pth/.bin with: python mit.py convert IN OUT.safetensors). Download: {DOWNLOAD}.")
+                           f"(convert a .pth/.bin with: python mit.py convert IN OUT.safetensors). "
+                           f"Download: {DOWNLOAD}.")
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:

@@ -707,8 +707,8 @@ def _data_png16(path, values: np.ndarray, filters=(0,), depth=16, colour=2) -> N
         rows.append(bytes([f]) + ((x - pred) % 256).astype(np.uint8).tobytes())
     z = zlib.compress(b"".join(rows))
     ihdr = struct.pack(">IIBBBBB", values.shape[1], h, depth, colour, 0, 0, 0)
-    pathlib.Path(path).write_bytes(data.PNG_SIGNATURE + _data_png_chunk(b"IHDR", ihdr)
-                                   + _data_png_chunk(b"IDAT", z[:len(z) // 2]) + _data_png_chunk(b"IDAT", z[len(z) // 2:])
+    idat = _data_png_chunk(b"IDAT", z[:len(z) // 2]) + _data_png_chunk(b"IDAT", z[len(z) // 2:])
+    pathlib.Path(path).write_bytes(data.PNG_SIGNATURE + _data_png_chunk(b"IHDR", ihdr) + idat
                                    + _data_png_chunk(b"IEND", b""))
 
 
@@ -1463,7 +1463,8 @@ def test_cli_synthia_checkpoint_reports_miou16_and_miou13(tmp_path, monkeypatch,
     train[0, -10:, :20] = 9  # terrain: in the labels, but not among SYNTHIA's 16 classes
     to_id = np.zeros(256, np.uint8)
     to_id[:19] = _EVAL_LABEL_IDS
-    Image.fromarray(to_id[train[0]]).save(tmp_path / "cityscapes/gtFine/val/frankfurt/frankfurt_000000_000019_gtFine_labelIds.png")
+    gt = tmp_path / "cityscapes/gtFine/val/frankfurt/frankfurt_000000_000019_gtFine_labelIds.png"
+    Image.fromarray(to_id[train[0]]).save(gt)
     road = np.count_nonzero(train == 0) / np.count_nonzero(train != 255)  # IoU of road when predicted everywhere
     present = set(np.unique(train[train != 255]).tolist())  # every other present class has IoU 0
     assert present == {0, 1, 2, 3, 4, 5, 9}
@@ -1586,6 +1587,19 @@ def test_train_each_method_end_to_end(_train_root, tmp_path, method):
     assert any(k.startswith("ema.") for k in state["uda"]) == (method != "source-only")
     logged = [line for line in open(tmp_path / "log.jsonl")]
     assert len(logged) == 4  # 3 progress lines and the final evaluation
+
+
+def test_train_from_synthia_records_the_source(_train_root, tmp_path):
+    root = tmp_path / "data"
+    os.makedirs(root)
+    for name in ("gta5", "cityscapes"):  # the demo's target; gta5 present, so --demo writes nothing here
+        os.symlink(os.path.join(_train_root, name), root / name)
+    _data_synthia(root, n=6, h=144, w=256)
+    r = _train_run(_train_cmd(str(root), tmp_path / "run", "--src", "synthia", "--method", "source-only",
+                              "--iters", "2", "--eval-every", "0"))
+    assert r.returncode == 0, r.stderr
+    assert "rare-class statistics of 6 labels" in r.stdout
+    assert ssr.load_segmentor(str(tmp_path / "run" / "model.safetensors"))[1]["source"] == "synthia"
 
 
 def test_train_stops_cleanly_after_ten_nonfinite_losses(_train_root, tmp_path):
