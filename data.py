@@ -1,8 +1,7 @@
 """GTA5 / SYNTHIA -> Cityscapes data, read straight from the official downloads, with DAFormer's training pipeline.
 
 No preparation step: GTA5 palette labels, SYNTHIA's 16-bit label PNGs and Cityscapes `_labelIds` are mapped to the
-19 train ids on the fly,
-and the rare-class statistics are computed on first use and cached outside the dataset folder.
+19 train ids on the fly, and the rare-class statistics are computed on first use and cached outside the dataset folder.
 Every random choice of the training sample at global position k comes from np.random.default_rng([seed, k]),
 so a batch is a function of (seed, iteration, rank) alone: resuming or changing the worker count changes nothing.
 `make_demo_data` writes two small synthetic domains in the very same layouts, so the demo runs the real code path.
@@ -13,7 +12,6 @@ import math
 import os
 import shutil
 import struct
-import zlib
 from dataclasses import dataclass
 from multiprocessing import Pool
 from typing import Iterator
@@ -244,7 +242,7 @@ def read_png16_rgb(path: str) -> np.ndarray:
     header, idat, pos = None, [], 8
     while pos + 8 <= len(blob):  # chunk: length (4 bytes), type (4), data, CRC (4)
         length, kind = struct.unpack(">I4s", blob[pos:pos + 8])
-        if kind == b"IHDR":
+        if kind == b"IHDR" and pos + 21 <= len(blob):
             header = struct.unpack(">IIBBBBB", blob[pos + 8:pos + 21])  # w, h, depth, colour, compr, filter, interl.
         elif kind == b"IDAT":
             idat.append(blob[pos + 8:pos + 8 + length])
@@ -309,6 +307,8 @@ def rescale_size(w: int, h: int, scale: tuple[int, int]) -> tuple[int, int]:
 def resize_image(img: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, h, w) float32 in 0..255. Bilinear with half-pixel centres and no antialiasing, as
     cv2.INTER_LINEAR in mmcv; rounded because cv2 returns uint8."""
+    # the (3, H, W) view of the HWC array stays channels-last: bilinear on it took 38 ms for 1914x1052 -> 1280x704 and
+    # 24 ms for 2048x1024 -> 1024x512, a contiguous NCHW copy 60 and 49 ms (same output; 1 thread, loaded 2-core VM)
     x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()
     if (x.shape[2], x.shape[1]) != tuple(size):
         x = F.interpolate(x[None], size=(size[1], size[0]), mode="bilinear", align_corners=False)[0]
