@@ -1477,6 +1477,16 @@ def test_train_zero_intervals_mean_at_the_end(_train_root, tmp_path, monkeypatch
     assert _train_state(tmp_path / "run")["iter"] == 2
     for f in ("train_state.pt", "model.safetensors"):
         assert (tmp_path / "run" / f).stat().st_mode & 0o777 == 0o640, f
+    # the run folder explains itself: config.json holds every flag; the logged loss is the interval's mean
+    config = json.load(open(tmp_path / "run" / "config.json"))
+    assert config["log_every"] == 0 and config["method"] == "source-only" and config["out"] == str(tmp_path / "run")
+    flags = re.findall(r'add_argument\("--([\w-]+)"', open(os.path.join(_ROOT, "train.py")).read())
+    assert sorted(config) == sorted(f.replace("-", "_") for f in flags)  # every flag, the defaults included
+    assert _train_inprocess(monkeypatch, *_train_tiny(_train_root, tmp_path / "each", "--method", "source-only",
+                                                      "--iters", "2")) == ""
+    each = [json.loads(line) for line in open(tmp_path / "each" / "log.jsonl") if '"src"' in line]
+    assert logged[0]["src"] == pytest.approx((each[0]["src"] + each[1]["src"]) / 2, rel=1e-6)
+    assert logged[0]["elapsed_s"] > 0
 
 
 def test_train_default_run_folder_names_the_seed(_train_root, tmp_path, monkeypatch):

@@ -146,6 +146,7 @@ if args.resume:
     if state["iter"] >= args.iters:
         fail(f"the run in {out} finished already ({state['iter']} of {args.iters} iterations); "
              f"pass a larger --iters to train further.")
+args.out = out  # resolved, for config.json and the saved flags
 
 
 def get_lr(it: int) -> float:
@@ -417,10 +418,17 @@ try:
     batch, data_error = next_batch()
     if agree(data_error is not None)[0]:
         stop_everywhere(data_error)
+    def write_config(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(vars(args), f, indent=1)
+
+    if master:
+        mit.save_atomic(os.path.join(out, "config.json"), write_config)  # every flag's value, defaults included
     log = open(os.path.join(out, "log.jsonl"), "a") if master else None
     if master and start:
         log.write(json.dumps(dict(resume=start)) + "\n")  # the lines of later iterations that follow replace these
     mious, bad, skipped, t0, it = [], 0, 0, time.time(), start
+    totals, counted = {}, 0  # loss sums over the logging interval, on the device (no sync per iteration)
     while it < args.iters:
         src_img, src_lbl, tgt_img = (batch[k].to(device, non_blocking=True) for k in ("src_img", "src_lbl", "tgt_img"))
         for g in optimizer.param_groups:
@@ -445,20 +453,26 @@ try:
             bad = 0
             scaler.step(optimizer)
             scaler.update()
+            totals, counted = {k: totals.get(k, 0) + v.detach() for k, v in losses.items()}, counted + 1
         optimizer.zero_grad(set_to_none=True)
         it += 1
 
         last = it == args.iters
         if master and ((args.log_every and it % args.log_every == 0) or last):
-            vals = {k: v.item() for k, v in losses.items()}
-            speed = (it - start) / (time.time() - t0)
+            # the losses averaged over the interval's (finite) iterations, as mmseg logs them
+            vals = {k: (v / counted).item() for k, v in totals.items()} if counted else {
+                k: v.item() for k, v in losses.items()}
+            totals, counted = {}, 0
+            elapsed = time.time() - t0  # of this process: a resumed run counts from its resume
+            speed = (it - start) / elapsed
             eta = (args.iters - it) / speed
             mem = {"mem_gib": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}  # peak so far
             print(f"iter {it}/{args.iters} " + " ".join(f"{k} {v:.4g}" for k, v in vals.items())
-                  + f" lr {get_lr(it - 1):.2e} {speed:.2f} it/s eta {eta / 60:.0f} min"
+                  + f" lr {get_lr(it - 1):.2e} {speed:.2f} it/s elapsed {elapsed / 60:.1f} min eta {eta / 60:.0f} min"
                   + (f" skipped {skipped}" if skipped else "") + "".join(f" mem {v:.1f} GiB" for v in mem.values()),
                   flush=True)
-            log.write(json.dumps(dict(iter=it, **vals, lr=get_lr(it - 1), it_s=speed, skipped=skipped, **mem)) + "\n")
+            log.write(json.dumps(dict(iter=it, **vals, lr=get_lr(it - 1), it_s=speed, elapsed_s=elapsed,
+                                      skipped=skipped, **mem)) + "\n")
             log.flush()
         evaluating = (args.eval_every and it % args.eval_every == 0) or last
         if (args.save_every and it % args.save_every == 0) or evaluating or stopping or data_failed:
