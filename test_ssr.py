@@ -1608,6 +1608,8 @@ def test_train_resume_takes_the_saved_flags_and_refuses_contradictions(_train_ro
         assert msg.startswith("error: --resume: ") and expect in msg and "\n" not in msg, msg
     msg = _train_inprocess(monkeypatch, "--resume", "--out", str(out))
     assert "finished already (2 of 2 iterations)" in msg
+    msg = _train_inprocess(monkeypatch, *_train_tiny(_train_root, out, "--method", "dacs", "--iters", "2"))
+    assert msg == f"error: {out} already holds a run (train_state.pt). Continue it with --resume, or choose another --out."
     # only --iters given: crop 64, SAM input 64, dacs, workers 0 ... come from the saved run
     assert _train_inprocess(monkeypatch, "--resume", "--out", str(out), "--iters", "3") == ""
     state = _train_state(out)

@@ -192,8 +192,6 @@ if min(args.log_every, args.eval_every, args.save_every, args.workers) < 0:
 if os.path.exists(data_root) and not os.path.isdir(data_root):
     fail(f"--data-root {data_root} is a file; give the folder that holds gta5/ and cityscapes/"
          f"{' (the demo writes them there)' if args.demo else ''}.")
-if not args.resume and os.path.exists(state_path):
-    fail(f"{out} already holds a run (train_state.pt). Continue it with --resume, or choose another --out.")
 
 
 # -----------------------------------------------------------------------------
@@ -273,6 +271,9 @@ def claim_run_folder() -> None:
     f.write(f"{os.getpid()}\n")
     f.flush()
     lock = f
+    if not args.resume and os.path.exists(state_path):  # checked holding the lock: a running run says so first
+        raise FlagError(f"{out} already holds a run (train_state.pt). Continue it with --resume, or choose another "
+                        f"--out.")
 
 
 def release_run_folder() -> None:
