@@ -1367,8 +1367,9 @@ def test_train_resume_is_bit_identical(_train_root, tmp_path):
     assert _train_run(_train_cmd(_train_root, ref, *common)).returncode == 0
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(_train_cmd(_train_root, cut, *common), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=_ROOT)
+    # the cut run draws debug panels at every iteration: they change neither the random stream nor the losses
+    proc = subprocess.Popen(_train_cmd(_train_root, cut, *common, "--debug-every", "1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=_ROOT)
     for line in proc.stdout:
         if line.startswith("iter 2/"):
             proc.send_signal(signal.SIGTERM)
@@ -1382,6 +1383,11 @@ def test_train_resume_is_bit_identical(_train_root, tmp_path):
     r = _train_run(_train_cmd(_train_root, cut, *common, "--resume"))
     assert r.returncode == 0, r.stderr
     assert f"resuming {cut} at iteration {stopped}" in r.stdout
+    # panels: source, label, prediction, SAM-enhanced prediction / target, pseudo-label, confidence / mixed, label
+    panels = sorted(os.listdir(cut / "debug"))
+    assert panels[0] == "iter_000001.png" and len(panels) == 10
+    assert Image.open(cut / "debug" / "iter_000010.png").size == (4 * 64, 3 * (64 + ev.CAPTION))
+    assert not (ref / "debug").exists() and Image.open(cut / "curves.png").size == (960, 320)
     a, b = load_file(ref / "model.safetensors"), load_file(cut / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the optimizer and teacher state agree too, not only the student

@@ -33,7 +33,7 @@ import data  # noqa: E402
 import mit  # noqa: E402
 import sam_encoder  # noqa: E402
 import ssr  # noqa: E402
-from eval import evaluate, print_table  # noqa: E402
+from eval import debug_panel, evaluate, print_table, training_curves  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # arguments
@@ -42,7 +42,8 @@ from eval import evaluate, print_table  # noqa: E402
 # method, the loop and the evaluator are the real code path. --demo sets these defaults (flags still override
 # them); the model and data sizes below are fixed.
 DEMO_FLAGS = dict(data_root="data/demo", backbone="mit_b0", pretrained="none", sam_weights="none", sam_img_size=128,
-                  iters=300, lr=6e-4, warmup=50, crop=data.DEMO["crop"], eval_every=100, save_every=100, log_every=50)
+                  iters=300, lr=6e-4, warmup=50, crop=data.DEMO["crop"], eval_every=100, save_every=100, log_every=50,
+                  debug_every=100)
 DEMO = dict(mit=dict(embed_dims=(32, 64, 160, 256), depths=(1, 1, 1, 1)), channels=32,
             sam=dict(embed_dim=96, depth=2, num_heads=2, global_attn_indexes=(1,)),
             ignore_rows=(4, 30),  # DAFormer's 15 and 120 pseudo-label rows are for 512 crops; these are 128
@@ -84,6 +85,8 @@ p.add_argument("--log-every", type=int, default=50, help="print a progress line 
 p.add_argument("--eval-every", type=int, default=4000, help="evaluate on the target val set every N iterations (0 = at the end)")
 p.add_argument("--save-every", type=int, default=4000,
                help="write checkpoints every N iterations (0 = at the end); also before each evaluation and on a stop")
+p.add_argument("--debug-every", type=int, default=1000,
+               help="write a debug panel to <out>/debug/iter_NNNNNN.png every N iterations (dacs, ssr; 0 = never)")
 p.add_argument("--resume", action="store_true",
                help="continue from <out>/train_state.pt; flags not given take the saved run's values")
 p.add_argument("--demo", action="store_true",
@@ -186,9 +189,9 @@ if args.crop % 32 or args.crop > min(src_scale[1], tgt_scale[1]):
          f"({min(src_scale[1], tgt_scale[1])} px here), e.g. --crop 512.")
 if args.iters <= 0 or args.batch_size <= 0:
     fail("--iters and --batch-size must be positive.")
-if min(args.log_every, args.eval_every, args.save_every, args.workers) < 0:
-    fail("--log-every, --eval-every, --save-every and --workers cannot be negative (0 = at the end, or for "
-         "--workers, load in the main process).")
+if min(args.log_every, args.eval_every, args.save_every, args.debug_every, args.workers) < 0:
+    fail("--log-every, --eval-every, --save-every, --debug-every and --workers cannot be negative (0 = at the end, "
+         "or for --debug-every never, or for --workers, load in the main process).")
 if os.path.exists(data_root) and not os.path.isdir(data_root):
     fail(f"--data-root {data_root} is a file; give the folder that holds gta5/ and cityscapes/"
          f"{' (the demo writes them there)' if args.demo else ''}.")
@@ -396,6 +399,9 @@ try:
                      rng=rngs, args=json.dumps(vars(args)))
         mit.save_atomic(state_path, lambda tmp: torch.save(state, tmp))
 
+    def save_picture(picture, path: str) -> None:
+        mit.save_atomic(path, lambda tmp: picture.save(tmp, format="PNG"))
+
     def run_eval() -> float:
         result = evaluate(student, val_loader, device=device, amp_dtype=amp_dtype)
         print_table(result, data.CLASSES)
@@ -435,6 +441,7 @@ try:
         for g in optimizer.param_groups:
             g["lr"] = get_lr(it) * g["lr_mult"]
         uda.train()
+        uda.keep_pictures = master and args.method != "source-only" and args.debug_every and (it + 1) % args.debug_every == 0
         with ctx:
             losses = step(src_img, src_lbl, tgt_img, it, sam=sam)
         loss = sum(losses.values())
@@ -457,6 +464,10 @@ try:
             totals, counted = {k: totals.get(k, 0) + v.detach() for k, v in losses.items()}, counted + 1
         optimizer.zero_grad(set_to_none=True)
         it += 1
+        if uda.keep_pictures:
+            os.makedirs(os.path.join(out, "debug"), exist_ok=True)
+            save_picture(debug_panel(uda.pictures), os.path.join(out, "debug", f"iter_{it:06d}.png"))
+            uda.keep_pictures, uda.pictures = False, None
 
         last = it == args.iters
         if master and ((args.log_every and it % args.log_every == 0) or last):
@@ -488,6 +499,8 @@ try:
                     mious.append((it, run_eval()))
                     log.write(json.dumps(dict(iter=it, miou=mious[-1][1])) + "\n")
                     log.flush()
+                    with open(log.name) as f:
+                        save_picture(training_curves([json.loads(line) for line in f]), os.path.join(out, "curves.png"))
                 except data.DatasetError as e:
                     eval_error = e
             if agree(eval_error is not None)[0]:
