@@ -75,12 +75,12 @@ p.add_argument("--batch-size", type=int, default=2, help="source and target imag
 p.add_argument("--crop", type=int, default=512, help="training crop size")
 p.add_argument("--lr", type=float, default=6e-5, help="base learning rate (the head gets 10x)")
 p.add_argument("--warmup", type=int, default=1500, help="linear warm-up iterations")
-p.add_argument("--amp", choices=["bf16", "fp16", "fp32"], help="mixed precision (default: bf16 where supported, else fp32)")
+p.add_argument("--amp", choices=["bf16", "fp16", "fp32"], help="mixed precision; unset: bf16 where supported, else fp32")
 p.add_argument("--seed", type=int, default=0, help="seed for weights, sampling and augmentation")
 p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data loader processes per GPU")
 p.add_argument("--compile", action="store_true", help="torch.compile the networks (the first iterations are slow)")
 p.add_argument("--grad-checkpoint", action="store_true", help="recompute MiT blocks in backward to save memory")
-p.add_argument("--out", help="run folder (default: runs/<name>_seed<seed>)")
+p.add_argument("--out", help="run folder; unset: runs/<name>_seed<seed>")
 p.add_argument("--log-every", type=int, default=50, help="print a progress line every N iterations (0 = at the end)")
 p.add_argument("--eval-every", type=int, default=4000, help="evaluate on the target val set every N iterations (0 = at the end)")
 p.add_argument("--save-every", type=int, default=4000,
@@ -124,7 +124,8 @@ def read_state(path: str) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         fail(f"--resume: cannot read {path} ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}); "
-             f"it is truncated or not a train_state.pt. The run cannot continue from it: start a new one in another --out.")
+             f"it is truncated or not a train_state.pt. The run cannot continue from it: start a new one in "
+             f"another --out.")
     if not isinstance(state, dict) or not {"uda", "optimizer", "scaler", "iter", "rng", "args"} <= state.keys():
         fail(f"--resume: {path} is not a train_state.pt written by this train.py (it lacks the training state). "
              f"Start a new run in another --out.")
@@ -402,6 +403,24 @@ try:
     def save_picture(picture, path: str) -> None:
         mit.save_atomic(path, lambda tmp: picture.save(tmp, format="PNG"))
 
+    def write_config(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(vars(args), f, indent=1)
+
+    def read_log() -> list[dict]:
+        """log.jsonl's records; a line cut short (by a power loss, say) is left out."""
+        records = []
+        with open(log.name) as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+        return records
+
+    def saved_in(it: int) -> str:
+        return f" The state at iteration {it} is saved in {state_path}: fix this, then continue with --resume."
+
     def run_eval() -> float:
         result = evaluate(student, val_loader, device=device, amp_dtype=amp_dtype)
         print_table(result, data.CLASSES)
@@ -425,10 +444,6 @@ try:
     batch, data_error = next_batch()
     if agree(data_error is not None)[0]:
         stop_everywhere(data_error)
-    def write_config(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(vars(args), f, indent=1)
-
     if master:
         mit.save_atomic(os.path.join(out, "config.json"), write_config)  # every flag's value, defaults included
     log = open(os.path.join(out, "log.jsonl"), "a") if master else None
@@ -441,7 +456,8 @@ try:
         for g in optimizer.param_groups:
             g["lr"] = get_lr(it) * g["lr_mult"]
         uda.train()
-        uda.keep_pictures = master and args.method != "source-only" and args.debug_every and (it + 1) % args.debug_every == 0
+        drawing = master and args.method != "source-only" and args.debug_every and (it + 1) % args.debug_every == 0
+        uda.keep_pictures = bool(drawing)  # the forward keeps its tensors for a debug panel
         with ctx:
             losses = step(src_img, src_lbl, tgt_img, it, sam=sam)
         loss = sum(losses.values())
@@ -489,9 +505,8 @@ try:
         evaluating = (args.eval_every and it % args.eval_every == 0) or last
         if (args.save_every and it % args.save_every == 0) or evaluating or stopping or data_failed:
             save()  # before evaluating: an evaluation that fails loses nothing
-        saved_note = f" The state at iteration {it} is saved in {state_path}: fix this, then continue with --resume."
         if data_failed:
-            stop_everywhere(data_error, saved_note)
+            stop_everywhere(data_error, saved_in(it))
         if evaluating:
             eval_error = None
             if master:
@@ -499,12 +514,11 @@ try:
                     mious.append((it, run_eval()))
                     log.write(json.dumps(dict(iter=it, miou=mious[-1][1])) + "\n")
                     log.flush()
-                    with open(log.name) as f:
-                        save_picture(training_curves([json.loads(line) for line in f]), os.path.join(out, "curves.png"))
+                    save_picture(training_curves(read_log()), os.path.join(out, "curves.png"))
                 except data.DatasetError as e:
                     eval_error = e
             if agree(eval_error is not None)[0]:
-                stop_everywhere(eval_error, saved_note)
+                stop_everywhere(eval_error, saved_in(it))
         if stopping:
             if master:
                 print(f"stopped at iteration {it}; the state is saved in {out}: continue with --resume")
