@@ -2,7 +2,7 @@
 Evaluate a segmentor on the target validation set in the protocol of mmsegmentation/DAFormer, and convert the
 released DAFormer/MIC checkpoints.
 
-    python eval.py --ckpt runs/demo/model.safetensors                                # table, images/s, mIoU
+    python eval.py --ckpt runs/demo_seed0/model.safetensors                             # table, images/s, mIoU
     python eval.py --ckpt model.safetensors --save-dir preds --side-by-side          # also colored predictions
     python eval.py --ckpt model.safetensors --images photos/ --save-dir preds        # your own images, no labels
     python eval.py --convert-mmseg gta2cs_daformer.pth daformer.safetensors          # released mmseg checkpoint
@@ -165,6 +165,87 @@ def save_predictions(save_dir: str, batch: dict, pred: Tensor, with_side: bool) 
         if with_side:
             picture = side_by_side(batch["img"][i], labels[i], preds[i])  # image | ground truth | prediction
             picture.save(os.path.join(save_dir, "side_by_side", stem + ".png"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training pictures: train.py's debug panels and loss curves, drawn with pillow alone
+
+CAPTION = 12  # px of caption strip above each tile
+NOT_LOSSES = ("iter", "lr", "it_s", "elapsed_s", "skipped", "mem_gib")  # the other fields of a progress line
+
+
+def _rgb(img: Tensor) -> Image.Image:
+    """Normalized (3, h, w) -> RGB image."""
+    rgb = img.float().cpu() * torch.tensor(data.STD).view(3, 1, 1) + torch.tensor(data.MEAN).view(3, 1, 1)
+    return Image.fromarray(rgb.round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
+
+
+def debug_panel(pictures: dict[str, Tensor]) -> Image.Image:
+    """DAFormer-style debug panel of the first image of a batch, from ssr.UDA's `pictures`: source image, label
+    and prediction (and, for SSR, the prediction from the SAM-enhanced features); target image, pseudo-label and
+    the teacher's confidence (black 0, white 1); mixed image and its label. Each tile at the crop's size."""
+    p = {k: v[0] for k, v in pictures.items()}
+    w, h = p["src_img"].shape[2], p["src_img"].shape[1]
+    ids = lambda t: colorize(t.cpu().numpy()).convert("RGB")  # noqa: E731
+    confidence = F.softmax(p["tgt_logits"].float(), dim=0).max(0).values
+    rows = [[("source", _rgb(p["src_img"])), ("source label", ids(p["src_lbl"])),
+             ("prediction", ids(p["src_logits"].argmax(0)))],
+            [("target", _rgb(p["tgt_img"])), ("pseudo-label", ids(p["plabel"])),
+             ("confidence", Image.fromarray((confidence * 255).round().byte().cpu().numpy()).convert("RGB"))],
+            [("mixed", _rgb(p["mix_img"])), ("mixed label", ids(p["mix_lbl"]))]]
+    if "ssr_logits" in p:
+        rows[0].append(("prediction, SAM-enhanced", ids(p["ssr_logits"].argmax(0))))
+    out = Image.new("RGB", (w * max(map(len, rows)), (h + CAPTION) * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(out)
+    for r, row in enumerate(rows):
+        for c, (caption, tile) in enumerate(row):
+            out.paste(tile.resize((w, h), Image.NEAREST), (c * w, r * (h + CAPTION) + CAPTION))
+            draw.text((c * w + 2, r * (h + CAPTION)), caption, fill=(0, 0, 0))
+    return out
+
+
+def training_curves(records: list[dict], size=(480, 320)) -> Image.Image:
+    """Two plots side by side, against the iteration: every loss term of the log.jsonl progress lines, and the
+    target mIoU of its evaluation lines. A later line of an iteration replaces an earlier one (after a resume)."""
+    progress, evals = {}, {}
+    for r in records:
+        if "miou" in r:
+            evals[r["iter"]] = {"mIoU": 100 * r["miou"]}
+        elif "iter" in r:
+            progress[r["iter"]] = {k: v for k, v in r.items() if k not in NOT_LOSSES}
+    out = Image.new("RGB", (2 * size[0], size[1]), (255, 255, 255))
+    for k, (title, series) in enumerate((("loss terms", progress), ("target mIoU", evals))):
+        _plot(ImageDraw.Draw(out), (k * size[0], 0, (k + 1) * size[0], size[1]), title, series)
+    return out
+
+
+_COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
+
+
+def _plot(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str, series: dict[int, dict]) -> None:
+    """One line per key of series' values, x = iteration, inside box; axis ends labelled, a legend at the top."""
+    x0, y0, x1, y1 = box[0] + 50, box[1] + 30, box[2] - 15, box[3] - 25
+    draw.rectangle((x0, y0, x1, y1), outline=(0, 0, 0))
+    draw.text((x0, box[1] + 4), title, fill=(0, 0, 0))
+    finite = [v for vals in series.values() for v in vals.values() if np.isfinite(v)]
+    if not finite:
+        return
+    its = sorted(series)
+    lo_x, hi_x = its[0], max(its[-1], its[0] + 1)
+    lo_y, hi_y = min(0.0, min(finite)), max(finite) * 1.15 or 1.0  # headroom for the legend
+    to_xy = lambda it, v: (x0 + (it - lo_x) / (hi_x - lo_x) * (x1 - x0), y1 - (v - lo_y) / (hi_y - lo_y) * (y1 - y0))  # noqa: E731
+    for text, xy in ((f"{lo_x}", (x0, y1 + 4)), (f"{hi_x}", (x1 - 30, y1 + 4)), (f"{hi_y:.3g}", (box[0] + 4, y0)),
+                     (f"{lo_y:.3g}", (box[0] + 4, y1 - 10))):
+        draw.text(xy, text, fill=(0, 0, 0))
+    keys = list(dict.fromkeys(k for it in its for k in series[it]))
+    for n, key in enumerate(keys):
+        color = _COLORS[n % len(_COLORS)]
+        points = [to_xy(it, series[it][key]) for it in its if np.isfinite(series[it].get(key, np.nan))]
+        if len(points) > 1:
+            draw.line(points, fill=color, width=2)
+        for x, y in points if len(points) <= 30 else ():  # dots where there are few, as the evaluations
+            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=color)
+        draw.text((x0 + 5 + 70 * n, y0 + 4), key, fill=color)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -421,6 +421,7 @@ class UDA(nn.Module):
     """The student and what trains it: the EMA teacher (`ema`), the frozen ImageNet encoder (`imnet`, for FD) and
     the SSR branch (`ssr`), each present only where the method needs it. The SAM encoder is passed to forward, so
     it is never part of a state dict."""
+    keep_pictures = False  # set: forward keeps its images, labels and logits in self.pictures (train.py's panels)
 
     def __init__(self, student: Segmentor, method: str = "ssr", mic: bool = False, ssr_stages=(0, 1, 2, 3),
                  sam_img_size: int = 1024, ignore_rows: tuple[int, int] = (15, 120)):
@@ -504,10 +505,12 @@ class UDA(nn.Module):
         # runs per domain, so its BatchNorms see each domain's statistics, as in DAFormer's separate passes.
         feats = self.student.backbone(torch.cat([src_img, mix_img]))
         src_feats, mix_feats = zip(*(f.chunk(2) for f in feats))
-        losses = {"src": seg_loss(head(src_feats), src_lbl)}
+        src_logits, src_enh_logits = head(src_feats), None
+        losses = {"src": seg_loss(src_logits, src_lbl)}
         if self.ssr is not None:
             src_enh, mix_enh = zip(*(f.chunk(2) for f in self.ssr(feats, tokens)))
-            losses["src_ssr"] = seg_loss(head(src_enh), src_lbl)
+            src_enh_logits = head(src_enh)
+            losses["src_ssr"] = seg_loss(src_enh_logits, src_lbl)
         losses["mix"] = seg_loss(head(mix_feats), mix_lbl, mix_weight)
         if self.ssr is not None:
             losses["mix_ssr"] = seg_loss(head(mix_enh), mix_lbl, mix_weight)
@@ -520,4 +523,8 @@ class UDA(nn.Module):
                 masked = strong_transform(tgt_img)
                 masked = masked * mic_mask(masked)
             losses["mic"] = seg_loss(self.student(masked), plabel, pweight)
+        if self.keep_pictures:  # for train.py's debug panels: detached, and nothing is drawn at random
+            self.pictures = {k: v.detach() for k, v in dict(
+                src_img=src_img, src_lbl=src_lbl, src_logits=src_logits, ssr_logits=src_enh_logits, tgt_img=tgt_img,
+                tgt_logits=tgt_logits, plabel=plabel, mix_img=mix_img, mix_lbl=mix_lbl).items() if v is not None}
         return losses

@@ -1638,8 +1638,9 @@ def test_train_resume_is_bit_identical(_train_root, tmp_path):
     assert _train_run(_train_cmd(_train_root, ref, *common)).returncode == 0
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(_train_cmd(_train_root, cut, *common), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=_ROOT)
+    # the cut run draws debug panels at every iteration: they change neither the random stream nor the losses
+    proc = subprocess.Popen(_train_cmd(_train_root, cut, *common, "--debug-every", "1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=_ROOT)
     for line in proc.stdout:
         if line.startswith("iter 2/"):
             proc.send_signal(signal.SIGTERM)
@@ -1653,6 +1654,11 @@ def test_train_resume_is_bit_identical(_train_root, tmp_path):
     r = _train_run(_train_cmd(_train_root, cut, *common, "--resume"))
     assert r.returncode == 0, r.stderr
     assert f"resuming {cut} at iteration {stopped}" in r.stdout
+    # panels: source, label, prediction, SAM-enhanced prediction / target, pseudo-label, confidence / mixed, label
+    panels = sorted(os.listdir(cut / "debug"))
+    assert panels[0] == "iter_000001.png" and len(panels) == 10
+    assert Image.open(cut / "debug" / "iter_000010.png").size == (4 * 64, 3 * (64 + ev.CAPTION))
+    assert not (ref / "debug").exists() and Image.open(cut / "curves.png").size == (960, 320)
     a, b = load_file(ref / "model.safetensors"), load_file(cut / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the optimizer and teacher state agree too, not only the student
@@ -1667,13 +1673,29 @@ def test_train_torchrun_two_cpu_processes_agree(_train_root, tmp_path):
     assert "1 x cpu" not in r.stdout and "2 x cpu" in r.stdout
 
 
-def _train_inprocess(monkeypatch, capsys, *argv):
-    """Run train.py's bad-input checks in this process (they stop before any training): the message and the
-    exit status a user sees, without a new interpreter per case."""
+def _train_inprocess(monkeypatch, *argv) -> str:
+    """Run train.py in this process (fast: no new interpreter, and monkeypatch reaches inside it): the SystemExit
+    message a user sees, or '' when the run ends normally. The signal handlers the run installs are undone."""
     monkeypatch.setattr(sys, "argv", ["train.py", *argv])
-    with pytest.raises(SystemExit) as e:
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
         runpy.run_path(os.path.join(_ROOT, "train.py"), run_name="__main__")
-    return str(e.value.code)
+    except SystemExit as e:
+        return str(e.code)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    return ""
+
+
+def _train_tiny(root, out, *extra) -> list[str]:
+    """The arguments of _train_cmd, for _train_inprocess."""
+    return ["--demo", "--data-root", str(root), "--out", str(out), "--crop", "64", "--sam-img-size", "64",
+            "--workers", "0", "--log-every", "1", "--eval-every", "0", *extra]
+
+
+def _train_state(out) -> dict:
+    return torch.load(os.path.join(out, "train_state.pt"), weights_only=True)
 
 
 @pytest.mark.parametrize("argv, expect", [
@@ -1682,17 +1704,259 @@ def _train_inprocess(monkeypatch, capsys, *argv):
     (["--pretrained", "none", "--method", "dacs", "--sam-weights", "sam.safetensors"], "only used by --method ssr"),
     (["--pretrained", "none", "--method", "dacs", "--crop", "1024"], "--crop 1024"),
     (["--pretrained", "none", "--method", "dacs", "--ssr-stages", "0,4"], "--ssr-stages"),
+    (["--pretrained", "none", "--method", "dacs", "--ssr-stages", "0,x"], "--ssr-stages"),
     (["--pretrained", "none", "--method", "dacs", "--resume", "--out", "{tmp}/nothing"], "--resume"),
     (["--pretrained", "{tmp}/missing.safetensors", "--backbone", "mit_b0", "--method", "dacs", "--data-root", "{root}",
       "--out", "{tmp}/a"], "missing.safetensors"),
     (["--pretrained", "none", "--backbone", "mit_b0", "--method", "dacs", "--data-root", "{tmp}/no-data",
-      "--out", "{tmp}/b"], "gta5"),
+      "--out", "{tmp}/a/b/c"], "gta5"),
+    (["--demo", "--data-root", "{root}", "--out", "{tmp}/afile/run"], "--out {tmp}/afile/run cannot be written"),
 ])
-def test_train_bad_input_is_one_clear_error(_train_root, tmp_path, monkeypatch, capsys, argv, expect):
+def test_train_bad_input_is_one_clear_error(_train_root, tmp_path, monkeypatch, argv, expect):
+    (tmp_path / "afile").write_text("")
     argv = [a.format(tmp=tmp_path, root=_train_root) for a in argv]
-    msg = _train_inprocess(monkeypatch, capsys, *argv)
-    assert msg.startswith("error: ") and expect in msg, msg
+    msg = _train_inprocess(monkeypatch, *argv)
+    assert msg.startswith("error: ") and expect.format(tmp=tmp_path) in msg, msg
     assert "Traceback" not in msg and "\n" not in msg.strip()
+    assert sorted(os.listdir(tmp_path)) == ["afile"]  # a failed start leaves no run folder behind
+
+
+@pytest.mark.parametrize("flags, expect", [
+    (["--sam-img-size", "0"], "--sam-img-size 0"),
+    (["--sam-img-size", "-16"], "--sam-img-size -16"),
+    (["--sam-img-size", "100"], "multiple of 16"),
+    (["--log-every", "-1"], "cannot be negative"),
+    (["--save-every", "-5"], "cannot be negative"),
+    (["--data-root", "{tmp}/afile"], "--data-root {tmp}/afile is a file"),
+])
+def test_train_every_flag_is_checked_before_anything_is_written(tmp_path, monkeypatch, flags, expect):
+    # the demo would write its data under --data-root and the run folder under runs/: neither may appear
+    (tmp_path / "afile").write_text("")
+    monkeypatch.chdir(tmp_path)
+    msg = _train_inprocess(monkeypatch, "--demo", "--data-root", str(tmp_path / "demo"),
+                           *[f.format(tmp=tmp_path) for f in flags])
+    assert msg.startswith("error: ") and expect.format(tmp=tmp_path) in msg and "\n" not in msg.strip(), msg
+    assert sorted(os.listdir(tmp_path)) == ["afile"]
+
+
+def test_train_zero_intervals_mean_at_the_end(_train_root, tmp_path, monkeypatch):
+    # --log-every 0 and --save-every 0, like --eval-every 0: only at the end; and the state and the model follow
+    # the user's umask, both of them (safetensors alone would write the model 0600)
+    old = os.umask(0o027)
+    try:
+        msg = _train_inprocess(monkeypatch, *_train_tiny(_train_root, tmp_path / "run", "--method", "source-only",
+                                                         "--iters", "2", "--log-every", "0", "--save-every", "0"))
+    finally:
+        os.umask(old)
+    assert msg == ""
+    logged = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert [e["iter"] for e in logged] == [2, 2] and "miou" in logged[1]
+    assert _train_state(tmp_path / "run")["iter"] == 2
+    for f in ("train_state.pt", "model.safetensors"):
+        assert (tmp_path / "run" / f).stat().st_mode & 0o777 == 0o640, f
+    # the run folder explains itself: config.json holds every flag; the logged loss is the interval's mean
+    config = json.load(open(tmp_path / "run" / "config.json"))
+    assert config["log_every"] == 0 and config["method"] == "source-only" and config["out"] == str(tmp_path / "run")
+    flags = re.findall(r'add_argument\("--([\w-]+)"', open(os.path.join(_ROOT, "train.py")).read())
+    assert sorted(config) == sorted(f.replace("-", "_") for f in flags)  # every flag, the defaults included
+    assert _train_inprocess(monkeypatch, *_train_tiny(_train_root, tmp_path / "each", "--method", "source-only",
+                                                      "--iters", "2")) == ""
+    each = [json.loads(line) for line in open(tmp_path / "each" / "log.jsonl") if '"src"' in line]
+    assert logged[0]["src"] == pytest.approx((each[0]["src"] + each[1]["src"]) / 2, rel=1e-6)
+    assert logged[0]["elapsed_s"] > 0
+
+
+def test_train_default_run_folder_names_the_seed(_train_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    msg = _train_inprocess(monkeypatch, "--demo", "--data-root", _train_root, "--seed", "3", "--resume")
+    assert os.path.join("runs", "demo_seed3", "train_state.pt") in msg
+    msg = _train_inprocess(monkeypatch, "--pretrained", "none", "--method", "dacs", "--mic", "--resume")
+    assert os.path.join("runs", "gta52cityscapes_dacs_mic_mit_b5_seed0", "train_state.pt") in msg
+
+
+def test_train_sets_passive_openmp_waiting_unless_the_user_chose(monkeypatch):
+    # busy-waiting OpenMP threads make a run beside another process many times slower (issue 13)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "unset-below")
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    _train_inprocess(monkeypatch, "--sam-img-size", "0")
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    _train_inprocess(monkeypatch, "--sam-img-size", "0")
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_train_second_run_on_the_same_folder_fails_at_once(_train_root, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    first = subprocess.Popen(_train_cmd(_train_root, out, "--method", "source-only", "--iters", "100000",
+                                        "--eval-every", "0", "--save-every", "0"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=_ROOT)
+    try:
+        for line in first.stdout:
+            if line.startswith("iter 1/"):
+                break
+        msg = _train_inprocess(monkeypatch, *_train_tiny(_train_root, out, "--method", "source-only", "--iters", "1"))
+        assert msg.startswith("error: ") and f"{out} is in use by another run (pid {first.pid})" in msg, msg
+    finally:
+        first.kill()  # SIGKILL: no handler runs, the OS releases the lock
+        first.communicate(timeout=60)
+    # the folder is free again; it holds no train_state.pt (nothing was saved), so a new run may start there
+    assert _train_inprocess(monkeypatch, *_train_tiny(_train_root, out, "--method", "source-only", "--iters", "1")) == ""
+    assert _train_state(out)["iter"] == 1
+
+
+def _train_copy_root(src, dst) -> str:
+    import shutil
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_train_checks_every_file_from_its_header_before_training(_train_root, tmp_path, monkeypatch):
+    root = _train_copy_root(_train_root, tmp_path / "data")
+    lbl = sorted(pathlib.Path(root, "gta5", "labels").glob("*.png"))[3]
+    Image.new("P", (64, 64)).save(lbl)  # another aspect ratio than its 384x216 image
+    built = []
+    monkeypatch.setattr(ssr, "build_segmentor", lambda *a, **k: built.append(1))
+    msg = _train_inprocess(monkeypatch, *_train_tiny(root, tmp_path / "run", "--iters", "2"))
+    assert msg.startswith("error: label ") and str(lbl) in msg and "aspect" in msg, msg
+    assert not built and not (tmp_path / "run").exists()  # found before any model was built; no folder left
+    # the header check itself: exact sizes for val, the aspect within data.SIZE_TOLERANCE for train, PNGs only
+    val = data.list_dataset(root, "cityscapes", "val")
+    data.check_samples(val, "val")
+    Image.new("L", (256, 128)).save(val[1].lbl)  # the val image's aspect, but not its size
+    with pytest.raises(DatasetError, match=re.escape(val[1].lbl)):
+        data.check_samples(val, "val")
+    data.check_samples([data.Sample(val[1].img, val[1].lbl)], "train")
+    pathlib.Path(val[2].img).write_bytes(b"GIF89a" + bytes(30))
+    with pytest.raises(DatasetError, match="not a PNG"):
+        data.check_samples(val[2:], "val")
+    os.remove(val[3].img)
+    with pytest.raises(DatasetError, match=re.escape(val[3].img)):
+        data.check_samples(val[3:], "val")
+
+
+@pytest.mark.parametrize("where", ["train", "eval"])
+def test_train_data_error_mid_run_saves_the_state_first(_train_root, tmp_path, monkeypatch, where):
+    """A file found truncated after the up-front check (a training image at the fourth batch, or a val label at the
+    first evaluation): the state of the last finished iteration is saved, the error is one paragraph, and
+    --resume continues once the file is repaired."""
+    root = _train_copy_root(_train_root, tmp_path / "data")
+    out = tmp_path / "run"
+    check, read_image = data.check_samples, data.read_image
+    val_label = data.list_dataset(root, "cityscapes", "val")[0].lbl
+    original = {}
+
+    def truncate(path):
+        original[path] = pathlib.Path(path).read_bytes()
+        pathlib.Path(path).write_bytes(original[path][:100])
+
+    if where == "eval":  # truncated right after the up-front check of the val set
+        monkeypatch.setattr(data, "check_samples", lambda s, what: (check(s, what), what == "val" and truncate(val_label)))
+    else:  # each batch of 2 reads 4 images; the 13th read is the fourth batch's, fetched during iteration 3
+        calls = []
+
+        def read_truncated(path):
+            calls.append(path)
+            if len(calls) == 13:
+                truncate(path)
+            return read_image(path)
+        monkeypatch.setattr(data, "read_image", read_truncated)
+    every = "2" if where == "eval" else "0"  # no evaluation reads images before the 13th training read
+    msg = _train_inprocess(monkeypatch, *_train_tiny(root, out, "--iters", "6", "--eval-every", every))
+    path, = original
+    assert msg.startswith("error: cannot read ") and path in msg and "--resume" in msg and "\n" not in msg, msg
+    stopped = 3 if where == "train" else 2
+    assert f"state at iteration {stopped} is saved" in msg and _train_state(out)["iter"] == stopped
+    monkeypatch.undo()
+    pathlib.Path(path).write_bytes(original[path])
+    assert _train_inprocess(monkeypatch, "--resume", "--out", str(out), "--data-root", root) == ""
+    assert _train_state(out)["iter"] == 6
+    logged = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert {"resume": stopped} in logged  # the lines that follow it replace those of the same iterations
+
+
+def test_train_resume_takes_the_saved_flags_and_refuses_contradictions(_train_root, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert _train_inprocess(monkeypatch, *_train_tiny(_train_root, out, "--method", "dacs", "--iters", "2")) == ""
+    for flags, expect in [(["--method", "ssr"], "--method ssr (saved: dacs)"),
+                          (["--crop", "32", "--batch-size", "1"], "--crop 32 (saved: 64), --batch-size 1 (saved: 2)"),
+                          (["--mic"], "--mic True (saved: False)"), (["--seed", "1"], "--seed 1 (saved: 0)")]:
+        msg = _train_inprocess(monkeypatch, "--resume", "--out", str(out), *flags)
+        assert msg.startswith("error: --resume: ") and expect in msg and "\n" not in msg, msg
+    msg = _train_inprocess(monkeypatch, "--resume", "--out", str(out))
+    assert "finished already (2 of 2 iterations)" in msg
+    msg = _train_inprocess(monkeypatch, *_train_tiny(_train_root, out, "--method", "dacs", "--iters", "2"))
+    assert msg == f"error: {out} already holds a run (train_state.pt). Continue it with --resume, or choose another --out."
+    # only --iters given: crop 64, SAM input 64, dacs, workers 0 ... come from the saved run
+    assert _train_inprocess(monkeypatch, "--resume", "--out", str(out), "--iters", "3") == ""
+    state = _train_state(out)
+    assert state["iter"] == 3 and json.loads(state["args"])["crop"] == 64
+    # a truncated and a foreign train_state.pt
+    whole = (out / "train_state.pt").read_bytes()
+    for content, expect in [(whole[: len(whole) // 2], "cannot read"), (None, "not a train_state.pt")]:
+        if content is None:
+            torch.save({"weights": torch.zeros(3)}, out / "train_state.pt")
+        else:
+            (out / "train_state.pt").write_bytes(content)
+        msg = _train_inprocess(monkeypatch, "--resume", "--out", str(out), "--iters", "4")
+        assert msg.startswith("error: --resume: ") and expect in msg and "train_state.pt" in msg, msg
+        assert "\n" not in msg.strip()
+
+
+def test_train_bug_keeps_its_traceback(_train_root, tmp_path, monkeypatch):
+    # a ValueError that is no user error (here: from inside the step) is not turned into an "error:" line
+    def broken(self, *a, **k):
+        raise ValueError("a bug in the step")
+    monkeypatch.setattr(ssr.UDA, "forward", broken)
+    with pytest.raises(ValueError, match="a bug in the step"):
+        _train_inprocess(monkeypatch, *_train_tiny(_train_root, tmp_path / "run", "--iters", "2"))
+
+
+def test_train_torchrun_resume_restores_each_ranks_random_stream(_train_root, tmp_path):
+    """Two gloo processes, killed (SIGKILL, no handler) after a save and resumed, end bit-identical to an
+    uninterrupted two-process run: each rank gets its own random stream back, not rank 0's."""
+    common = ["--method", "ssr", "--iters", "4", "--eval-every", "0", "--save-every", "2"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    r = _train_run(_train_cmd(_train_root, ref, *common, torchrun=2))
+    assert r.returncode == 0, r.stderr
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(_train_cmd(_train_root, cut, *common, torchrun=2), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env, cwd=_ROOT)
+    for line in proc.stdout:
+        if line.startswith("iter 3/"):  # the save of iteration 2 is complete
+            # torchrun starts each worker in its own session: kill the workers themselves, then torchrun
+            for pid in pathlib.Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+                os.kill(int(pid), signal.SIGKILL)
+            proc.kill()
+            break
+    proc.communicate(timeout=60)
+    stopped = _train_state(cut)["iter"]
+    assert stopped == 2
+    r = _train_run(_train_cmd(_train_root, cut, *common, "--resume", torchrun=2))
+    assert r.returncode == 0, r.stderr
+    sa, sb = _train_state(ref), _train_state(cut)
+    assert len(sb["rng"]) == 2 and not torch.equal(sb["rng"][0]["cpu"], sb["rng"][1]["cpu"])
+    assert sa["uda"].keys() == sb["uda"].keys() and all(torch.equal(sa["uda"][k], sb["uda"][k]) for k in sa["uda"])
+    oa, ob = sa["optimizer"]["state"], sb["optimizer"]["state"]
+    assert all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
+    assert all(torch.equal(a["cpu"], b["cpu"]) for a, b in zip(sa["rng"], sb["rng"]))
+    # on another number of processes the run continues, and says that it will not match
+    r = _train_run(_train_cmd(_train_root, cut, "--resume", "--iters", "5"))
+    assert r.returncode == 0, r.stderr
+    assert "saved by 2 processes and continues on 1" in r.stdout
+
+
+def test_train_torchrun_error_is_printed_once_and_leaves_no_folder(tmp_path):
+    # a data root without the datasets: found by rank 0 after the process group and the run folder were set up
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", os.path.join(_ROOT, "train.py"),
+           "--pretrained", "none", "--backbone", "mit_b0", "--method", "dacs", "--workers", "0",
+           "--data-root", str(tmp_path / "no-data"), "--out", str(tmp_path / "run")]
+    r = _train_run(cmd)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "gta5" in errors[0], r.stderr
+    assert "Traceback" not in r.stderr.split("torch.distributed.elastic")[0]
+    assert not (tmp_path / "run").exists()
 
 
 # ==============================================================================================================

@@ -4,27 +4,36 @@ Train a segmentor for unsupervised domain adaptation, GTA5 -> Cityscapes, with S
     python train.py --demo                                  # synthetic domains, tiny model, minutes on a CPU
     python train.py --src gta5 --tgt cityscapes --pretrained mit_b5.safetensors --sam-weights sam_vit_b.safetensors
     torchrun --nproc_per_node=4 train.py ...               # DistributedDataParallel, one process per GPU
+    python train.py --demo --resume                         # continue a stopped run (its flags are the defaults)
 
 Reads top to bottom: arguments, set-up, data, models, optimizer, one loop. The method itself (what one step
 computes) lives in ssr.py; this file owns the optimizer, mixed precision, logging, checkpoints and resume.
 """
-import argparse
-import json
 import os
-import signal
-import sys
-import time
-import warnings
-from contextlib import nullcontext
 
-import torch
-import torch.distributed as dist
+# OpenMP threads that wait for work spin on their core for a while by default. Beside another busy process they
+# spin on the cores that process needs, and both crawl (issue 13: 100 demo iterations took 22 s alone and 731 s
+# beside a process multiplying matrices, on 2 cores). PASSIVE makes them sleep. It is set before torch loads its
+# OpenMP runtime, which reads the variable once; the user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import data
-import mit
-import sam_encoder
-import ssr
-from eval import evaluate, print_table
+import argparse  # noqa: E402 (after the OpenMP setting above)
+import fcntl  # noqa: E402
+import json  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from contextlib import nullcontext  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import data  # noqa: E402
+import mit  # noqa: E402
+import sam_encoder  # noqa: E402
+import ssr  # noqa: E402
+from eval import debug_panel, evaluate, print_table, training_curves  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # arguments
@@ -33,13 +42,22 @@ from eval import evaluate, print_table
 # method, the loop and the evaluator are the real code path. --demo sets these defaults (flags still override
 # them); the model and data sizes below are fixed.
 DEMO_FLAGS = dict(data_root="data/demo", backbone="mit_b0", pretrained="none", sam_weights="none", sam_img_size=128,
-                  iters=300, lr=6e-4, warmup=50, crop=data.DEMO["crop"], eval_every=100, save_every=100, log_every=50)
+                  iters=300, lr=6e-4, warmup=50, crop=data.DEMO["crop"], eval_every=100, save_every=100, log_every=50,
+                  debug_every=100)
 DEMO = dict(mit=dict(embed_dims=(32, 64, 160, 256), depths=(1, 1, 1, 1)), channels=32,
             sam=dict(embed_dim=96, depth=2, num_heads=2, global_attn_indexes=(1,)),
             ignore_rows=(4, 30),  # DAFormer's 15 and 120 pseudo-label rows are for 512 crops; these are 128
             **data.DEMO)
+# On --resume these must equal the saved run's: its weights, batches and random streams depend on them.
+RUN_FLAGS = ("demo", "src", "tgt", "method", "mic", "backbone", "sam", "sam_img_size", "ssr_stages", "crop",
+             "batch_size", "seed")
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every flag's default in --help."""
+
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
 p.add_argument("--src", default="gta5", choices=list(data.SOURCES), help="labelled source domain (folder under --data-root)")
 p.add_argument("--tgt", default="cityscapes", choices=["cityscapes"], help="unlabelled target domain (folder under --data-root)")
 p.add_argument("--data-root", default="data", help="folder holding gta5/ and cityscapes/ as downloaded")
@@ -50,23 +68,27 @@ p.add_argument("--backbone", default="mit_b5", choices=list(mit.MIT_PRESETS), he
 p.add_argument("--pretrained", help="ImageNet MiT weights (.safetensors, see README), or 'none' for random init")
 p.add_argument("--sam", default="vit_b", choices=list(sam_encoder.SAM_PRESETS), help="SAM image encoder size")
 p.add_argument("--sam-weights", help="SAM weights (.safetensors), required for --method ssr; 'none' = random teacher (tests only)")
-p.add_argument("--sam-img-size", type=int, default=1024, help="resolution the SAM teacher sees (smaller = cheaper)")
+p.add_argument("--sam-img-size", type=int, default=1024, help="resolution the SAM teacher sees, a multiple of 16 (smaller = cheaper)")
 p.add_argument("--ssr-stages", default="0,1,2,3", help="comma-separated MiT stages that SAM regularizes")
 p.add_argument("--iters", type=int, default=40000, help="training iterations")
 p.add_argument("--batch-size", type=int, default=2, help="source and target images per iteration and GPU")
 p.add_argument("--crop", type=int, default=512, help="training crop size")
 p.add_argument("--lr", type=float, default=6e-5, help="base learning rate (the head gets 10x)")
 p.add_argument("--warmup", type=int, default=1500, help="linear warm-up iterations")
-p.add_argument("--amp", choices=["bf16", "fp16", "fp32"], help="mixed precision (default: bf16 where supported, else fp32)")
+p.add_argument("--amp", choices=["bf16", "fp16", "fp32"], help="mixed precision; unset: bf16 where supported, else fp32")
 p.add_argument("--seed", type=int, default=0, help="seed for weights, sampling and augmentation")
 p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data loader processes per GPU")
 p.add_argument("--compile", action="store_true", help="torch.compile the networks (the first iterations are slow)")
 p.add_argument("--grad-checkpoint", action="store_true", help="recompute MiT blocks in backward to save memory")
-p.add_argument("--out", help="run folder (default: runs/<name>)")
-p.add_argument("--log-every", type=int, default=50, help="print a progress line every N iterations")
+p.add_argument("--out", help="run folder; unset: runs/<name>_seed<seed>")
+p.add_argument("--log-every", type=int, default=50, help="print a progress line every N iterations (0 = at the end)")
 p.add_argument("--eval-every", type=int, default=4000, help="evaluate on the target val set every N iterations (0 = at the end)")
-p.add_argument("--save-every", type=int, default=4000, help="write checkpoints every N iterations (and at the end)")
-p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
+p.add_argument("--save-every", type=int, default=4000,
+               help="write checkpoints every N iterations (0 = at the end); also before each evaluation and on a stop")
+p.add_argument("--debug-every", type=int, default=1000,
+               help="write a debug panel to <out>/debug/iter_NNNNNN.png every N iterations (dacs, ssr; 0 = never)")
+p.add_argument("--resume", action="store_true",
+               help="continue from <out>/train_state.pt; flags not given take the saved run's values")
 p.add_argument("--demo", action="store_true",
                help="generate synthetic domains (if absent) and train a tiny model on them: minutes on a CPU; sets "
                     "the defaults " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_FLAGS.items()))
@@ -74,9 +96,61 @@ if "--demo" in sys.argv[1:]:
     p.set_defaults(**DEMO_FLAGS)
 args = p.parse_args()
 
+ddp = "RANK" in os.environ  # set by torchrun
+rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+master = rank == 0
+
 
 def fail(msg: str) -> None:
-    sys.exit(f"error: {msg}")
+    """Stop with a one-paragraph message and no traceback; under torchrun every rank stops, rank 0 alone prints."""
+    sys.exit(f"error: {msg}" if master else 1)
+
+
+class FlagError(ValueError):
+    """A flag that cannot work (an --out that cannot be written or is in use), found after the set-up began."""
+
+
+def run_folder(a: argparse.Namespace) -> str:
+    name = "demo" if a.demo else f"{a.src}2{a.tgt}_{a.method}{'_mic' if a.mic else ''}_{a.backbone}"
+    return a.out or os.path.join("runs", f"{name}_seed{a.seed}")  # two seeds never share a folder
+
+
+def read_state(path: str) -> dict:
+    """train_state.pt as save() writes it. torch.load raises many exception types for a truncated or foreign file
+    (RuntimeError, UnpicklingError, EOFError, ...), so all are caught, around this one call."""
+    if not os.path.exists(path):
+        fail(f"--resume: there is no {path} to continue from. Check --out, or start a new run without --resume.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"--resume: cannot read {path} ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}); "
+             f"it is truncated or not a train_state.pt. The run cannot continue from it: start a new one in "
+             f"another --out.")
+    if not isinstance(state, dict) or not {"uda", "optimizer", "scaler", "iter", "rng", "args"} <= state.keys():
+        fail(f"--resume: {path} is not a train_state.pt written by this train.py (it lacks the training state). "
+             f"Start a new run in another --out.")
+    return state
+
+
+out = run_folder(args)
+state_path, model_path = os.path.join(out, "train_state.pt"), os.path.join(out, "model.safetensors")
+state = None
+if args.resume:
+    # The saved run's flags become the defaults; the flags given now override them, except those that would not
+    # fit the saved state.
+    state = read_state(state_path)
+    saved = json.loads(state["args"])
+    p.set_defaults(**{k: v for k, v in saved.items() if k not in ("out", "resume")})
+    args = p.parse_args()
+    differ = [f"--{k.replace('_', '-')} {getattr(args, k)} (saved: {saved[k]})" for k in RUN_FLAGS
+              if getattr(args, k) != saved.get(k)]
+    if differ:
+        fail(f"--resume: {', '.join(differ)} contradict the run saved in {out}. Drop these flags (on --resume the "
+             f"saved run's flags are the defaults), or start a new run in another --out.")
+    if state["iter"] >= args.iters:
+        fail(f"the run in {out} finished already ({state['iter']} of {args.iters} iterations); "
+             f"pass a larger --iters to train further.")
+args.out = out  # resolved, for config.json and the saved flags
 
 
 def get_lr(it: int) -> float:
@@ -87,19 +161,7 @@ def get_lr(it: int) -> float:
     return lr
 
 
-# -----------------------------------------------------------------------------
-# set-up: devices, processes, seeds, precision, run folder
-
-ddp = "RANK" in os.environ  # set by torchrun
-rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-master = rank == 0
-if ddp:
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-stages = tuple(int(s) for s in args.ssr_stages.split(",") if s.strip())
+stages = tuple(int(s) for s in args.ssr_stages.split(",") if s.strip().isdigit())
 data_root = args.data_root
 if args.demo:
     mit_overrides, channels, sam_overrides, ignore_rows = DEMO["mit"], DEMO["channels"], DEMO["sam"], DEMO["ignore_rows"]
@@ -108,14 +170,8 @@ else:  # the paper's configuration
     mit_overrides, channels, sam_overrides, ignore_rows = {}, 256, {}, (15, 120)
     src_scale, rcs_min_pixels = data.SOURCES[args.src]["scale"], data.SOURCES[args.src]["rcs_min_pixels"]
     tgt_scale = data.TARGET_SCALE
-if args.amp is None:
-    args.amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.amp]
-name = "demo" if args.demo else f"{args.src}2{args.tgt}_{args.method}{'_mic' if args.mic else ''}_{args.backbone}"
-out = args.out or os.path.join("runs", name)
-state_path, model_path = os.path.join(out, "train_state.pt"), os.path.join(out, "model.safetensors")
 
-# Flags that contradict each other fail here, before anything slow happens.
+# Every flag is checked here, before anything slow or anything written.
 if args.pretrained is None:
     fail(f"--pretrained is required: pass the ImageNet MiT weights ({mit.DOWNLOAD}; see README) "
          "or --pretrained none for a random initialization (for tests only: it will not reach the paper's numbers).")
@@ -124,37 +180,155 @@ if args.method == "ssr" and args.sam_weights is None:
          "or --sam-weights none for a random teacher (tests and demo only).")
 if args.method != "ssr" and args.sam_weights not in (None, "none"):
     fail(f"--sam-weights is only used by --method ssr, not by --method {args.method}: drop it or use --method ssr.")
-if not stages or any(s not in range(4) for s in stages) or len(set(stages)) != len(stages):
+if (len(stages) != len(args.ssr_stages.split(",")) or any(s not in range(4) for s in stages)
+        or len(set(stages)) != len(stages)):
     fail(f"--ssr-stages {args.ssr_stages!r}: give distinct MiT stages among 0,1,2,3, e.g. --ssr-stages 0,1,2,3.")
+if args.sam_img_size <= 0 or args.sam_img_size % 16:
+    fail(f"--sam-img-size {args.sam_img_size}: SAM cuts its input into 16x16 patches, so give a positive multiple "
+         f"of 16, e.g. 1024 (the paper) or 512.")
 if args.crop % 32 or args.crop > min(src_scale[1], tgt_scale[1]):
     fail(f"--crop {args.crop}: the crop must be a multiple of 32 and at most the height the images are resized to "
          f"({min(src_scale[1], tgt_scale[1])} px here), e.g. --crop 512.")
 if args.iters <= 0 or args.batch_size <= 0:
     fail("--iters and --batch-size must be positive.")
-if args.resume and not os.path.exists(state_path):
-    fail(f"--resume: there is no {state_path} to continue from. Check --out, or start a new run without --resume.")
-if not args.resume and os.path.exists(state_path):
-    fail(f"{out} already holds a run (train_state.pt). Continue it with --resume, or choose another --out.")
-if args.demo and master and not os.path.isdir(os.path.join(data_root, "gta5")):
-    print(f"writing the synthetic demo domains to {data_root} ...")
-    data.make_demo_data(data_root, seed=0)
+if min(args.log_every, args.eval_every, args.save_every, args.debug_every, args.workers) < 0:
+    fail("--log-every, --eval-every, --save-every, --debug-every and --workers cannot be negative (0 = at the end, "
+         "or for --debug-every never, or for --workers, load in the main process).")
+if os.path.exists(data_root) and not os.path.isdir(data_root):
+    fail(f"--data-root {data_root} is a file; give the folder that holds gta5/ and cityscapes/"
+         f"{' (the demo writes them there)' if args.demo else ''}.")
+
+
+# -----------------------------------------------------------------------------
+# set-up: devices, processes, seeds, precision, run folder
+
 if ddp:
-    dist.barrier()  # the demo data exist before any rank reads them
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+if args.amp is None:
+    args.amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.amp]
 for warn, what in ((args.pretrained == "none", "--pretrained none: the MiT starts from random weights"),
                    (args.method == "ssr" and args.sam_weights == "none", "--sam-weights none: the SAM teacher is random")):
     if warn and master and not args.demo:
         warnings.warn(f"{what}; fine for tests, but this run will not reproduce the paper.", stacklevel=1)
 
-torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts them from rank 0)
-ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-if master:
-    os.makedirs(out, exist_ok=True)
-    print(f"run {out}: {args.method}{' + mic' if args.mic else ''}, {args.backbone}, {world} x {device.type}, {args.amp}")
 
+def agree(*flags: bool) -> list[bool]:
+    """Each flag, true on every rank if it is true on any rank (one small all-reduce), so that the ranks skip the
+    same steps and stop at the same point: a rank left waiting for one that stopped alone would hang or crash."""
+    if not ddp:
+        return [bool(f) for f in flags]
+    t = torch.tensor([float(bool(f)) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def stop_everywhere(error: Exception | None, note: str = "") -> None:
+    """Every rank raises the user errors met on any rank (found by agree); rank 0 prints them once."""
+    msgs = [str(error) if error else None]
+    if ddp:
+        msgs = [None] * world
+        dist.all_gather_object(msgs, str(error) if error else None)
+    raise data.DatasetError(" ".join(dict.fromkeys(m for m in msgs if m)) + note)
+
+
+def on_rank0(fn) -> None:
+    """fn() on rank 0 while the other ranks wait; if it meets a user error, every rank stops."""
+    error = None
+    if master:
+        try:
+            fn()
+        except (data.DatasetError, mit.WeightsError, FlagError) as e:
+            error = e
+    if agree(error is not None)[0]:
+        stop_everywhere(error)
+
+
+def claim_run_folder() -> None:
+    """Create --out if needed and hold it for the run's whole life: an exclusive flock on <out>/.lock, which the OS
+    releases when the process ends, however it ends (a kill included). A second run on the folder fails at once."""
+    global lock
+    d = os.path.abspath(out)
+    while not os.path.exists(d):  # the folders this run makes, deepest first: a failed start removes them again
+        made.append(d)
+        d = os.path.dirname(d)
+    try:
+        os.makedirs(out, exist_ok=True)
+        f = open(os.path.join(out, ".lock"), "a+")  # "a+": create, but never clobber the holder's pid
+    except OSError as e:
+        for d in made:  # what makedirs got to make, all empty
+            if os.path.isdir(d):
+                os.rmdir(d)
+        raise FlagError(f"--out {out} cannot be written ({e.strerror}). Choose a folder you can write to.") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "unknown"
+        f.close()
+        raise FlagError(f"{out} is in use by another run (pid {pid}). Wait for it to end or stop it, or choose "
+                        f"another --out.") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    lock = f
+    if not args.resume and os.path.exists(state_path):  # checked holding the lock: a running run says so first
+        raise FlagError(f"{out} already holds a run (train_state.pt). Continue it with --resume, or choose another "
+                        f"--out.")
+
+
+def release_run_folder() -> None:
+    """At exit: a folder this run made and left holding nothing but its lock is removed (a failed start leaves no
+    empty run folder); then the lock is let go."""
+    if lock is None:
+        return
+    if made and os.listdir(out) == [".lock"]:
+        os.remove(os.path.join(out, ".lock"))
+        for d in made:
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+    lock.close()
+
+
+lock, made = None, []
 try:
+    on_rank0(claim_run_folder)
+    if master:
+        print(f"run {out}: {args.method}{' + mic' if args.mic else ''}, {args.backbone}, {world} x {device.type}, {args.amp}")
+
+    # -------------------------------------------------------------------------
+    # data: every file checked from its header before the first iteration (a bad file is found now, not in hour 5)
+
+    def prepare_data() -> None:
+        if args.demo and not os.path.isdir(os.path.join(data_root, "gta5")):
+            print(f"writing the synthetic demo domains to {data_root} ...")
+            data.make_demo_data(data_root, seed=0)
+        source = data.list_dataset(data_root, args.src, "train")
+        data.check_samples(source, "train")
+        data.check_samples(data.list_dataset(data_root, args.tgt, "train", need_labels=False), "train")
+        data.check_samples(data.list_dataset(data_root, args.tgt, "val"), "val")
+        data.class_pixel_counts(source)  # the rare class statistics, computed and cached once, before other ranks
+
+    on_rank0(prepare_data)
+    start = state["iter"] if state else 0
+    train_batches = data.make_train_loader(
+        data_root, args.src, args.tgt, crop=args.crop, batch_size=args.batch_size, seed=args.seed, start_iter=start,
+        workers=args.workers, rank=rank, world_size=world, src_scale=src_scale, tgt_scale=tgt_scale,
+        rcs_min_pixels=rcs_min_pixels, pin_memory=device.type == "cuda")
+    val_loader = data.make_val_loader(data_root, args.tgt, "val", scale=tgt_scale, batch_size=1,
+                                      workers=args.workers) if master else None
+
     # -------------------------------------------------------------------------
     # models: the student segmentor, the UDA wrapper (EMA teacher, ImageNet copy, SSR branch), the SAM teacher
 
+    torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts them from rank 0)
+    ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     cfg = ssr.SegConfig(backbone=args.backbone, mit=dict(mit_overrides), channels=channels)
     student = ssr.build_segmentor(cfg)
     if args.pretrained != "none":
@@ -188,50 +362,76 @@ try:
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
     # -------------------------------------------------------------------------
-    # resume, data
+    # resume: weights, optimizer, and each rank's own random stream (mixing, jitter, drop path)
 
-    start = 0
-    if args.resume:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        uda.load_state_dict(state["uda"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start = state["iter"]
-        if start >= args.iters:
-            fail(f"the run in {out} finished already ({start} of {args.iters} iterations).")
+    torch.manual_seed(args.seed + rank)
+    if state:
+        try:
+            uda.load_state_dict(state["uda"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as e:  # strict loading: a state of another model or version
+            raise mit.WeightsError(f"{state_path} does not fit this model: {str(e).splitlines()[0]} Start a new "
+                                   f"run in another --out.") from None
+        if scaler.is_enabled() and state["scaler"]:  # an fp16 run resumed in bf16/fp32 drops its loss scale
+            scaler.load_state_dict(state["scaler"])
+        if len(state["rng"]) == world:
+            torch.set_rng_state(state["rng"][rank]["cpu"])
+            if device.type == "cuda" and state["rng"][rank]["cuda"] is not None:
+                torch.cuda.set_rng_state(state["rng"][rank]["cuda"])
+        elif master:  # the batches still follow (seed, iteration, rank); only the augmentation streams restart
+            print(f"note: the run was saved by {len(state['rng'])} processes and continues on {world}: each "
+                  f"process's random stream restarts from --seed + rank, so it will not match an uninterrupted run.")
+        del state
         if master:
             print(f"resuming {out} at iteration {start}")
-    if ddp and not master:
-        dist.barrier()  # rank 0 computes and caches the rare class statistics first, once
-    train_batches = data.make_train_loader(
-        data_root, args.src, args.tgt, crop=args.crop, batch_size=args.batch_size, seed=args.seed, start_iter=start,
-        workers=args.workers, rank=rank, world_size=world, src_scale=src_scale, tgt_scale=tgt_scale,
-        rcs_min_pixels=rcs_min_pixels, pin_memory=device.type == "cuda")
-    if ddp and master:
-        dist.barrier()
-    val_loader = data.make_val_loader(data_root, args.tgt, "val", scale=tgt_scale, batch_size=1,
-                                      workers=args.workers) if master else None
-    # Each rank its own random stream (mixing, jitter, drop path); a resumed run continues it where it stopped.
-    torch.manual_seed(args.seed + rank)
-    if args.resume:
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"][rank] if rank < len(state["rng_cuda"]) else state["rng_cuda"][0])
-        del state
 
     def save() -> None:
-        """The deployable model and the full training state, each written atomically (tmp file, then rename)."""
-        rng_cuda = [torch.cuda.get_rng_state()] if device.type == "cuda" else []
+        """Every rank: its random state is gathered; rank 0 writes the deployable model and the full training
+        state, each atomically (tmp file, then rename)."""
+        rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None)
+        rngs = [rng]
+        if ddp:
+            rngs = [None] * world
+            dist.all_gather_object(rngs, rng)
+        if not master:
+            return
         ssr.save_segmentor(student, model_path, dataset=args.tgt, source=args.src, test_scale=list(tgt_scale),
                            data_root=data_root, method=args.method, iters=it)
         state = dict(uda=uda.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter=it,
-                     rng_cpu=torch.get_rng_state(), rng_cuda=rng_cuda, args=json.dumps(vars(args)))
+                     rng=rngs, args=json.dumps(vars(args)))
         mit.save_atomic(state_path, lambda tmp: torch.save(state, tmp))
+
+    def save_picture(picture, path: str) -> None:
+        mit.save_atomic(path, lambda tmp: picture.save(tmp, format="PNG"))
+
+    def write_config(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(vars(args), f, indent=1)
+
+    def read_log() -> list[dict]:
+        """log.jsonl's records; a line cut short (by a power loss, say) is left out."""
+        records = []
+        with open(log.name) as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+        return records
+
+    def saved_in(it: int) -> str:
+        return f" The state at iteration {it} is saved in {state_path}: fix this, then continue with --resume."
 
     def run_eval() -> float:
         result = evaluate(student, val_loader, device=device, amp_dtype=amp_dtype)
-        print_table(result, data.CLASSES)
-        return result["miou"]
+        return print_table(result, data.CLASSES, args.src)  # the headline mean: mIoU16 for SYNTHIA
+
+    def next_batch() -> tuple[dict | None, data.DatasetError | None]:
+        """This rank's next batch, or the error met reading it (which every rank must learn of: see the loop)."""
+        try:
+            return next(train_batches), None
+        except data.DatasetError as e:
+            return None, e
 
     # SIGINT/SIGTERM finish the current iteration, save, and exit; a second Ctrl-C stops at once.
     stop = []
@@ -241,24 +441,31 @@ try:
     # -------------------------------------------------------------------------
     # the loop
 
+    batch, data_error = next_batch()
+    if agree(data_error is not None)[0]:
+        stop_everywhere(data_error)
+    if master:
+        mit.save_atomic(os.path.join(out, "config.json"), write_config)  # every flag's value, defaults included
     log = open(os.path.join(out, "log.jsonl"), "a") if master else None
+    if master and start:
+        log.write(json.dumps(dict(resume=start)) + "\n")  # the lines of later iterations that follow replace these
     mious, bad, skipped, t0, it = [], 0, 0, time.time(), start
+    totals, counted = {}, 0  # loss sums over the logging interval, on the device (no sync per iteration)
     while it < args.iters:
-        batch = next(train_batches)
         src_img, src_lbl, tgt_img = (batch[k].to(device, non_blocking=True) for k in ("src_img", "src_lbl", "tgt_img"))
         for g in optimizer.param_groups:
             g["lr"] = get_lr(it) * g["lr_mult"]
         uda.train()
+        drawing = master and args.method != "source-only" and args.debug_every and (it + 1) % args.debug_every == 0
+        uda.keep_pictures = bool(drawing)  # the forward keeps its tensors for a debug panel
         with ctx:
             losses = step(src_img, src_lbl, tgt_img, it, sam=sam)
         loss = sum(losses.values())
         scaler.scale(loss).backward()  # always, so that DDP ranks stay in step even when one loss is bad
-        # One small all-reduce tells every rank whether any rank saw a bad loss or a stop signal, so that all
-        # skip the same steps and stop at the same iteration.
-        flags = torch.tensor([not torch.isfinite(loss.detach()).item(), bool(stop)], device=device, dtype=torch.float32)
-        if ddp:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        nonfinite, stopping = flags.tolist()
+        # The next batch is read now, so that the one small all-reduce below tells every rank whether any rank saw
+        # a bad loss, a stop signal or a data error: all skip the same steps and stop at the same iteration.
+        batch, data_error = next_batch() if it + 1 < args.iters else (None, None)
+        nonfinite, stopping, data_failed = agree(not torch.isfinite(loss.detach()).item(), stop, data_error)
         if nonfinite:
             bad, skipped = bad + 1, skipped + 1
             if bad >= 10:
@@ -270,27 +477,48 @@ try:
             bad = 0
             scaler.step(optimizer)
             scaler.update()
+            totals, counted = {k: totals.get(k, 0) + v.detach() for k, v in losses.items()}, counted + 1
         optimizer.zero_grad(set_to_none=True)
         it += 1
+        if uda.keep_pictures:
+            os.makedirs(os.path.join(out, "debug"), exist_ok=True)
+            save_picture(debug_panel(uda.pictures), os.path.join(out, "debug", f"iter_{it:06d}.png"))
+            uda.keep_pictures, uda.pictures = False, None
 
-        if master and (it % args.log_every == 0 or it == args.iters):
-            vals = {k: v.item() for k, v in losses.items()}
-            speed = (it - start) / (time.time() - t0)
+        last = it == args.iters
+        if master and ((args.log_every and it % args.log_every == 0) or last):
+            # the losses averaged over the interval's (finite) iterations, as mmseg logs them
+            vals = {k: (v / counted).item() for k, v in totals.items()} if counted else {
+                k: v.item() for k, v in losses.items()}
+            totals, counted = {}, 0
+            elapsed = time.time() - t0  # of this process: a resumed run counts from its resume
+            speed = (it - start) / elapsed
             eta = (args.iters - it) / speed
             mem = {"mem_gib": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}  # peak so far
             print(f"iter {it}/{args.iters} " + " ".join(f"{k} {v:.4g}" for k, v in vals.items())
-                  + f" lr {get_lr(it - 1):.2e} {speed:.2f} it/s eta {eta / 60:.0f} min"
+                  + f" lr {get_lr(it - 1):.2e} {speed:.2f} it/s elapsed {elapsed / 60:.1f} min eta {eta / 60:.0f} min"
                   + (f" skipped {skipped}" if skipped else "") + "".join(f" mem {v:.1f} GiB" for v in mem.values()),
                   flush=True)
-            log.write(json.dumps(dict(iter=it, **vals, lr=get_lr(it - 1), it_s=speed, skipped=skipped, **mem)) + "\n")
+            log.write(json.dumps(dict(iter=it, **vals, lr=get_lr(it - 1), it_s=speed, elapsed_s=elapsed,
+                                      skipped=skipped, **mem)) + "\n")
             log.flush()
-        last = it == args.iters
-        if master and ((args.eval_every and it % args.eval_every == 0) or last):
-            mious.append((it, run_eval()))
-            log.write(json.dumps(dict(iter=it, miou=mious[-1][1])) + "\n")
-            log.flush()
-        if master and (it % args.save_every == 0 or last or stopping):
-            save()
+        evaluating = (args.eval_every and it % args.eval_every == 0) or last
+        if (args.save_every and it % args.save_every == 0) or evaluating or stopping or data_failed:
+            save()  # before evaluating: an evaluation that fails loses nothing
+        if data_failed:
+            stop_everywhere(data_error, saved_in(it))
+        if evaluating:
+            eval_error = None
+            if master:
+                try:
+                    mious.append((it, run_eval()))
+                    log.write(json.dumps(dict(iter=it, miou=mious[-1][1])) + "\n")
+                    log.flush()
+                    save_picture(training_curves(read_log()), os.path.join(out, "curves.png"))
+                except data.DatasetError as e:
+                    eval_error = e
+            if agree(eval_error is not None)[0]:
+                stop_everywhere(eval_error, saved_in(it))
         if stopping:
             if master:
                 print(f"stopped at iteration {it}; the state is saved in {out}: continue with --resume")
@@ -310,5 +538,7 @@ try:
             print(f"ranks agree on the weights: {all(torch.equal(s, sums[0]) for s in sums)}")
         dist.barrier()  # no rank tears the process group down while another still talks to it
         dist.destroy_process_group()
-except (FileNotFoundError, ValueError) as e:  # bad weights files, datasets, flags: a message, not a traceback
+except (data.DatasetError, mit.WeightsError, FlagError) as e:  # bad data, weights, flags: a message, no traceback
     fail(str(e))
+finally:
+    release_run_folder()
