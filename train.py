@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import demo
 import mit
 import sam_encoder
 import ssr
@@ -29,15 +30,10 @@ from eval import evaluate, print_table
 # -----------------------------------------------------------------------------
 # arguments
 
-# The demo trains a tiny MiT and a tiny random SAM teacher from scratch on the synthetic domains of data.py; the
-# method, the loop and the evaluator are the real code path. --demo sets these defaults (flags still override
-# them); the model and data sizes below are fixed.
-DEMO_FLAGS = dict(data_root="data/demo", backbone="mit_b0", pretrained="none", sam_weights="none", sam_img_size=128,
-                  iters=300, lr=6e-4, warmup=50, crop=data.DEMO["crop"], eval_every=100, save_every=100, log_every=50)
-DEMO = dict(mit=dict(embed_dims=(32, 64, 160, 256), depths=(1, 1, 1, 1)), channels=32,
-            sam=dict(embed_dim=96, depth=2, num_heads=2, global_attn_indexes=(1,)),
-            ignore_rows=(4, 30),  # DAFormer's 15 and 120 pseudo-label rows are for 512 crops; these are 128
-            **data.DEMO)
+# The demo trains a tiny MiT from scratch, with demo.py's toy SAM teacher, on demo.py's synthetic domains; the
+# method, the loop and the evaluator are the real code path. demo.CONFIG holds its fixed sizes, demo.FLAGS the
+# defaults --demo sets (flags still override them).
+DEMO, DEMO_FLAGS = demo.CONFIG, demo.FLAGS
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--src", default="gta5", choices=["gta5"], help="labelled source domain (folder under --data-root)")
@@ -73,6 +69,8 @@ p.add_argument("--demo", action="store_true",
 if "--demo" in sys.argv[1:]:
     p.set_defaults(**DEMO_FLAGS)
 args = p.parse_args()
+if args.demo and args.method == "ssr" and args.sam_weights is None:
+    args.sam_weights = demo.teacher_path()  # the toy teacher, pretrained below on first use
 
 
 def fail(msg: str) -> None:
@@ -134,11 +132,13 @@ if args.resume and not os.path.exists(state_path):
     fail(f"--resume: there is no {state_path} to continue from. Check --out, or start a new run without --resume.")
 if not args.resume and os.path.exists(state_path):
     fail(f"{out} already holds a run (train_state.pt). Continue it with --resume, or choose another --out.")
-if args.demo and master and not os.path.isdir(os.path.join(data_root, "gta5")):
-    print(f"writing the synthetic demo domains to {data_root} ...")
-    data.make_demo_data(data_root, seed=0)
+if args.demo and master:
+    try:
+        demo.prepare(data_root, args.sam_weights)
+    except data.DatasetError as e:
+        fail(str(e))
 if ddp:
-    dist.barrier()  # the demo data exist before any rank reads them
+    dist.barrier()  # the demo data and teacher exist before any rank reads them
 for warn, what in ((args.pretrained == "none", "--pretrained none: the MiT starts from random weights"),
                    (args.method == "ssr" and args.sam_weights == "none", "--sam-weights none: the SAM teacher is random")):
     if warn and master and not args.demo:
