@@ -531,6 +531,55 @@ def pretrain_teacher(path: str, probe_random: bool = False) -> None:
         save_teacher(encoder, path)
 
 
+def _probe_crops(style: str, n: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """n centre crops of scenes of a demo domain -> normalized images (n, 3, crop, crop), train ids (n, crop, crop)."""
+    (w, h), scale = (CONFIG["src_size"], CONFIG["src_scale"]) if style == "source" else (CONFIG["tgt_size"],
+                                                                                         CONFIG["tgt_scale"])
+    size, c = data.rescale_size(w, h, scale), CONFIG["sam_img_size"]
+    y0, x0 = (size[1] - c) // 2, (size[0] - c) // 2
+    imgs, lbls = [], []
+    for i in range(n):
+        img, lbl, _ = street_scene(np.random.default_rng([seed, 5, i]), h, w, DOMAINS[style])
+        imgs.append(data.resize_image(img, size)[:, y0:y0 + c, x0:x0 + c])
+        lbls.append(data.resize_label(lbl, size)[y0:y0 + c, x0:x0 + c])
+    return data.normalize(torch.stack(imgs)), np.stack(lbls)
+
+
+@torch.no_grad()
+def _cells(encoder, imgs: torch.Tensor, lbls: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens upsampled to 4x4-pixel cells, and the train id at each cell's centre; ignored cells dropped."""
+    feats = encoder(imgs)  # (N, 256, g, g)
+    x = F.interpolate(feats, scale_factor=4, mode="bilinear", align_corners=False)  # (N, 256, 4g, 4g)
+    x = x.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+    y = torch.from_numpy(lbls[:, 2::4, 2::4].astype(np.int64)).reshape(-1)
+    return x[y != data.IGNORE], y[y != data.IGNORE]
+
+
+def transfer_probe(encoder, n: int = 48, steps: int = 300) -> dict:
+    """What the frozen teacher knows that survives the domain shift, apart from SSR: a linear classifier of the 19
+    classes on its tokens, fit on source crops, scored (mIoU over the classes present, %) on held-out source crops
+    and on target crops. The class ids judge the teacher here; its pretraining never sees them."""
+    src_x, src_y = _cells(encoder.eval(), *_probe_crops("source", n, seed=11))
+    held = _cells(encoder, *_probe_crops("source", n // 2, seed=12))
+    tgt = _cells(encoder, *_probe_crops("target", n // 2, seed=13))
+    mu, sd = src_x.mean(0), src_x.std(0) + 1e-5
+    torch.manual_seed(0)
+    linear = nn.Linear(src_x.shape[1], len(data.CLASSES))
+    opt = torch.optim.Adam(linear.parameters(), lr=0.05)
+    for _ in range(steps):  # full batch: a few thousand cells
+        loss = F.cross_entropy(linear((src_x - mu) / sd), src_y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    @torch.no_grad()
+    def miou(x, y):
+        pred = linear((x - mu) / sd).argmax(1)
+        return 100 * np.mean([((pred == c) & (y == c)).sum().item() / ((pred == c) | (y == c)).sum().item()
+                              for c in y.unique().tolist()])
+    return dict(source=miou(*held), target=miou(*tgt))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 5. the study: every setting trained by train.py itself, per seed
 
@@ -669,6 +718,8 @@ def main() -> None:
     t.add_argument("--probe-random", action="store_true",
                    help="train only the pretext decoder on the frozen random encoder and report its accuracy (a "
                         "baseline for the teacher's); writes nothing")
+    pr = sub.add_parser("probe", help="linear probe of a teacher's frozen features: fit on source, score on target")
+    pr.add_argument("--weights", default=None, help="SAM weights to probe, or 'none' (default: the toy teacher)")
     s = sub.add_parser("study", help="train source-only, dacs, ssr (random teacher), ssr (toy teacher) per seed")
     s.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1")
     s.add_argument("--iters", type=int, default=FLAGS["iters"], help="training iterations per run")
@@ -682,6 +733,15 @@ def main() -> None:
             pretrain_teacher(args.out or teacher_path(), probe_random=args.probe_random)
             if not args.probe_random:
                 print(f"wrote {args.out or teacher_path()}")
+            return
+        if args.cmd == "probe":
+            weights = args.weights or teacher_path()
+            encoder = teacher_encoder()
+            if weights != "none":
+                sam_encoder.load_weights(encoder, weights)
+            r = transfer_probe(encoder)
+            print(f"{weights}: linear probe of the 19 classes on frozen tokens, fit on the source domain: "
+                  f"mIoU {r['source']:.1f} on held-out source crops, {r['target']:.1f} on target crops")
             return
         settings = [x for x in args.settings.split(",") if x]
         if not settings or any(x not in SETTINGS for x in settings):
