@@ -354,9 +354,9 @@ def prepare(root: str, sam_weights: str | None) -> None:
 
 TEACHER_VERSION = 1  # bump when the teacher's code changes what it learns: the cache key holds it
 TEACHER = dict(
-    n_scenes=600, n_held_out=100,  # scenes of random domains drawn once; training crops and flips them
+    n_scenes=600, n_held_out=100,  # scenes of the teacher's world, drawn once; training crops and flips them
     steps=500, batch=16, lr=1e-3, weight_decay=0.05, warmup=50,
-    points=96,  # pixels per crop whose pairwise affinities are learned: 96 x 96 pairs
+    points=96,  # 4x4-pixel cells per crop whose pairwise affinities are learned: 96 x 96 pairs
     embed=32,  # width of the throw-away decoder's pixel embeddings
     seed=0,
 )
@@ -413,8 +413,8 @@ def teacher_batch(scenes: list, gen: torch.Generator, batch: int, crop: int) -> 
 
 class AffinityDecoder(nn.Module):
     """The pretext head, thrown away after pretraining: each token's 256 features become pixel embeddings of its
-    4x4 cells (a 1x1 conv, then pixel shuffle: a quarter of a 16-px patch per cell), so the encoder must describe
-    what lies inside its patch, not only around it. Two pixels' affinity logit is their scaled cosine."""
+    4x4 cells of 4x4 pixels (a 1x1 conv, then pixel shuffle), so the encoder must describe what lies inside its
+    16-px patch, not only what the patch is. Two pixels' affinity logit is their scaled cosine."""
 
     def __init__(self, embed: int):
         super().__init__()
@@ -427,7 +427,7 @@ class AffinityDecoder(nn.Module):
 
 
 def affinity_pairs(emb: torch.Tensor, segments: torch.Tensor, gen: torch.Generator, points: int):
-    """Sample `points` cells per image -> (logit scale-free cosines (B, P, P), same-segment targets (B, P, P)).
+    """Sample `points` cells per image -> (their cosine similarities (B, P, P), same-segment targets (B, P, P)).
     A cell's segment is the segment of its centre pixel in the full-resolution (B, H, W) segment map."""
     B, E, h, w = emb.shape
     cell = segments.shape[-1] // w
