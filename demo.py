@@ -93,7 +93,8 @@ COLORS = dict(
 )
 SKY_BANDS = 16  # the sky is painted in bands, lighter towards the horizon
 # train ids used by the painter
-ROAD, SIDEWALK, BUILDING, FENCE, POLE, LIGHT, SIGN, VEGETATION, TERRAIN, SKY, PERSON, CAR = 0, 1, 2, 4, 5, 6, 7, 8, 9, 10, 11, 13
+ROAD, SIDEWALK, BUILDING, FENCE, POLE, LIGHT, SIGN = 0, 1, 2, 4, 5, 6, 7
+VEGETATION, TERRAIN, SKY, PERSON, CAR = 8, 9, 10, 11, 13
 
 
 class Canvas:

@@ -64,8 +64,9 @@ p.add_argument("--eval-every", type=int, default=4000, help="evaluate on the tar
 p.add_argument("--save-every", type=int, default=4000, help="write checkpoints every N iterations (and at the end)")
 p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
 p.add_argument("--demo", action="store_true",
-               help="generate synthetic domains (if absent) and train a tiny model on them: minutes on a CPU; sets "
-                    "the defaults " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_FLAGS.items()))
+               help="generate synthetic domains (if absent) and train a tiny model on them, for --method ssr with "
+                    "demo.py's toy SAM teacher (pretrained on first use): minutes on a CPU; sets the defaults "
+                    + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_FLAGS.items()))
 if "--demo" in sys.argv[1:]:
     p.set_defaults(**DEMO_FLAGS)
 args = p.parse_args()
