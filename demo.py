@@ -143,7 +143,8 @@ def _skyline(rng, canvas: Canvas, horizon: int, palette: dict) -> None:
                        palette["building"][rng.integers(3)] * rng.uniform(0.85, 1.15))
         else:
             crown = width * rng.uniform(0.8, 1.2)
-            canvas.box(horizon - 0.25 * crown, horizon, x + 0.45 * width, x + 0.55 * width, VEGETATION, palette["trunk"])
+            canvas.box(horizon - 0.25 * crown, horizon, x + 0.45 * width, x + 0.55 * width, VEGETATION,
+                       palette["trunk"])
             canvas.box(horizon - 1.1 * crown, horizon - 0.2 * crown, x, x + width, VEGETATION, palette["crown"],
                        ellipse=True)
         x += width
@@ -727,7 +728,8 @@ def main() -> None:
     s.add_argument("--out", default="runs/study", help="folder for the runs, study.md and study.png")
     s.add_argument("--data-root", default=FLAGS["data_root"], help="the demo data (written there if absent)")
     s.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated among {', '.join(SETTINGS)}")
-    s.add_argument("--amp", choices=["bf16", "fp16", "fp32"], help="train.py --amp for every run (default fp32 on a CPU)")
+    s.add_argument("--amp", choices=["bf16", "fp16", "fp32"],
+                   help="train.py --amp for every run (default: train.py's, fp32 on a CPU)")
     args = p.parse_args()
     try:
         if args.cmd == "teacher":

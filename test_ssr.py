@@ -1567,4 +1567,5 @@ def test_demo_study_reads_train_tables_and_writes_markdown_and_chart(tmp_path, c
     assert "the best setting (ssr, toy teacher) against dacs" in md and "| road | 31.00 | 33.00 | +2.00 |" in md
     demo.study_chart(fake, [0, 1, 2], str(tmp_path / "study.png"))
     chart = Image.open(tmp_path / "study.png")
-    assert chart.size[0] > 400 and len(np.unique(np.asarray(chart.convert("RGB")).reshape(-1, 3), axis=0)) > 3  # bars, dots and text drawn
+    colors = np.unique(np.asarray(chart.convert("RGB")).reshape(-1, 3), axis=0)
+    assert chart.size[0] > 400 and len(colors) > 3  # bars, dots and text drawn
