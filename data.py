@@ -4,13 +4,11 @@ No preparation step: GTA5 palette labels, SYNTHIA's 16-bit label PNGs and Citysc
 19 train ids on the fly, and the rare-class statistics are computed on first use and cached outside the dataset folder.
 Every random choice of the training sample at global position k comes from np.random.default_rng([seed, k]),
 so a batch is a function of (seed, iteration, rank) alone: resuming or changing the worker count changes nothing.
-`make_demo_data` writes two small synthetic domains in the very same layouts, so the demo runs the real code path.
+demo.py writes its two synthetic domains in the very same layouts, so the demo runs the real code path.
 """
 import hashlib
 import itertools
-import math
 import os
-import shutil
 import struct
 from dataclasses import dataclass
 from multiprocessing import Pool
@@ -54,11 +52,6 @@ SIZE_TOLERANCE = 0.05  # a label whose aspect ratio is this close to its image's
 SOURCES = {"gta5": dict(scale=(1280, 720), rcs_min_pixels=3000),
            "synthia": dict(scale=(1280, 760), rcs_min_pixels=3000)}
 TARGET_SCALE = (1024, 512)
-
-# the demo's sizes: val images at 256x128 with 512x256 labels mimic the real 1024x512 / 2048x1024 protocol;
-# min_pixels scales DAFormer's 3000 (for 1914x1052 labels) to the 384x216 demo source labels
-DEMO = dict(src_scale=(256, 144), tgt_scale=(256, 128), crop=128,
-            rcs_min_pixels=round(3000 * 384 * 216 / (1914 * 1052)))
 
 
 class DatasetError(ValueError):
@@ -599,194 +592,3 @@ def make_val_loader(data_root: str, tgt: str = "cityscapes", split: str = "val",
     samples = list_dataset(data_root, tgt, split)
     return CleanLoader(ValSamples(samples, scale), batch_size=batch_size, shuffle=False, num_workers=workers,
                        collate_fn=_collate, generator=torch.Generator())
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# synthetic demo domains: street scenes in the GTA5 and Cityscapes layouts with a real domain shift between them
-
-DEMO_DOMAINS = {
-    # GTA-like: sunny blue sky, saturated colors, big windows, clean pixels
-    "source": dict(sky=((90, 150, 230), (185, 215, 245)), window=(8, 6), car_size=1.0, person_size=1.0,
-                   light=1.0, saturation=1.0, tint=(0, 0, 0), noise=3.0, blur=False, ego=False),
-    # Cityscapes-like: overcast sky, dimmer desaturated light with a blue cast, small windows, bigger cars and
-    # people, sensor noise and lens blur, and the ego car's bonnet (an ignored label id) at the bottom. Tuned with
-    # a small conv net trained on the source only: 0.74 mIoU on the source, 0.55 here; a stronger shift (light
-    # 0.8, saturation 0.55) gave 0.29 with sidewalks lost entirely, too little for pseudo-labels to start from
-    "target": dict(sky=((175, 182, 192), (215, 218, 222)), window=(5, 4), car_size=1.3, person_size=1.25,
-                   light=0.88, saturation=0.75, tint=(-6, 2, 8), noise=5.0, blur=True, ego=True),
-}
-_BUILDINGS = np.array([(150, 85, 65), (125, 115, 105), (175, 155, 115)], np.float32)
-_CARS = np.array([(200, 30, 30), (30, 60, 170), (220, 220, 225), (25, 25, 30), (230, 180, 20)], np.float32)
-_CLOTHES = np.array([(60, 60, 170), (170, 40, 120), (40, 120, 60), (200, 120, 30)], np.float32)
-_DEMO_CITIES = {"train": ("aachen", "bochum"), "val": ("frankfurt", "lindau")}
-
-
-def _box(cv: tuple, y0, y1, x0, x1, cls: int, color, ellipse: bool = False) -> None:
-    """Paint an axis-aligned box, or the ellipse inscribed in it, clipped to the image, on the canvas
-    cv = (lbl, idx, colors): train ids, and per pixel an index into the scene's list of colors."""
-    lbl, idx, colors = cv
-    h, w = lbl.shape
-    ya, yb, xa, xb = max(int(y0), 0), min(math.ceil(y1), h), max(int(x0), 0), min(math.ceil(x1), w)
-    if ya >= yb or xa >= xb:
-        return
-    colors.append(color)
-    if not ellipse:
-        lbl[ya:yb, xa:xb], idx[ya:yb, xa:xb] = cls, len(colors) - 1
-        return
-    yy, xx = np.ogrid[ya:yb, xa:xb]
-    m = ((yy + 0.5 - (y0 + y1) / 2) / ((y1 - y0) / 2)) ** 2 + ((xx + 0.5 - (x0 + x1) / 2) / ((x1 - x0) / 2)) ** 2 <= 1
-    lbl[ya:yb, xa:xb][m] = cls
-    idx[ya:yb, xa:xb][m] = len(colors) - 1
-
-
-def _recolor(cv: tuple, mask: np.ndarray, cls: int | None, color) -> tuple:
-    """Give every pixel of mask a new color (and class, unless None): the textures and the ground."""
-    lbl, idx, colors = cv
-    colors.append(color)
-    lbl = lbl if cls is None else np.where(mask, np.uint8(cls), lbl)
-    return lbl, np.where(mask, np.uint8(len(colors) - 1), idx), colors
-
-
-def _demo_objects(rng, cv, hor, vx, rw, dom) -> None:
-    """Poles with signs or lights on the sidewalks, cars on the road, people on the sidewalks, far to near."""
-    h, w = cv[0].shape
-    objects = [("pole", g) for g in rng.uniform(0.1, 0.8, rng.integers(1, 4))]
-    objects += [("car", g) for g in rng.uniform(0.15, 0.9, rng.integers(1, 5))]
-    objects += [("person", g) for g in rng.uniform(0.15, 0.85, rng.integers(0, 5))]
-    for kind, g in sorted(objects, key=lambda o: o[1]):
-        base, side = hor + g * (h - hor), rng.choice((-1, 1))
-        if kind == "pole":
-            x, pw, s = vx + side * g * rw * 1.35, max(1.5, g * w * 0.012), max(4.0, g * w * 0.045)
-            top = base - (0.6 + 1.6 * g) * (h - hor)
-            _box(cv, top, base, x - pw / 2, x + pw / 2, 5, (75, 78, 85))
-            if rng.random() < 0.5:
-                _box(cv, top - s, top + 0.1 * s, x - s / 2, x + s / 2, 7, (235, 200, 30), ellipse=True)
-            else:
-                _box(cv, top - 1.6 * s, top, x - 0.35 * s, x + 0.35 * s, 6, (30, 30, 30))
-                lamp = ((230, 40, 30), (40, 220, 80))[rng.integers(2)]
-                _box(cv, top - 1.4 * s, top - 0.8 * s, x - 0.25 * s, x + 0.25 * s, 6, lamp, ellipse=True)
-        elif kind == "car":
-            x, cw = vx + rng.uniform(-0.7, 0.7) * g * rw, g * w * 0.22 * dom["car_size"]
-            ch = 0.55 * cw
-            _box(cv, base - 0.6 * ch, base - 0.1 * ch, x - cw / 2, x + cw / 2, 13,
-                 _CARS[rng.integers(len(_CARS))] * rng.uniform(0.8, 1.1))
-            _box(cv, base - ch, base - 0.55 * ch, x - 0.35 * cw, x + 0.35 * cw, 13, (45, 55, 65))
-            for wx in (x - 0.3 * cw, x + 0.3 * cw):
-                _box(cv, base - 0.25 * ch, base, wx - 0.12 * cw, wx + 0.12 * cw, 13, (20, 20, 20), ellipse=True)
-        else:
-            x = vx + side * g * rw * rng.uniform(1.1, 1.6)
-            ph = g * (h - hor) * 0.9 * dom["person_size"] + 4
-            pw = 0.3 * ph
-            _box(cv, base - 0.45 * ph, base, x - 0.4 * pw, x + 0.4 * pw, 11, (40, 40, 50))
-            _box(cv, base - 0.82 * ph, base - 0.45 * ph, x - pw / 2, x + pw / 2, 11,
-                 _CLOTHES[rng.integers(len(_CLOTHES))])
-            _box(cv, base - ph, base - 0.78 * ph, x - 0.3 * pw, x + 0.3 * pw, 11, (225, 185, 150), ellipse=True)
-
-
-def demo_scene(rng: np.random.Generator, h: int, w: int, dom: dict) -> tuple[np.ndarray, np.ndarray]:
-    """One street scene: (H, W, 3) uint8 image and (H, W) uint8 train ids (IGNORE for the ego car).
-
-    Shapes are painted as indices into a short color list, so the per-pixel work stays on (H, W) uint8 maps and
-    the camera's linear color transform is applied to the list, not to the image."""
-    yy, xx = np.ogrid[0:h, 0:w]  # (H, 1), (1, W)
-    sky_top, sky_low = (np.array(c, np.float32) for c in dom["sky"])
-    colors = list(sky_top + (sky_low - sky_top) * np.linspace(0, 1, 16)[:, None])  # sky in 16 bands, lighter below
-    cv = (np.full((h, w), 10, np.uint8), np.broadcast_to((yy * 16 // h).astype(np.uint8), (h, w)).copy(), colors)
-    hor = int(h * rng.uniform(0.42, 0.55))
-    x = -int(rng.integers(0, w // 10))
-    while x < w:  # skyline: buildings and trees side by side on the horizon
-        bw = int(rng.integers(w // 10, w // 4))
-        if rng.random() < 0.7:
-            _box(cv, rng.integers(h // 20, hor - h // 8), hor, x, x + bw, 2,
-                 _BUILDINGS[rng.integers(3)] * rng.uniform(0.85, 1.15))
-        else:
-            crown = bw * rng.uniform(0.8, 1.2)
-            _box(cv, hor - 0.25 * crown, hor, x + 0.45 * bw, x + 0.55 * bw, 8, (90, 65, 40))
-            _box(cv, hor - 1.1 * crown, hor - 0.2 * crown, x, x + bw, 8, (55, 135, 45), ellipse=True)
-        x += bw
-    if rng.random() < 0.5:  # a fence along the foot of the skyline
-        x0 = rng.uniform(0, 0.6) * w
-        _box(cv, hor - 0.07 * h, hor, x0, x0 + rng.uniform(0.2, 0.4) * w, 4, (140, 115, 80))
-    # ground: road in perspective towards a vanishing point, sidewalks either side, then terrain; lane dashes
-    vx, rw = w * rng.uniform(0.35, 0.65), w * rng.uniform(0.3, 0.45)
-    g = np.clip((yy - hor) / np.float32(h - hor), 0, 1)  # (H, 1): 0 at the horizon, 1 at the bottom
-    d = np.abs(xx - np.float32(vx))  # (1, W)
-    ground = yy >= hor
-    cv = _recolor(cv, ground & (d > 1.7 * g * rw), 9, (150, 170, 85))
-    cv = _recolor(cv, ground & (d <= 1.7 * g * rw) & (d > g * rw), 1, (175, 150, 130))
-    cv = _recolor(cv, ground & (d <= g * rw), 0, (95, 92, 100))
-    cv = _recolor(cv, (cv[0] == 0) & (d <= 0.5 + 0.012 * g * w) & ((np.sqrt(g) * 14).astype(int) % 2 == 0), None,
-                  (235, 235, 225))
-    _demo_objects(rng, cv, hor, vx, rw, dom)
-    # textures that differ per domain only in scale: windows, paving, fence slats, foliage
-    py, px = dom["window"]
-    cv = _recolor(cv, (cv[0] == 2) & (yy % py < py // 2) & (xx % px < px // 2), None, (50, 60, 80))
-    cv = _recolor(cv, (cv[0] == 1) & ((xx % 9 == 0) | (yy % 5 == 0)), None, (140, 120, 104))
-    cv = _recolor(cv, (cv[0] == 4) & (xx % 4 == 0), None, (84, 69, 48))
-    if dom["ego"]:
-        _box(cv, 0.92 * h, 1.3 * h, -0.1 * w, 1.1 * w, IGNORE, (40, 40, 45), ellipse=True)
-    lbl, idx, colors = cv
-    # camera and light: saturation and exposure act linearly on colors, so on the list; then cast, blur, noise
-    table = np.array(colors, np.float32)  # (K, 3)
-    gray = table.mean(-1, keepdims=True)
-    img = ((gray + dom["saturation"] * (table - gray)) * dom["light"])[idx]  # (H, W, 3)
-    blobs = rng.uniform(0.6, 1.3, (h // 4 + 1, w // 4 + 1)).astype(np.float32).repeat(4, 0).repeat(4, 1)[:h, :w]
-    img *= np.where(lbl == 8, blobs, np.float32(1))[..., None]
-    if dom["blur"]:
-        p = np.pad(img, ((1, 1), (1, 1), (0, 0)), mode="edge")
-        img = sum(p[i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9
-    img += (rng.random(img.shape, np.float32) - 0.5) * (dom["noise"] * 12 ** 0.5)  # uniform noise of std `noise`
-    img += np.array(dom["tint"], np.float32) + 0.5
-    return np.clip(img, 0, 255).astype(np.uint8), lbl
-
-
-# demo labels are drawn in train ids and written as Cityscapes label ids; IGNORE (the ego car) -> 1, 'ego vehicle'
-_TRAIN_TO_ID = np.zeros(256, np.uint8)
-_TRAIN_TO_ID[:19], _TRAIN_TO_ID[IGNORE] = LABEL_IDS, 1
-_ID_COLORS = np.zeros((256, 3), np.uint8)
-_ID_COLORS[list(LABEL_IDS)] = PALETTE  # GTA5's label palette and Cityscapes' _color.png: label id -> color
-
-
-def _write_demo_item(job: tuple) -> None:
-    """Write one scene: job = (root, seed, split, i, (w, h)); split 'gta5' is the source domain."""
-    root, seed, split, i, (w, h) = job
-    code = ("gta5", "train", "val").index(split)  # separate random streams per split
-    dom = DEMO_DOMAINS["source" if split == "gta5" else "target"]
-    img, lbl = demo_scene(np.random.default_rng([seed, code, i]), h, w, dom)
-    if split == "gta5":
-        Image.fromarray(img).save(os.path.join(root, "gta5", "images", f"{i + 1:05d}.png"), compress_level=1)
-        label = Image.fromarray(_TRAIN_TO_ID[lbl], mode="P")
-        label.putpalette(_ID_COLORS.ravel().tolist())
-        label.save(os.path.join(root, "gta5", "labels", f"{i + 1:05d}.png"), compress_level=1)
-        return
-    city = _DEMO_CITIES[split][i % 2]
-    stem = f"{city}_{i // 2:06d}_000019"
-    img_dir, gt_dir = (os.path.join(root, "cityscapes", d, split, city) for d in ("leftImg8bit", "gtFine"))
-    Image.fromarray(img).save(os.path.join(img_dir, f"{stem}_leftImg8bit.png"), compress_level=1)
-    Image.fromarray(_TRAIN_TO_ID[lbl]).save(os.path.join(gt_dir, f"{stem}_gtFine_labelIds.png"), compress_level=1)
-    Image.fromarray(_ID_COLORS[_TRAIN_TO_ID[lbl]]).save(os.path.join(gt_dir, f"{stem}_gtFine_color.png"),
-                                                        compress_level=1)
-
-
-def make_demo_data(root: str, seed: int = 0, n_src: int = 200, n_tgt: int = 200, n_val: int = 40,
-                   src_size=(384, 216), tgt_size=(512, 256)) -> None:
-    """Write root/gta5 (n_src scenes, palette-PNG labels of label ids) and root/cityscapes (train and val over two
-    cities each, `_gtFine_labelIds.png` and `_color.png` but no `_labelTrainIds.png`, so labels are mapped on the
-    fly), replacing any there. The same seed writes the same pixels; scenes are drawn in parallel over the cores.
-    Both folders are written under root/.demo_tmp and moved in at the end, so an interrupted run leaves no half
-    dataset that a later run would take for a whole one."""
-    tmp = os.path.join(root, ".demo_tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    folders = [os.path.join(tmp, "gta5", d) for d in ("images", "labels")]
-    folders += [os.path.join(tmp, "cityscapes", d, split, city) for d in ("leftImg8bit", "gtFine")
-                for split, cities in _DEMO_CITIES.items() for city in cities]
-    for folder in folders:
-        os.makedirs(folder)
-    jobs = [(tmp, seed, "gta5", i, src_size) for i in range(n_src)]
-    jobs += [(tmp, seed, split, i, tgt_size) for split, n in (("train", n_tgt), ("val", n_val)) for i in range(n)]
-    with Pool(min(os.cpu_count() or 1, 8)) as pool:
-        pool.map(_write_demo_item, jobs, chunksize=8)
-    for name in ("cityscapes", "gta5"):  # gta5 last: its presence marks a complete demo
-        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-        os.replace(os.path.join(tmp, name), os.path.join(root, name))
-    os.rmdir(tmp)

@@ -28,6 +28,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import data
+import demo
 import eval as ev
 import mit
 import sam_encoder
@@ -423,7 +424,7 @@ def test_sam_frozen_teacher_is_frozen(tmp_path):
 
 
 # ==============================================================================================================
-# data.py: datasets, pipeline, rare class sampling, demo domains
+# data.py: datasets, pipeline, rare class sampling
 # ==============================================================================================================
 
 _DATA_ID_TO_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
@@ -832,27 +833,6 @@ def test_synthia_in_another_layout_is_explained(tmp_path):
         data.list_dataset(str(tmp_path), "synthia", "train")
     with pytest.raises(DatasetError, match=r"synthia not found: missing folder .*RGB"):
         data.list_dataset(str(tmp_path / "x/synthia/RAND_CITYSCAPES"), "synthia", "train")
-
-
-def test_demo_data_is_read_by_the_same_loaders(tmp_path):
-    data.make_demo_data(str(tmp_path), seed=0, n_src=8, n_tgt=4, n_val=4)
-    assert sorted(os.listdir(tmp_path)) == ["cityscapes", "gta5"]  # written aside, then moved in whole
-    assert Image.open(tmp_path / "gta5/labels/00001.png").mode == "P"
-    assert Image.open(tmp_path / "gta5/images/00001.png").size == (384, 216)
-    gt = sorted(os.listdir(tmp_path / "cityscapes/gtFine/val/frankfurt"))
-    assert gt == ["frankfurt_000000_000019_gtFine_color.png", "frankfurt_000000_000019_gtFine_labelIds.png",
-                  "frankfurt_000001_000019_gtFine_color.png", "frankfurt_000001_000019_gtFine_labelIds.png"]
-    demo = {k: data.DEMO[k] for k in ("src_scale", "tgt_scale", "crop", "rcs_min_pixels")}
-    batch = next(data.make_train_loader(str(tmp_path), batch_size=2, workers=0, cache_dir=str(tmp_path / "c"),
-                                        **demo))
-    assert batch["src_img"].shape == batch["tgt_img"].shape == (2, 3, 128, 128)
-    val = list(data.make_val_loader(str(tmp_path), scale=data.DEMO["tgt_scale"], batch_size=2, workers=0))
-    assert len(val) == 2 and val[0]["img"].shape == (2, 3, 128, 256) and val[0]["lbl"].shape == (2, 256, 512)
-    present = set(np.unique(data.class_pixel_counts(data.list_gta5(str(tmp_path)), str(tmp_path / "c")).nonzero()[1]))
-    assert len(present) >= 10 and {0, 2, 5, 8, 10, 11, 13} <= present
-    assert (val[0]["lbl"] == 255).any()  # the ego car's label id maps to ignore
-    img, lbl = data.demo_scene(np.random.default_rng([0, 0, 0]), 216, 384, data.DEMO_DOMAINS["source"])
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "gta5/images/00001.png")), img)  # same seed, same pixels
 
 
 # ==============================================================================================================
@@ -1554,10 +1534,15 @@ def test_cli_keeps_the_traceback_of_a_bug(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def _train_root(tmp_path_factory):
-    """A small tree of the synthetic domains, in the GTA5 and Cityscapes layouts, where --demo looks for it."""
+    """A small tree of the synthetic domains, in the GTA5 and Cityscapes layouts, where --demo looks for it, and a
+    stand-in for the cached toy teacher (random weights) in a private SSR_CACHE, which the runs inherit."""
     root = str(tmp_path_factory.mktemp("train") / "demo")
-    data.make_demo_data(root, seed=0, n_src=12, n_tgt=12, n_val=4)
-    return root
+    demo.write_data(root, seed=0, n_src=12, n_tgt=12, n_val=4)
+    cache = str(tmp_path_factory.mktemp("cache"))
+    demo.save_teacher(demo.teacher_encoder(), demo.teacher_path(cache))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SSR_CACHE", cache)
+        yield root
 
 
 def _train_cmd(root, out, *extra, torchrun=None):
@@ -1999,3 +1984,129 @@ def test_bench_rejects_unknown_item():
                          capture_output=True, text=True, timeout=60)
     assert run.returncode != 0
     assert "error: --items 5" in run.stderr and "Traceback" not in run.stderr
+
+
+# ==============================================================================================================
+# demo.py: the toy world, its data writer, the toy teacher, the study
+# ==============================================================================================================
+
+def test_demo_data_is_read_by_the_same_loaders(tmp_path):
+    demo.write_data(str(tmp_path), seed=0, n_src=8, n_tgt=4, n_val=4)
+    assert sorted(os.listdir(tmp_path)) == ["cityscapes", "gta5"]  # written aside, then moved in whole
+    assert Image.open(tmp_path / "gta5/labels/00001.png").mode == "P"
+    assert Image.open(tmp_path / "gta5/images/00001.png").size == (384, 216)
+    gt = sorted(os.listdir(tmp_path / "cityscapes/gtFine/val/frankfurt"))
+    assert gt == ["frankfurt_000000_000019_gtFine_color.png", "frankfurt_000000_000019_gtFine_labelIds.png",
+                  "frankfurt_000001_000019_gtFine_color.png", "frankfurt_000001_000019_gtFine_labelIds.png"]
+    sizes = {k: demo.CONFIG[k] for k in ("src_scale", "tgt_scale", "crop", "rcs_min_pixels")}
+    batch = next(data.make_train_loader(str(tmp_path), batch_size=2, workers=0, cache_dir=str(tmp_path / "c"),
+                                        **sizes))
+    assert batch["src_img"].shape == batch["tgt_img"].shape == (2, 3, 128, 128)
+    val = list(data.make_val_loader(str(tmp_path), scale=demo.CONFIG["tgt_scale"], batch_size=2, workers=0))
+    assert len(val) == 2 and val[0]["img"].shape == (2, 3, 128, 256) and val[0]["lbl"].shape == (2, 256, 512)
+    present = set(np.unique(data.class_pixel_counts(data.list_gta5(str(tmp_path)), str(tmp_path / "c")).nonzero()[1]))
+    assert len(present) >= 10 and {0, 2, 5, 8, 10, 11, 13} <= present
+    assert (val[0]["lbl"] == 255).any()  # the ego car's label id maps to ignore
+    img, lbl, _ = demo.street_scene(np.random.default_rng([0, 0, 0]), 216, 384, demo.DOMAINS["source"])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "gta5/images/00001.png")), img)  # same seed, same pixels
+
+
+def test_demo_never_deletes_or_overwrites_a_users_dataset(tmp_path, monkeypatch, capsys):
+    """A user's cityscapes/ without gta5/ used to be deleted and replaced by synthetic files."""
+    users = tmp_path / "cityscapes" / "leftImg8bit"
+    users.mkdir(parents=True)
+    (users / "mine.png").write_bytes(b"the user's file")
+    msg = _train_inprocess(monkeypatch, capsys, "--demo", "--method", "dacs", "--data-root", str(tmp_path),
+                           "--out", str(tmp_path / "run"))
+    assert msg.startswith("error: ") and str(tmp_path / "cityscapes") in msg and "--data-root" in msg, msg
+    assert "Traceback" not in msg and "\n" not in msg.strip()
+    assert (users / "mine.png").read_bytes() == b"the user's file"
+    assert sorted(os.listdir(tmp_path)) == ["cityscapes"]  # nothing written beside it either
+    # --data-root that is a file: refused before anything is written
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DatasetError, match="is a file, not a folder"):
+        demo.write_data(str(tmp_path / "afile"), n_src=1, n_tgt=1, n_val=1)
+
+
+def test_demo_regenerates_only_the_folders_it_marked(tmp_path):
+    root = tmp_path / "d"
+    demo.write_data(str(root), n_src=2, n_tgt=2, n_val=2)
+    assert all((root / name / demo.MARKER).is_file() for name in ("gta5", "cityscapes"))
+    (root / "gta5" / "images" / "00001.png").unlink()
+    demo.write_data(str(root), n_src=2, n_tgt=2, n_val=2)  # marked: replaced whole
+    assert (root / "gta5" / "images" / "00001.png").is_file()
+    (root / "gta5" / demo.MARKER).unlink()  # now gta5 is the user's
+    with pytest.raises(DatasetError, match=f"{root / 'gta5'} exists but was not written by the demo"):
+        demo.write_data(str(root), n_src=2, n_tgt=2, n_val=2)
+    assert not (root / "gta5" / demo.MARKER).exists() and sorted(os.listdir(root)) == ["cityscapes", "gta5"]
+
+
+def test_demo_teacher_targets_never_depend_on_class_ids_or_colors():
+    """The teacher's pretext target is which painted shape owns a pixel: the same whatever the palette (so whatever
+    color a class has), and finer than the classes (every car, wheel, window texture is its own segment)."""
+    rng = lambda: np.random.default_rng([5, 3, 1])  # noqa: E731
+    img_a, lbl_a, seg_a = demo.street_scene(rng(), 128, 256, demo.DOMAINS["target"])
+    palette = demo.random_palette(np.random.default_rng(9))
+    img_b, lbl_b, seg_b = demo.street_scene(rng(), 128, 256, demo.DOMAINS["target"], palette)
+    assert not np.array_equal(img_a, img_b) and np.array_equal(seg_a, seg_b) and np.array_equal(lbl_a, lbl_b)
+    # permuting the class ids changes nothing the teacher sees: teacher_scene returns the image and segments only
+    img, seg = demo.teacher_scene((0, 7))
+    assert img.dtype == np.uint8 and img.shape[2] == 3 and seg.shape == img.shape[:2]
+    cars = np.unique(seg_a[lbl_a == demo.CAR])
+    assert len(cars) > 1 and not set(cars) & set(np.unique(seg_a[lbl_a != demo.CAR]))  # segments within classes
+    assert len(np.unique(seg_a[lbl_a == demo.SKY])) == 1  # the sky's painted bands are one segment
+
+
+def test_demo_teacher_pretraining_lowers_its_loss_and_saves_a_sam_file(tmp_path):
+    torch.manual_seed(0)
+    scenes = [demo.teacher_scene((0, i)) for i in range(6)]
+    cfg = dict(demo.TEACHER, batch=4, points=32, warmup=5, lr=2e-3)
+    encoder, dec, losses = demo.train_teacher(scenes, 40, log_every=0, cfg=cfg)
+    assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8])
+    path = str(tmp_path / "teacher.safetensors")
+    demo.save_teacher(encoder, path)
+    assert all(k.startswith("image_encoder.") for k in load_file(path))  # the official SAM layout
+    loaded = demo.teacher_encoder(seed=1)
+    sam_encoder.load_weights(loaded, path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), encoder.state_dict().values()))
+    # the cache key follows what determines the teacher
+    assert demo.teacher_path("c") != demo.teacher_path("c").replace("c", "d") and demo.teacher_path("c").startswith("c")
+
+
+def test_demo_train_takes_the_cached_teacher_for_ssr_and_none_gives_the_random_one(_train_root, tmp_path,
+                                                                                  monkeypatch, capsys):
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_teacher(name, weights, **kw):
+        seen.append(weights)
+        raise Stop
+
+    monkeypatch.setattr(sam_encoder, "frozen_teacher", fake_teacher)
+    for i, extra in enumerate(([], ["--sam-weights", "none"])):
+        monkeypatch.setattr(sys, "argv", ["train.py", "--demo", "--data-root", _train_root, "--method", "ssr",
+                                          "--out", str(tmp_path / str(i)), "--workers", "0", *extra])
+        with pytest.raises(Stop):
+            runpy.run_path(os.path.join(_ROOT, "train.py"), run_name="__main__")
+    assert seen == [demo.teacher_path(), None] and seen[0].startswith(os.environ["SSR_CACHE"])
+    assert os.path.isfile(seen[0])  # the fixture's stand-in: nothing was pretrained
+
+
+def test_demo_study_reads_train_tables_and_writes_markdown_and_chart(tmp_path, capsys):
+    result = dict(iou=[float("nan")] + [0.5] * 18, miou=0.5, images=4, images_per_s=1.0)
+    ev.print_table(result, data.CLASSES)
+    parsed = demo.parse_final_table("iter 1\n" + capsys.readouterr().out + "done\n")
+    assert parsed["miou"] == 50.0 and math.isnan(parsed["iou"][0]) and parsed["iou"][1:] == [50.0] * 18
+    fake = {n: {s: dict(miou=40 + 2 * k + s, iou=[30.0 + k] * 19) for s in range(3)}
+            for k, n in enumerate(demo.SETTINGS)}
+    md = demo.study_markdown(fake, [0, 1, 2])
+    assert "| mean | **41.00** | **43.00** | **45.00** | **47.00** |" in md
+    assert "| spread (sd) | 1.00 | 1.00 | 1.00 | 1.00 |" in md
+    assert "+4.00 ± 0.00" in md  # ssr-toy minus dacs, paired by seed
+    assert "the best setting (ssr, toy teacher) against dacs" in md and "| road | 31.00 | 33.00 | +2.00 |" in md
+    demo.study_chart(fake, [0, 1, 2], str(tmp_path / "study.png"))
+    chart = Image.open(tmp_path / "study.png")
+    colors = np.unique(np.asarray(chart.convert("RGB")).reshape(-1, 3), axis=0)
+    assert chart.size[0] > 400 and len(colors) > 3  # bars, dots and text drawn

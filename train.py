@@ -31,6 +31,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import data  # noqa: E402
+import demo  # noqa: E402
 import mit  # noqa: E402
 import sam_encoder  # noqa: E402
 import ssr  # noqa: E402
@@ -39,16 +40,10 @@ from eval import debug_panel, evaluate, print_table, training_curves  # noqa: E4
 # -----------------------------------------------------------------------------
 # arguments
 
-# The demo trains a tiny MiT and a tiny random SAM teacher from scratch on the synthetic domains of data.py; the
-# method, the loop and the evaluator are the real code path. --demo sets these defaults (flags still override
-# them); the model and data sizes below are fixed.
-DEMO_FLAGS = dict(data_root="data/demo", backbone="mit_b0", pretrained="none", sam_weights="none", sam_img_size=128,
-                  iters=300, lr=6e-4, warmup=50, crop=data.DEMO["crop"], eval_every=100, save_every=100, log_every=50,
-                  debug_every=100)
-DEMO = dict(mit=dict(embed_dims=(32, 64, 160, 256), depths=(1, 1, 1, 1)), channels=32,
-            sam=dict(embed_dim=96, depth=2, num_heads=2, global_attn_indexes=(1,)),
-            ignore_rows=(4, 30),  # DAFormer's 15 and 120 pseudo-label rows are for 512 crops; these are 128
-            **data.DEMO)
+# The demo trains a tiny MiT from scratch, with demo.py's toy SAM teacher, on demo.py's synthetic domains; the
+# method, the loop and the evaluator are the real code path. demo.CONFIG holds its fixed sizes, demo.FLAGS the
+# defaults --demo sets (flags still override them).
+DEMO, DEMO_FLAGS = demo.CONFIG, demo.FLAGS
 # On --resume these must equal the saved run's: its weights, batches and random streams depend on them.
 RUN_FLAGS = ("demo", "src", "tgt", "method", "mic", "backbone", "sam", "sam_img_size", "ssr_stages", "crop",
              "batch_size", "seed")
@@ -91,11 +86,14 @@ p.add_argument("--debug-every", type=int, default=1000,
 p.add_argument("--resume", action="store_true",
                help="continue from <out>/train_state.pt; flags not given take the saved run's values")
 p.add_argument("--demo", action="store_true",
-               help="generate synthetic domains (if absent) and train a tiny model on them: minutes on a CPU; sets "
-                    "the defaults " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_FLAGS.items()))
+               help="generate synthetic domains (if absent) and train a tiny model on them, for --method ssr with "
+                    "demo.py's toy SAM teacher (pretrained on first use): minutes on a CPU; sets the defaults "
+                    + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_FLAGS.items()))
 if "--demo" in sys.argv[1:]:
     p.set_defaults(**DEMO_FLAGS)
 args = p.parse_args()
+if args.demo and args.method == "ssr" and args.sam_weights is None:
+    args.sam_weights = demo.teacher_path()  # the toy teacher, pretrained below on first use
 
 ddp = "RANK" in os.environ  # set by torchrun
 rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
@@ -307,9 +305,8 @@ try:
     # data: every file checked from its header before the first iteration (a bad file is found now, not in hour 5)
 
     def prepare_data() -> None:
-        if args.demo and not os.path.isdir(os.path.join(data_root, "gta5")):
-            print(f"writing the synthetic demo domains to {data_root} ...")
-            data.make_demo_data(data_root, seed=0)
+        if args.demo:
+            demo.prepare(data_root, args.sam_weights)  # its domains and its toy teacher, each made once
         source = data.list_dataset(data_root, args.src, "train")
         data.check_samples(source, "train")
         data.check_samples(data.list_dataset(data_root, args.tgt, "train", need_labels=False), "train")
