@@ -2011,12 +2011,12 @@ def test_demo_data_is_read_by_the_same_loaders(tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "gta5/images/00001.png")), img)  # same seed, same pixels
 
 
-def test_demo_never_deletes_or_overwrites_a_users_dataset(tmp_path, monkeypatch, capsys):
+def test_demo_never_deletes_or_overwrites_a_users_dataset(tmp_path, monkeypatch):
     """A user's cityscapes/ without gta5/ used to be deleted and replaced by synthetic files."""
     users = tmp_path / "cityscapes" / "leftImg8bit"
     users.mkdir(parents=True)
     (users / "mine.png").write_bytes(b"the user's file")
-    msg = _train_inprocess(monkeypatch, capsys, "--demo", "--method", "dacs", "--data-root", str(tmp_path),
+    msg = _train_inprocess(monkeypatch, "--demo", "--method", "dacs", "--data-root", str(tmp_path),
                            "--out", str(tmp_path / "run"))
     assert msg.startswith("error: ") and str(tmp_path / "cityscapes") in msg and "--data-root" in msg, msg
     assert "Traceback" not in msg and "\n" not in msg.strip()
