@@ -211,13 +211,19 @@ def test_mit_grad_checkpoint_same_outputs_and_grads():
 
 
 def test_mit_drop_path_drops_whole_samples_in_training_only():
-    x, branch = torch.zeros(64, 3, 2), torch.ones(64, 3, 2)
     torch.manual_seed(0)
-    y = mit.add_drop_path(x, branch, 0.5, training=True)
-    per_sample = y.flatten(1)
+    scales = mit.drop_path_scales([0.5, 0.0], 64, torch.zeros(()))  # two branches drawn at once
+    assert scales.shape == (2, 64, 1, 1)
+    assert torch.equal(scales[1], torch.ones(64, 1, 1))  # rate 0 keeps every sample unscaled
+    x, branch = torch.zeros(64, 3, 2), torch.ones(64, 3, 2)
+    per_sample = mit.residual(x, branch, scales[0]).flatten(1)
     assert ((per_sample == 0).all(1) | (per_sample == 2).all(1)).all()  # dropped, or kept and scaled by 1/(1-p)
     assert 10 < (per_sample[:, 0] == 0).sum() < 54
-    assert torch.equal(mit.add_drop_path(x, branch, 0.5, training=False), branch)
+    assert torch.equal(mit.residual(x, branch, None), branch)
+    model = mit.build_mit("mit_b0", **_MIT_TINY).eval()  # eval: no stochastic depth, the same output twice
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model(x), model(x)))
 
 
 # ==============================================================================================================
@@ -908,6 +914,45 @@ def test_ssr_teacher_keeps_batchnorm_in_training_mode_and_is_deterministic():
         c = uda.ema(torch.cat([x[:1], torch.randn(1, 3, 64, 64)]))
     assert torch.equal(a, b)  # no dropout, no drop path
     assert not torch.allclose(a[:1], c[:1])  # BatchNorm normalizes with the batch's statistics, as DAFormer
+
+
+def test_ssr_bf16_copies_of_the_frozen_networks_give_autocasts_losses():
+    """Under autocast the EMA teacher and the ImageNet encoder run as bf16 copies (UDA.frozen_networks): the
+    losses and gradients equal those of the straightforward step, where autocast casts the fp32 networks' weights
+    at every call, up to bf16 rounding; the copies follow the EMA and share its BatchNorms."""
+    torch.manual_seed(0)
+    uda = ssr.UDA(ssr.build_segmentor(_SSR_TINY), method="ssr", sam_img_size=64, ignore_rows=(2, 8))
+    ref = ssr.UDA(ssr.build_segmentor(_SSR_TINY), method="ssr", sam_img_size=64, ignore_rows=(2, 8))
+    ref.load_state_dict(uda.state_dict())
+    ref.frozen_networks = lambda device_type: (ref.ema, ref.imnet, torch.float32)  # autocast casts, as before
+    sam = _ssr_tiny_sam().to(torch.bfloat16)
+    src, lbl, tgt = _ssr_batch()
+    results = []
+    for model in (uda, ref):
+        for it in range(2):  # it 0 copies the student into the EMA, it 1 averages
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(it)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                losses = model(src, lbl, tgt, it, sam=sam)
+            # not fd: with the student still at the ImageNet weights, its gradient is the direction of a rounding
+            # difference between two nearly equal feature maps
+            sum(v for k, v in losses.items() if k != "fd").backward()
+            if it == 0:  # the student moves, so the EMA of it 1 is new
+                torch.optim.SGD(model.student.parameters(), lr=0.5).step()
+        results.append((losses, [p.grad for p in model.student.parameters()]))
+    (got, got_grads), (want, want_grads) = results
+    assert got.keys() == want.keys()
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], rtol=2e-2, atol=1e-3, msg=k)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=5e-2, atol=2e-3 * w.abs().max().item())
+    low = uda.reduced["ema"].net
+    assert all(p.dtype == torch.bfloat16 for n, p in low.named_parameters() if "bn." not in n)
+    for (n, p), q in zip(low.named_parameters(), uda.ema.parameters()):
+        assert torch.equal(p, q.to(p.dtype)), n  # refreshed from the EMA after its update
+    bn = [n for n, m in uda.ema.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bn and all(low.get_submodule(n) is uda.ema.get_submodule(n) for n in bn)
+    assert "reduced" not in str(list(uda.state_dict()))  # not part of the checkpoint
 
 
 @pytest.mark.parametrize("method,mic,keys", [
