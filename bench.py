@@ -406,18 +406,22 @@ def train_step(s: Setup, method: str, crop: int, batch: int, sam_size: int):
     return forward_backward, optimizer_step
 
 
-def time_train_iter(s: Setup, method: str, crop: int, batch: int, sam_size: int) -> tuple[float, float]:
-    """(median seconds, peak MiB) of one optimizer step of `method`. Its models live only in this call: building
-    both UDA models at once would double the resident memory at B5."""
-    forward_backward, optimizer_step = train_step(s, method, crop, batch, sam_size)
-    it = [0]
+def iterations(forward_backward, optimizer_step, start: int):
+    """fn() running the next training iteration on every call, from iteration `start`."""
+    it = [start]
 
     def fn():
         forward_backward(it[0])
         optimizer_step()
         it[0] += 1
 
-    return measure(s, {method: fn})[method]
+    return fn
+
+
+def time_train_iter(s: Setup, method: str, crop: int, batch: int, sam_size: int) -> tuple[float, float]:
+    """(median seconds, peak MiB) of one optimizer step of `method`. Its models live only in this call: building
+    both UDA models at once would double the resident memory at B5."""
+    return measure(s, {method: iterations(*train_step(s, method, crop, batch, sam_size), start=0)})[method]
 
 
 def bench_train(s: Setup) -> tuple:
@@ -437,14 +441,7 @@ def bench_ops(s: Setup) -> tuple:
         forward_backward(1)
     with opt:
         optimizer_step()
-    it = [2]
-
-    def fn():
-        forward_backward(it[0])
-        optimizer_step()
-        it[0] += 1
-
-    t = measure(s, {"ssr": fn})["ssr"]
+    t = measure(s, {"ssr": iterations(forward_backward, optimizer_step, start=2)})["ssr"]
     return (f"5 ops/step ssr MiT-{s.model_name} crop {crop} b{batch} SAM {sam_size}", f"ours {s.dtype}", "-", t, None,
             f"{fwd_bwd.total():,} ops fwd+bwd ({fwd_bwd.top()}), optimizer {opt.total():,}")
 
@@ -589,14 +586,7 @@ def compiled_train_iter(s: Setup) -> tuple:
         optimizer_step()
         sync(s)
         first.append(time.perf_counter() - t0)
-    it = [2]
-
-    def fn():
-        forward_backward(it[0])
-        optimizer_step()
-        it[0] += 1
-
-    t = measure(s, {"ssr": fn})["ssr"]
+    t = measure(s, {"ssr": iterations(forward_backward, optimizer_step, start=2)})["ssr"]
     return (f"3 train iter ssr MiT-{s.model_name} crop {crop} b{batch} SAM {sam_size} compiled {s.compile}",
             f"ours {s.dtype}", "-", t, None, f"first iterations (compile) {first[0]:.1f} s, {first[1]:.1f} s")
 
