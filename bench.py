@@ -24,7 +24,7 @@ Items (ours / reference in the ratio column):
 --suite gpu runs, in one process and printing each figure as soon as it has it: item 5 and item 3 in eager bf16
 and fp32, the evaluation of 500 Cityscapes-sized images (1024x512 input, labels at 2048x1024, in-memory batches:
 decoding is not included), then item 3 with the networks compiled in each torch.compile mode (default,
-max-autotune-no-cudagraphs, reduce-overhead), compile time (the first iterations) apart from the steady state.
+reduce-overhead, max-autotune-no-cudagraphs), compile time (the first iterations) apart from the steady state.
 It stops starting new measurements after --budget seconds.
 
 Time: the median of --repeats calls after --warmup calls; items 1 and 2 interleave ours and the reference call by
@@ -547,11 +547,16 @@ def run_gpu_suite(s: Setup, budget: float) -> None:
         if elapsed > budget:
             print(f"[{card}] {what}: not run (budget of {budget:.0f} s spent)", flush=True)
             return
+        torch._dynamo.reset()  # each lever compiles afresh, within dynamo's per-function recompile limit
         try:
             row = fn()
         except Exception as e:  # a failing lever (e.g. a compile error) must not cost the rest of the suite
             print(f"[{card}] {what}: FAILED {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}", flush=True)
             return
+        finally:
+            gc.collect()  # the lever's models are garbage now: free their memory before the next one
+            if s.cuda:
+                torch.cuda.empty_cache()
         cells = format_row(row, s.cuda)
         print(f"[{card}] {what}: " + " | ".join(f"{h} {c}" for h, c in zip(HEADER, cells) if c != "-"),
               f"(at {time.perf_counter() - start:.0f} s)", flush=True)
@@ -567,7 +572,7 @@ def run_gpu_suite(s: Setup, budget: float) -> None:
     if not s.cuda:
         print(f"[{card}] the compiled levers run on cuda only", flush=True)
         return
-    for mode in ("default", "max-autotune-no-cudagraphs", "reduce-overhead"):
+    for mode in ("default", "reduce-overhead", "max-autotune-no-cudagraphs"):  # the slowest to compile last
         kwargs = {} if mode == "default" else {"mode": mode}
         report(f"train iter ssr, compile {mode}, bf16", lambda: compiled_train_iter(replace(bf16, compile=kwargs)))
     report(f"eval {n_eval} images, compile default, bf16", lambda: bench_eval_dataset(replace(bf16, compile={}), n_eval))
