@@ -17,9 +17,9 @@ safetensors.
 
 Speed (the reference is the yardstick): attention runs in F.scaled_dot_product_attention with the rel-pos bias as
 its additive mask, so no (B*heads, N, N) softmax is materialized; q, k, v enter SDPA as strided views of the qkv
-output; the token grid is kept contiguous channels-last; window blocks project only the real tokens. On a 2-core
-CPU in fp32 (ViT-B, 1024 px, batch 1, bench.py item 1) our forward takes 0.40x the reference's time and memory;
-on an H200, 0.84x in fp32 and 0.32x in bf16 against the reference's fp32 (README, Performance).
+output; the token grid is kept contiguous channels-last. On a 2-core CPU in fp32 (ViT-B, 1024 px, batch 1,
+bench.py item 1) our forward takes 0.40x the reference's time and memory; on an H200, 0.84x in fp32 and 0.32x in
+bf16 against the reference's fp32 (README, Performance).
 """
 import argparse
 import os
@@ -114,10 +114,10 @@ class Attention(nn.Module):
         B, H, W, C = x.shape
         ws = self.window_size
         if ws:
-            # A padding token is zero when the reference projects it, so its q, k, v are the qkv bias, and real
-            # queries attend to it. Projecting first without the bias, padding with zeros and then adding the bias
-            # gives the same numbers with 1/6 fewer qkv FLOPs at 1024 px (4096 tokens instead of 4900).
-            qkv = window_partition(F.linear(x, self.qkv.weight), ws).add_(self.qkv.bias)  # (B*nW, ws*ws, 3C)
+            # zero-padded tokens are projected too (their q, k, v are the qkv bias), as in the reference: real
+            # queries attend to them. Projecting before padding (1/6 fewer qkv FLOPs at 1024 px) measured 1.01x
+            # the time of this on a busy 2-core CPU (ViT-B fwd, 1024 px, fp32): within the noise, so not kept.
+            qkv = self.qkv(window_partition(x, ws))  # (B*nW, ws*ws, 3C)
             h = w = ws
         else:
             qkv = self.qkv(x).view(B, H * W, 3 * C)
