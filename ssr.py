@@ -422,9 +422,10 @@ def frozen_copy(m: nn.Module) -> nn.Module:
 class ReducedCopy:
     """A copy of a frozen network (the EMA teacher, the ImageNet encoder) with its weights in a reduced dtype, to
     run outside autocast: autocast would cast every weight again on each call, one kernel per tensor (~730 per
-    MiT-B5 pass; an ssr step of bench.py's item 5 went from 8,801 to 7,325 ops). refresh() copies the network's current weights in with one foreach op. BatchNorm modules are
-    the network's own (shared, not copied): autocast leaves BatchNorm in fp32, and the teacher's statistics stay
-    in its buffers. Not a submodule: the state dict keeps only the fp32 network."""
+    MiT-B5 pass; an ssr step of bench.py's item 5 went from 8,801 to 7,325 ops). refresh() copies the network's
+    current weights in with one foreach op. BatchNorm modules are the network's own (shared, not copied):
+    autocast leaves BatchNorm in fp32, and the teacher's statistics stay in its buffers. Not a submodule: the state
+    dict keeps only the fp32 network."""
 
     def __init__(self, net: nn.Module, dtype: torch.dtype, compile_kwargs: dict | None = None):
         with torch.device("meta"):
