@@ -4,6 +4,8 @@ Speed and memory of ssr's models, measured side by side with the reference imple
     python bench.py                                   # all items at the paper's sizes, fp32, on cuda if present
     python bench.py --dtype bf16 --items 1,3          # GPU target: our bf16 SAM vs official fp32; SSR vs DACS
     python bench.py --items 2 --crop 256 --batch-size 1 --repeats 5    # a quick MiT check on a CPU
+    python bench.py --items 5 --dtype bf16            # kernel-launching ops of one ssr step (crop 128, SAM 256)
+    python bench.py --suite gpu                       # every GPU figure of the README in one call (~8 min, H100)
     python bench.py --tiny --repeats 1 --warmup 0     # tiny configs, seconds (the smoke test)
 
 Items (ours / reference in the ratio column):
@@ -15,6 +17,15 @@ Items (ours / reference in the ratio column):
   3. One training iteration (UDA forward, backward, AdamW step): method 'ssr' vs method 'dacs'; the ratio is the
      cost of the SAM regularizer. The SAM teacher runs in the reduced dtype.
   4. Evaluation throughput of the deployable Segmentor (forward, resize to the input, argmax) in images/s.
+  5. The aten ops of one 'ssr' training step's forward and backward, views excluded (VIEW_OPS): on a GPU each is
+     a kernel launch, so the count is the launch overhead that a CPU can measure. Beside it: the optimizer step's
+     ops and the time of a whole step. Default sizes: MiT-B5, crop 128, batch 2, SAM ViT-B at 256.
+
+--suite gpu runs, in one process and printing each figure as soon as it has it: item 5 and item 3 in eager bf16
+and fp32, the evaluation of 500 Cityscapes-sized images (1024x512 input, labels at 2048x1024, in-memory batches:
+decoding is not included), then item 3 with the networks compiled in each torch.compile mode (default,
+reduce-overhead, max-autotune-no-cudagraphs), compile time (the first iterations) apart from the steady state.
+It stops starting new measurements after --budget seconds.
 
 Time: the median of --repeats calls after --warmup calls; items 1 and 2 interleave ours and the reference call by
 call, so that load from other processes hits both alike. Memory, from one more call per model:
@@ -30,6 +41,7 @@ On a CPU that other processes also use, run with OMP_WAIT_POLICY=PASSIVE (or OMP
 that spin while a sibling thread is descheduled made MiT's fwd+bwd 30x slower on a busy 2-core machine.
 """
 import argparse
+import collections
 import contextlib
 import ctypes
 import gc
@@ -41,134 +53,53 @@ import sys
 import tempfile
 import time
 import types
-from functools import partial
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mit
 import sam_encoder
 
 
-def size_wxh(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 1024x512") from None
-    return w, h
+class Skip(Exception):
+    """An item that cannot run here (a reference package or a project file is missing)."""
 
-
-p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--items", default="1,2,3,4", help="comma-separated items to run (see above)")
-p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
-p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
-               help="precision of ours (item 1), of both sides under autocast (items 2-4)")
-p.add_argument("--compile", action="store_true", help="torch.compile every model measured (compiled in warm-up; "
-               "item 3 compiles the networks, as train.py --compile)")
-p.add_argument("--repeats", type=int, default=None, help="timed calls per model (default 10, 3 on cpu)")
-p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3, 1 on cpu)")
-p.add_argument("--sam-size", type=int, default=None, help="SAM input side (default 1024)")
-p.add_argument("--crop", type=int, default=None, help="training crop side for items 2 and 3 (default 512)")
-p.add_argument("--batch-size", type=int, default=None, help="batch of items 2 and 3 (default 2)")
-p.add_argument("--eval-size", type=size_wxh, default=None, help="WxH of the evaluation images of item 4 (default 1024x512)")
-p.add_argument("--eval-batch", type=int, default=1, help="batch of item 4")
-p.add_argument("--grad-checkpoint", action="store_true", help="item 3: recompute the student's MiT blocks in backward")
-p.add_argument("--tiny", action="store_true", help="tiny models and sizes for every item (seconds on a CPU)")
-args = p.parse_args()
-
-device = torch.device(args.device)
-cuda = device.type == "cuda"
-amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-repeats = args.repeats if args.repeats is not None else (10 if cuda else 3)
-warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
-if args.compile:
-    warmup = max(warmup, 1)  # the first call compiles: never time it
-items = set(args.items.split(","))
-if not items <= {"1", "2", "3", "4"}:
-    sys.exit(f"error: --items {args.items}: choose among 1,2,3,4 (comma-separated).")
-
-# The paper's sizes, or tiny ones (the tiny models are those of the tests: heads stay (1, 2, 5, 8) / 2).
-if args.tiny:
-    mit_name, mit_overrides = "mit_b0", dict(embed_dims=(16, 32, 40, 64), depths=(1, 1, 1, 1))
-    sam_overrides = dict(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=3)
-    sizes = dict(sam=64, crop=64, batch=2, eval=(128, 64), channels=32)
-else:
-    mit_name, mit_overrides, sam_overrides = "mit_b5", {}, {}
-    sizes = dict(sam=1024, crop=512, batch=2, eval=(1024, 512), channels=256)
-sam_size = args.sam_size or sizes["sam"]
-crop = args.crop or sizes["crop"]
-batch_size = args.batch_size or sizes["batch"]
-eval_w, eval_h = args.eval_size or sizes["eval"]
 
 # ------------------------------------------------------------------------------------------------------------------
-# measuring
-
-# cpu memory needs glibc's malloc_trim and a writable /proc/self/clear_refs (Linux); elsewhere it reads nan
-libc = ctypes.CDLL(None) if sys.platform == "linux" else None
-if libc is not None and not (hasattr(libc, "malloc_trim") and os.access("/proc/self/clear_refs", os.W_OK)):
-    libc = None
+# the references, with random weights (also used by the tests)
 
 
-def sync() -> None:
-    if cuda:
-        torch.cuda.synchronize(device)
+def official_sam_modeling() -> types.ModuleType:
+    """segment_anything.modeling without importing the package (its __init__ pulls in torchvision): the modeling
+    subpackage is loaded by path under a stub parent package, so its relative imports resolve."""
+    name = "segment_anything.modeling"
+    if name not in sys.modules:
+        spec = importlib.util.find_spec("segment_anything")
+        if spec is None:
+            raise Skip("segment_anything is not installed (pip install segment-anything)")
+        root = pathlib.Path(spec.submodule_search_locations[0])
+        if "segment_anything" not in sys.modules:
+            parent = types.ModuleType("segment_anything")
+            parent.__path__ = [str(root)]
+            sys.modules["segment_anything"] = parent
+        mspec = importlib.util.spec_from_file_location(name, root / "modeling" / "__init__.py",
+                                                       submodule_search_locations=[str(root / "modeling")])
+        module = importlib.util.module_from_spec(mspec)
+        sys.modules[name] = module
+        mspec.loader.exec_module(module)
+    return sys.modules[name]
 
 
-def proc_status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        line = next(line for line in f if line.startswith(field + ":"))
-    return int(line.split()[1]) / 1024  # the kernel reports kB
-
-
-def reset_peak() -> float:
-    """Start a peak-memory window; returns the baseline (MiB) that peak_mib subtracts on cpu."""
-    gc.collect()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-        return 0.0
-    if libc is None:
-        return float("nan")
-    libc.malloc_trim(0)  # hand freed heap pages back, or the call would reuse them unseen
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident set
-    return proc_status_mib("VmRSS")
-
-
-def peak_mib(base: float) -> float:
-    if cuda:
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return proc_status_mib("VmHWM") - base if libc is not None else float("nan")
-
-
-def measure(fns: dict, n_repeats: int, n_warmup: int) -> dict[str, tuple[float, float]]:
-    """{name: fn() -> None} -> {name: (median seconds per call, peak MiB of one more call)}. The functions are
-    called in turn (a, b, a, b, ...), so that a slow spell of the machine hits every one of them. Memory is taken
-    in a separate call: on cpu, handing the freed heap back before it (see reset_peak) makes the call fault its
-    pages in afresh, which would slow the timed calls down."""
-    for _ in range(n_warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(n_repeats):
-        for name, fn in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-    peaks = {}
-    for name, fn in fns.items():
-        base = reset_peak()
-        fn()
-        sync()
-        peaks[name] = peak_mib(base)
-    return {name: (statistics.median(times[name]), peaks[name]) for name in fns}
-
-
-def maybe_compile(model):
-    return torch.compile(model) if args.compile else model
+def official_sam_encoder(c: sam_encoder.SamConfig) -> torch.nn.Module:
+    """segment_anything's ImageEncoderViT of config c, built as its sam_model_registry builds it."""
+    return official_sam_modeling().ImageEncoderViT(
+        img_size=c.img_size, patch_size=c.patch_size, embed_dim=c.embed_dim, depth=c.depth, num_heads=c.num_heads,
+        mlp_ratio=c.mlp_ratio, out_chans=c.out_chans, qkv_bias=True, use_rel_pos=True, window_size=c.window_size,
+        global_attn_indexes=c.global_attn_indexes,
+        norm_layer=lambda dim: torch.nn.LayerNorm(dim, eps=sam_encoder.LN_EPS))
 
 
 def randomize_(model: torch.nn.Module) -> None:
@@ -180,62 +111,189 @@ def randomize_(model: torch.nn.Module) -> None:
             prm.copy_(torch.randn_like(prm) * scale)
 
 
+def official_eps_(segformer: torch.nn.Module) -> torch.nn.Module:
+    """NVlabs (and so mit.py) uses LayerNorm eps 1e-6 in the blocks and stage norms, transformers 1e-5: give a
+    transformers SegFormer the official value there (its patch-embedding and spatial-reduction norms keep 1e-5 in
+    both), so that agreement checks can be tight."""
+    for name, m in segformer.named_modules():
+        if isinstance(m, torch.nn.LayerNorm) and "patch_embeddings" not in name and "attention" not in name:
+            m.eps = mit.BLOCK_EPS
+    return segformer
+
+
 def max_diff(ours, ref) -> str:
     diff = max((o.float() - r.float()).abs().max().item() for o, r in zip(ours, ref))
     return f"max|diff| {diff:.1e} (max|ref| {max(r.abs().max().item() for r in ref):.1f})"
 
 
-class Skip(Exception):
-    """An item that cannot run here (a reference package or a project file is missing)."""
+# ------------------------------------------------------------------------------------------------------------------
+# what one run measures
 
 
-rows = []  # (item, ours, reference, (t, mem) of ours, (t, mem) of the reference or None, note)
+@dataclass
+class Setup:
+    device: torch.device
+    dtype: str = "fp32"  # of ours (item 1), of both sides under autocast (items 2-5)
+    repeats: int = 3
+    warmup: int = 1
+    compile: dict | None = None  # torch.compile kwargs of every model measured; None: eager
+    tiny: bool = False
+    crop: int | None = None  # None: the item's default
+    batch: int | None = None
+    sam_size: int | None = None
+    eval_size: tuple[int, int] | None = None  # W, H
+    eval_batch: int = 1
+    grad_checkpoint: bool = False
+    mit_name: str = "mit_b5"
+    mit_overrides: dict = field(default_factory=dict)
+    sam_overrides: dict = field(default_factory=dict)
+    channels: int = 256
+
+    def __post_init__(self):
+        if self.tiny:  # the tiny models of the tests: heads stay (1, 2, 5, 8) / 2
+            self.mit_name, self.mit_overrides = "mit_b0", dict(embed_dims=(16, 32, 40, 64), depths=(1, 1, 1, 1))
+            self.sam_overrides = dict(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=3)
+            self.channels = 32
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+
+    def size(self, name: str, paper, small, tiny):
+        """A size given on the command line, else the item's default (`small` for the op count), or `tiny`."""
+        given = {"crop": self.crop, "batch": self.batch, "sam": self.sam_size, "eval": self.eval_size}[name]
+        return given if given is not None else tiny if self.tiny else small if small is not None else paper
+
+    def maybe_compile(self, model):
+        return torch.compile(model, **self.compile) if self.compile is not None else model
+
+    @property
+    def model_name(self) -> str:
+        return "tiny" if self.tiny else "B5"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# measuring
+
+# cpu memory needs glibc's malloc_trim and a writable /proc/self/clear_refs (Linux); elsewhere it reads nan
+libc = ctypes.CDLL(None) if sys.platform == "linux" else None
+if libc is not None and not (hasattr(libc, "malloc_trim") and os.access("/proc/self/clear_refs", os.W_OK)):
+    libc = None
+
+
+def sync(s: Setup) -> None:
+    if s.cuda:
+        torch.cuda.synchronize(s.device)
+
+
+def proc_status_mib(name: str) -> float:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(name + ":"))
+    return int(line.split()[1]) / 1024  # the kernel reports kB
+
+
+def reset_peak(s: Setup) -> float:
+    """Start a peak-memory window; returns the baseline (MiB) that peak_mib subtracts on cpu."""
+    gc.collect()
+    if s.cuda:
+        torch.cuda.reset_peak_memory_stats(s.device)
+        return 0.0
+    if libc is None:
+        return float("nan")
+    libc.malloc_trim(0)  # hand freed heap pages back, or the call would reuse them unseen
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    return proc_status_mib("VmRSS")
+
+
+def peak_mib(s: Setup, base: float) -> float:
+    if s.cuda:
+        return torch.cuda.max_memory_allocated(s.device) / 2**20
+    return proc_status_mib("VmHWM") - base if libc is not None else float("nan")
+
+
+def measure(s: Setup, fns: dict) -> dict[str, tuple[float, float]]:
+    """{name: fn() -> None} -> {name: (median seconds per call, peak MiB of one more call)}. The functions are
+    called in turn (a, b, a, b, ...), so that a slow spell of the machine hits every one of them. Memory is taken
+    in a separate call: on cpu, handing the freed heap back before it (see reset_peak) makes the call fault its
+    pages in afresh, which would slow the timed calls down."""
+    for _ in range(s.warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(s.repeats):
+        for name, fn in fns.items():
+            sync(s)
+            t0 = time.perf_counter()
+            fn()
+            sync(s)
+            times[name].append(time.perf_counter() - t0)
+    peaks = {}
+    for name, fn in fns.items():
+        base = reset_peak(s)
+        fn()
+        sync(s)
+        peaks[name] = peak_mib(s, base)
+    return {name: (statistics.median(times[name]), peaks[name]) for name in fns}
+
+
+# Ops whose output is a view of their input: no kernel runs. Everything else is counted, allocations included.
+VIEW_OPS = frozenset({
+    "view", "_unsafe_view", "reshape", "_reshape_alias", "view_as", "transpose", "t", "permute", "expand",
+    "expand_as", "detach", "alias", "lift_fresh", "as_strided", "slice", "select", "narrow", "unsqueeze",
+    "squeeze", "unbind", "split", "split_with_sizes", "chunk", "unflatten", "flatten", "diagonal", "movedim",
+})
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops that run inside it by name; views (VIEW_OPS) apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.views = collections.Counter(), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in VIEW_OPS:
+            self.views += 1
+        else:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+    def top(self, n: int = 5) -> str:
+        return ", ".join(f"{name} {k:,}" for name, k in self.ops.most_common(n))
+
 
 # ------------------------------------------------------------------------------------------------------------------
 # 1. SAM image encoder forward
 
 
-def official_sam_encoder_class():
-    """segment_anything's ImageEncoderViT without importing the package (its __init__ pulls in torchvision): the
-    modeling subpackage is loaded by path under a stub parent package."""
-    spec = importlib.util.find_spec("segment_anything")
-    if spec is None:
-        raise Skip("segment_anything is not installed (pip install segment-anything)")
-    root = pathlib.Path(spec.submodule_search_locations[0])
-    if "segment_anything" not in sys.modules:
-        parent = types.ModuleType("segment_anything")
-        parent.__path__ = [str(root)]
-        sys.modules["segment_anything"] = parent
-    name = "segment_anything.modeling"
-    if name not in sys.modules:
-        mspec = importlib.util.spec_from_file_location(name, root / "modeling" / "__init__.py",
-                                                       submodule_search_locations=[str(root / "modeling")])
-        module = importlib.util.module_from_spec(mspec)
-        sys.modules[name] = module
-        mspec.loader.exec_module(module)
-    return sys.modules[name].ImageEncoderViT
-
-
-def bench_sam() -> None:
-    ImageEncoderViT = official_sam_encoder_class()
-    ours = sam_encoder.build_sam_encoder("vit_b", img_size=sam_size, **sam_overrides).eval()
-    c = ours.cfg
-    ref = ImageEncoderViT(img_size=c.img_size, patch_size=c.patch_size, embed_dim=c.embed_dim, depth=c.depth,
-                          num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, out_chans=c.out_chans, qkv_bias=True,
-                          norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True,
-                          window_size=c.window_size, global_attn_indexes=c.global_attn_indexes).eval()
+def bench_sam(s: Setup) -> tuple:
+    sam_size = s.size("sam", 1024, None, 64)
+    ours = sam_encoder.build_sam_encoder("vit_b", img_size=sam_size, **s.sam_overrides).eval()
+    ref = official_sam_encoder(ours.cfg).eval()
     torch.manual_seed(0)
     randomize_(ref)
     with tempfile.TemporaryDirectory() as tmp:  # through the public loader, as a user's official weights would go
         path = os.path.join(tmp, "sam.safetensors")
         save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, path)
         sam_encoder.load_weights(ours, path)
-    ours.to(device, amp_dtype or torch.float32)  # as sam_encoder.frozen_teacher: the whole teacher in the dtype
-    ref.to(device)  # the official encoder in fp32, the baseline of the issue's targets
-    x = torch.randn(1, 3, sam_size, sam_size, device=device)
+    ours.to(s.device, s.amp_dtype or torch.float32)  # as sam_encoder.frozen_teacher: the whole teacher in the dtype
+    ref.to(s.device)  # the official encoder in fp32, the baseline of the issue's targets
+    x = torch.randn(1, 3, sam_size, sam_size, device=s.device)
     with torch.no_grad():
         note = max_diff([ours(x)], [ref(x)])
-    ours_c, ref_c = maybe_compile(ours), maybe_compile(ref)
+    ours_c, ref_c = s.maybe_compile(ours), s.maybe_compile(ref)
 
     def run(model):
         def fn():
@@ -243,65 +301,61 @@ def bench_sam() -> None:
                 model(x)
         return fn
 
-    r = measure({"ours": run(ours_c), "ref": run(ref_c)}, repeats, warmup)
-    rows.append((f"1 SAM {'ViT-B' if not args.tiny else 'tiny'} fwd {sam_size}px b1",
-                 f"ours {args.dtype}", "official fp32", r["ours"], r["ref"], note))
+    r = measure(s, {"ours": run(ours_c), "ref": run(ref_c)})
+    return (f"1 SAM {'ViT-B' if not s.tiny else 'tiny'} fwd {sam_size}px b1", f"ours {s.dtype}", "official fp32",
+            r["ours"], r["ref"], note)
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # 2. MiT forward + backward
 
 
-def bench_mit() -> None:
+def bench_mit(s: Setup) -> tuple:
     try:
         from transformers import SegformerConfig, SegformerModel
         from transformers.utils.logging import disable_progress_bar
     except ImportError:
         raise Skip("transformers is not installed (pip install transformers)") from None
     disable_progress_bar()  # save_pretrained's bar would land in the table
-    ours = mit.build_mit(mit_name, **mit_overrides)
+    crop, batch = s.size("crop", 512, None, 64), s.size("batch", 2, None, 2)
+    ours = mit.build_mit(s.mit_name, **s.mit_overrides)
     c = ours.cfg
     cfg = SegformerConfig(hidden_sizes=list(c.embed_dims), depths=list(c.depths), num_attention_heads=list(c.num_heads),
                           sr_ratios=list(c.sr_ratios), mlp_ratios=[c.mlp_ratio] * 4, drop_path_rate=c.drop_path_rate)
     torch.manual_seed(0)
-    ref = SegformerModel(cfg)
+    ref = official_eps_(SegformerModel(cfg))
     randomize_(ref)
-    # NVlabs (and so mit.py) uses LayerNorm eps 1e-6 in the blocks and stage norms, transformers 1e-5: give the
-    # reference the official value so the agreement check is tight (it costs nothing).
-    for name, m in ref.named_modules():
-        if isinstance(m, torch.nn.LayerNorm) and "patch_embeddings" not in name and "attention" not in name:
-            m.eps = mit.BLOCK_EPS
     with tempfile.TemporaryDirectory() as tmp:  # the hub's layout: transformers renames its modules on save
         ref.save_pretrained(tmp)
         mit.load_weights(ours, os.path.join(tmp, "model.safetensors"))
-    ours.to(device)
-    ref.to(device)
+    ours.to(s.device)
+    ref.to(s.device)
 
     def ref_forward(x):
         return ref(pixel_values=x, output_hidden_states=True).hidden_states  # the 4 stage maps, as ours
 
-    x = torch.randn(batch_size, 3, crop, crop, device=device)
+    x = torch.randn(batch, 3, crop, crop, device=s.device)
     ours.eval(), ref.eval()
-    with torch.no_grad(), autocast():
+    with torch.no_grad(), s.autocast():
         note = max_diff(ours(x), ref_forward(x))
     ours.train(), ref.train()  # as in training: stochastic depth on
-    ours_c, ref_c = maybe_compile(ours), maybe_compile(ref_forward)
+    ours_c, ref_c = s.maybe_compile(ours), s.maybe_compile(ref_forward)
 
     def run(model, forward):
         def fn():
             model.zero_grad(set_to_none=True)  # as optimizer.zero_grad(): gradients are allocated in every call
-            with autocast():
+            with s.autocast():
                 loss = sum(o.float().mean() for o in forward(x))
             loss.backward()
         return fn
 
-    r = measure({"ours": run(ours, ours_c), "ref": run(ref, ref_c)}, repeats, warmup)
-    rows.append((f"2 MiT-{'B5' if not args.tiny else 'tiny'} fwd+bwd {crop}px b{batch_size}",
-                 f"ours {args.dtype}", f"transformers {args.dtype}", r["ours"], r["ref"], note))
+    r = measure(s, {"ours": run(ours, ours_c), "ref": run(ref, ref_c)})
+    return (f"2 MiT-{s.model_name} fwd+bwd {crop}px b{batch}", f"ours {s.dtype}", f"transformers {s.dtype}",
+            r["ours"], r["ref"], note)
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# 3. one training iteration, SSR vs DACS
+# 3. one training iteration, SSR vs DACS; 5. its op count
 
 
 def import_ssr():
@@ -312,91 +366,290 @@ def import_ssr():
     return ssr
 
 
-def time_train_iter(ssr, method, src, lbl, tgt, scaler):
-    """Time one optimizer step of `method`. Its models live only in this call: building both UDA models at
-    once would double the resident memory at B5."""
-    cfg = ssr.SegConfig(backbone=mit_name, mit=dict(mit_overrides), channels=sizes["channels"])
-    student = ssr.build_segmentor(cfg)
-    student.backbone.grad_checkpoint = args.grad_checkpoint
-    uda = ssr.UDA(student, method=method, sam_img_size=sam_size).to(device).train()
+def train_step(s: Setup, method: str, crop: int, batch: int, sam_size: int):
+    """(step(it) -> losses, optimizer) of one UDA training iteration of `method` on random images, as train.py
+    runs it: autocast forward, backward, AdamW step, gradients set to None."""
+    ssr = import_ssr()
+    torch.manual_seed(0)
+    src = torch.randn(batch, 3, crop, crop, device=s.device)
+    tgt = torch.randn(batch, 3, crop, crop, device=s.device)
+    lbl = torch.randint(0, 19, (batch, crop, crop), device=s.device)
+    lbl[:, : crop // 8] = 255  # some ignored pixels, as in GTA5 labels
+    student = ssr.build_segmentor(ssr.SegConfig(backbone=s.mit_name, mit=dict(s.mit_overrides), channels=s.channels))
+    student.backbone.grad_checkpoint = s.grad_checkpoint
+    uda = ssr.UDA(student, method=method, sam_img_size=sam_size).to(s.device).train()
     sam = None
     if method == "ssr":  # a random teacher: its speed does not depend on its weights
-        sam = sam_encoder.frozen_teacher("vit_b", None, img_size=sam_size, device=device,
-                                         dtype=amp_dtype or torch.float32, **sam_overrides)
-    optimizer = torch.optim.AdamW([q for q in uda.parameters() if q.requires_grad], lr=6e-5, weight_decay=0.01)
-    if args.compile:  # as train.py --compile: the networks, not the step
-        uda.compile_networks(sam)
-    it = [0]
+        sam = sam_encoder.frozen_teacher("vit_b", None, img_size=sam_size, device=s.device,
+                                         dtype=s.amp_dtype or torch.float32, **s.sam_overrides)
+    # as train.py: one fused kernel per step where torch has it (cuda, and cpu since torch 2.4)
+    optimizer = torch.optim.AdamW([q for q in uda.parameters() if q.requires_grad], lr=6e-5, weight_decay=0.01,
+                                  fused=True)
+    scaler = torch.amp.GradScaler(s.device.type, enabled=s.amp_dtype == torch.float16)
+    if s.compile is not None:  # as train.py --compile: the networks, not the step
+        uda.compile_networks(sam, **s.compile)
+    cudagraphs = (s.compile or {}).get("mode") == "reduce-overhead"
 
-    def fn():
-        with autocast():
-            losses = uda(src, lbl, tgt, it[0], sam=sam)
+    def forward_backward(it):
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration: earlier graph outputs may be reused
+        with s.autocast():
+            losses = uda(src, lbl, tgt, it, sam=sam)
         scaler.scale(sum(losses.values())).backward()
+        return losses
+
+    def optimizer_step():
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+
+    return forward_backward, optimizer_step
+
+
+def iterations(forward_backward, optimizer_step, start: int):
+    """fn() running the next training iteration on every call, from iteration `start`."""
+    it = [start]
+
+    def fn():
+        forward_backward(it[0])
+        optimizer_step()
         it[0] += 1
 
-    return measure({method: fn}, repeats, warmup)[method]
+    return fn
 
 
-def bench_train() -> None:
-    ssr = import_ssr()
-    torch.manual_seed(0)
-    src = torch.randn(batch_size, 3, crop, crop, device=device)
-    tgt = torch.randn(batch_size, 3, crop, crop, device=device)
-    lbl = torch.randint(0, 19, (batch_size, crop, crop), device=device)
-    lbl[:, : crop // 8] = 255  # some ignored pixels, as in GTA5 labels
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    result = {method: time_train_iter(ssr, method, src, lbl, tgt, scaler) for method in ("dacs", "ssr")}
-    rows.append((f"3 train iter {'MiT-B5' if not args.tiny else 'tiny'} crop {crop} b{batch_size} SAM {sam_size}"
-                 f"{' ckpt' if args.grad_checkpoint else ''}",
-                 "ssr", "dacs", result["ssr"], result["dacs"], f"{args.dtype}"))
+def time_train_iter(s: Setup, method: str, crop: int, batch: int, sam_size: int) -> tuple[float, float]:
+    """(median seconds, peak MiB) of one optimizer step of `method`. Its models live only in this call: building
+    both UDA models at once would double the resident memory at B5."""
+    return measure(s, {method: iterations(*train_step(s, method, crop, batch, sam_size), start=0)})[method]
+
+
+def bench_train(s: Setup) -> tuple:
+    crop, batch, sam_size = s.size("crop", 512, None, 64), s.size("batch", 2, None, 2), s.size("sam", 1024, None, 64)
+    result = {method: time_train_iter(s, method, crop, batch, sam_size) for method in ("dacs", "ssr")}
+    return (f"3 train iter MiT-{s.model_name} crop {crop} b{batch} SAM {sam_size}"
+            f"{' ckpt' if s.grad_checkpoint else ''}", "ssr", "dacs", result["ssr"], result["dacs"], s.dtype)
+
+
+def bench_ops(s: Setup) -> tuple:
+    crop, batch, sam_size = s.size("crop", 512, 128, 64), s.size("batch", 2, 2, 2), s.size("sam", 1024, 256, 64)
+    forward_backward, optimizer_step = train_step(s, "ssr", crop, batch, sam_size)
+    forward_backward(0)  # iteration 0: the EMA copies the student, the teachers' bf16 copies are made
+    optimizer_step()
+    fwd_bwd, opt = OpCounter(), OpCounter()
+    with fwd_bwd:
+        forward_backward(1)
+    with opt:
+        optimizer_step()
+    t = measure(s, {"ssr": iterations(forward_backward, optimizer_step, start=2)})["ssr"]
+    return (f"5 ops/step ssr MiT-{s.model_name} crop {crop} b{batch} SAM {sam_size}", f"ours {s.dtype}", "-", t, None,
+            f"{fwd_bwd.total():,} ops fwd+bwd ({fwd_bwd.top()}), optimizer {opt.total():,}")
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # 4. evaluation throughput
 
 
-def bench_eval() -> None:
+def eval_model(s: Setup):
     ssr = import_ssr()
-    model = ssr.build_segmentor(ssr.SegConfig(backbone=mit_name, mit=dict(mit_overrides), channels=sizes["channels"]))
-    model = maybe_compile(model.to(device).eval())
-    x = torch.randn(args.eval_batch, 3, eval_h, eval_w, device=device)
+    model = ssr.build_segmentor(ssr.SegConfig(backbone=s.mit_name, mit=dict(s.mit_overrides), channels=s.channels))
+    return model.to(s.device).eval()
+
+
+def bench_eval(s: Setup) -> tuple:
+    w, h = s.size("eval", (1024, 512), None, (128, 64))
+    model = s.maybe_compile(eval_model(s))
+    x = torch.randn(s.eval_batch, 3, h, w, device=s.device)
 
     def fn():
-        with torch.inference_mode(), autocast():
+        with torch.inference_mode(), s.autocast():
             logits = F.interpolate(model(x).float(), size=x.shape[2:], mode="bilinear", align_corners=False)
             logits.argmax(1)
 
-    r = measure({"ours": fn}, repeats, warmup)
-    rows.append((f"4 eval {'MiT-B5' if not args.tiny else 'tiny'} {eval_w}x{eval_h} b{args.eval_batch}", f"ours {args.dtype}", "-", r["ours"],
-                 None, f"{args.eval_batch / r['ours'][0]:.2f} images/s"))
+    r = measure(s, {"ours": fn})
+    return (f"4 eval MiT-{s.model_name} {w}x{h} b{s.eval_batch}", f"ours {s.dtype}", "-", r["ours"], None,
+            f"{s.eval_batch / r['ours'][0]:.2f} images/s")
+
+
+def bench_eval_dataset(s: Setup, n: int) -> tuple:
+    """eval.evaluate over n Cityscapes-sized images (network input 1024x512, labels 2048x1024) from memory."""
+    import eval as ev
+
+    w, h = s.size("eval", (1024, 512), None, (128, 64))
+    img = torch.randn(1, 3, h, w).pin_memory() if s.cuda else torch.randn(1, 3, h, w)
+    lbl = torch.randint(0, 19, (1, 2 * h, 2 * w))
+    lbl = lbl.pin_memory() if s.cuda else lbl
+
+    class Loader:  # what eval.evaluate reads of a DataLoader: len(loader.dataset) and batches
+        dataset = range(n)
+
+        def __iter__(self):
+            return iter([{"img": img, "lbl": lbl, "path": ["synthetic"]}] * n)
+
+    model = s.maybe_compile(eval_model(s))
+    ev.evaluate(model, Loader(), device=s.device, amp_dtype=s.amp_dtype)  # warm-up (and compilation)
+    sync(s)
+    t0 = time.perf_counter()
+    result = ev.evaluate(model, Loader(), device=s.device, amp_dtype=s.amp_dtype)
+    sync(s)
+    t = time.perf_counter() - t0
+    return (f"4 eval {n} images MiT-{s.model_name} {w}x{h}, labels {2 * w}x{2 * h}", f"ours {s.dtype}", "-",
+            (t, float("nan")), None, f"{t:.1f} s in all, {result['images'] / t:.1f} images/s")
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# run and report
+# reporting
 
-benches = {"1": bench_sam, "2": bench_mit, "3": bench_train, "4": bench_eval}
-name = torch.cuda.get_device_name(device) if cuda else (
-    f"cpu, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
-print(f"device {device} ({name}), torch {torch.__version__}, dtype {args.dtype}, compile {args.compile}, "
-      f"median of {repeats} after {warmup} warm-up")
-for i in sorted(items):
-    try:
-        benches[i]()
-    except Skip as e:
-        print(f"item {i} skipped: {e}")
 
-mem_what = "peak alloc" if cuda else "peak RSS growth"
-header = ("item", "ours", "reference", "ours ms", "ref ms", "time ratio", "ours MiB", "ref MiB", "mem ratio", "note")
-table = [header]
-for item, ours_name, ref_name, (t, m), ref, note in rows:
+def format_row(row: tuple, cuda: bool) -> list[str]:
+    item, ours_name, ref_name, (t, m), ref, note = row
     rt, rm = ref if ref else (float("nan"), float("nan"))
-    table.append((item, ours_name, ref_name, f"{t * 1e3:.1f}", f"{rt * 1e3:.1f}" if ref else "-",
-                  f"{t / rt:.2f}" if ref else "-", f"{m:.0f}", f"{rm:.0f}" if ref else "-",
-                  f"{m / rm:.2f}" if ref and rm > 0 else "-", note))
-widths = [max(len(r[j]) for r in table) for j in range(len(header))]
-print(f"\nmemory: {mem_what} (see the docstring); ratio = ours / reference")
-for r in table:
-    print("  ".join(s.ljust(w) for s, w in zip(r, widths)).rstrip())
+    return [item, ours_name, ref_name, f"{t * 1e3:.1f}", f"{rt * 1e3:.1f}" if ref else "-",
+            f"{t / rt:.2f}" if ref else "-", f"{m:.0f}", f"{rm:.0f}" if ref else "-",
+            f"{m / rm:.2f}" if ref and rm > 0 else "-", note]
+
+
+HEADER = ["item", "ours", "reference", "ours ms", "ref ms", "time ratio", "ours MiB", "ref MiB", "mem ratio", "note"]
+
+
+def print_table(rows: list[tuple], cuda: bool) -> None:
+    table = [HEADER] + [format_row(r, cuda) for r in rows]
+    widths = [max(len(r[j]) for r in table) for j in range(len(HEADER))]
+    print(f"\nmemory: {'peak alloc' if cuda else 'peak RSS growth'} (see the docstring); ratio = ours / reference")
+    for r in table:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def device_name(s: Setup) -> str:
+    return torch.cuda.get_device_name(s.device) if s.cuda else (
+        f"cpu, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+
+
+def run_items(s: Setup, items: list[str]) -> None:
+    benches = {"1": bench_sam, "2": bench_mit, "3": bench_train, "4": bench_eval, "5": bench_ops}
+    rows = []
+    for i in items:
+        try:
+            rows.append(benches[i](s))
+        except Skip as e:
+            print(f"item {i} skipped: {e}")
+    print_table(rows, s.cuda)
+
+
+def run_gpu_suite(s: Setup, budget: float) -> None:
+    """Every GPU measurement of the README in one process, each printed when done (a partial run still tells
+    something). Paper sizes: MiT-B5, crop 512, batch 2, SAM ViT-B at 1024."""
+    start = time.perf_counter()
+    card = device_name(s)
+
+    def report(what: str, fn) -> None:
+        elapsed = time.perf_counter() - start
+        if elapsed > budget:
+            print(f"[{card}] {what}: not run (budget of {budget:.0f} s spent)", flush=True)
+            return
+        torch._dynamo.reset()  # each lever compiles afresh, within dynamo's per-function recompile limit
+        try:
+            row = fn()
+        except Exception as e:  # a failing lever (e.g. a compile error) must not cost the rest of the suite
+            print(f"[{card}] {what}: FAILED {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}", flush=True)
+            return
+        finally:
+            gc.collect()  # the lever's models are garbage now: free their memory before the next one
+            if s.cuda:
+                torch.cuda.empty_cache()
+        cells = format_row(row, s.cuda)
+        print(f"[{card}] {what}: " + " | ".join(f"{h} {c}" for h, c in zip(HEADER, cells) if c != "-"),
+              f"(at {time.perf_counter() - start:.0f} s)", flush=True)
+
+    bf16, fp32 = replace(s, dtype="bf16"), replace(s, dtype="fp32")
+    small = bf16 if s.tiny else replace(bf16, crop=128, batch=2, sam_size=256)
+    report("op count, issue's size, eager bf16", lambda: bench_ops(small))
+    report("op count + step time, paper size, eager bf16", lambda: bench_ops(bf16))
+    report("train iter, eager bf16", lambda: bench_train(bf16))
+    report("train iter, eager fp32", lambda: bench_train(fp32))
+    n_eval = 20 if s.tiny else 500  # Cityscapes val has 500 images
+    report(f"eval {n_eval} images, eager bf16", lambda: bench_eval_dataset(bf16, n_eval))
+    if not s.cuda:
+        print(f"[{card}] the compiled levers run on cuda only", flush=True)
+        return
+    for mode in ("default", "reduce-overhead", "max-autotune-no-cudagraphs"):  # the slowest to compile last
+        kwargs = {} if mode == "default" else {"mode": mode}
+        report(f"train iter ssr, compile {mode}, bf16", lambda: compiled_train_iter(replace(bf16, compile=kwargs)))
+    report(f"eval {n_eval} images, compile default, bf16", lambda: bench_eval_dataset(replace(bf16, compile={}), n_eval))
+
+
+def compiled_train_iter(s: Setup) -> tuple:
+    """Item 3's ssr iteration with compiled networks: the first two iterations (compilation, recompilation)
+    timed apart from the steady state."""
+    crop, batch, sam_size = s.size("crop", 512, None, 64), s.size("batch", 2, None, 2), s.size("sam", 1024, None, 64)
+    forward_backward, optimizer_step = train_step(s, "ssr", crop, batch, sam_size)
+    first = []
+    for it in range(2):
+        sync(s)
+        t0 = time.perf_counter()
+        forward_backward(it)
+        optimizer_step()
+        sync(s)
+        first.append(time.perf_counter() - t0)
+    t = measure(s, {"ssr": iterations(forward_backward, optimizer_step, start=2)})["ssr"]
+    return (f"3 train iter ssr MiT-{s.model_name} crop {crop} b{batch} SAM {sam_size} compiled {s.compile}",
+            f"ours {s.dtype}", "-", t, None, f"first iterations (compile) {first[0]:.1f} s, {first[1]:.1f} s")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def size_wxh(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 1024x512") from None
+    return w, h
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--items", default="1,2,3,4,5", help="comma-separated items to run (see above)")
+    p.add_argument("--suite", choices=["gpu"], help="run the GPU suite (see above) instead of --items")
+    p.add_argument("--budget", type=float, default=420, help="--suite gpu: seconds after which no new "
+                   "measurement starts (default 420: the suite then ends within ~8 minutes on an H100)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="precision of ours (item 1), of both sides under autocast (items 2-5)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model measured (compiled in warm-up; "
+                   "items 3 and 5 compile the networks, as train.py --compile)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per model (default 10, 3 on cpu)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3, 1 on cpu)")
+    p.add_argument("--sam-size", type=int, default=None, help="SAM input side (default 1024; 256 for item 5)")
+    p.add_argument("--crop", type=int, default=None, help="training crop side, items 2, 3, 5 (default 512; 128 for 5)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch of items 2, 3 and 5 (default 2)")
+    p.add_argument("--eval-size", type=size_wxh, default=None, help="WxH of the evaluation images of item 4 "
+                   "(default 1024x512)")
+    p.add_argument("--eval-batch", type=int, default=1, help="batch of item 4")
+    p.add_argument("--grad-checkpoint", action="store_true", help="item 3: recompute the student's MiT blocks in backward")
+    p.add_argument("--tiny", action="store_true", help="tiny models and sizes for every item (seconds on a CPU)")
+    args = p.parse_args(argv)
+    items = args.items.split(",")
+    if not set(items) <= {"1", "2", "3", "4", "5"}:
+        sys.exit(f"error: --items {args.items}: choose among 1,2,3,4,5 (comma-separated).")
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if args.suite == "gpu" and not cuda and not args.tiny:
+        sys.exit("error: --suite gpu needs a CUDA device (or --tiny, which runs its CPU-runnable parts at tiny sizes).")
+    warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    s = Setup(device=device, dtype=args.dtype, repeats=args.repeats if args.repeats is not None else (10 if cuda else 3),
+              warmup=max(warmup, 1) if args.compile else warmup,  # the first call compiles: never time it
+              compile={} if args.compile else None, tiny=args.tiny, crop=args.crop, batch=args.batch_size,
+              sam_size=args.sam_size, eval_size=args.eval_size, eval_batch=args.eval_batch,
+              grad_checkpoint=args.grad_checkpoint)
+    print(f"device {device} ({device_name(s)}), torch {torch.__version__}, dtype {args.dtype}, compile {args.compile}, "
+          f"median of {s.repeats} after {s.warmup} warm-up", flush=True)
+    if args.suite == "gpu":
+        run_gpu_suite(s, args.budget)
+    else:
+        run_items(s, sorted(items))
+
+
+if __name__ == "__main__":
+    main()

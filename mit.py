@@ -64,13 +64,21 @@ MIT_PRESETS: dict[str, dict] = {
 BLOCK_EPS = 1e-6
 
 
-def add_drop_path(x: Tensor, branch: Tensor, p: float, training: bool) -> Tensor:
-    """x + branch, where in training the branch of each sample is dropped with probability p (stochastic depth)
-    and the kept ones are scaled by 1/(1-p) so the expectation is unchanged."""
-    if p == 0.0 or not training:
-        return x + branch
-    keep = torch.empty(x.shape[0], 1, 1, dtype=x.dtype, device=x.device).bernoulli_(1 - p).div_(1 - p)  # (B,1,1)
-    return torch.addcmul(x, branch, keep)  # one fused pass instead of mul then add
+def drop_path_scales(rates: list[float], batch: int, like: Tensor) -> Tensor:
+    """Stochastic depth for n residual branches at once: drop rates (n,) -> (n, B, 1, 1) factors in like's dtype,
+    0 for a dropped sample (probability rate) and 1/(1 - rate) for a kept one, so the expectation is unchanged.
+    One draw for all branches instead of three ops in each of MiT-B5's 104 (an ssr step of bench.py's item 5:
+    9,099 -> 8,801 ops)."""
+    keep = 1 - torch.tensor(rates, device=like.device)[:, None]  # (n, 1)
+    return torch.bernoulli(keep.expand(-1, batch)).div_(keep).to(like.dtype)[..., None, None]
+
+
+def residual(x: Tensor, branch: Tensor, scale: Tensor | None) -> Tensor:
+    """x + branch * scale, scale (B, 1, 1) from drop_path_scales; the plain sum without stochastic depth (None)."""
+    # addcmul is not faster: x + branch * scale counts the same ops forward + backward (4,190 for MiT-B5, bench's
+    # OpCounter), but its gradients under torch.compile differed from eager ones by up to 1.2e-5 in
+    # test_ssr_compiled_networks_train_like_eager, where addcmul's stay within its 1e-5
+    return x + branch if scale is None else torch.addcmul(x, branch, scale)
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -92,8 +100,11 @@ def patch_linear(x: Tensor, conv: nn.Conv2d, H: int, W: int) -> Tensor:
     """`conv` (kernel = stride = s, no padding) applied to tokens (B, H*W, C) -> (B, H/s * W/s, C_out).
 
     A conv whose patches do not overlap is one linear map of each flattened s x s patch: gathering the patches
-    (one copy) and running a matmul gives the conv's numbers, and on CPUs its backward is much faster than the
-    conv's. Rows/columns beyond a multiple of s are dropped, as the conv does."""
+    (one copy) and running a matmul gives the conv's numbers. Measured on a 2-core CPU (torch 2.13, load ~9,
+    interleaved runs), MiT-B5 forward + backward: under bf16 autocast at crop 128, batch 2, 3.3 s with the conv on
+    the channels-last view, 1.6 s with this (the conv's bf16 backward is slow there); in fp32 at crop 256, batch 1,
+    the two are equal (2.6 vs 2.5 s). It costs two more ops per block than the conv (the gathers of x and of the
+    weight); not measured on a GPU. Rows/columns beyond a multiple of s are dropped, as the conv does."""
     B, N, C = x.shape
     s = conv.stride[0]
     h, w = H // s, W // s
@@ -140,7 +151,8 @@ class DWConv(nn.Module):
     def forward(self, x: Tensor, H: int, W: int) -> Tensor:
         B, N, C = x.shape
         # A channels-last view in and out, no copies. Not x.transpose(1, 2).view(B, C, H, W): at B = 1 that view
-        # gets a batch stride that hides the channels-last layout from the conv, which then copies to NCHW.
+        # gets a batch stride that hides the channels-last layout from the conv, which then copies to NCHW (this
+        # view measured 1.36x faster MiT-B5 inference and 1.12x faster forward + backward at batch 1, 2-core CPU).
         x = self.dwconv(x.view(B, H, W, C).permute(0, 3, 1, 2))  # (B, C, H, W)
         return x.flatten(2).transpose(1, 2)  # (B, N, C)
 
@@ -165,11 +177,12 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, sr_ratio)
         self.norm2 = nn.LayerNorm(dim, eps=BLOCK_EPS)
         self.mlp = MixFFN(dim, dim * mlp_ratio)
-        self.drop_path = drop_path
+        self.drop_path = drop_path  # stochastic depth rate of both branches, drawn by MixVisionTransformer
 
-    def forward(self, x: Tensor, H: int, W: int) -> Tensor:  # (B, N, C) -> (B, N, C)
-        x = add_drop_path(x, self.attn(self.norm1(x), H, W), self.drop_path, self.training)
-        return add_drop_path(x, self.mlp(self.norm2(x), H, W), self.drop_path, self.training)
+    def forward(self, x: Tensor, H: int, W: int, scales: Tensor | None = None) -> Tensor:  # (B, N, C) -> (B, N, C)
+        """scales: (2, B, 1, 1) drop-path factors of the attention and MLP branches; None: no stochastic depth."""
+        x = residual(x, self.attn(self.norm1(x), H, W), None if scales is None else scales[0])
+        return residual(x, self.mlp(self.norm2(x), H, W), None if scales is None else scales[1])
 
 
 def init_weights(m: nn.Module) -> None:
@@ -213,14 +226,19 @@ class MixVisionTransformer(nn.Module):
         """(B, 3, H, W), H and W divisible by 32 -> [(B, C1, H/4, W/4), (B, C2, H/8, W/8), ..., (B, C4, H/32, W/32)].
 
         The maps are channels-last in memory (a free view of the tokens); call .contiguous() where NCHW matters."""
-        outs = []
+        outs, scales = [], None
         for i in range(len(self.cfg.depths)):
             x, H, W = getattr(self, f"patch_embed{i + 1}")(x)  # (B, N, C)
+            if i == 0 and self.training and self.cfg.drop_path_rate > 0:  # every block's draw, in x's dtype
+                rates = [b.drop_path for j in range(len(self.cfg.depths)) for b in getattr(self, f"block{j + 1}")]
+                scales = iter(drop_path_scales([r for r in rates for _ in "ab"], x.shape[0], x)
+                              .view(len(rates), 2, x.shape[0], 1, 1))  # per block: (2, B, 1, 1)
             for blk in getattr(self, f"block{i + 1}"):
+                s = next(scales) if scales is not None else None
                 if self.grad_checkpoint and self.training:
-                    x = checkpoint(blk, x, H, W, use_reentrant=False)
+                    x = checkpoint(blk, x, H, W, s, use_reentrant=False)
                 else:
-                    x = blk(x, H, W)
+                    x = blk(x, H, W, s)
             x = getattr(self, f"norm{i + 1}")(x)
             x = x.view(x.shape[0], H, W, -1).permute(0, 3, 1, 2)  # (B, C, H, W)
             outs.append(x)
@@ -351,16 +369,10 @@ def _few(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
 
 
-def check_state_dict(model: nn.Module, sd: dict[str, Tensor], where: str) -> None:
-    """Raise WeightsError unless sd has exactly the model's keys and shapes; `where` names the source."""
+def check_keys(model: nn.Module, sd: dict[str, Tensor], where: str, model_name: str, layouts: str) -> None:
+    """Raise WeightsError unless sd has exactly the model's keys and shapes; `where` names the source, `layouts`
+    the key layouts the model reads. Shared with sam_encoder.py."""
     ours = model.state_dict()
-    cfg = model.cfg
-    file_arch = arch_of(sd)
-    if len(file_arch[0]) == len(cfg.embed_dims) and file_arch != (tuple(cfg.embed_dims), tuple(cfg.depths)):
-        raise WeightsError(
-            f"{where} holds {arch_name(*file_arch)} but the model is "
-            f"{arch_name(tuple(cfg.embed_dims), tuple(cfg.depths))}; build the model that matches the weights "
-            f"(build_mit(name)) or pass the weights of this model size.")
     missing = sorted(set(ours) - set(sd))
     unexpected = sorted(set(sd) - set(ours))
     shape = sorted(f"{k} {tuple(sd[k].shape)} vs model {tuple(ours[k].shape)}"
@@ -368,21 +380,35 @@ def check_state_dict(model: nn.Module, sd: dict[str, Tensor], where: str) -> Non
     problems = [f"{len(ks)} {what} ({_few(ks)})" for what, ks in
                 (("missing keys", missing), ("unexpected keys", unexpected), ("keys of the wrong shape", shape)) if ks]
     if problems:
-        raise WeightsError(f"{where} does not match the MiT encoder: {'; '.join(problems)}. Expected the NVlabs "
-                         f"(patch_embed1.proj.weight, ...) or Hugging Face (encoder.block.0.0..., optionally under "
-                         f"segformer.) key layout of the same model size.")
+        raise WeightsError(f"{where} does not match the {model_name}: {'; '.join(problems)}. Expected the {layouts} "
+                           f"key layout of the same model size.")
 
 
-def read_safetensors(path: str) -> dict[str, Tensor]:
+def check_state_dict(model: nn.Module, sd: dict[str, Tensor], where: str) -> None:
+    """Raise WeightsError unless sd holds this MiT's size, with exactly its keys and shapes."""
+    cfg = model.cfg
+    file_arch = arch_of(sd)
+    if len(file_arch[0]) == len(cfg.embed_dims) and file_arch != (tuple(cfg.embed_dims), tuple(cfg.depths)):
+        raise WeightsError(
+            f"{where} holds {arch_name(*file_arch)} but the model is "
+            f"{arch_name(tuple(cfg.embed_dims), tuple(cfg.depths))}; build the model that matches the weights "
+            f"(build_mit(name)) or pass the weights of this model size.")
+    check_keys(model, sd, where, "MiT encoder", "NVlabs (patch_embed1.proj.weight, ...) or Hugging Face "
+               "(encoder.block.0.0..., optionally under segformer.)")
+
+
+def read_safetensors(path: str, what: str = "MiT weights", convert: str = "a .pth/.bin", script: str = "mit.py",
+                     download: str = DOWNLOAD) -> dict[str, Tensor]:
+    """The tensors of a safetensors file; WeightsError naming `what` it should hold, the converter `script` of
+    `convert` files and where to `download` them. Shared with sam_encoder.py."""
     if not os.path.isfile(path):
-        raise WeightsError(f"MiT weights file {path} does not exist; pass the path of a .safetensors file "
-                           f"(convert a .pth/.bin with: python mit.py convert IN OUT.safetensors). "
-                           f"Download: {DOWNLOAD}.")
+        raise WeightsError(f"{what} file {path} does not exist; pass the path of a .safetensors file (convert "
+                           f"{convert} with: python {script} convert IN OUT.safetensors). Download: {download}.")
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
-        raise WeightsError(f"{path} is not a safetensors file ({e}); load_weights reads only .safetensors, convert a "
-                         f".pth/.bin checkpoint first with: python mit.py convert {path} OUT.safetensors") from None
+        raise WeightsError(f"{path} is not a safetensors file ({e}); load_weights reads only .safetensors, convert "
+                           f"{convert} checkpoint first with: python {script} convert {path} OUT.safetensors") from None
 
 
 def load_weights(model: MixVisionTransformer, path: str) -> None:
@@ -393,22 +419,24 @@ def load_weights(model: MixVisionTransformer, path: str) -> None:
     model.load_state_dict(sd, strict=True)
 
 
-def read_torch_checkpoint(path: str) -> dict[str, Tensor]:
-    """A .pth/.bin state dict, flat or wrapped under 'state_dict' (mmcv-style checkpoints)."""
+def read_torch_checkpoint(path: str, expected: str = "an NVlabs mit_b*.pth or a Hugging Face pytorch_model.bin",
+                          wrappers: tuple[str, ...] = ("state_dict",), download: str = DOWNLOAD) -> dict[str, Tensor]:
+    """A .pth/.bin state dict, flat or wrapped under one of `wrappers` (mmcv-style checkpoints); WeightsError
+    saying to pass the `expected` files and where to `download` them. Shared with sam_encoder.py."""
     if not os.path.isfile(path):
-        raise WeightsError(f"checkpoint {path} does not exist; pass an NVlabs mit_b*.pth or a Hugging Face "
-                           f"pytorch_model.bin. Download: {DOWNLOAD}.")
+        raise WeightsError(f"checkpoint {path} does not exist; pass {expected}. Download: {download}.")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types for a bad file; all mean the same to the user
         first_line = (str(e).strip().splitlines() or [""])[0]
         raise WeightsError(f"{path} could not be read by torch.load(weights_only=True) ({type(e).__name__}: "
-                         f"{first_line}). Pass an NVlabs mit_b*.pth or a Hugging Face pytorch_model.bin.") from None
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
-        ckpt = ckpt["state_dict"]
+                           f"{first_line}). Pass {expected}.") from None
+    for wrapper in wrappers:
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(wrapper), dict):
+            ckpt = ckpt[wrapper]
     if not isinstance(ckpt, dict) or not all(isinstance(v, Tensor) for v in ckpt.values()):
-        raise WeightsError(f"{path} holds no flat state dict of tensors (nor one under 'state_dict'); pass an NVlabs "
-                         f"mit_b*.pth or a Hugging Face pytorch_model.bin.")
+        raise WeightsError(f"{path} holds no flat state dict of tensors (nor one under "
+                           f"{' or '.join(repr(w) for w in wrappers)}); pass {expected}.")
     return ckpt
 
 

@@ -305,7 +305,9 @@ def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
     return y.view(B, C, H, W)
 
 
-def denormalize(img: Tensor) -> Tensor:  # (B, 3, H, W) normalized -> RGB in [0, 1]; python constants: no copies
+def denormalize(img: Tensor) -> Tensor:  # (B, 3, H, W) normalized -> RGB in [0, 1]
+    # Per-channel Python constants: 7 small ops, but no (3,) tensor of MEAN/STD to copy to the GPU, a copy from
+    # pageable memory that waits for the stream (not measured; with such tensors it would be 3 ops and 2 copies).
     return torch.stack([img[:, c] * (STD[c] / 255) + MEAN[c] / 255 for c in range(3)], dim=1)
 
 
@@ -417,6 +419,34 @@ def frozen_copy(m: nn.Module) -> nn.Module:
     return copy.deepcopy(m).requires_grad_(False)
 
 
+class ReducedCopy:
+    """A copy of a frozen network (the EMA teacher, the ImageNet encoder) with its weights in a reduced dtype, to
+    run outside autocast: autocast would cast every weight again on each call, one kernel per tensor (~730 per
+    MiT-B5 pass; an ssr step of bench.py's item 5 went from 8,801 to 7,325 ops). refresh() copies the network's
+    current weights in with one foreach op. BatchNorm modules are the network's own (shared, not copied):
+    autocast leaves BatchNorm in fp32, and the teacher's statistics stay in its buffers. Not a submodule: the state
+    dict keeps only the fp32 network."""
+
+    def __init__(self, net: nn.Module, dtype: torch.dtype, compile_kwargs: dict | None = None):
+        with torch.device("meta"):
+            low = type(net)(net.cfg).to(dtype)  # Segmentor(SegConfig) or MixVisionTransformer(MiTConfig)
+        self.net = low.to_empty(device=next(net.parameters()).device).requires_grad_(False).eval()
+        for name, m in net.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                self.net.set_submodule(name, m)  # after eval(): the shared module keeps its own mode
+        src = dict(net.named_parameters())
+        pairs = [(p, src[n]) for n, p in self.net.named_parameters() if p is not src[n]]
+        self.dst, self.src = [p for p, _ in pairs], [q for _, q in pairs]
+        self.dtype = dtype
+        self.refresh()
+        if compile_kwargs is not None:
+            self.net.compile(**compile_kwargs)
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        torch._foreach_copy_(self.dst, self.src)
+
+
 class UDA(nn.Module):
     """The student and what trains it: the EMA teacher (`ema`), the frozen ImageNet encoder (`imnet`, for FD) and
     the SSR branch (`ssr`), each present only where the method needs it. The SAM encoder is passed to forward, so
@@ -447,6 +477,8 @@ class UDA(nn.Module):
         self.imnet = frozen_copy(student.backbone) if adapt else None  # the ImageNet weights, before any training
         bcfg = student.backbone.cfg
         self.ssr = SSRBranch(bcfg.embed_dims, bcfg.num_heads, ssr_stages) if method == "ssr" else None
+        self.reduced: dict[str, ReducedCopy] = {}  # ReducedCopy of ema and imnet, made in the autocast dtype
+        self.compile_kwargs = None  # set by compile_networks, for the reduced copies
         self.train()
 
     def compile_networks(self, sam: nn.Module | None = None, **compile_kwargs) -> None:
@@ -458,6 +490,22 @@ class UDA(nn.Module):
         for m in (self.student.backbone, self.student.decode_head, self.ema, self.imnet, self.ssr, sam):
             if m is not None:
                 m.compile(**compile_kwargs)
+        self.compile_kwargs = compile_kwargs
+        for r in self.reduced.values():
+            r.net.compile(**compile_kwargs)
+
+    def frozen_networks(self, device_type: str) -> tuple[nn.Module, nn.Module, torch.dtype]:
+        """(EMA teacher, ImageNet encoder, their input dtype) for this step: under autocast, their ReducedCopy in
+        the autocast dtype, refreshed from the fp32 networks (the EMA moves every step), else the networks."""
+        if not torch.is_autocast_enabled(device_type):
+            return self.ema, self.imnet, torch.float32
+        dtype = torch.get_autocast_dtype(device_type)
+        for name in ("ema", "imnet"):
+            if name not in self.reduced or self.reduced[name].dtype != dtype:
+                self.reduced[name] = ReducedCopy(getattr(self, name), dtype, self.compile_kwargs)
+            else:
+                self.reduced[name].refresh()
+        return self.reduced["ema"].net, self.reduced["imnet"].net, dtype
 
     def train(self, mode: bool = True) -> "UDA":
         """The student trains normally. The teacher runs without dropout and drop path, but its BatchNorms (in the
@@ -485,9 +533,10 @@ class UDA(nn.Module):
             raise ValueError("method 'ssr' needs the frozen SAM encoder: pass sam=sam_encoder.frozen_teacher(...).")
 
         ema_update(self.ema, self.student, it)
-        with torch.no_grad():
+        ema, imnet, dtype = self.frozen_networks(src_img.device.type)
+        with torch.no_grad(), torch.autocast(src_img.device.type, enabled=False):  # frozen nets: in their dtype
             # the teacher's pseudo-labels at full resolution, ClassMix, strong augmentation of the mixed image
-            tgt_logits = F.interpolate(self.ema(tgt_img).float(), size=tgt_img.shape[2:], mode="bilinear",
+            tgt_logits = F.interpolate(ema(tgt_img.to(dtype)).float(), size=tgt_img.shape[2:], mode="bilinear",
                                        align_corners=False)
             plabel, pweight = pseudo_label(tgt_logits, ignore_top=self.ignore_rows[0],
                                            ignore_bottom=self.ignore_rows[1])
@@ -495,7 +544,7 @@ class UDA(nn.Module):
             mix_img = strong_transform(class_mix(mask, src_img, tgt_img))
             mix_lbl = class_mix(mask, src_lbl, plabel)
             mix_weight = class_mix(mask, torch.ones_like(pweight), pweight)  # source pixels are fully trusted
-            imnet_feat = self.imnet(src_img)[-1]
+            imnet_feat = imnet(src_img.to(dtype))[-1]
             if self.ssr is not None:
                 S = self.sam_img_size
                 x = F.interpolate(torch.cat([src_img, mix_img]), size=(S, S), mode="bilinear", align_corners=False)

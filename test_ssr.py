@@ -3,7 +3,6 @@ only where the point is the real size), make their own random weights in the off
 small datasets in the original formats, and compare with the reference implementations (transformers,
 segment_anything) where those define the right answer."""
 import collections
-import importlib.util
 import json
 import math
 import os
@@ -16,9 +15,7 @@ import signal
 import struct
 import subprocess
 import sys
-import types
 import zlib
-from functools import partial
 
 import numpy as np
 import pytest
@@ -27,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import bench
 import data
 import demo
 import eval as ev
@@ -63,16 +61,8 @@ def _mit_hf_model(classifier: bool = False):
                           num_attention_heads=[1, 2, 5, 8], sr_ratios=[8, 4, 2, 1], num_labels=7)
     torch.manual_seed(0)
     model = (SegformerForImageClassification if classifier else SegformerModel)(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            scale = p[0].numel() ** -0.5 if p.ndim > 1 else 0.5  # ~unit-variance activations
-            p.copy_(torch.randn_like(p) * scale)
-    # NVlabs (and so mit.py) uses LayerNorm eps 1e-6 in blocks and stage norms; transformers uses 1e-5 everywhere.
-    # Give the reference the official eps so the comparison is tight; patch-embed and sr norms keep 1e-5 in both.
-    for name, m in model.named_modules():
-        if isinstance(m, torch.nn.LayerNorm) and "patch_embeddings" not in name and "attention" not in name:
-            m.eps = 1e-6
-    return model
+    bench.randomize_(model)
+    return bench.official_eps_(model)  # NVlabs' LayerNorm eps, so the comparison is tight
 
 
 def _mit_hf_stages(model, x: torch.Tensor) -> list[torch.Tensor]:
@@ -216,13 +206,19 @@ def test_mit_grad_checkpoint_same_outputs_and_grads():
 
 
 def test_mit_drop_path_drops_whole_samples_in_training_only():
-    x, branch = torch.zeros(64, 3, 2), torch.ones(64, 3, 2)
     torch.manual_seed(0)
-    y = mit.add_drop_path(x, branch, 0.5, training=True)
-    per_sample = y.flatten(1)
+    scales = mit.drop_path_scales([0.5, 0.0], 64, torch.zeros(()))  # two branches drawn at once
+    assert scales.shape == (2, 64, 1, 1)
+    assert torch.equal(scales[1], torch.ones(64, 1, 1))  # rate 0 keeps every sample unscaled
+    x, branch = torch.zeros(64, 3, 2), torch.ones(64, 3, 2)
+    per_sample = mit.residual(x, branch, scales[0]).flatten(1)
     assert ((per_sample == 0).all(1) | (per_sample == 2).all(1)).all()  # dropped, or kept and scaled by 1/(1-p)
     assert 10 < (per_sample[:, 0] == 0).sum() < 54
-    assert torch.equal(mit.add_drop_path(x, branch, 0.5, training=False), branch)
+    assert torch.equal(mit.residual(x, branch, None), branch)
+    model = mit.build_mit("mit_b0", **_MIT_TINY).eval()  # eval: no stochastic depth, the same output twice
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model(x), model(x)))
 
 
 # ==============================================================================================================
@@ -232,38 +228,15 @@ def test_mit_drop_path_drops_whole_samples_in_training_only():
 _SAM_TINY = dict(embed_dim=32, depth=3, num_heads=2, global_attn_indexes=(1,))  # head dim 16
 
 
-def _sam_official():
-    """segment_anything.modeling loaded by path: `import segment_anything` pulls in torchvision through the
-    package __init__, which the tests do not need."""
-    if "segment_anything.modeling" not in sys.modules:
-        root = pathlib.Path(importlib.util.find_spec("segment_anything").submodule_search_locations[0])
-        parent = types.ModuleType("segment_anything")  # stub parent package, so the relative imports resolve
-        parent.__path__ = [str(root)]
-        sys.modules.setdefault("segment_anything", parent)
-        spec = importlib.util.spec_from_file_location("segment_anything.modeling", root / "modeling" / "__init__.py",
-                                                      submodule_search_locations=[str(root / "modeling")])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["segment_anything.modeling"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["segment_anything.modeling"]
-
-
 def _sam_reference(img_size: int, embed_dim: int, depth: int, num_heads: int, global_attn_indexes, window_size=14):
     """The official encoder as sam_model_registry builds it, with every tensor random (LayerNorms, rel-pos tables
     and pos_embed included: their defaults of 1/0 would hide a misplaced or transposed weight)."""
+    cfg = sam_encoder.SamConfig(img_size=img_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                                global_attn_indexes=global_attn_indexes, window_size=window_size)
     torch.manual_seed(0)
-    ref = _sam_official().ImageEncoderViT(
-        img_size=img_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=4,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True, window_size=window_size,
-        global_attn_indexes=global_attn_indexes, qkv_bias=True, out_chans=256)
-    _sam_randomize(ref)
+    ref = bench.official_sam_encoder(cfg)
+    bench.randomize_(ref)
     return ref.eval()
-
-
-def _sam_randomize(model: torch.nn.Module) -> None:
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * (0.2 if p.dim() > 1 else 0.5) + (0.0 if p.dim() > 1 else 0.3))
 
 
 def _sam_save_official(ref: torch.nn.Module, path) -> None:
@@ -294,7 +267,7 @@ def test_sam_parity_with_transformers(tmp_path):
                              image_size=256, window_size=14, global_attn_indexes=[1])
     torch.manual_seed(0)
     hf = SamModel(SamConfig(vision_config=vision.to_dict())).eval()
-    _sam_randomize(hf.vision_encoder)
+    bench.randomize_(hf.vision_encoder)
     hf.save_pretrained(tmp_path)  # model.safetensors, as facebook/sam-vit-* on the hub
     ours = sam_encoder.build_sam_encoder("vit_b", 256, **_SAM_TINY).eval()
     sam_encoder.load_weights(ours, str(tmp_path / "model.safetensors"))
@@ -321,7 +294,7 @@ def test_sam_window_partition_round_trip():
 def test_sam_load_1024_weights_into_smaller_encoder(tmp_path):
     # Tiny width, but the tables of a 1024 px model: pos_embed (1, 64, 64, C), global rel-pos (127, head_dim).
     ref_1024 = sam_encoder.build_sam_encoder("vit_b", 1024, **_SAM_TINY)
-    _sam_randomize(ref_1024)
+    bench.randomize_(ref_1024)
     save_file({f"image_encoder.{k}": v for k, v in ref_1024.state_dict().items()}, str(tmp_path / "w.safetensors"))
     for size in (512, 256):
         ours = sam_encoder.build_sam_encoder("vit_b", size, **_SAM_TINY).eval()
@@ -1058,6 +1031,45 @@ def test_ssr_teacher_keeps_batchnorm_in_training_mode_and_is_deterministic():
         c = uda.ema(torch.cat([x[:1], torch.randn(1, 3, 64, 64)]))
     assert torch.equal(a, b)  # no dropout, no drop path
     assert not torch.allclose(a[:1], c[:1])  # BatchNorm normalizes with the batch's statistics, as DAFormer
+
+
+def test_ssr_bf16_copies_of_the_frozen_networks_give_autocasts_losses():
+    """Under autocast the EMA teacher and the ImageNet encoder run as bf16 copies (UDA.frozen_networks): the
+    losses and gradients equal those of the straightforward step, where autocast casts the fp32 networks' weights
+    at every call, up to bf16 rounding; the copies follow the EMA and share its BatchNorms."""
+    torch.manual_seed(0)
+    uda = ssr.UDA(ssr.build_segmentor(_SSR_TINY), method="ssr", sam_img_size=64, ignore_rows=(2, 8))
+    ref = ssr.UDA(ssr.build_segmentor(_SSR_TINY), method="ssr", sam_img_size=64, ignore_rows=(2, 8))
+    ref.load_state_dict(uda.state_dict())
+    ref.frozen_networks = lambda device_type: (ref.ema, ref.imnet, torch.float32)  # autocast casts, as before
+    sam = _ssr_tiny_sam().to(torch.bfloat16)
+    src, lbl, tgt = _ssr_batch()
+    results = []
+    for model in (uda, ref):
+        for it in range(2):  # it 0 copies the student into the EMA, it 1 averages
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(it)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                losses = model(src, lbl, tgt, it, sam=sam)
+            # not fd: with the student still at the ImageNet weights, its gradient is the direction of a rounding
+            # difference between two nearly equal feature maps
+            sum(v for k, v in losses.items() if k != "fd").backward()
+            if it == 0:  # the student moves, so the EMA of it 1 is new
+                torch.optim.SGD(model.student.parameters(), lr=0.5).step()
+        results.append((losses, [p.grad for p in model.student.parameters()]))
+    (got, got_grads), (want, want_grads) = results
+    assert got.keys() == want.keys()
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], rtol=2e-2, atol=1e-3, msg=k)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=5e-2, atol=2e-3 * w.abs().max().item())
+    low = uda.reduced["ema"].net
+    assert all(p.dtype == torch.bfloat16 for n, p in low.named_parameters() if "bn." not in n)
+    for (n, p), q in zip(low.named_parameters(), uda.ema.parameters()):
+        assert torch.equal(p, q.to(p.dtype)), n  # refreshed from the EMA after its update
+    bn = [n for n, m in uda.ema.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bn and all(low.get_submodule(n) is uda.ema.get_submodule(n) for n in bn)
+    assert "reduced" not in str(list(uda.state_dict()))  # not part of the checkpoint
 
 
 @pytest.mark.parametrize("method,mic,keys", [
@@ -1969,7 +1981,7 @@ def test_bench_tiny_prints_every_item_with_ratios():
     header = next(i for i, line in enumerate(lines) if line.startswith("item"))
     assert "time ratio" in lines[header] and "mem ratio" in lines[header]
     rows = {line[0]: line for line in lines[header + 1:] if line[:1].isdigit()}
-    assert sorted(rows) == ["1", "2", "3", "4"], out
+    assert sorted(rows) == ["1", "2", "3", "4", "5"], out
     number = r"\d+\.\d\d"
     for item in "123":  # ours / reference: a time ratio, and the outputs of items 1 and 2 agree with the reference
         assert re.search(rf"\s{number}\s", rows[item]), rows[item]
@@ -1977,13 +1989,31 @@ def test_bench_tiny_prints_every_item_with_ratios():
         diff = float(re.search(r"max\|diff\| (\S+)", rows[item])[1])
         assert diff < 1e-4, rows[item]
     assert re.search(rf"{number} images/s", rows["4"]), rows["4"]
+    ops = re.search(r"([\d,]+) ops fwd\+bwd \((\w+) ([\d,]+)", rows["5"])  # the count and its top op
+    assert ops and int(ops[1].replace(",", "")) > int(ops[3].replace(",", "")) > 0, rows["5"]
+
+
+def test_bench_gpu_suite_runs_its_cpu_parts_with_tiny():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "bench.py", "--suite", "gpu", "--tiny", "--device", "cpu", "--repeats", "1",
+                          "--warmup", "0"], cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [line for line in run.stdout.splitlines() if line.startswith("[cpu")]  # each figure names the device
+    assert len(lines) == 6 and not any("FAILED" in line or "not run" in line for line in lines), run.stdout
+    assert "ops fwd+bwd" in lines[0] and "time ratio" in lines[2] and "images/s" in lines[4], run.stdout
+    assert "cuda only" in lines[5]
 
 
 def test_bench_rejects_unknown_item():
-    run = subprocess.run([sys.executable, "bench.py", "--tiny", "--items", "5"], cwd=_ROOT,
+    run = subprocess.run([sys.executable, "bench.py", "--tiny", "--items", "6"], cwd=_ROOT,
                          capture_output=True, text=True, timeout=60)
     assert run.returncode != 0
-    assert "error: --items 5" in run.stderr and "Traceback" not in run.stderr
+    assert "error: --items 6" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_bench_imports_without_running():
+    assert callable(bench.main) and bench.Setup(torch.device("cpu")).dtype == "fp32"  # no argument parsing on import
+
 
 
 # ==============================================================================================================

@@ -355,8 +355,10 @@ try:
             continue  # the EMA teacher and the ImageNet copy are not trained
         lr_mult, wd = (10.0, 0.01) if "decode_head" in n else (1.0, 0.0 if "norm" in n else 0.01)
         groups.setdefault((lr_mult, wd), []).append(prm)
+    # fused: one kernel per step instead of one per tensor and operation (bench.py item 5, MiT-B5 ssr on a CPU:
+    # 9,994 -> 6 ops per step)
     optimizer = torch.optim.AdamW([dict(params=v, lr_mult=k[0], weight_decay=k[1]) for k, v in groups.items()],
-                                  lr=args.lr, betas=(0.9, 0.999))
+                                  lr=args.lr, betas=(0.9, 0.999), fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
     # -------------------------------------------------------------------------
