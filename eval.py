@@ -113,15 +113,15 @@ def colorize(label: np.ndarray) -> Image.Image:
     return im
 
 
-def denormalize(img: Tensor) -> Image.Image:
+def picture(img: Tensor) -> Image.Image:
     """Normalized (3, h, w) network input -> the RGB picture it came from."""
-    rgb = (img.float().cpu() * torch.tensor(data.STD).view(3, 1, 1) + torch.tensor(data.MEAN).view(3, 1, 1))
+    rgb = data.denormalize(img.float().cpu())
     return Image.fromarray(rgb.round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
 
 
 def side_by_side(img: Tensor, *labels: np.ndarray) -> Image.Image:
     """image | each label map, at the network's scale (img: normalized (3, h, w); labels: (H, W) train ids)."""
-    rgb = denormalize(img)
+    rgb = picture(img)
     w, h = rgb.size
     panels = [rgb] + [colorize(x).convert("RGB").resize((w, h), Image.NEAREST) for x in labels]
     out = Image.new("RGB", (len(panels) * w, h))
@@ -174,12 +174,6 @@ CAPTION = 12  # px of caption strip above each tile
 NOT_LOSSES = ("iter", "lr", "it_s", "elapsed_s", "skipped", "mem_gib")  # the other fields of a progress line
 
 
-def _rgb(img: Tensor) -> Image.Image:
-    """Normalized (3, h, w) -> RGB image."""
-    rgb = img.float().cpu() * torch.tensor(data.STD).view(3, 1, 1) + torch.tensor(data.MEAN).view(3, 1, 1)
-    return Image.fromarray(rgb.round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
-
-
 def debug_panel(pictures: dict[str, Tensor]) -> Image.Image:
     """DAFormer-style debug panel of the first image of a batch, from ssr.UDA's `pictures`: source image, label
     and prediction (and, for SSR, the prediction from the SAM-enhanced features); target image, pseudo-label and
@@ -188,11 +182,11 @@ def debug_panel(pictures: dict[str, Tensor]) -> Image.Image:
     w, h = p["src_img"].shape[2], p["src_img"].shape[1]
     ids = lambda t: colorize(t.cpu().numpy()).convert("RGB")  # noqa: E731
     confidence = F.softmax(p["tgt_logits"].float(), dim=0).max(0).values
-    rows = [[("source", _rgb(p["src_img"])), ("source label", ids(p["src_lbl"])),
+    rows = [[("source", picture(p["src_img"])), ("source label", ids(p["src_lbl"])),
              ("prediction", ids(p["src_logits"].argmax(0)))],
-            [("target", _rgb(p["tgt_img"])), ("pseudo-label", ids(p["plabel"])),
+            [("target", picture(p["tgt_img"])), ("pseudo-label", ids(p["plabel"])),
              ("confidence", Image.fromarray((confidence * 255).round().byte().cpu().numpy()).convert("RGB"))],
-            [("mixed", _rgb(p["mix_img"])), ("mixed label", ids(p["mix_lbl"]))]]
+            [("mixed", picture(p["mix_img"])), ("mixed label", ids(p["mix_lbl"]))]]
     if "ssr_logits" in p:
         rows[0].append(("prediction, SAM-enhanced", ids(p["ssr_logits"].argmax(0))))
     out = Image.new("RGB", (w * max(map(len, rows)), (h + CAPTION) * len(rows)), (255, 255, 255))

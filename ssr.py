@@ -1,14 +1,16 @@
 """The DAFormer segmentor, DACS self-training with an EMA teacher, and SSR's training-only SAM branch.
 
-Read top to bottom:
+Read top to bottom, the method first and the plumbing last:
 1. The deployed model: a MiT encoder (mit.py) and DAFormer's decode head, whose context-aware fusion is an ASPP of
    depthwise-separable convolutions. Parameter names are those of DAFormer's released checkpoints
    (decode_head.embed_layers.0.proj.weight, ...), so their student weights load strictly.
-2. The method as small pure functions: EMA teacher, confidence-weighted pseudo-labels, ClassMix, color jitter and
+2. DACS as small pure functions: EMA teacher, confidence-weighted pseudo-labels, ClassMix, color jitter and
    Gaussian blur (kornia 0.5.8's semantics, as DAFormer pins it, in plain torch), the ImageNet feature distance,
    MIC's block masks, and mmsegmentation 0.x's weighted cross-entropy.
-3. SSRBranch, which fuses frozen SAM tokens into every MiT stage by cross-attention, and UDA, which computes one
-   training step's loss terms by name. The caller sums them and calls backward.
+3. SSRBranch, which fuses frozen SAM tokens into every MiT stage by cross-attention.
+4. UDA, which computes one training step's loss terms by name: DAFormer's, then SSR's two. The caller sums them and
+   calls backward.
+5. Saving and loading the deployed model; an appendix with kornia's color-space arithmetic.
 
 References: lhoyer/DAFormer (mmseg/models/uda/dacs.py, utils/dacs_transforms.py), lhoyer/MIC
 (masking_consistency_module.py) and geyanqi/SSR (mmseg/models/uda/ssr.py).
@@ -27,7 +29,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 import mit
-from data import IGNORE, MEAN, STD
+from data import IGNORE, denormalize, normalize
 
 
 @dataclass
@@ -41,9 +43,9 @@ class SegConfig:
         # checkpoint metadata is JSON, which turns tuples into lists; MiTConfig holds tuples
         self.mit = {k: tuple(v) if isinstance(v, list) else v for k, v in self.mit.items()}
 
-
 # ----------------------------------------------------------------------------------------------------------------
-# The DAFormer head (daformer_sepaspp: linear embeddings, then a depthwise-separable ASPP as the fusion layer)
+# 1. The deployed model: DAFormer's head (daformer_sepaspp: linear embeddings, then a depthwise-separable ASPP
+# as the fusion layer) on a MiT encoder
 
 class ConvModule(nn.Module):
     """mmcv's ConvModule as DAFormer configures it: conv without bias (the BatchNorm has one), BatchNorm, ReLU."""
@@ -101,7 +103,7 @@ class LinearEmbed(nn.Module):
 
 
 class DAFormerHead(nn.Module):
-    def __init__(self, in_dims: tuple[int, ...], channels: int = 256, num_classes: int = 19, dropout: float = 0.1):
+    def __init__(self, in_dims: tuple[int, ...], channels: int, num_classes: int, dropout: float = 0.1):
         super().__init__()
         self.embed_layers = nn.ModuleList(LinearEmbed(c, channels) for c in in_dims)
         self.fuse_layer = SepASPP(len(in_dims) * channels, channels)
@@ -136,54 +138,8 @@ class Segmentor(nn.Module):
 def build_segmentor(cfg: SegConfig) -> Segmentor:
     return Segmentor(cfg)
 
-
-FORMAT = "ssr-segmentor"  # metadata mark that tells our checkpoints from other safetensors files
-
-
-def save_segmentor(model: Segmentor, path: str, **meta) -> None:
-    """Weights as safetensors, with the SegConfig and `meta` (JSON-serializable extras) in its metadata,
-    written atomically (mit.save_atomic), so an interrupted save never leaves a broken file."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = {"format": FORMAT, "cfg": json.dumps(asdict(model.cfg)), "meta": json.dumps(meta)}
-    mit.save_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def load_segmentor(path: str, device="cpu") -> tuple[Segmentor, dict]:
-    """A checkpoint of save_segmentor -> (model in eval mode on `device`, dict(cfg=SegConfig, **meta)), strictly."""
-    if not os.path.isfile(path):
-        raise mit.WeightsError(f"checkpoint {path} does not exist; pass the model.safetensors that train.py wrote "
-                                f"(or one made by python eval.py --convert-mmseg).")
-    try:
-        with safe_open(path, "pt") as f:
-            header = f.metadata() or {}
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise mit.WeightsError(f"{path} is not a safetensors file ({e}); pass the model.safetensors that train.py wrote, "
-                         f"or convert a released DAFormer/MIC .pth with python eval.py --convert-mmseg.") from None
-    if header.get("format") != FORMAT or "cfg" not in header:
-        raise mit.WeightsError(f"{path} is a safetensors file but not a segmentor checkpoint of this project (no "
-                         f"'{FORMAT}' metadata). ImageNet MiT weights go to train.py --pretrained; released "
-                         f"DAFormer/MIC models convert with python eval.py --convert-mmseg IN.pth OUT.safetensors.")
-    try:
-        cfg = SegConfig(**json.loads(header["cfg"]))
-    except (TypeError, json.JSONDecodeError) as e:
-        raise mit.WeightsError(f"{path}: its segmentor metadata cannot be read ({e}); re-save the model with "
-                         f"save_segmentor.") from None
-    with torch.device("meta"):  # no time spent on random init: every tensor comes from the file
-        model = build_segmentor(cfg)
-    ours = model.state_dict()
-    bad = sorted(set(ours) ^ set(sd)) + sorted(
-        f"{k} {tuple(sd[k].shape)} (model {tuple(ours[k].shape)})"
-        for k in set(ours) & set(sd) if sd[k].shape != ours[k].shape)
-    if bad:
-        raise mit.WeightsError(f"{path}: its tensors do not fit the segmentor its metadata describes ({cfg}), e.g. "
-                         f"{', '.join(bad[:3])}. The file was edited or mixed up; re-save it with save_segmentor.")
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model.to(device).eval(), {"cfg": cfg, **json.loads(header.get("meta", "{}"))}
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# DACS / DAFormer self-training, as pure functions
+# 2. DACS / DAFormer self-training, as pure functions
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, it: int, alpha_max: float = 0.999) -> None:
@@ -199,9 +155,13 @@ def ema_update(teacher: nn.Module, student: nn.Module, it: int, alpha_max: float
     torch._foreach_add_(t, s, alpha=1 - alpha)
 
 
+# DAFormer's pseudo-label rows of weight 0 at the top (rectification border) and bottom (ego car) of a 512 crop
+IGNORE_ROWS = (15, 120)
+
+
 @torch.no_grad()
-def pseudo_label(logits: Tensor, threshold: float = 0.968, ignore_top: int = 15,
-                 ignore_bottom: int = 120) -> tuple[Tensor, Tensor]:
+def pseudo_label(logits: Tensor, threshold: float = 0.968, ignore_top: int = IGNORE_ROWS[0],
+                 ignore_bottom: int = IGNORE_ROWS[1]) -> tuple[Tensor, Tensor]:
     """Teacher logits (B, K, H, W) -> labels (B, H, W) and pixel weights (B, H, W).
 
     An image's weight is the fraction of its pixels whose max probability reaches `threshold`, on all its pixels;
@@ -232,39 +192,6 @@ def class_masks(lbl: Tensor) -> Tensor:
 def class_mix(mask: Tensor, src: Tensor, tgt: Tensor) -> Tensor:
     """Source where mask (B, H, W) is set, target elsewhere; images (B, C, H, W) or labels/weights (B, H, W)."""
     return torch.where(mask[:, None] if src.dim() == 4 else mask, src, tgt)
-
-
-def rgb_to_hsv(x: Tensor, eps: float = 1e-6) -> Tensor:
-    """(..., 3, H, W) RGB in [0, 1] -> HSV with hue in [0, 2pi), as kornia.color.rgb_to_hsv."""
-    maxc, argmax = x.max(dim=-3)
-    delta = maxc - x.min(dim=-3).values
-    s = delta / (maxc + eps)
-    delta = torch.where(delta == 0, torch.ones_like(delta), delta)
-    r, g, b = (maxc.unsqueeze(-3) - x).unbind(-3)
-    h = torch.stack([b - g, 2 * delta + r - b, 4 * delta + g - r], dim=-3).gather(-3, argmax.unsqueeze(-3))
-    return torch.stack([(h.squeeze(-3) / delta / 6) % 1 * (2 * math.pi), s, maxc], dim=-3)
-
-
-def hsv_to_rgb(x: Tensor) -> Tensor:
-    """Inverse of rgb_to_hsv, as kornia.color.hsv_to_rgb (hue may be negative: it wraps)."""
-    h, s, v = x.unbind(-3)
-    h6 = h / (2 * math.pi) * 6
-    hi = torch.floor(h6) % 6
-    f = h6 % 6 - hi
-    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
-    table = torch.stack([v, q, p, p, t, v, t, v, v, q, p, p, p, p, t, v, v, q], dim=-3)  # r, g, b rows by sextant
-    hi = hi.long()
-    return table.gather(-3, torch.stack([hi, hi + 6, hi + 12], dim=-3))
-
-
-def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
-    h, s, v = rgb_to_hsv(x).unbind(-3)
-    return hsv_to_rgb(torch.stack([h, (s * factor).clamp(0, 1), v], dim=-3))
-
-
-def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:  # shift in radians
-    h, s, v = rgb_to_hsv(x).unbind(-3)
-    return hsv_to_rgb(torch.stack([torch.fmod(h + shift, 2 * math.pi), s, v], dim=-3))
 
 
 def color_jitter(x: Tensor, s: float = 0.2) -> Tensor:
@@ -305,22 +232,12 @@ def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
     return y.view(B, C, H, W)
 
 
-def denormalize(img: Tensor) -> Tensor:  # (B, 3, H, W) normalized -> RGB in [0, 1]
-    # Per-channel Python constants: 7 small ops, but no (3,) tensor of MEAN/STD to copy to the GPU, a copy from
-    # pageable memory that waits for the stream (not measured; with such tensors it would be 3 ops and 2 copies).
-    return torch.stack([img[:, c] * (STD[c] / 255) + MEAN[c] / 255 for c in range(3)], dim=1)
-
-
-def normalize(img: Tensor) -> Tensor:  # inverse of denormalize
-    return torch.stack([(img[:, c] * 255 - MEAN[c]) / STD[c] for c in range(3)], dim=1)
-
-
 def strong_transform(img: Tensor, s: float = 0.2, p_jitter: float = 0.8, p_blur: float = 0.5) -> Tensor:
     """DACS's strong augmentation of normalized images (B, 3, H, W): color jitter, then blur (sigma ~ U[0.15, 1.15]
     per image). One coin per batch for each, as DAFormer. p_jitter is 0.8: DAFormer's color_jitter_probability=0.2
     is the chance of *skipping* (it jitters when uniform(0, 1) > 0.2)."""
     if torch.rand(()) < p_jitter:  # CPU coins: no device sync
-        img = normalize(color_jitter(denormalize(img), s))
+        img = normalize(color_jitter(denormalize(img, 1.0), s), 1.0)  # the jitter works on RGB in [0, 1]
     if torch.rand(()) < p_blur:
         img = gaussian_blur(img, torch.empty(img.shape[0], device=img.device).uniform_(0.15, 1.15))
     return img
@@ -363,9 +280,8 @@ def seg_loss(logits: Tensor, label: Tensor, weight: Tensor | None = None) -> Ten
     loss = F.cross_entropy(logits, label, ignore_index=IGNORE, reduction="none")  # (B, H, W)
     return (loss if weight is None else loss * weight).mean()
 
-
 # ----------------------------------------------------------------------------------------------------------------
-# SSR: SAM tokens fused into each MiT stage (training only)
+# 3. SSR: SAM tokens fused into each MiT stage (training only)
 
 SAM_DIM = 256  # channels of the SAM encoder's neck output
 
@@ -407,9 +323,8 @@ class SSRBranch(nn.Module):
             out[i] = f + x.transpose(1, 2).unflatten(2, f.shape[2:])  # enhanced = feature + attention
         return out
 
-
 # ----------------------------------------------------------------------------------------------------------------
-# One training step
+# 4. One training step: DAFormer's losses, then SSR's two
 
 METHODS = ("source-only", "dacs", "ssr")
 FD_LAMBDA = 0.005  # DAFormer's imnet_feature_dist_lambda
@@ -454,7 +369,7 @@ class UDA(nn.Module):
     keep_pictures = False  # set: forward keeps its images, labels and logits in self.pictures (train.py's panels)
 
     def __init__(self, student: Segmentor, method: str = "ssr", mic: bool = False, ssr_stages=(0, 1, 2, 3),
-                 sam_img_size: int = 1024, ignore_rows: tuple[int, int] = (15, 120)):
+                 sam_img_size: int = 1024, ignore_rows: tuple[int, int] = IGNORE_ROWS):
         """Args:
             method: 'source-only' (source loss only), 'dacs' (DAFormer: + ClassMix self-training + FD) or 'ssr'
                 (dacs + the SAM-regularized losses).
@@ -554,17 +469,24 @@ class UDA(nn.Module):
         # runs per domain, so its BatchNorms see each domain's statistics, as in DAFormer's separate passes.
         feats = self.student.backbone(torch.cat([src_img, mix_img]))
         src_feats, mix_feats = zip(*(f.chunk(2) for f in feats))
-        src_logits, src_enh_logits = head(src_feats), None
-        losses = {"src": seg_loss(src_logits, src_lbl)}
+
+        # DAFormer: the source loss, the mixed images' loss under the pseudo-labels, and the feature distance on the
+        # plain source features of the last stage
+        src_logits = head(src_feats)
+        losses = {"src": seg_loss(src_logits, src_lbl),
+                  "mix": seg_loss(head(mix_feats), mix_lbl, mix_weight),
+                  "fd": FD_LAMBDA * feature_distance(src_feats[-1], imnet_feat, src_lbl,
+                                                     self.student.cfg.num_classes)}
+
+        # SSR: the same two segmentation losses on the SAM-enhanced features, through the same head; their gradient
+        # reaches the backbone through the residual of every regularized stage
+        src_enh_logits = None
         if self.ssr is not None:
             src_enh, mix_enh = zip(*(f.chunk(2) for f in self.ssr(feats, tokens)))
             src_enh_logits = head(src_enh)
             losses["src_ssr"] = seg_loss(src_enh_logits, src_lbl)
-        losses["mix"] = seg_loss(head(mix_feats), mix_lbl, mix_weight)
-        if self.ssr is not None:
             losses["mix_ssr"] = seg_loss(head(mix_enh), mix_lbl, mix_weight)
-        # FD on the plain (not SAM-enhanced) source features of the last stage
-        losses["fd"] = FD_LAMBDA * feature_distance(src_feats[-1], imnet_feat, src_lbl, self.student.cfg.num_classes)
+
         if self.mic:
             # MIC 'separatetrgaug': the strongly augmented target with 70% of its 32 px blocks blanked (0 is the
             # mean color after normalization) must still give the teacher's pseudo-labels
@@ -577,3 +499,85 @@ class UDA(nn.Module):
                 src_img=src_img, src_lbl=src_lbl, src_logits=src_logits, ssr_logits=src_enh_logits, tgt_img=tgt_img,
                 tgt_logits=tgt_logits, plabel=plabel, mix_img=mix_img, mix_lbl=mix_lbl).items() if v is not None}
         return losses
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Checkpoints of the deployed model
+
+FORMAT = "ssr-segmentor"  # metadata mark that tells our checkpoints from other safetensors files
+
+
+def save_segmentor(model: Segmentor, path: str, **meta) -> None:
+    """Weights as safetensors, with the SegConfig and `meta` (JSON-serializable extras) in its metadata,
+    written atomically (mit.save_atomic), so an interrupted save never leaves a broken file."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    metadata = {"format": FORMAT, "cfg": json.dumps(asdict(model.cfg)), "meta": json.dumps(meta)}
+    mit.save_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_segmentor(path: str, device="cpu") -> tuple[Segmentor, dict]:
+    """A checkpoint of save_segmentor -> (model in eval mode on `device`, dict(cfg=SegConfig, **meta)), strictly."""
+    if not os.path.isfile(path):
+        raise mit.WeightsError(f"checkpoint {path} does not exist; pass the model.safetensors that train.py wrote "
+                                f"(or one made by python eval.py --convert-mmseg).")
+    try:
+        with safe_open(path, "pt") as f:
+            header = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise mit.WeightsError(f"{path} is not a safetensors file ({e}); pass the model.safetensors that train.py wrote, "
+                         f"or convert a released DAFormer/MIC .pth with python eval.py --convert-mmseg.") from None
+    if header.get("format") != FORMAT or "cfg" not in header:
+        raise mit.WeightsError(f"{path} is a safetensors file but not a segmentor checkpoint of this project (no "
+                         f"'{FORMAT}' metadata). ImageNet MiT weights go to train.py --pretrained; released "
+                         f"DAFormer/MIC models convert with python eval.py --convert-mmseg IN.pth OUT.safetensors.")
+    try:
+        cfg = SegConfig(**json.loads(header["cfg"]))
+    except (TypeError, json.JSONDecodeError) as e:
+        raise mit.WeightsError(f"{path}: its segmentor metadata cannot be read ({e}); re-save the model with "
+                         f"save_segmentor.") from None
+    with torch.device("meta"):  # no time spent on random init: every tensor comes from the file
+        model = build_segmentor(cfg)
+    ours = model.state_dict()
+    bad = sorted(set(ours) ^ set(sd)) + sorted(
+        f"{k} {tuple(sd[k].shape)} (model {tuple(ours[k].shape)})"
+        for k in set(ours) & set(sd) if sd[k].shape != ours[k].shape)
+    if bad:
+        raise mit.WeightsError(f"{path}: its tensors do not fit the segmentor its metadata describes ({cfg}), e.g. "
+                         f"{', '.join(bad[:3])}. The file was edited or mixed up; re-save it with save_segmentor.")
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.to(device).eval(), {"cfg": cfg, **json.loads(header.get("meta", "{}"))}
+
+# ----------------------------------------------------------------------------------------------------------------
+# Appendix: kornia 0.5.8's color math, which color_jitter uses (DAFormer pins that version)
+
+def rgb_to_hsv(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """(..., 3, H, W) RGB in [0, 1] -> HSV with hue in [0, 2pi), as kornia.color.rgb_to_hsv."""
+    maxc, argmax = x.max(dim=-3)
+    delta = maxc - x.min(dim=-3).values
+    s = delta / (maxc + eps)
+    delta = torch.where(delta == 0, torch.ones_like(delta), delta)
+    r, g, b = (maxc.unsqueeze(-3) - x).unbind(-3)
+    h = torch.stack([b - g, 2 * delta + r - b, 4 * delta + g - r], dim=-3).gather(-3, argmax.unsqueeze(-3))
+    return torch.stack([(h.squeeze(-3) / delta / 6) % 1 * (2 * math.pi), s, maxc], dim=-3)
+
+
+def hsv_to_rgb(x: Tensor) -> Tensor:
+    """Inverse of rgb_to_hsv, as kornia.color.hsv_to_rgb (hue may be negative: it wraps)."""
+    h, s, v = x.unbind(-3)
+    h6 = h / (2 * math.pi) * 6
+    hi = torch.floor(h6) % 6
+    f = h6 % 6 - hi
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    table = torch.stack([v, q, p, p, t, v, t, v, v, q, p, p, p, p, t, v, v, q], dim=-3)  # r, g, b rows by sextant
+    hi = hi.long()
+    return table.gather(-3, torch.stack([hi, hi + 6, hi + 12], dim=-3))
+
+
+def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
+    h, s, v = rgb_to_hsv(x).unbind(-3)
+    return hsv_to_rgb(torch.stack([h, (s * factor).clamp(0, 1), v], dim=-3))
+
+
+def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:  # shift in radians
+    h, s, v = rgb_to_hsv(x).unbind(-3)
+    return hsv_to_rgb(torch.stack([torch.fmod(h + shift, 2 * math.pi), s, v], dim=-3))

@@ -379,8 +379,10 @@ def test_sam_missing_weights_say_where_to_download(tmp_path):
     for path in ("nope.safetensors", "nope.pth"):
         with pytest.raises(mit.WeightsError, match=r"nope.* does not exist.*Download: .*dl.fbaipublicfiles.com/"
                                                    r"segment_anything/sam_vit_b_01ec64.pth.*facebook/sam-vit-base"):
-            read = sam_encoder.read_safetensors if path.endswith("safetensors") else sam_encoder.read_torch_checkpoint
-            read(str(tmp_path / path))
+            if path.endswith("safetensors"):  # the two public readers: the loader and the converter
+                sam_encoder.load_weights(sam_encoder.build_sam_encoder("vit_b", 64, **_SAM_TINY), str(tmp_path / path))
+            else:
+                sam_encoder.convert_checkpoint(str(tmp_path / path), str(tmp_path / "out.safetensors"))
 
 
 def test_sam_frozen_teacher_is_frozen(tmp_path):
@@ -1132,7 +1134,9 @@ def test_ssr_compiled_networks_train_like_eager():
     assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints keep the official names
     assert expected[1].abs().sum() > 0  # the first layer learns
     for e, g in zip(expected, got):
-        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+        # aot_eager decomposes some backward ops, so gradient entries near zero differ by rounding (3e-5 of 3e-2
+        # measured with one thread); the tolerance scales with the gradient, a zero gradient still fails it
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=max(1e-5, 2e-3 * e.abs().max().item()))
     assert compiled.student.backbone._compiled_call_impl is not None and eager.ema._compiled_call_impl is None
 
 

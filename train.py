@@ -57,7 +57,7 @@ p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
 p.add_argument("--src", default="gta5", choices=list(data.SOURCES), help="labelled source domain (folder under --data-root)")
 p.add_argument("--tgt", default="cityscapes", choices=["cityscapes"], help="unlabelled target domain (folder under --data-root)")
 p.add_argument("--data-root", default="data", help="folder holding gta5/ and cityscapes/ as downloaded")
-p.add_argument("--method", default="ssr", choices=["ssr", "dacs", "source-only"],
+p.add_argument("--method", default="ssr", choices=ssr.METHODS,
                help="ssr: DAFormer + SAM regularization; dacs: DAFormer (DACS + FD + RCS); source-only: no adaptation")
 p.add_argument("--mic", action="store_true", help="add masked image consistency (MIC) on top of the method")
 p.add_argument("--backbone", default="mit_b5", choices=list(mit.MIT_PRESETS), help="MiT encoder size")
@@ -162,11 +162,13 @@ def get_lr(it: int) -> float:
 
 stages = tuple(int(s) for s in args.ssr_stages.split(",") if s.strip().isdigit())
 data_root = args.data_root
+# The sizes: the demo's (demo.CONFIG), or the paper's, each taken from the file that owns it
 if args.demo:
-    mit_overrides, channels, sam_overrides, ignore_rows = DEMO["mit"], DEMO["channels"], DEMO["sam"], DEMO["ignore_rows"]
+    seg_sizes, sam_overrides = dict(mit=DEMO["mit"], channels=DEMO["channels"]), DEMO["sam"]
+    ignore_rows = DEMO["ignore_rows"]
     src_scale, tgt_scale, rcs_min_pixels = DEMO["src_scale"], DEMO["tgt_scale"], DEMO["rcs_min_pixels"]
-else:  # the paper's configuration
-    mit_overrides, channels, sam_overrides, ignore_rows = {}, 256, {}, (15, 120)
+else:
+    seg_sizes, sam_overrides, ignore_rows = {}, {}, ssr.IGNORE_ROWS  # SegConfig's, SAM's presets, DAFormer's rows
     src_scale, rcs_min_pixels = data.SOURCES[args.src]["scale"], data.SOURCES[args.src]["rcs_min_pixels"]
     tgt_scale = data.TARGET_SCALE
 
@@ -327,7 +329,7 @@ try:
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts them from rank 0)
     ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    cfg = ssr.SegConfig(backbone=args.backbone, mit=dict(mit_overrides), channels=channels)
+    cfg = ssr.SegConfig(backbone=args.backbone, **seg_sizes)
     student = ssr.build_segmentor(cfg)
     if args.pretrained != "none":
         mit.load_weights(student.backbone, args.pretrained)
