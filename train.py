@@ -12,10 +12,10 @@ computes) lives in ssr.py; this file owns the optimizer, mixed precision, loggin
 import os
 
 # OpenMP threads that wait for work spin on their core for a while by default. Beside another busy process they
-# spin on the cores that process needs, and both crawl: on a 2-core machine under a load average of 7-15, 20 demo
-# iterations ran at 0.88 it/s with PASSIVE (0.59 it/s beside a process multiplying matrices) and had not reached
-# iteration 5 after 300 s without it. PASSIVE makes them sleep. It is set before torch loads its OpenMP runtime,
-# which reads the variable once; the user's own setting wins.
+# spin on the cores that process needs, and both crawl. 20 demo iterations on a 2-core machine (load average 2-5)
+# beside a process multiplying matrices: 0.18 it/s by default, 0.68 it/s with PASSIVE (1.62 it/s without that
+# process); at a load average of 7-15 the default had not reached iteration 5 after 300 s. PASSIVE makes them
+# sleep. It is set before torch loads its OpenMP runtime, which reads it once; the user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402 (after the OpenMP setting above)
