@@ -31,6 +31,9 @@ import time
 import warnings
 from multiprocessing import Pool
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: no spinning threads on a shared
+# machine (train.py says why, README "Performance" measures it); the user's own setting wins
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -620,11 +623,8 @@ def run_setting(setting: str, seed: int, iters: int, out: str, data_root: str, a
            "--eval-every", "0", "--save-every", str(iters)]
     if amp:
         cmd += ["--amp", amp]
-    # OpenMP threads that spin while waiting for busy cores slowed the demo about 10x on a shared machine (issue
-    # 13's measurement); passive waiting changes no number
-    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
     t0 = time.time()
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    run = subprocess.run(cmd, capture_output=True, text=True)  # inherits OMP_WAIT_POLICY (top of this file)
     if run.returncode:
         sys.exit(f"error: {' '.join(cmd)} failed:\n{run.stderr[-3000:]}")
     result = dict(parse_final_table(run.stdout), seconds=time.time() - t0)

@@ -25,6 +25,9 @@ import time
 import types
 from contextlib import nullcontext
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: no spinning threads on a shared
+# machine (train.py says why, README "Performance" measures it); the user's own setting wins
+
 import numpy as np
 import torch
 import torch.nn.functional as F
