@@ -351,7 +351,7 @@ def prepare(root: str, sam_weights: str | None) -> None:
         print(f"writing the synthetic demo domains to {root} ...", flush=True)
         write_data(root)
     if sam_weights == teacher_path() and not os.path.isfile(sam_weights):
-        print(f"pretraining the toy SAM teacher (once, about 3 minutes on 2 cores; cached in {sam_weights}) ...",
+        print(f"pretraining the toy SAM teacher (once, about 70 s on 2 idle cores; cached in {sam_weights}) ...",
               flush=True)
         pretrain_teacher(sam_weights)
 
