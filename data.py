@@ -90,20 +90,27 @@ def _require_dir(path: str, name: str, root: str) -> None:
                            f"{LAYOUTS[name].replace('<root>', root)}")
 
 
+def _pair_by_name(images: str, labels: str, names: list[str], dataset: str, archive: str,
+                  **kind) -> list[Sample]:
+    """images/NAME with labels/NAME for every NAME (GTA5 and SYNTHIA name a label as its image); a missing label is
+    an error naming both files. `kind`: the Sample fields of this dataset's labels."""
+    samples = []
+    for name in names:
+        lbl = os.path.join(labels, name)
+        if not os.path.isfile(lbl):
+            raise DatasetError(f"{dataset} image {os.path.join(images, name)} has no label: expected {lbl}. Re-extract "
+                               f"{archive}, or delete the image if it is not part of the dataset.")
+        samples.append(Sample(os.path.join(images, name), lbl, **kind))
+    return samples
+
+
 def list_gta5(root: str) -> list[Sample]:
     """All GTA5 pairs, images/NNNNN.png with labels/NNNNN.png (the whole set is the training split)."""
     images, labels = os.path.join(root, "gta5", "images"), os.path.join(root, "gta5", "labels")
     _require_dir(images, "gta5", root)
     _require_dir(labels, "gta5", root)
     names = sorted(f for f in os.listdir(images) if f.endswith(".png"))
-    samples = []
-    for name in names:
-        lbl = os.path.join(labels, name)
-        if not os.path.isfile(lbl):
-            raise DatasetError(f"GTA5 image {os.path.join(images, name)} has no label: expected {lbl}. Re-extract "
-                               f"the labels archive, or delete the image if it is not part of the dataset.")
-        samples.append(Sample(os.path.join(images, name), lbl))
-    return samples
+    return _pair_by_name(images, labels, names, "GTA5", "the labels archive")
 
 
 def list_cityscapes(root: str, split: str, need_labels: bool) -> list[Sample]:
@@ -159,14 +166,7 @@ def list_synthia(root: str) -> list[Sample]:
     names = sorted(f for f in os.listdir(images) if f.endswith(".png")) if os.path.isdir(images) else []
     if not (names and os.path.isdir(labels)):
         raise _synthia_layout_error(base, root)
-    samples = []
-    for name in names:
-        lbl = os.path.join(labels, name)
-        if not os.path.isfile(lbl):
-            raise DatasetError(f"SYNTHIA image {os.path.join(images, name)} has no label: expected {lbl}. "
-                               f"Re-extract SYNTHIA-RAND-CITYSCAPES, or delete the image if it is not part of it.")
-        samples.append(Sample(os.path.join(images, name), lbl, synthia=True))
-    return samples
+    return _pair_by_name(images, labels, names, "SYNTHIA", "SYNTHIA-RAND-CITYSCAPES", synthia=True)
 
 
 def list_dataset(root: str, name: str, split: str, need_labels: bool = True) -> list[Sample]:

@@ -1092,13 +1092,11 @@ def _data_synthia_label(ids: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def _data_synthia_ids(h, w, rare: bool = False) -> np.ndarray:
-    """SYNTHIA ids: sky (1) on top, road (3) below, a building (2) block, optionally a bus (19) patch."""
-    ids = np.full((h, w), 3, np.uint16)
-    ids[: h // 2] = 1
-    ids[h // 4: h // 2, : w // 3] = 2
-    if rare:
-        ids[h // 2: h // 2 + 12, w // 2: w // 2 + 12] = 19
-    return ids
+    """The scene of _data_scene_ids in SYNTHIA ids: sky (1), road (3), a building (2), optionally a bus (19) patch
+    where the Cityscapes scene has its train (SYNTHIA has no trains)."""
+    to_synthia = np.zeros(256, np.uint16)
+    to_synthia[[23, 7, 11, 31]] = 1, 3, 2, 19
+    return to_synthia[_data_scene_ids(h, w, rare)]
 
 
 def _data_synthia(root, n=6, h=38, w=64, rare=(0,)) -> None:
