@@ -5,7 +5,7 @@ Speed and memory of ssr's models, measured side by side with the reference imple
     python bench.py --dtype bf16 --items 1,3          # GPU target: our bf16 SAM vs official fp32; SSR vs DACS
     python bench.py --items 2 --crop 256 --batch-size 1 --repeats 5    # a quick MiT check on a CPU
     python bench.py --items 5 --dtype bf16            # kernel-launching ops of one ssr step (crop 128, SAM 256)
-    python bench.py --suite gpu                       # every GPU figure of the README in one call (~8 min, H100)
+    python bench.py --suite gpu --baseline ../old    # every GPU figure of the README in one call (~9 min)
     python bench.py --tiny --repeats 1 --warmup 0     # tiny configs, seconds (the smoke test)
 
 Items (ours / reference in the ratio column):
@@ -21,11 +21,16 @@ Items (ours / reference in the ratio column):
      a kernel launch, so the count is the launch overhead that a CPU can measure. Beside it: the optimizer step's
      ops and the time of a whole step. Default sizes: MiT-B5, crop 128, batch 2, SAM ViT-B at 256.
 
---suite gpu runs, in one process and printing each figure as soon as it has it: item 5 and item 3 in eager bf16
-and fp32, the evaluation of 500 Cityscapes-sized images (1024x512 input, labels at 2048x1024, in-memory batches:
-decoding is not included), then item 3 with the networks compiled in each torch.compile mode (default,
-reduce-overhead, max-autotune-no-cudagraphs), compile time (the first iterations) apart from the steady state.
-It stops starting new measurements after --budget seconds.
+  6. Item 3's ssr iteration with the networks compiled (implies --compile; --compile-mode picks the mode): the
+     first two iterations (compilation) timed apart from the steady state.
+
+--suite gpu takes every GPU figure of the README in one call, each measurement in its own process under its own
+time limit, printed as soon as it is taken: train.py --method ssr --mic and --method dacs --mic as a user runs them
+(loader workers and all) on synthetic PNG files of GTA5's and Cityscapes' sizes, from random weights, the steady
+rate read from log.jsonl; eval.py over 500 Cityscapes-sized val files (2048x1024) from the command's start to its
+end; items 3 and 5 in eager bf16 (and item 3 of --baseline DIR, an older checkout, in the same call); then the
+compiled levers: item 6 in each torch.compile mode and train.py --compile. It stops starting new measurements
+after --budget seconds.
 
 Time: the median of --repeats calls after --warmup calls; items 1 and 2 interleave ours and the reference call by
 call, so that load from other processes hits both alike. Memory, from one more call per model:
@@ -46,14 +51,17 @@ import contextlib
 import ctypes
 import gc
 import importlib.util
+import json
 import os
 import pathlib
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import types
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -526,7 +534,8 @@ def device_name(s: Setup) -> str:
 
 
 def run_items(s: Setup, items: list[str]) -> None:
-    benches = {"1": bench_sam, "2": bench_mit, "3": bench_train, "4": bench_eval, "5": bench_ops}
+    benches = {"1": bench_sam, "2": bench_mit, "3": bench_train, "4": bench_eval, "5": bench_ops,
+               "6": compiled_train_iter}
     rows = []
     for i in items:
         try:
@@ -536,46 +545,150 @@ def run_items(s: Setup, items: list[str]) -> None:
     print_table(rows, s.cuda)
 
 
-def run_gpu_suite(s: Setup, budget: float) -> None:
-    """Every GPU measurement of the README in one process, each printed when done (a partial run still tells
-    something). Paper sizes: MiT-B5, crop 512, batch 2, SAM ViT-B at 1024."""
+# ------------------------------------------------------------------------------------------------------------------
+# 6. the real loop: train.py and eval.py as a user runs them, on files of the real datasets' sizes
+
+LOOP_SIZES = dict(src=(1914, 1052), tgt=(2048, 1024))  # GTA5's and Cityscapes' image sizes (W, H)
+
+
+def loop_data(root: str, tiny: bool, n_eval: int) -> tuple[str, str]:
+    """(train root, eval root) under root. The train root holds GTA5 and Cityscapes trees of 24 scenes each at the
+    datasets' sizes, drawn by demo.py (street scenes: they compress and decode like photos, ~3 MB a PNG); the eval
+    root a Cityscapes val tree of n_eval images, copies of 8 drawn scenes (drawing is slow; decoding a copy costs
+    the same)."""
+    import demo
+
+    sizes = {} if tiny else dict(src_size=LOOP_SIZES["src"], tgt_size=LOOP_SIZES["tgt"])  # tiny: the demo's
+    train_root, eval_root = os.path.join(root, "train"), os.path.join(root, "eval")
+    demo.write_data(train_root, n_src=24, n_tgt=24, n_val=8, **sizes)
+    val = [(d, f) for d, _, files in os.walk(os.path.join(train_root, "cityscapes")) for f in sorted(files)
+           if f.endswith("_leftImg8bit.png") and f"{os.sep}val{os.sep}" in d + os.sep]
+    for kind in ("leftImg8bit", "gtFine"):
+        os.makedirs(os.path.join(eval_root, "cityscapes", kind, "val", "frankfurt"))
+    for i in range(n_eval):
+        folder, name = val[i % len(val)]
+        stem, new = name[: -len("_leftImg8bit.png")], f"frankfurt_{i:06d}_000019"
+        shutil.copy(os.path.join(folder, name),
+                    os.path.join(eval_root, "cityscapes", "leftImg8bit", "val", "frankfurt", f"{new}_leftImg8bit.png"))
+        gt = folder.replace(f"{os.sep}leftImg8bit{os.sep}", f"{os.sep}gtFine{os.sep}")
+        shutil.copy(os.path.join(gt, f"{stem}_gtFine_labelIds.png"),
+                    os.path.join(eval_root, "cityscapes", "gtFine", "val", "frankfurt", f"{new}_gtFine_labelIds.png"))
+    return train_root, eval_root
+
+
+def loop_flags(tiny: bool) -> list[str]:
+    """train.py's flags for a timed run from random weights: the paper's sizes, or the demo's for a CPU."""
+    flags = ["--pretrained", "none", "--eval-every", "0", "--save-every", "0", "--debug-every", "0"]
+    return flags + (["--demo"] if tiny else [])
+
+
+def run_loop(train_root: str, out: str, flags: list[str], iters: int, warm: int, timeout: float) -> str:
+    """train.py with `flags` for `iters` iterations; the steady rate is read from log.jsonl between iteration
+    `warm` and the last (start-up, cuDNN's autotuning and compilation excluded)."""
+    log_every = max(1, warm // 2)
+    argv = [sys.executable, "train.py", "--data-root", train_root, "--out", out, "--iters", str(iters),
+            "--log-every", str(log_every)] + flags
+    env = {**os.environ, "SSR_CACHE": os.path.join(out + "_cache"), "PYTHONUNBUFFERED": "1"}
+    t0 = time.perf_counter()
+    run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - t0
+    if run.returncode:
+        raise RuntimeError(f"train.py failed: {(run.stderr or run.stdout).strip()[-600:]}")
+    with open(os.path.join(out, "log.jsonl")) as f:
+        rows = [r for r in map(json.loads, f) if "it_s" in r]
+    a = next(r for r in rows if r["iter"] >= warm)
+    b = rows[-1]
+    steady = (b["iter"] - a["iter"]) / (b["elapsed_s"] - a["elapsed_s"])
+    mem = [r["mem_gib"] for r in rows if "mem_gib" in r]  # cuda only
+    return (f"{steady:.2f} it/s steady (iterations {a['iter']}-{b['iter']}){f', peak {max(mem):.1f} GiB' if mem else ''}"
+            f", first {a['iter']} iterations {a['elapsed_s']:.0f} s, process {wall:.0f} s")
+
+
+def run_eval_files(eval_root: str, ckpt: str, flags: list[str], timeout: float) -> str:
+    """eval.py over the eval root's files, timed from the command's start to its end."""
+    argv = [sys.executable, "eval.py", "--ckpt", ckpt, "--data-root", eval_root] + flags
+    t0 = time.perf_counter()
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - t0
+    if run.returncode:
+        raise RuntimeError(f"eval.py failed: {(run.stderr or run.stdout).strip()[-600:]}")
+    n = len(os.listdir(os.path.join(eval_root, "cityscapes", "leftImg8bit", "val", "frankfurt")))
+    return f"{n} images in {wall:.1f} s, start-up and model loading included ({n / wall:.1f} images/s)"
+
+
+def run_bench(argv: list[str], timeout: float, cwd: str = ".") -> str:
+    """bench.py (this one, or a baseline checkout's) in a child process: its table's rows."""
+    run = subprocess.run([sys.executable, "bench.py"] + argv, cwd=cwd, capture_output=True, text=True,
+                         timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if run.returncode:
+        raise RuntimeError((run.stderr or run.stdout).strip()[-600:])
+    lines = run.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("item"))
+    return "\n    ".join([lines[header]] + [line for line in lines[header + 1:] if line[:1].isdigit()])
+
+
+def run_gpu_suite(s: Setup, budget: float, baseline: str | None) -> None:
+    """Every GPU figure of the README in one call, each measurement in its own process (a hung compilation or a
+    crash costs that figure only) under a time limit, printed as soon as it is taken. Paper sizes: MiT-B5, crop
+    512, batch 2, SAM ViT-B at 1024; --tiny: tiny sizes, for a CPU."""
+    tmp = tempfile.mkdtemp(prefix="ssr-bench-")
+    try:
+        suite_steps(s, budget, baseline, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # ~2 GB of images and checkpoints at the paper's sizes
+
+
+def suite_steps(s: Setup, budget: float, baseline: str | None, tmp: str) -> None:
+    """run_gpu_suite's measurements, in order of importance, with their data in tmp."""
     start = time.perf_counter()
-    card = device_name(s)
+    card, tiny = device_name(s), s.tiny
+    dev = ["--device", str(s.device)] + (["--tiny"] if tiny else [])
+    reps = ["--repeats", str(s.repeats), "--warmup", str(s.warmup)]
+    n_eval, iters, warm = (4, 6, 2) if tiny else (500, 150, 50)
+    results = {}
 
-    def report(what: str, fn) -> None:
-        elapsed = time.perf_counter() - start
-        if elapsed > budget:
-            print(f"[{card}] {what}: not run (budget of {budget:.0f} s spent)", flush=True)
+    def report(what: str, limit: float, fn) -> None:
+        left = budget - (time.perf_counter() - start)
+        if left < 20:
+            print(f"[{card}] {what}: not run ({budget:.0f} s budget spent)", flush=True)
             return
-        torch._dynamo.reset()  # each lever compiles afresh, within dynamo's per-function recompile limit
         try:
-            row = fn()
-        except Exception as e:  # a failing lever (e.g. a compile error) must not cost the rest of the suite
-            print(f"[{card}] {what}: FAILED {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}", flush=True)
+            results[what] = fn(min(limit, left))
+        except subprocess.TimeoutExpired as e:
+            print(f"[{card}] {what}: TIMEOUT after {e.timeout:.0f} s", flush=True)
             return
-        finally:
-            gc.collect()  # the lever's models are garbage now: free their memory before the next one
-            if s.cuda:
-                torch.cuda.empty_cache()
-        cells = format_row(row, s.cuda)
-        print(f"[{card}] {what}: " + " | ".join(f"{h} {c}" for h, c in zip(HEADER, cells) if c != "-"),
-              f"(at {time.perf_counter() - start:.0f} s)", flush=True)
+        except Exception as e:  # a failing lever (e.g. a compile error) must not cost the rest of the suite
+            msg = " ".join(str(e).split())
+            print(f"[{card}] {what}: FAILED {type(e).__name__}: {msg[-600:]}", flush=True)
+            return
+        print(f"[{card}] {what} (at {time.perf_counter() - start:.0f} s):\n    {results[what]}", flush=True)
 
-    bf16, fp32 = replace(s, dtype="bf16"), replace(s, dtype="fp32")
-    small = bf16 if s.tiny else replace(bf16, crop=128, batch=2, sam_size=256)
-    report("op count, issue's size, eager bf16", lambda: bench_ops(small))
-    report("op count + step time, paper size, eager bf16", lambda: bench_ops(bf16))
-    report("train iter, eager bf16", lambda: bench_train(bf16))
-    report("train iter, eager fp32", lambda: bench_train(fp32))
-    n_eval = 20 if s.tiny else 500  # Cityscapes val has 500 images
-    report(f"eval {n_eval} images, eager bf16", lambda: bench_eval_dataset(bf16, n_eval))
+    t0 = time.perf_counter()
+    train_root, eval_root = loop_data(tmp, tiny, n_eval)
+    print(f"[{card}] synthetic data written in {time.perf_counter() - t0:.0f} s", flush=True)
+    flags = loop_flags(tiny)
+    ssr_mic = flags + ["--method", "ssr", "--mic", "--sam-weights", "none"]
+    report("train.py --method ssr --mic", 180, lambda t: run_loop(
+        train_root, os.path.join(tmp, "ssr"), ssr_mic, iters, warm, t))
+    report(f"eval.py, {n_eval} Cityscapes-sized files", 90, lambda t: run_eval_files(
+        eval_root, os.path.join(tmp, "ssr", "model.safetensors"), ["--device", str(s.device)], t))
+    if s.cuda:  # compilation (the first iterations) is read apart from the steady rate after it
+        report("train.py --method ssr --mic --compile", 240, lambda t: run_loop(
+            train_root, os.path.join(tmp, "ssr_compiled"), ssr_mic + ["--compile"], iters + 100, warm + 100, t))
+    report("train.py --method dacs", 120, lambda t: run_loop(
+        train_root, os.path.join(tmp, "dacs"), flags + ["--method", "dacs"], iters, warm, t))
+    report("train iteration, ops, eager bf16 (items 3, 5)", 120, lambda t: run_bench(
+        dev + reps + ["--items", "3,5", "--dtype", "bf16"], t))
+    if baseline:
+        report(f"baseline {baseline}: train iteration, eager bf16 (item 3)", 120, lambda t: run_bench(
+            dev + reps + ["--items", "3", "--dtype", "bf16"], t, cwd=baseline))
     if not s.cuda:
         print(f"[{card}] the compiled levers run on cuda only", flush=True)
         return
-    for mode in ("default", "reduce-overhead", "max-autotune-no-cudagraphs"):  # the slowest to compile last
-        kwargs = {} if mode == "default" else {"mode": mode}
-        report(f"train iter ssr, compile {mode}, bf16", lambda: compiled_train_iter(replace(bf16, compile=kwargs)))
-    report(f"eval {n_eval} images, compile default, bf16", lambda: bench_eval_dataset(replace(bf16, compile={}), n_eval))
+    for mode in ("reduce-overhead", "default", "max-autotune-no-cudagraphs"):
+        report(f"compiled ssr iteration, mode {mode} (item 6)", 240, lambda t: run_bench(
+            dev + reps + ["--items", "6", "--dtype", "bf16", "--compile-mode", mode], t))
+    report("train iteration, eager fp32 (item 3)", 90, lambda t: run_bench(dev + reps + ["--items", "3"], t))
 
 
 def compiled_train_iter(s: Setup) -> tuple:
@@ -592,7 +705,7 @@ def compiled_train_iter(s: Setup) -> tuple:
         sync(s)
         first.append(time.perf_counter() - t0)
     t = measure(s, {"ssr": iterations(forward_backward, optimizer_step, start=2)})["ssr"]
-    return (f"3 train iter ssr MiT-{s.model_name} crop {crop} b{batch} SAM {sam_size} compiled {s.compile}",
+    return (f"6 train iter ssr MiT-{s.model_name} crop {crop} b{batch} SAM {sam_size} compiled {s.compile}",
             f"ours {s.dtype}", "-", t, None, f"first iterations (compile) {first[0]:.1f} s, {first[1]:.1f} s")
 
 
@@ -612,13 +725,17 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", default="1,2,3,4,5", help="comma-separated items to run (see above)")
     p.add_argument("--suite", choices=["gpu"], help="run the GPU suite (see above) instead of --items")
-    p.add_argument("--budget", type=float, default=420, help="--suite gpu: seconds after which no new "
-                   "measurement starts (default 420: the suite then ends within ~8 minutes on an H100)")
+    p.add_argument("--budget", type=float, default=540, help="--suite gpu: seconds after which no new "
+                   "measurement starts; each one also has its own limit")
+    p.add_argument("--baseline", help="--suite gpu: a checkout of another commit (git worktree add DIR COMMIT) "
+                   "whose bench.py item 3 is rerun in the same call, for a before/after on the same card")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="precision of ours (item 1), of both sides under autocast (items 2-5)")
+                   help="precision of ours (item 1), of both sides under autocast (items 2-6)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model measured (compiled in warm-up; "
-                   "items 3 and 5 compile the networks, as train.py --compile)")
+                   "items 3, 5 and 6 compile the networks, as train.py --compile)")
+    p.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                   help="torch.compile's mode (implies --compile)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per model (default 10, 3 on cpu)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3, 1 on cpu)")
     p.add_argument("--sam-size", type=int, default=None, help="SAM input side (default 1024; 256 for item 5)")
@@ -631,22 +748,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tiny", action="store_true", help="tiny models and sizes for every item (seconds on a CPU)")
     args = p.parse_args(argv)
     items = args.items.split(",")
-    if not set(items) <= {"1", "2", "3", "4", "5"}:
-        sys.exit(f"error: --items {args.items}: choose among 1,2,3,4,5 (comma-separated).")
+    if not set(items) <= {"1", "2", "3", "4", "5", "6"}:
+        sys.exit(f"error: --items {args.items}: choose among 1,2,3,4,5,6 (comma-separated).")
+    if args.baseline and not os.path.isfile(os.path.join(args.baseline, "bench.py")):
+        sys.exit(f"error: --baseline {args.baseline} holds no bench.py; give a checkout of this project, e.g. made "
+                 f"with git worktree add {args.baseline} COMMIT.")
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if args.suite == "gpu" and not cuda and not args.tiny:
         sys.exit("error: --suite gpu needs a CUDA device (or --tiny, which runs its CPU-runnable parts at tiny sizes).")
+    compile_kwargs = None
+    if args.compile or args.compile_mode or "6" in items:
+        compile_kwargs = {} if args.compile_mode in (None, "default") else {"mode": args.compile_mode}
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     s = Setup(device=device, dtype=args.dtype, repeats=args.repeats if args.repeats is not None else (10 if cuda else 3),
-              warmup=max(warmup, 1) if args.compile else warmup,  # the first call compiles: never time it
-              compile={} if args.compile else None, tiny=args.tiny, crop=args.crop, batch=args.batch_size,
+              warmup=max(warmup, 1) if compile_kwargs is not None else warmup,  # the first call compiles: not timed
+              compile=compile_kwargs, tiny=args.tiny, crop=args.crop, batch=args.batch_size,
               sam_size=args.sam_size, eval_size=args.eval_size, eval_batch=args.eval_batch,
               grad_checkpoint=args.grad_checkpoint)
-    print(f"device {device} ({device_name(s)}), torch {torch.__version__}, dtype {args.dtype}, compile {args.compile}, "
-          f"median of {s.repeats} after {s.warmup} warm-up", flush=True)
+    print(f"device {device} ({device_name(s)}), torch {torch.__version__}, dtype {args.dtype}, compile "
+          f"{compile_kwargs}, median of {s.repeats} after {s.warmup} warm-up", flush=True)
     if args.suite == "gpu":
-        run_gpu_suite(s, args.budget)
+        run_gpu_suite(s, args.budget, args.baseline)
     else:
         run_items(s, sorted(items))
 

@@ -583,7 +583,7 @@ def main() -> None:
     p.add_argument("--mode", default="whole", choices=["whole", "slide"],
                    help="whole: the resized image at once (DAFormer); slide: 512x512 windows, stride 341")
     p.add_argument("--batch-size", type=int, default=2, help="images per forward pass")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data loader processes")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes")
     p.add_argument("--amp", default="fp32", choices=["bf16", "fp16", "fp32"],
                    help="precision of the forward pass (default fp32, as the DAFormer, MIC and SSR authors "
                         "evaluated; bf16/fp16 are faster on GPUs and can move the mIoU slightly)")

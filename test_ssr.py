@@ -2144,22 +2144,36 @@ def test_bench_tiny_prints_every_item_with_ratios():
     assert ops and int(ops[1].replace(",", "")) > int(ops[3].replace(",", "")) > 0, rows["5"]
 
 
-def test_bench_gpu_suite_runs_its_cpu_parts_with_tiny():
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def test_bench_gpu_suite_runs_its_cpu_parts_with_tiny(tmp_path):
+    # train.py and eval.py as a user runs them (the demo's sizes with --tiny), then items 3 and 5, and the same
+    # item of a baseline checkout (here this one); every figure names the device; the data is removed at the end
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
     run = subprocess.run([sys.executable, "bench.py", "--suite", "gpu", "--tiny", "--device", "cpu", "--repeats", "1",
-                          "--warmup", "0"], cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)
+                          "--warmup", "0", "--baseline", "."], cwd=_ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    lines = [line for line in run.stdout.splitlines() if line.startswith("[cpu")]  # each figure names the device
-    assert len(lines) == 6 and not any("FAILED" in line or "not run" in line for line in lines), run.stdout
-    assert "ops fwd+bwd" in lines[0] and "time ratio" in lines[2] and "images/s" in lines[4], run.stdout
-    assert "cuda only" in lines[5]
+    lines = [line for line in run.stdout.splitlines() if line.startswith("[cpu")]
+    assert not any("FAILED" in line or "not run" in line or "TIMEOUT" in line for line in lines), run.stdout
+    figures = {line.split("]")[1].split("(at")[0].strip(" :"): line for line in lines}
+    assert re.search(r"\d+\.\d\d it/s steady", run.stdout.split("--method ssr --mic")[1].splitlines()[1])
+    assert re.search(r"4 images in \d+\.\d s", run.stdout), run.stdout
+    assert "train.py --method dacs" in figures and "the compiled levers run on cuda only" in figures, run.stdout
+    assert run.stdout.count("3 train iter MiT-tiny") == 2 and "5 ops/step" in run.stdout, run.stdout
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("ssr-bench-")], os.listdir(tmp_path)
+
+
+def test_bench_suite_rejects_a_baseline_without_bench_py(tmp_path):
+    run = subprocess.run([sys.executable, "bench.py", "--suite", "gpu", "--tiny", "--baseline", str(tmp_path)],
+                         cwd=_ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and f"--baseline {tmp_path} holds no bench.py" in run.stderr
+    assert "Traceback" not in run.stderr
 
 
 def test_bench_rejects_unknown_item():
-    run = subprocess.run([sys.executable, "bench.py", "--tiny", "--items", "6"], cwd=_ROOT,
+    run = subprocess.run([sys.executable, "bench.py", "--tiny", "--items", "7"], cwd=_ROOT,
                          capture_output=True, text=True, timeout=60)
     assert run.returncode != 0
-    assert "error: --items 6" in run.stderr and "Traceback" not in run.stderr
+    assert "error: --items 7" in run.stderr and "Traceback" not in run.stderr
 
 
 def test_bench_imports_without_running():
