@@ -6,6 +6,7 @@ Speed and memory of ssr's models, measured side by side with the reference imple
     python bench.py --items 2 --crop 256 --batch-size 1 --repeats 5    # a quick MiT check on a CPU
     python bench.py --items 5 --dtype bf16            # kernel-launching ops of one ssr step (crop 128, SAM 256)
     python bench.py --suite gpu --baseline ../old    # every GPU figure of the README in one call (~9 min)
+    python bench.py --items 3 --mic --profile --dtype bf16    # where an iteration's time goes
     python bench.py --tiny --repeats 1 --warmup 0     # tiny configs, seconds (the smoke test)
 
 Items (ours / reference in the ratio column):
@@ -15,22 +16,23 @@ Items (ours / reference in the ratio column):
   2. MiT forward + backward: mit.MixVisionTransformer vs transformers' SegformerModel, same weights, both under
      autocast when --dtype is bf16/fp16.
   3. One training iteration (UDA forward, backward, AdamW step): method 'ssr' vs method 'dacs'; the ratio is the
-     cost of the SAM regularizer. The SAM teacher runs in the reduced dtype.
+     cost of the SAM regularizer. The SAM teacher runs in the reduced dtype. --mic adds masked image consistency
+     (train.py --mic); --profile prints a torch.profiler table of the ssr iteration and how much of it the device
+     (the CPU, without one) is busy.
   4. Evaluation throughput of the deployable Segmentor (forward, resize to the input, argmax) in images/s.
   5. The aten ops of one 'ssr' training step's forward and backward, views excluded (VIEW_OPS): on a GPU each is
      a kernel launch, so the count is the launch overhead that a CPU can measure. Beside it: the optimizer step's
      ops and the time of a whole step. Default sizes: MiT-B5, crop 128, batch 2, SAM ViT-B at 256.
-
   6. Item 3's ssr iteration with the networks compiled (implies --compile; --compile-mode picks the mode): the
      first two iterations (compilation) timed apart from the steady state.
 
 --suite gpu takes every GPU figure of the README in one call, each measurement in its own process under its own
-time limit, printed as soon as it is taken: train.py --method ssr --mic and --method dacs --mic as a user runs them
-(loader workers and all) on synthetic PNG files of GTA5's and Cityscapes' sizes, from random weights, the steady
-rate read from log.jsonl; eval.py over 500 Cityscapes-sized val files (2048x1024) from the command's start to its
-end; items 3 and 5 in eager bf16 (and item 3 of --baseline DIR, an older checkout, in the same call); then the
-compiled levers: item 6 in each torch.compile mode and train.py --compile. It stops starting new measurements
-after --budget seconds.
+time limit, printed as soon as it is taken, in this order: train.py --method ssr --mic as a user runs it (loader
+workers and all) on synthetic PNG files of GTA5's and Cityscapes' sizes, from random weights, the steady rate read
+from log.jsonl; eval.py over 500 Cityscapes-sized val files (2048x1024) from the command's start to its end; items
+3 (with --mic and --profile) and 5 in eager bf16, and item 3 of --baseline DIR (an older checkout) in the same
+call; train.py --method dacs; train.py --compile; item 6 in each torch.compile mode; item 3 in fp32. It starts no
+new measurement after --budget seconds.
 
 Time: the median of --repeats calls after --warmup calls; items 1 and 2 interleave ours and the reference call by
 call, so that load from other processes hits both alike. Memory, from one more call per model:
@@ -152,6 +154,8 @@ class Setup:
     eval_size: tuple[int, int] | None = None  # W, H
     eval_batch: int = 1
     grad_checkpoint: bool = False
+    mic: bool = False  # items 3, 5, 6: the UDA step with masked image consistency, as train.py --mic
+    profile: bool = False  # item 3: a torch.profiler table of the ssr iteration
     mit_name: str = "mit_b5"
     mit_overrides: dict = field(default_factory=dict)
     sam_overrides: dict = field(default_factory=dict)
@@ -385,7 +389,7 @@ def train_step(s: Setup, method: str, crop: int, batch: int, sam_size: int):
     lbl[:, : crop // 8] = 255  # some ignored pixels, as in GTA5 labels
     student = ssr.build_segmentor(ssr.SegConfig(backbone=s.mit_name, mit=dict(s.mit_overrides), channels=s.channels))
     student.backbone.grad_checkpoint = s.grad_checkpoint
-    uda = ssr.UDA(student, method=method, sam_img_size=sam_size).to(s.device).train()
+    uda = ssr.UDA(student, method=method, mic=s.mic, sam_img_size=sam_size).to(s.device).train()
     sam = None
     if method == "ssr":  # a random teacher: its speed does not depend on its weights
         sam = sam_encoder.frozen_teacher("vit_b", None, img_size=sam_size, device=s.device,
@@ -435,8 +439,34 @@ def time_train_iter(s: Setup, method: str, crop: int, batch: int, sam_size: int)
 def bench_train(s: Setup) -> tuple:
     crop, batch, sam_size = s.size("crop", 512, None, 64), s.size("batch", 2, None, 2), s.size("sam", 1024, None, 64)
     result = {method: time_train_iter(s, method, crop, batch, sam_size) for method in ("dacs", "ssr")}
-    return (f"3 train iter MiT-{s.model_name} crop {crop} b{batch} SAM {sam_size}"
+    if s.profile:
+        profile_train_iter(s, crop, batch, sam_size)
+    return (f"3 train iter MiT-{s.model_name} crop {crop} b{batch} SAM {sam_size}{' mic' if s.mic else ''}"
             f"{' ckpt' if s.grad_checkpoint else ''}", "ssr", "dacs", result["ssr"], result["dacs"], s.dtype)
+
+
+def profile_train_iter(s: Setup, crop: int, batch: int, sam_size: int, n: int = 3) -> None:
+    """torch.profiler over n ssr iterations after the warm-up: the ops by their own device time, and the
+    device's busy time against the wall time (how much of an iteration the GPU waits on Python and launches)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn = iterations(*train_step(s, "ssr", crop, batch, sam_size), start=0)
+    for _ in range(max(s.warmup, 1)):
+        fn()
+    sync(s)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.cuda else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync(s)
+        wall = (time.perf_counter() - t0) / n
+    events = prof.key_averages()
+    key = "self_device_time_total" if s.cuda else "self_cpu_time_total"
+    busy = sum(getattr(e, key) for e in events) / n / 1e6
+    print(events.table(sort_by=key, row_limit=15))
+    print(f"profile: {wall * 1e3:.1f} ms per iteration, {'device' if s.cuda else 'cpu'} ops busy {busy * 1e3:.1f} ms "
+          f"of it", flush=True)
 
 
 def bench_ops(s: Setup) -> tuple:
@@ -450,7 +480,7 @@ def bench_ops(s: Setup) -> tuple:
     with opt:
         optimizer_step()
     t = measure(s, {"ssr": iterations(forward_backward, optimizer_step, start=2)})["ssr"]
-    return (f"5 ops/step ssr MiT-{s.model_name} crop {crop} b{batch} SAM {sam_size}", f"ours {s.dtype}", "-", t, None,
+    return (f"5 ops/step ssr{' mic' if s.mic else ''} MiT-{s.model_name} crop {crop} b{batch} SAM {sam_size}", f"ours {s.dtype}", "-", t, None,
             f"{fwd_bwd.total():,} ops fwd+bwd ({fwd_bwd.top()}), optimizer {opt.total():,}")
 
 
@@ -616,15 +646,19 @@ def run_eval_files(eval_root: str, ckpt: str, flags: list[str], timeout: float) 
     return f"{n} images in {wall:.1f} s, start-up and model loading included ({n / wall:.1f} images/s)"
 
 
-def run_bench(argv: list[str], timeout: float, cwd: str = ".") -> str:
-    """bench.py (this one, or a baseline checkout's) in a child process: its table's rows."""
+def run_bench(argv: list[str], timeout: float, cwd: str = ".", profile: bool = False) -> str:
+    """bench.py (this one, or a baseline checkout's) in a child process: its table's rows (and, with profile, the
+    profiler's table printed before them)."""
     run = subprocess.run([sys.executable, "bench.py"] + argv, cwd=cwd, capture_output=True, text=True,
                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if run.returncode:
         raise RuntimeError((run.stderr or run.stdout).strip()[-600:])
     lines = run.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("item"))
-    return "\n    ".join([lines[header]] + [line for line in lines[header + 1:] if line[:1].isdigit()])
+    rows = [lines[header]] + [line for line in lines[header + 1:] if line[:1].isdigit()]
+    if profile:
+        rows = [line for line in lines[:header] if not line.startswith("device ")] + rows
+    return "\n    ".join(rows)
 
 
 def run_gpu_suite(s: Setup, budget: float, baseline: str | None) -> None:
@@ -672,16 +706,16 @@ def suite_steps(s: Setup, budget: float, baseline: str | None, tmp: str) -> None
         train_root, os.path.join(tmp, "ssr"), ssr_mic, iters, warm, t))
     report(f"eval.py, {n_eval} Cityscapes-sized files", 90, lambda t: run_eval_files(
         eval_root, os.path.join(tmp, "ssr", "model.safetensors"), ["--device", str(s.device)], t))
-    if s.cuda:  # compilation (the first iterations) is read apart from the steady rate after it
-        report("train.py --method ssr --mic --compile", 240, lambda t: run_loop(
-            train_root, os.path.join(tmp, "ssr_compiled"), ssr_mic + ["--compile"], iters + 100, warm + 100, t))
-    report("train.py --method dacs", 120, lambda t: run_loop(
-        train_root, os.path.join(tmp, "dacs"), flags + ["--method", "dacs"], iters, warm, t))
-    report("train iteration, ops, eager bf16 (items 3, 5)", 120, lambda t: run_bench(
-        dev + reps + ["--items", "3,5", "--dtype", "bf16"], t))
+    report("train iteration with mic, profiled; ops, eager bf16 (items 3, 5)", 150, lambda t: run_bench(
+        dev + reps + ["--items", "3,5", "--dtype", "bf16", "--mic", "--profile"], t, profile=True))
     if baseline:
         report(f"baseline {baseline}: train iteration, eager bf16 (item 3)", 120, lambda t: run_bench(
             dev + reps + ["--items", "3", "--dtype", "bf16"], t, cwd=baseline))
+    report("train.py --method dacs", 120, lambda t: run_loop(
+        train_root, os.path.join(tmp, "dacs"), flags + ["--method", "dacs"], iters, warm, t))
+    if s.cuda:  # compilation (the first iterations) is read apart from the steady rate after it
+        report("train.py --method ssr --mic --compile", 400, lambda t: run_loop(
+            train_root, os.path.join(tmp, "ssr_compiled"), ssr_mic + ["--compile"], iters + 100, warm + 100, t))
     if not s.cuda:
         print(f"[{card}] the compiled levers run on cuda only", flush=True)
         return
@@ -705,7 +739,7 @@ def compiled_train_iter(s: Setup) -> tuple:
         sync(s)
         first.append(time.perf_counter() - t0)
     t = measure(s, {"ssr": iterations(forward_backward, optimizer_step, start=2)})["ssr"]
-    return (f"6 train iter ssr MiT-{s.model_name} crop {crop} b{batch} SAM {sam_size} compiled {s.compile}",
+    return (f"6 train iter ssr{' mic' if s.mic else ''} MiT-{s.model_name} crop {crop} b{batch} SAM {sam_size} compiled {s.compile}",
             f"ours {s.dtype}", "-", t, None, f"first iterations (compile) {first[0]:.1f} s, {first[1]:.1f} s")
 
 
@@ -745,6 +779,8 @@ def main(argv: list[str] | None = None) -> None:
                    "(default 1024x512)")
     p.add_argument("--eval-batch", type=int, default=1, help="batch of item 4")
     p.add_argument("--grad-checkpoint", action="store_true", help="item 3: recompute the student's MiT blocks in backward")
+    p.add_argument("--mic", action="store_true", help="items 3, 5 and 6: the step with masked image consistency")
+    p.add_argument("--profile", action="store_true", help="item 3: print a torch.profiler table of the ssr iteration")
     p.add_argument("--tiny", action="store_true", help="tiny models and sizes for every item (seconds on a CPU)")
     args = p.parse_args(argv)
     items = args.items.split(",")
@@ -765,7 +801,7 @@ def main(argv: list[str] | None = None) -> None:
               warmup=max(warmup, 1) if compile_kwargs is not None else warmup,  # the first call compiles: not timed
               compile=compile_kwargs, tiny=args.tiny, crop=args.crop, batch=args.batch_size,
               sam_size=args.sam_size, eval_size=args.eval_size, eval_batch=args.eval_batch,
-              grad_checkpoint=args.grad_checkpoint)
+              grad_checkpoint=args.grad_checkpoint, mic=args.mic, profile=args.profile)
     print(f"device {device} ({device_name(s)}), torch {torch.__version__}, dtype {args.dtype}, compile "
           f"{compile_kwargs}, median of {s.repeats} after {s.warmup} warm-up", flush=True)
     if args.suite == "gpu":

@@ -180,13 +180,16 @@ def class_masks(lbl: Tensor) -> Tensor:
 
     Per image: each image pastes half of *its own* classes. DAFormer's get_class_masks draws from the classes of
     the whole batch (torch.unique(labels), not label), so it may pick classes absent from an image. Like DAFormer,
-    the ignore label counts as a class."""
-    masks = []
-    for x in lbl:  # B is small (2); torch.unique has a data-dependent size, so it cannot be batched
-        classes = torch.unique(x)
-        n = classes.numel()
-        masks.append(torch.isin(x, classes[torch.randperm(n, device=x.device)[:(n + 1) // 2]]))
-    return torch.stack(masks)
+    the ignore label counts as a class. Drawn without torch.unique, whose output size makes the CPU wait for the
+    GPU (twice per iteration): every label value present in an image gets a random key, and the ceil(n/2) values
+    with the smallest keys are pasted - a uniformly drawn half, as a shuffle of the classes would give."""
+    B = lbl.shape[0]
+    flat = lbl.reshape(B, -1)
+    present = torch.zeros(B, 256, dtype=torch.bool, device=lbl.device).scatter_(1, flat, True)  # (B, 256)
+    keys = torch.rand(B, 256, device=lbl.device).masked_fill_(~present, 2.0)  # absent values sort last
+    rank = keys.argsort(dim=1).argsort(dim=1)  # each value's place in its image's random order
+    chosen = rank < (present.sum(dim=1, keepdim=True) + 1) // 2
+    return chosen.gather(1, flat).view_as(lbl)
 
 
 def class_mix(mask: Tensor, src: Tensor, tgt: Tensor) -> Tensor:

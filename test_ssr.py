@@ -200,6 +200,11 @@ def test_ssr_class_mix_pastes_half_of_each_images_own_classes():
         mixed = ssr.class_mix(mask, src, tgt)
         assert torch.equal(mixed, torch.where(mask[:, None].expand_as(src), src, tgt))
         assert torch.equal(ssr.class_mix(mask, lbl, torch.full_like(lbl, 7)), torch.where(mask, lbl, 7))
+    # every half of image 0's four classes is drawn about equally often (6 halves; 600 draws, 100 expected each)
+    torch.manual_seed(0)
+    halves = collections.Counter(tuple(lbl[0][m].unique().tolist()) for m in (ssr.class_masks(lbl)[0]
+                                                                              for _ in range(600)))
+    assert len(halves) == 6 and all(70 < n < 130 for n in halves.values()), halves
 
 
 def test_ssr_color_jitter_and_blur_known_answers():
