@@ -527,7 +527,9 @@ class ValSamples(Dataset):
                                    f"{img.shape[1]}x{img.shape[0]}; evaluation needs the label at the image's "
                                    f"resolution. Replace the label with the one from the archive.")
             img = resize_image(img, rescale_size(img.shape[1], img.shape[0], self.scale))
-            return {"img": normalize(img), "lbl": torch.from_numpy(lbl.astype(np.int64)), "path": s.img}
+            # uint8 (train ids and 255): a 2048x1024 label is 2 MB to pass from a worker and copy to the GPU,
+            # not 16 MB as int64; the evaluator widens it on the device
+            return {"img": normalize(img), "lbl": torch.from_numpy(lbl.astype(np.uint8)), "path": s.img}
         except DatasetError as e:
             return e
 
@@ -596,8 +598,8 @@ def make_train_loader(data_root: str, src: str = "gta5", tgt: str = "cityscapes"
 
 
 def make_val_loader(data_root: str, tgt: str = "cityscapes", split: str = "val", *, scale=TARGET_SCALE,
-                    batch_size: int = 1, workers: int = 2) -> DataLoader:
-    """Batches {'img': (B, 3, h, w) normalized at `scale`, 'lbl': int64 (B, H, W) full resolution, 'path'}."""
+                    batch_size: int = 1, workers: int = 2, pin_memory: bool = False) -> DataLoader:
+    """Batches {'img': (B, 3, h, w) normalized at `scale`, 'lbl': uint8 (B, H, W) full resolution, 'path'}."""
     samples = list_dataset(data_root, tgt, split)
     return CleanLoader(ValSamples(samples, scale), batch_size=batch_size, shuffle=False, num_workers=workers,
-                       collate_fn=_collate, generator=torch.Generator())
+                       collate_fn=_collate, generator=torch.Generator(), pin_memory=pin_memory)

@@ -278,7 +278,7 @@ def evaluate(model: ssr.Segmentor, loader, *, device, amp_dtype: torch.dtype | N
     with torch.inference_mode():
         for batch in loader:
             img = batch["img"].to(device, non_blocking=True)
-            label = batch["lbl"].to(device, non_blocking=True)
+            label = batch["lbl"].to(device, non_blocking=True).long()
             with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
                 logits = network_logits(model, img, mode, crop, stride)
             # The second resize (network scale -> label scale) is mmseg's `rescale`; argmax only after it, so that
@@ -633,7 +633,8 @@ def main() -> None:
         return
     source = args.src or meta.get("source", "gta5")  # train.py records it; older and converted files may not
     loader = data.make_val_loader(args.data_root or meta.get("data_root") or "data", meta.get("dataset", "cityscapes"),
-                                  args.split, scale=scale, batch_size=args.batch_size, workers=args.workers)
+                                  args.split, scale=scale, batch_size=args.batch_size, workers=args.workers,
+                                  pin_memory=device.type == "cuda")
     result = evaluate(model, loader, device=device, amp_dtype=amp_dtype, mode=args.mode, save_dir=args.save_dir,
                       side_by_side=args.side_by_side, progress=True)
     print_table(result, data.CLASSES, source if source in data.SOURCES else "gta5")

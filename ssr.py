@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 import mit
+import sam_encoder
 from data import IGNORE, denormalize, normalize
 
 
@@ -337,6 +338,21 @@ def frozen_copy(m: nn.Module) -> nn.Module:
     return copy.deepcopy(m).requires_grad_(False)
 
 
+def compile_network(net: nn.Module, **compile_kwargs) -> None:
+    """torch.compile a network in place, block by block ("regional compilation"): each MiT or SAM transformer
+    block and each DAFormer head on its own, the few layers between them eager. The blocks of a stage repeat one
+    computation at one size, so it compiles once per stage and its other blocks reuse it: MiT-B5's first compiled
+    forward + backward took 449 s on the 2-core CPU compiled whole and 96 s block by block (inductor, bf16, 64x64
+    input, empty compile cache; the same speed after). Static shapes: the sizes differ from stage to stage, and
+    dynamo would make them symbolic at the second stage, which inductor (torch 2.13) then failed to compile."""
+    # One graph per stage and use of Block.forward: 4 stages x (student at batch 2B, student on MIC's batch B,
+    # the teachers' bf16 copies) = 12, past dynamo's default of 8 per function, after which it runs eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    regions = [m for m in net.modules() if isinstance(m, (mit.Block, sam_encoder.Block, DAFormerHead))]
+    for m in regions or [net]:  # a network of none of them (the SSR branch) compiles whole
+        m.compile(dynamic=False, **compile_kwargs)
+
+
 class ReducedCopy:
     """A copy of a frozen network (the EMA teacher, the ImageNet encoder) with its weights in a reduced dtype, to
     run outside autocast: autocast would cast every weight again on each call, one kernel per tensor (~730 per
@@ -358,7 +374,7 @@ class ReducedCopy:
         self.dtype = dtype
         self.refresh()
         if compile_kwargs is not None:
-            self.net.compile(**compile_kwargs)
+            compile_network(self.net, **compile_kwargs)
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -400,17 +416,17 @@ class UDA(nn.Module):
         self.train()
 
     def compile_networks(self, sam: nn.Module | None = None, **compile_kwargs) -> None:
-        """torch.compile each network in place (student encoder and head, teachers, SSR branch, and the SAM
-        encoder if given), keeping parameter names; the step around them stays eager Python (EMA update, ClassMix
-        draws). Compiling the whole step instead recompiled when the iteration changed, took twice as long to
-        compile, and (torch 2.13, CPU, inductor) gave the student's first layer a zero gradient; compiled this way,
-        losses equal eager ones."""
-        for m in (self.student.backbone, self.student.decode_head, self.ema, self.imnet, self.ssr, sam):
+        """compile_network for each network (student, teachers, SSR branch, and the SAM encoder if given),
+        keeping parameter names; the step around them stays eager Python (EMA update, ClassMix draws). Compiling
+        the whole step instead recompiled when the iteration changed, took twice as long to compile, and (torch
+        2.13, CPU, inductor) gave the student's first layer a zero gradient; compiled this way, losses equal eager
+        ones."""
+        for m in (self.student, self.ema, self.imnet, self.ssr, sam):
             if m is not None:
-                m.compile(**compile_kwargs)
+                compile_network(m, **compile_kwargs)
         self.compile_kwargs = compile_kwargs
         for r in self.reduced.values():
-            r.net.compile(**compile_kwargs)
+            compile_network(r.net, **compile_kwargs)
 
     def frozen_networks(self, device_type: str) -> tuple[nn.Module, nn.Module, torch.dtype]:
         """(EMA teacher, ImageNet encoder, their input dtype) for this step: under autocast, their ReducedCopy in

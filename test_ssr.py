@@ -393,7 +393,10 @@ def test_ssr_compiled_networks_train_like_eager():
             opt.zero_grad()
         return uda, history
 
+    torch._dynamo.utils.counters.clear()
     (eager, expected), (compiled, got) = run(False), run(True)
+    frames = torch._dynamo.utils.counters["frames"]  # a function past dynamo's recompile limit would run eager
+    assert frames["total"] == frames["ok"] > 0, dict(frames)
     assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints keep the official names
     assert expected[1].abs().sum() > 0  # the first layer learns
     for e, g in zip(expected, got):
@@ -401,7 +404,11 @@ def test_ssr_compiled_networks_train_like_eager():
         # of a largest entry of 2.4e-2 measured here); the tolerance scales with the gradient: a zero or a wrong
         # gradient still fails it
         torch.testing.assert_close(g, e, rtol=1e-4, atol=max(1e-5, 1e-2 * e.abs().max().item()))
-    assert compiled.student.backbone._compiled_call_impl is not None and eager.ema._compiled_call_impl is None
+    for net in (compiled.student, compiled.ema, compiled.reduced["ema"].net if compiled.reduced else compiled.imnet):
+        blocks = [m for m in net.modules() if isinstance(m, mit.Block)]  # compiled block by block
+        assert blocks and all(b._compiled_call_impl is not None for b in blocks)
+    assert compiled.student.decode_head._compiled_call_impl is not None and compiled.ssr._compiled_call_impl
+    assert not any(m._compiled_call_impl for m in eager.modules())
 
 
 def test_ssr_branch_trains_but_is_not_part_of_the_deployed_model():
@@ -900,7 +907,7 @@ def test_cityscapes_val_prefers_train_ids_ignores_neighbours_and_keeps_full_reso
     want = np.vectorize(lambda i: _DATA_ID_TO_TRAIN.get(int(i), 255))(_data_scene_ids(32, 64))
     assert np.array_equal(first["lbl"][0].numpy(), want)
     assert (second["lbl"] == 5).all() and second["path"][0].endswith("bremen_000001_000019_leftImg8bit.png")
-    assert first["lbl"].dtype == torch.int64 and first["img"].dtype == torch.float32
+    assert first["lbl"].dtype == torch.uint8 and first["img"].dtype == torch.float32
 
 
 def test_gta_label_of_another_size_is_aligned_or_rejected(tmp_path):

@@ -325,7 +325,7 @@ try:
         workers=args.workers, rank=rank, world_size=world, src_scale=src_scale, tgt_scale=tgt_scale,
         rcs_min_pixels=rcs_min_pixels, pin_memory=device.type == "cuda")
     val_loader = data.make_val_loader(data_root, args.tgt, "val", scale=tgt_scale, batch_size=1,
-                                      workers=args.workers) if master else None
+                                      workers=args.workers, pin_memory=device.type == "cuda") if master else None
 
     # -------------------------------------------------------------------------
     # models: the student segmentor, the UDA wrapper (EMA teacher, ImageNet copy, SSR branch), the SAM teacher
