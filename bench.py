@@ -480,7 +480,8 @@ def bench_ops(s: Setup) -> tuple:
     with opt:
         optimizer_step()
     t = measure(s, {"ssr": iterations(forward_backward, optimizer_step, start=2)})["ssr"]
-    return (f"5 ops/step ssr{' mic' if s.mic else ''} MiT-{s.model_name} crop {crop} b{batch} SAM {sam_size}", f"ours {s.dtype}", "-", t, None,
+    name = f"5 ops/step ssr{' mic' if s.mic else ''} MiT-{s.model_name} crop {crop} b{batch} SAM {sam_size}"
+    return (name, f"ours {s.dtype}", "-", t, None,
             f"{fwd_bwd.total():,} ops fwd+bwd ({fwd_bwd.top()}), optimizer {opt.total():,}")
 
 
@@ -630,7 +631,8 @@ def run_loop(train_root: str, out: str, flags: list[str], iters: int, warm: int,
     b = rows[-1]
     steady = (b["iter"] - a["iter"]) / (b["elapsed_s"] - a["elapsed_s"])
     mem = [r["mem_gib"] for r in rows if "mem_gib" in r]  # cuda only
-    return (f"{steady:.2f} it/s steady (iterations {a['iter']}-{b['iter']}){f', peak {max(mem):.1f} GiB' if mem else ''}"
+    peak = f", peak {max(mem):.1f} GiB" if mem else ""
+    return (f"{steady:.2f} it/s steady (iterations {a['iter']}-{b['iter']}){peak}"
             f", first {a['iter']} iterations {a['elapsed_s']:.0f} s, process {wall:.0f} s")
 
 
@@ -678,7 +680,7 @@ def suite_steps(s: Setup, budget: float, baseline: str | None, tmp: str) -> None
     card, tiny = device_name(s), s.tiny
     dev = ["--device", str(s.device)] + (["--tiny"] if tiny else [])
     reps = ["--repeats", str(s.repeats), "--warmup", str(s.warmup)]
-    n_eval, iters, warm = (4, 6, 2) if tiny else (500, 150, 50)
+    n_eval, iters, warm = (4, 4, 2) if tiny else (500, 150, 50)
     results = {}
 
     def report(what: str, limit: float, fn) -> None:
@@ -739,7 +741,8 @@ def compiled_train_iter(s: Setup) -> tuple:
         sync(s)
         first.append(time.perf_counter() - t0)
     t = measure(s, {"ssr": iterations(forward_backward, optimizer_step, start=2)})["ssr"]
-    return (f"6 train iter ssr{' mic' if s.mic else ''} MiT-{s.model_name} crop {crop} b{batch} SAM {sam_size} compiled {s.compile}",
+    return (f"6 train iter ssr{' mic' if s.mic else ''} MiT-{s.model_name} crop {crop} b{batch} SAM {sam_size} "
+            f"compiled {s.compile}",
             f"ours {s.dtype}", "-", t, None, f"first iterations (compile) {first[0]:.1f} s, {first[1]:.1f} s")
 
 

@@ -74,7 +74,8 @@ p.add_argument("--warmup", type=int, default=1500, help="linear warm-up iteratio
 p.add_argument("--amp", choices=["bf16", "fp16", "fp32"], help="mixed precision; unset: bf16 where supported, else fp32")
 p.add_argument("--seed", type=int, default=0, help="seed for weights, sampling and augmentation")
 p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes per GPU")
-p.add_argument("--compile", action="store_true", help="torch.compile the networks (the first iterations are slow)")
+p.add_argument("--compile", action="store_true",
+               help="torch.compile the networks, block by block (the first iterations compile)")
 p.add_argument("--grad-checkpoint", action="store_true", help="recompute MiT blocks in backward to save memory")
 p.add_argument("--out", help="run folder; unset: runs/<name>_seed<seed>")
 p.add_argument("--log-every", type=int, default=50, help="print a progress line every N iterations (0 = at the end)")
