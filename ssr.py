@@ -483,11 +483,18 @@ class UDA(nn.Module):
                 S = self.sam_img_size
                 x = F.interpolate(torch.cat([src_img, mix_img]), size=(S, S), mode="bilinear", align_corners=False)
                 tokens = sam(x.to(next(sam.parameters()).dtype)).to(src_img.dtype)  # (2B, 256, S/16, S/16)
+            if self.mic:
+                # MIC 'separatetrgaug': the strongly augmented target with 70% of its 32 px blocks blanked (0 is the
+                # mean color after normalization), which must still give the teacher's pseudo-labels
+                masked = strong_transform(tgt_img)
+                masked = masked * mic_mask(masked)
 
-        # One encoder pass over source and mixed images: MiT has no BatchNorm, so this equals two passes. The head
-        # runs per domain, so its BatchNorms see each domain's statistics, as in DAFormer's separate passes.
-        feats = self.student.backbone(torch.cat([src_img, mix_img]))
-        src_feats, mix_feats = zip(*(f.chunk(2) for f in feats))
+        # One encoder pass over the source, mixed (and MIC's masked) images: MiT has no BatchNorm, so this equals
+        # separate passes, with a third of the kernel launches for MIC. The head runs per domain, so its
+        # BatchNorms see each domain's statistics, as in DAFormer's and MIC's separate passes.
+        images = [src_img, mix_img] + ([masked] if self.mic else [])
+        feats = self.student.backbone(torch.cat(images))
+        src_feats, mix_feats, *masked_feats = zip(*(f.chunk(len(images)) for f in feats))
 
         # DAFormer: the source loss, the mixed images' loss under the pseudo-labels, and the feature distance on the
         # plain source features of the last stage
@@ -501,18 +508,14 @@ class UDA(nn.Module):
         # reaches the backbone through the residual of every regularized stage
         src_enh_logits = None
         if self.ssr is not None:
-            src_enh, mix_enh = zip(*(f.chunk(2) for f in self.ssr(feats, tokens)))
+            B = src_img.shape[0]
+            src_enh, mix_enh = zip(*(f.chunk(2) for f in self.ssr([f[:2 * B] for f in feats], tokens)))
             src_enh_logits = head(src_enh)
             losses["src_ssr"] = seg_loss(src_enh_logits, src_lbl)
             losses["mix_ssr"] = seg_loss(head(mix_enh), mix_lbl, mix_weight)
 
-        if self.mic:
-            # MIC 'separatetrgaug': the strongly augmented target with 70% of its 32 px blocks blanked (0 is the
-            # mean color after normalization) must still give the teacher's pseudo-labels
-            with torch.no_grad():
-                masked = strong_transform(tgt_img)
-                masked = masked * mic_mask(masked)
-            losses["mic"] = seg_loss(self.student(masked), plabel, pweight)
+        if self.mic:  # MIC: the masked target's prediction must match the teacher's pseudo-labels
+            losses["mic"] = seg_loss(head(masked_feats[0]), plabel, pweight)
         if self.keep_pictures:  # for train.py's debug panels: detached, and nothing is drawn at random
             self.pictures = {k: v.detach() for k, v in dict(
                 src_img=src_img, src_lbl=src_lbl, src_logits=src_logits, ssr_logits=src_enh_logits, tgt_img=tgt_img,

@@ -438,6 +438,18 @@ def test_ssr_branch_trains_but_is_not_part_of_the_deployed_model():
         ssr.UDA(ssr.build_segmentor(_TINY), method="source-only", mic=True)
 
 
+def test_ssr_one_encoder_pass_over_the_domains_equals_separate_passes():
+    # UDA runs the student's MiT once over source, mixed and MIC's masked images: MiT has no BatchNorm, so the
+    # features (and so the gradients) of each group are those of its own pass
+    torch.manual_seed(0)
+    backbone = ssr.build_segmentor(_TINY).backbone.eval()  # eval: no drop path, whose draws are per image
+    groups = [torch.randn(2, 3, 64, 64) for _ in range(3)]
+    together = backbone(torch.cat(groups))
+    for i, x in enumerate(groups):
+        for f_all, f_one in zip(together, backbone(x)):
+            torch.testing.assert_close(f_all.chunk(3)[i], f_one, rtol=1e-5, atol=1e-5)
+
+
 def test_ssr_mic_learns_the_teachers_confident_labels_on_masked_targets():
     torch.manual_seed(0)
     src, lbl, tgt = _ssr_batch()
