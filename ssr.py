@@ -345,8 +345,9 @@ def compile_network(net: nn.Module, **compile_kwargs) -> None:
     forward + backward took 449 s on the 2-core CPU compiled whole and 96 s block by block (inductor, bf16, 64x64
     input, empty compile cache; the same speed after). Static shapes: the sizes differ from stage to stage, and
     dynamo would make them symbolic at the second stage, which inductor (torch 2.13) then failed to compile."""
-    # One graph per stage and use of Block.forward: 4 stages x (student at batch 2B, student on MIC's batch B,
-    # the teachers' bf16 copies) = 12, past dynamo's default of 8 per function, after which it runs eager.
+    # One graph per stage and use of Block.forward: 4 stages x (the student training, the teachers' bf16 copies,
+    # the student evaluating at the validation size) = 12, past dynamo's default of 8 per function, after which
+    # it runs eager.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     regions = [m for m in net.modules() if isinstance(m, (mit.Block, sam_encoder.Block, DAFormerHead))]
     for m in regions or [net]:  # a network of none of them (the SSR branch) compiles whole

@@ -395,6 +395,8 @@ def test_ssr_compiled_networks_train_like_eager():
 
     torch._dynamo.utils.counters.clear()
     (eager, expected), (compiled, got) = run(False), run(True)
+    with torch.no_grad():  # train.py's evaluation: the student at another size, more graphs of the same blocks
+        assert compiled.student.eval()(torch.randn(1, 3, 64, 128)).shape == (1, _TINY.num_classes, 16, 32)
     frames = torch._dynamo.utils.counters["frames"]  # a function past dynamo's recompile limit would run eager
     assert frames["total"] == frames["ok"] > 0, dict(frames)
     assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints keep the official names
@@ -2179,7 +2181,7 @@ def test_bench_gpu_suite_runs_its_cpu_parts_with_tiny(tmp_path):
     assert not any("FAILED" in line or "not run" in line or "TIMEOUT" in line for line in lines), run.stdout
     figures = {line.split("]")[1].split("(at")[0].strip(" :"): line for line in lines}
     assert re.search(r"\d+\.\d\d it/s steady", run.stdout.split("--method ssr --mic")[1].splitlines()[1])
-    assert re.search(r"4 images in \d+\.\d s", run.stdout), run.stdout
+    assert re.search(r"4 images: evaluation \d+\.\d s \([\d.]+ images/s\), the command \d+\.\d s", run.stdout)
     assert "train.py --method dacs" in figures and "the compiled levers run on cuda only" in figures, run.stdout
     assert "3 train iter MiT-tiny crop 64 b2 SAM 64 mic" in run.stdout and "5 ops/step" in run.stdout, run.stdout
     assert re.search(r"profile: [\d.]+ ms per iteration, cpu ops busy [\d.]+ ms", run.stdout), run.stdout
