@@ -31,8 +31,8 @@ time limit, printed as soon as it is taken, in this order: train.py --method ssr
 workers and all) on synthetic PNG files of GTA5's and Cityscapes' sizes, from random weights, the steady rate read
 from log.jsonl; eval.py over 500 Cityscapes-sized val files (2048x1024) from the command's start to its end; items
 3 (with --mic and --profile) and 5 in eager bf16, and item 3 of --baseline DIR (an older checkout) in the same
-call; train.py --method dacs; train.py --compile; item 6 in each torch.compile mode; item 3 in fp32. It starts no
-new measurement after --budget seconds.
+call; train.py --method dacs; eval.py --amp bf16; train.py --compile; item 6 in each torch.compile mode; item 3
+in fp32. It starts no new measurement after --budget seconds.
 
 Time: the median of --repeats calls after --warmup calls; items 1 and 2 interleave ours and the reference call by
 call, so that load from other processes hits both alike. Memory, from one more call per model:
@@ -683,7 +683,7 @@ def suite_steps(s: Setup, budget: float, baseline: str | None, tmp: str) -> None
     card, tiny = device_name(s), s.tiny
     dev = ["--device", str(s.device)] + (["--tiny"] if tiny else [])
     reps = ["--repeats", str(s.repeats), "--warmup", str(s.warmup)]
-    n_eval, iters, warm = (4, 4, 2) if tiny else (500, 150, 50)
+    n_eval, iters, warm = (4, 4, 2) if tiny else (500, 110, 30)
     results = {}
 
     def report(what: str, limit: float, fn) -> None:
@@ -718,7 +718,10 @@ def suite_steps(s: Setup, budget: float, baseline: str | None, tmp: str) -> None
             dev + reps + ["--items", "3", "--dtype", "bf16"], t, cwd=baseline))
     report("train.py --method dacs", 120, lambda t: run_loop(
         train_root, os.path.join(tmp, "dacs"), flags + ["--method", "dacs"], iters, warm, t))
-    if s.cuda:  # compilation (the first iterations) is read apart from the steady rate after it
+    if s.cuda:
+        report(f"eval.py --amp bf16, {n_eval} Cityscapes-sized files", 90, lambda t: run_eval_files(
+            eval_root, os.path.join(tmp, "ssr", "model.safetensors"), ["--device", "cuda", "--amp", "bf16"], t))
+        # compilation (the first iterations) is read apart from the steady rate after it
         report("train.py --method ssr --mic --compile", 400, lambda t: run_loop(
             train_root, os.path.join(tmp, "ssr_compiled"), ssr_mic + ["--compile"], iters + 100, warm + 100, t))
     if not s.cuda:
