@@ -281,11 +281,21 @@ def read_pair(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
     img, lbl = read_image(sample.img), read_label(sample)
     (h, w), (lh, lw) = img.shape[:2], lbl.shape
     if (lh, lw) != (h, w):
-        if abs(lw * h / (lh * w) - 1) > SIZE_TOLERANCE:
-            raise DatasetError(f"label {sample.lbl} is {lw}x{lh} but its image {sample.img} is {w}x{h}: the aspect "
-                               f"ratios differ, so they cannot be aligned. Replace or remove this pair.")
+        check_label_fits(sample, (w, h), (lw, lh), exact=False)
         lbl = resize_label(lbl, (w, h))
     return img, lbl
+
+
+def check_label_fits(sample: Sample, size: tuple[int, int], label_size: tuple[int, int], exact: bool) -> None:
+    """The label of `sample`, label_size (w, h), against its image's size (w, h). exact (evaluation, ValSamples):
+    the same size; else (training, read_pair) the same aspect ratio within SIZE_TOLERANCE."""
+    (w, h), (lw, lh) = size, label_size
+    if exact and (lw, lh) != (w, h):
+        raise DatasetError(f"label {sample.lbl} is {lw}x{lh} but its image {sample.img} is {w}x{h}; evaluation needs "
+                           f"the label at the image's resolution. Replace the label with the one from the archive.")
+    if not exact and abs(lw * h / (lh * w) - 1) > SIZE_TOLERANCE:
+        raise DatasetError(f"label {sample.lbl} is {lw}x{lh} but its image {sample.img} is {w}x{h}: the aspect "
+                           f"ratios differ, so they cannot be aligned. Replace or remove this pair.")
 
 
 def _png_size(path: str, what: str) -> tuple[int, int]:
@@ -295,9 +305,10 @@ def _png_size(path: str, what: str) -> tuple[int, int]:
         with open(path, "rb") as f:
             head = f.read(24)
     except OSError as e:
-        raise DatasetError(f"cannot read {what} {path} ({e.strerror}). Re-extract it from the dataset archive.") from None
+        raise DatasetError(f"cannot read {what} {path} ({e.strerror}). Re-extract it from the dataset "
+                           f"archive.") from None
     w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR" or not w or not h:
+    if len(head) < 24 or head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR" or not w or not h:
         raise DatasetError(f"{what} {path} is not a PNG (or is truncated before its header); re-extract it from "
                            f"the dataset archive.")
     return w, h
@@ -305,19 +316,12 @@ def _png_size(path: str, what: str) -> tuple[int, int]:
 
 def check_samples(samples: list[Sample], what: str) -> None:
     """Check, from the PNG headers alone, what reading would find only later: every file exists and is a PNG, and
-    every label fits its image as the loaders require. what='train': within SIZE_TOLERANCE of its aspect ratio
-    (read_pair); what='val': the image's exact size (ValSamples)."""
+    every label fits its image as the loaders require (check_label_fits: what='val' exactly, 'train' in aspect)."""
     for s in samples:
         w, h = _png_size(s.img, "image")
         if s.lbl is None:
             continue
-        lw, lh = _png_size(s.lbl, "label")
-        if what == "val" and (lw, lh) != (w, h):
-            raise DatasetError(f"label {s.lbl} is {lw}x{lh} but its image {s.img} is {w}x{h}; evaluation needs the "
-                               f"label at the image's resolution. Replace the label with the one from the archive.")
-        if what == "train" and abs(lw * h / (lh * w) - 1) > SIZE_TOLERANCE:
-            raise DatasetError(f"label {s.lbl} is {lw}x{lh} but its image {s.img} is {w}x{h}: the aspect ratios "
-                               f"differ, so they cannot be aligned. Replace or remove this pair.")
+        check_label_fits(s, (w, h), _png_size(s.lbl, "label"), exact=what == "val")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -522,10 +526,7 @@ class ValSamples(Dataset):
         s = self.samples[i]
         try:
             img, lbl = read_image(s.img), read_label(s)
-            if lbl.shape != img.shape[:2]:
-                raise DatasetError(f"label {s.lbl} is {lbl.shape[1]}x{lbl.shape[0]} but its image {s.img} is "
-                                   f"{img.shape[1]}x{img.shape[0]}; evaluation needs the label at the image's "
-                                   f"resolution. Replace the label with the one from the archive.")
+            check_label_fits(s, img.shape[1::-1], lbl.shape[::-1], exact=True)
             img = resize_image(img, rescale_size(img.shape[1], img.shape[0], self.scale))
             # uint8 (train ids and 255): a 2048x1024 label is 2 MB to pass from a worker and copy to the GPU,
             # not 16 MB as int64; the evaluator widens it on the device
