@@ -292,6 +292,12 @@ def _umask() -> int:
         return mask
 
 
+def check_output_folder(path: str) -> None:
+    """Before a slow conversion: the folder that is to hold `path` exists (save_atomic writes beside it)."""
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise WeightsError(f"the folder of the output {path} does not exist; create it first.")
+
+
 def save_atomic(path: str, write: Callable[[str], None]) -> None:
     """Write a file so that a reader, or a program killed at any moment, sees the old file or the new one, never
     half of one: write(tmp) fills a temporary file beside `path`, which is flushed to disk, given the mode a new
@@ -443,8 +449,7 @@ def read_torch_checkpoint(path: str, expected: str = "an NVlabs mit_b*.pth or a 
 def convert_checkpoint(src: str, dst: str) -> None:
     """Convert a .pth/.bin MiT checkpoint (NVlabs or HF layout) to an NVlabs-layout safetensors file, checked
     against the MiT it describes and written atomically."""
-    if not os.path.isdir(os.path.dirname(os.path.abspath(dst))):
-        raise WeightsError(f"the folder of the output {dst} does not exist; create it first.")
+    check_output_folder(dst)
     sd, layout = to_nvlabs(read_torch_checkpoint(src))
     embed_dims, depths = arch_of(sd)
     if len(embed_dims) != len(MiTConfig.embed_dims):

@@ -34,7 +34,7 @@ from torch import Tensor
 
 # Shared with mit.py: the error for unusable weights files, atomic writes, reading .safetensors and .pth files and
 # the strict key check. What differs between the two models (key layouts, sizes, messages) stays in each file.
-from mit import WeightsError, check_keys, read_safetensors, read_torch_checkpoint, save_atomic
+from mit import WeightsError, check_keys, check_output_folder, read_safetensors, read_torch_checkpoint, save_atomic
 
 # Where the weights come from (README, "Weights"); every missing-weights message names it.
 DOWNLOAD = ("the official https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth (ViT-L: "
@@ -347,6 +347,7 @@ def convert_checkpoint(src: str, dst: str) -> None:
     """Convert a .pth SAM checkpoint (official or HF layout) to a safetensors file that holds only the image
     encoder, under our names (the official ones without "image_encoder."), written atomically. The prompt encoder
     and mask decoder are dropped; load_weights checks the rest strictly against the model it loads into."""
+    check_output_folder(dst)
     sd, layout = to_official(read_torch_checkpoint(src, "an official sam_vit_b/l/h_*.pth", ("model", "state_dict"),
                                                          DOWNLOAD))
     embed_dim, depth = arch_of(sd)

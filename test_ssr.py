@@ -795,6 +795,8 @@ def test_sam_convert_cli(tmp_path):
     with pytest.raises(ValueError, match="not_sam.pth.*holds no SAM image encoder"):
         sam_encoder.convert_checkpoint(str(tmp_path / "not_sam.pth"), str(tmp_path / "bad.safetensors"))
     assert not (tmp_path / "bad.safetensors").exists()
+    with pytest.raises(mit.WeightsError, match="the folder of the output .*no_such_dir.* does not exist"):
+        sam_encoder.convert_checkpoint(str(tmp_path / "not_sam.pth"), str(tmp_path / "no_such_dir" / "o.safetensors"))
 
 
 def test_sam_missing_weights_say_where_to_download(tmp_path):
