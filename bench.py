@@ -614,18 +614,23 @@ def loop_flags(tiny: bool) -> list[str]:
     return flags + (["--demo"] if tiny else [])
 
 
+def run_script(script: str, args: list[str], timeout: float, cwd: str = ".", env: dict | None = None
+               ) -> tuple[str, float]:
+    """python `script` with `args` in a child process: (its output, the seconds it ran). A failure raises with the
+    end of its error output."""
+    t0 = time.perf_counter()
+    run = subprocess.run([sys.executable, script] + args, cwd=cwd, env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    if run.returncode:
+        raise RuntimeError(f"{script} failed: {(run.stderr or run.stdout).strip()[-600:]}")
+    return run.stdout, time.perf_counter() - t0
+
+
 def run_loop(train_root: str, out: str, flags: list[str], iters: int, warm: int, timeout: float) -> str:
     """train.py with `flags` for `iters` iterations; the steady rate is read from log.jsonl between iteration
     `warm` and the last (start-up, cuDNN's autotuning and compilation excluded)."""
-    log_every = max(1, warm // 2)
-    argv = [sys.executable, "train.py", "--data-root", train_root, "--out", out, "--iters", str(iters),
-            "--log-every", str(log_every)] + flags
-    env = {**os.environ, "SSR_CACHE": os.path.join(out + "_cache"), "PYTHONUNBUFFERED": "1"}
-    t0 = time.perf_counter()
-    run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
-    wall = time.perf_counter() - t0
-    if run.returncode:
-        raise RuntimeError(f"train.py failed: {(run.stderr or run.stdout).strip()[-600:]}")
+    args = ["--data-root", train_root, "--out", out, "--iters", str(iters), "--log-every", str(max(1, warm // 2))]
+    _, wall = run_script("train.py", args + flags, timeout, env={**os.environ, "SSR_CACHE": out + "_cache"})
     with open(os.path.join(out, "log.jsonl")) as f:
         rows = [r for r in map(json.loads, f) if "it_s" in r]
     a = next(r for r in rows if r["iter"] >= warm)
@@ -640,13 +645,8 @@ def run_loop(train_root: str, out: str, flags: list[str], iters: int, warm: int,
 def run_eval_files(eval_root: str, ckpt: str, flags: list[str], timeout: float) -> str:
     """eval.py over the eval root's files: the evaluation's own rate (loading included, as eval.py prints it) and
     the command's time from start to end (start-up and model loading too)."""
-    argv = [sys.executable, "eval.py", "--ckpt", ckpt, "--data-root", eval_root] + flags
-    t0 = time.perf_counter()
-    run = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    wall = time.perf_counter() - t0
-    if run.returncode:
-        raise RuntimeError(f"eval.py failed: {(run.stderr or run.stdout).strip()[-600:]}")
-    n, rate = re.search(r"(\d+) images, ([\d.]+) images/s", run.stdout).groups()
+    out, wall = run_script("eval.py", ["--ckpt", ckpt, "--data-root", eval_root] + flags, timeout)
+    n, rate = re.search(r"(\d+) images, ([\d.]+) images/s", out).groups()
     return (f"{n} images: evaluation {int(n) / float(rate):.1f} s ({rate} images/s), the command {wall:.1f} s "
             f"with start-up and model loading")
 
@@ -654,11 +654,7 @@ def run_eval_files(eval_root: str, ckpt: str, flags: list[str], timeout: float) 
 def run_bench(argv: list[str], timeout: float, cwd: str = ".", profile: bool = False) -> str:
     """bench.py (this one, or a baseline checkout's) in a child process: its table's rows (and, with profile, the
     profiler's table printed before them)."""
-    run = subprocess.run([sys.executable, "bench.py"] + argv, cwd=cwd, capture_output=True, text=True,
-                         timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if run.returncode:
-        raise RuntimeError((run.stderr or run.stdout).strip()[-600:])
-    lines = run.stdout.splitlines()
+    lines = run_script("bench.py", argv, timeout, cwd=cwd)[0].splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("item"))
     rows = [lines[header]] + [line for line in lines[header + 1:] if line[:1].isdigit()]
     if profile:
