@@ -24,6 +24,7 @@ import tempfile
 import time
 import types
 from contextlib import nullcontext
+from typing import Callable
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: no spinning threads on a shared
 # machine (train.py says why, README "Performance" measures it); the user's own setting wins
@@ -86,9 +87,10 @@ def window_boxes(h: int, w: int, crop: int, stride: int) -> list[tuple[int, int,
     return boxes
 
 
-def network_logits(model: ssr.Segmentor, img: Tensor, mode: str, crop: int, stride: int) -> Tensor:
+def network_logits(model: Callable[[Tensor], Tensor], img: Tensor, mode: str, crop: int, stride: int) -> Tensor:
     """(B, 3, h, w) -> float32 logits (B, K, h, w) at the input's size, as mmseg's whole/slide_inference before
-    the rescale: the head's 1/4-resolution logits are resized bilinearly to the input (window)."""
+    the rescale: the head's 1/4-resolution logits are resized bilinearly to the input (window). model: the
+    Segmentor, or ssr.cast_once of it."""
     if mode == "whole":
         return F.interpolate(model(img).float(), size=img.shape[2:], mode="bilinear", align_corners=False)
     b, (h, w) = img.shape[0], img.shape[2:]
@@ -276,11 +278,12 @@ def evaluate(model: ssr.Segmentor, loader, *, device, amp_dtype: torch.dtype | N
     model.eval()  # dropout off, BatchNorm uses its running statistics
     n, total, t0 = 0, len(loader.dataset), time.time()
     with torch.inference_mode():
+        net = ssr.cast_once(model, amp_dtype) if amp_dtype else model
         for batch in loader:
             img = batch["img"].to(device, non_blocking=True)
             label = batch["lbl"].to(device, non_blocking=True).long()
             with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                logits = network_logits(model, img, mode, crop, stride)
+                logits = network_logits(net, img, mode, crop, stride)
             # The second resize (network scale -> label scale) is mmseg's `rescale`; argmax only after it, so that
             # the prediction is made at every labelled pixel.
             logits = F.interpolate(logits, size=label.shape[1:], mode="bilinear", align_corners=False)
@@ -378,6 +381,7 @@ def predict_images(model: ssr.Segmentor, folder: str, save_dir: str, *, device, 
     device, written, skipped = torch.device(device), 0, []
     model.eval()
     with torch.inference_mode():
+        net = ssr.cast_once(model, amp_dtype) if amp_dtype else model
         for k, (item, name) in enumerate(zip(loader, names)):
             if "error" in item:
                 skipped.append(f"{item['path']} ({item['error']})")
@@ -385,7 +389,7 @@ def predict_images(model: ssr.Segmentor, folder: str, save_dir: str, *, device, 
             else:
                 img = item["img"][None].to(device)
                 with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                    logits = network_logits(model, img, mode, crop, stride)
+                    logits = network_logits(net, img, mode, crop, stride)
                 w, h = item["size"]
                 pred = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).argmax(1)[0]
                 pred = pred.cpu().numpy()

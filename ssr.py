@@ -20,6 +20,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -382,6 +383,55 @@ class ReducedCopy:
         torch._foreach_copy_(self.dst, self.src)
 
 
+class CastWeights(torch.autograd.Function):
+    """The weights of the student's linear and conv layers in the autocast dtype, copied by one foreach op, with a
+    backward that brings their gradients back to fp32 in one. Autocast makes the same copies one kernel at a time:
+    one per weight on its first use in a step and one per gradient on the way back (1,415 of the 7,328 ops of an
+    ssr step in bench.py's item 5). The numbers are the same as autocast's: each weight is rounded once per step,
+    and its gradients are summed in the low dtype before they are cast back, as with autocast's cached copy."""
+
+    @staticmethod
+    def forward(ctx, dtype: torch.dtype, *weights: Tensor) -> tuple[Tensor, ...]:
+        ctx.set_materialize_grads(False)  # a weight that got no gradient this step gets None, not a tensor of zeros
+        ctx.dtype = weights[0].dtype
+        return tuple(copies(weights, dtype))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        fp32 = iter(copies([g for g in grads if g is not None], ctx.dtype))
+        return None, *(None if g is None else next(fp32) for g in grads)
+
+
+def copies(tensors: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """Contiguous copies of tensors in dtype: views of one new buffer, filled by one foreach op."""
+    if not tensors:
+        return []
+    flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=tensors[0].device)
+    out = [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+    torch._foreach_copy_(out, list(tensors))
+    return out
+
+
+def call_with(net: nn.Module, weights: dict[str, Tensor], *args):
+    """net(*args) with `weights` in place of the parameters of those names."""
+    return torch.func.functional_call(net, weights, args)
+
+
+def cast_once(net: nn.Module, dtype: torch.dtype):
+    """net's forward for inference under autocast, with its linear and conv weights cast to dtype once, here:
+    autocast would cast each of them again for every image (~730 kernels per MiT-B5 forward). The numbers are the
+    same. Call it under torch.no_grad() or inference_mode()."""
+    named = matmul_weights(net)
+    return partial(call_with, net, dict(zip(named, copies(list(named.values()), dtype))))
+
+
+def matmul_weights(net: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters of net's linear and conv layers by name: those autocast runs in the low dtype (LayerNorm and
+    BatchNorm stay in fp32)."""
+    return {name: p for prefix, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+            for name, p in m.named_parameters(prefix, recurse=False)}
+
+
 class UDA(nn.Module):
     """The student and what trains it: the EMA teacher (`ema`), the frozen ImageNet encoder (`imnet`, for FD) and
     the SSR branch (`ssr`), each present only where the method needs it. The SAM encoder is passed to forward, so
@@ -442,6 +492,17 @@ class UDA(nn.Module):
                 self.reduced[name].refresh()
         return self.reduced["ema"].net, self.reduced["imnet"].net, dtype
 
+    def trained_networks(self, device_type: str) -> tuple:
+        """(backbone, head, SSR branch) of this step, as functions: under autocast, the modules run with CastWeights'
+        copies of their linear and conv weights (functional_call swaps them in for the call); else the modules."""
+        nets = (self.student.backbone, self.student.decode_head, self.ssr)
+        if not torch.is_autocast_enabled(device_type):
+            return nets
+        weights = [matmul_weights(net) if net is not None else {} for net in nets]
+        low = iter(CastWeights.apply(torch.get_autocast_dtype(device_type), *(p for w in weights for p in w.values())))
+        return tuple(None if net is None else partial(call_with, net, {name: next(low) for name in w})
+                     for net, w in zip(nets, weights))
+
     def train(self, mode: bool = True) -> "UDA":
         """The student trains normally. The teacher runs without dropout and drop path, but its BatchNorms (in the
         head) stay in training mode, as in DAFormer, which never puts the EMA model in eval mode: they normalize
@@ -461,9 +522,9 @@ class UDA(nn.Module):
         """Normalized source (B, 3, H, W) with labels (B, H, W) and target images (B, 3, H, W), the iteration (for
         the EMA) and, for 'ssr', the frozen SAM encoder -> the weighted loss terms by name: src, src_ssr, mix,
         mix_ssr, fd, mic (those the method has). Their sum is the loss to back-propagate."""
-        head = self.student.decode_head
+        backbone, head, ssr = self.trained_networks(src_img.device.type)
         if self.method == "source-only":
-            return {"src": seg_loss(self.student(src_img), src_lbl)}
+            return {"src": seg_loss(head(backbone(src_img)), src_lbl)}
         if self.method == "ssr" and sam is None:
             raise ValueError("method 'ssr' needs the frozen SAM encoder: pass sam=sam_encoder.frozen_teacher(...).")
 
@@ -494,7 +555,7 @@ class UDA(nn.Module):
         # separate passes, with a third of the kernel launches for MIC. The head runs per domain, so its
         # BatchNorms see each domain's statistics, as in DAFormer's and MIC's separate passes.
         images = [src_img, mix_img] + ([masked] if self.mic else [])
-        feats = self.student.backbone(torch.cat(images))
+        feats = backbone(torch.cat(images))
         src_feats, mix_feats, *masked_feats = zip(*(f.chunk(len(images)) for f in feats))
 
         # DAFormer: the source loss, the mixed images' loss under the pseudo-labels, and the feature distance on the
@@ -510,7 +571,7 @@ class UDA(nn.Module):
         src_enh_logits = None
         if self.ssr is not None:
             B = src_img.shape[0]
-            src_enh, mix_enh = zip(*(f.chunk(2) for f in self.ssr([f[:2 * B] for f in feats], tokens)))
+            src_enh, mix_enh = zip(*(f.chunk(2) for f in ssr([f[:2 * B] for f in feats], tokens)))
             src_enh_logits = head(src_enh)
             losses["src_ssr"] = seg_loss(src_enh_logits, src_lbl)
             losses["mix_ssr"] = seg_loss(head(mix_enh), mix_lbl, mix_weight)

@@ -337,6 +337,53 @@ def test_ssr_bf16_copies_of_the_frozen_networks_give_autocasts_losses():
     assert "reduced" not in str(list(uda.state_dict()))  # not part of the checkpoint
 
 
+def test_ssr_cast_once_for_inference_equals_autocast():
+    """eval.py under --amp: the weights are cast once for the whole evaluation, with autocast's numbers."""
+    torch.manual_seed(0)
+    model = ssr.build_segmentor(_TINY).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        net = ssr.cast_once(model, torch.bfloat16)
+        with bench.OpCounter() as ops:
+            got = net(x)
+        assert torch.equal(got, model(x))
+    assert ops.ops["_to_copy"] <= 2  # the input, not the weights
+
+
+@pytest.mark.parametrize("grad_checkpoint", [False, True])
+def test_ssr_one_cast_of_the_student_weights_equals_autocasts(grad_checkpoint):
+    """Under autocast the student's and the SSR branch's linear and conv weights are cast by one op and their
+    gradients cast back by one (UDA.trained_networks): the losses and gradients are bit for bit those of autocast's
+    own casts, MIC and recomputed blocks included, and the gradients land in fp32 on the parameters."""
+    torch.manual_seed(0)
+    uda = ssr.UDA(ssr.build_segmentor(_TINY), method="ssr", mic=True, sam_img_size=64, ignore_rows=(2, 8))
+    ref = ssr.UDA(ssr.build_segmentor(_TINY), method="ssr", mic=True, sam_img_size=64, ignore_rows=(2, 8))
+    ref.load_state_dict(uda.state_dict())
+    ref.trained_networks = lambda device_type: (ref.student.backbone, ref.student.decode_head, ref.ssr)
+    sam = _ssr_tiny_sam().to(torch.bfloat16)
+    src, lbl, tgt = _ssr_batch()
+    results = []
+    for model in (uda, ref):
+        model.student.backbone.grad_checkpoint = grad_checkpoint
+        torch.manual_seed(1)
+        with bench.OpCounter() as ops:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                losses = model(src, lbl, tgt, 1, sam=sam)
+            sum(losses.values()).backward()
+        results.append((losses, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, ops))
+    (got, got_grads, ops), (want, want_grads, want_ops) = results
+    n_weights = len(ssr.matmul_weights(uda.student)) + len(ssr.matmul_weights(uda.ssr))
+    assert ops.ops["_to_copy"] <= want_ops.ops["_to_copy"] - 2 * n_weights + 2  # one cast each way, not one per tensor
+    assert got.keys() == want.keys() and got_grads.keys() == want_grads.keys()
+    for k in got:
+        assert torch.equal(got[k], want[k]), k
+    for n, g in got_grads.items():
+        assert g.dtype == torch.float32 and torch.equal(g, want_grads[n]), n
+    cast = ssr.matmul_weights(uda.student)
+    assert "backbone.block1.0.attn.q.weight" in cast and "backbone.block1.0.norm1.weight" not in cast
+    assert "backbone.block1.0.attn.sr.weight" in cast and "decode_head.fuse_layer.bottleneck.bn.weight" not in cast
+
+
 @pytest.mark.parametrize("method,mic,keys", [
     ("source-only", False, {"src"}),
     ("dacs", False, {"src", "mix", "fd"}),
@@ -411,6 +458,29 @@ def test_ssr_compiled_networks_train_like_eager():
         assert blocks and all(b._compiled_call_impl is not None for b in blocks)
     assert compiled.student.decode_head._compiled_call_impl is not None and compiled.ssr._compiled_call_impl
     assert not any(m._compiled_call_impl for m in eager.modules())
+
+
+def test_ssr_compiled_networks_under_autocast_compile_once():
+    """As train.py --compile runs on a GPU: under bf16 autocast the trained networks get this step's weight copies
+    through functional_call (UDA.trained_networks). Every frame compiles in the first step, none after, and
+    none falls back to eager."""
+    torch.manual_seed(0)
+    uda = ssr.UDA(ssr.build_segmentor(_TINY), method="ssr", mic=True, sam_img_size=64, ignore_rows=(2, 8))
+    sam = _ssr_tiny_sam().to(torch.bfloat16)
+    uda.compile_networks(sam, backend="aot_eager")
+    opt = torch.optim.AdamW([p for p in uda.parameters() if p.requires_grad], lr=3e-3)
+    src, lbl, tgt = _ssr_batch()
+    torch._dynamo.utils.counters.clear()
+    frames = []
+    for it in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = uda(src, lbl, tgt, it, sam=sam)
+        sum(losses.values()).backward()
+        opt.step()
+        opt.zero_grad()
+        frames.append(dict(torch._dynamo.utils.counters["frames"]))
+        assert all(torch.isfinite(v) for v in losses.values())
+    assert frames[0]["total"] == frames[0]["ok"] > 0 and frames[1] == frames[2] == frames[0], frames
 
 
 def test_ssr_branch_trains_but_is_not_part_of_the_deployed_model():
@@ -703,6 +773,14 @@ def test_sam_vit_b_parameter_count():
     with torch.device("meta"):  # shapes only, nothing allocated
         model = sam_encoder.build_sam_encoder("vit_b", 1024)
     assert sum(p.numel() for p in model.parameters()) == 89_670_912
+
+
+def test_sam_rel_pos_table_equals_segment_anythings_gather():
+    official = bench.official_sam_modeling().image_encoder.get_rel_pos
+    torch.manual_seed(0)
+    for size in (1, 3, 14):
+        table = torch.randn(2 * size - 1, 8)
+        assert torch.equal(sam_encoder.get_rel_pos(size, table), official(size, size, table))
 
 
 def test_sam_window_partition_round_trip():
