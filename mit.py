@@ -103,15 +103,16 @@ def patch_linear(x: Tensor, conv: nn.Conv2d, H: int, W: int) -> Tensor:
     (one copy) and running a matmul gives the conv's numbers. Measured on a 2-core CPU (torch 2.13, load ~9,
     interleaved runs), MiT-B5 forward + backward: under bf16 autocast at crop 128, batch 2, 3.3 s with the conv on
     the channels-last view, 1.6 s with this (the conv's bf16 backward is slow there); in fp32 at crop 256, batch 1,
-    the two are equal (2.6 vs 2.5 s). It costs two more ops per block than the conv (the gathers of x and of the
-    weight); not measured on a GPU. Rows/columns beyond a multiple of s are dropped, as the conv does."""
+    the two are equal (2.6 vs 2.5 s). The patch's entries are gathered in the conv weight's order (channel, row,
+    column), so the weight is used as it is stored: one op more per block than the conv (the gather of x), not two
+    (the weight's own gather took 147 of the 5,612 ops of an ssr step in bench.py's item 5, at the same speed). Not
+    measured on a GPU. Rows/columns beyond a multiple of s are dropped, as the conv does."""
     B, N, C = x.shape
     s = conv.stride[0]
     h, w = H // s, W // s
     x = x.view(B, H, W, C)[:, :h * s, :w * s].reshape(B, h, s, w, s, C)
-    x = x.transpose(2, 3).reshape(B, h * w, s * s * C)  # (B, M, s*s*C): each patch row by row, channels last
-    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)  # (C_out, s*s*C_in) in the same order
-    return F.linear(x, weight, conv.bias)
+    x = x.permute(0, 1, 3, 5, 2, 4).reshape(B, h * w, C * s * s)  # (B, M, C*s*s): each patch in the weight's order
+    return F.linear(x, conv.weight.flatten(1), conv.bias)  # (C_out, C_in, s, s) -> (C_out, C_in*s*s): a view
 
 
 class Attention(nn.Module):
