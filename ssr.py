@@ -10,7 +10,10 @@ Read top to bottom, the method first and the plumbing last:
 3. SSRBranch, which fuses frozen SAM tokens into every MiT stage by cross-attention.
 4. UDA, which computes one training step's loss terms by name: DAFormer's, then SSR's two. The caller sums them and
    calls backward.
-5. Saving and loading the deployed model; an appendix with kornia's color-space arithmetic.
+5. Saving and loading the deployed model.
+6. Speed, the same method with fewer kernel launches: the frozen networks as bf16 copies (autocast's numbers up to
+   rounding), the student's weights cast by one op per step instead of one per tensor (bit-identical), and
+   compilation block by block. Then an appendix with kornia's color-space arithmetic.
 
 References: lhoyer/DAFormer (mmseg/models/uda/dacs.py, utils/dacs_transforms.py), lhoyer/MIC
 (masking_consistency_module.py) and geyanqi/SSR (mmseg/models/uda/ssr.py).
@@ -339,99 +342,6 @@ def frozen_copy(m: nn.Module) -> nn.Module:
     return copy.deepcopy(m).requires_grad_(False)
 
 
-def compile_network(net: nn.Module, **compile_kwargs) -> None:
-    """torch.compile a network in place, block by block ("regional compilation"): each MiT or SAM transformer
-    block and each DAFormer head on its own, the few layers between them eager. The blocks of a stage repeat one
-    computation at one size, so it compiles once per stage and its other blocks reuse it: MiT-B5's first compiled
-    forward + backward took 449 s on the 2-core CPU compiled whole and 96 s block by block (inductor, bf16, 64x64
-    input, empty compile cache; the same speed after). Static shapes: the sizes differ from stage to stage, and
-    dynamo would make them symbolic at the second stage, which inductor (torch 2.13) then failed to compile."""
-    # One graph per stage and use of Block.forward: 4 stages x (the student training, the teachers' bf16 copies,
-    # the student evaluating at the validation size) = 12, past dynamo's default of 8 per function, after which
-    # it runs eager.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-    regions = [m for m in net.modules() if isinstance(m, (mit.Block, sam_encoder.Block, DAFormerHead))]
-    for m in regions or [net]:  # a network of none of them (the SSR branch) compiles whole
-        m.compile(dynamic=False, **compile_kwargs)
-
-
-class ReducedCopy:
-    """A copy of a frozen network (the EMA teacher, the ImageNet encoder) with its weights in a reduced dtype, to
-    run outside autocast: autocast would cast every weight again on each call, one kernel per tensor (~730 per
-    MiT-B5 pass; an ssr step of bench.py's item 5 went from 8,801 to 7,325 ops). refresh() copies the network's
-    current weights in with one foreach op. BatchNorm modules are the network's own (shared, not copied):
-    autocast leaves BatchNorm in fp32, and the teacher's statistics stay in its buffers. Not a submodule: the state
-    dict keeps only the fp32 network."""
-
-    def __init__(self, net: nn.Module, dtype: torch.dtype, compile_kwargs: dict | None = None):
-        with torch.device("meta"):
-            low = type(net)(net.cfg).to(dtype)  # Segmentor(SegConfig) or MixVisionTransformer(MiTConfig)
-        self.net = low.to_empty(device=next(net.parameters()).device).requires_grad_(False).eval()
-        for name, m in net.named_modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                self.net.set_submodule(name, m)  # after eval(): the shared module keeps its own mode
-        src = dict(net.named_parameters())
-        pairs = [(p, src[n]) for n, p in self.net.named_parameters() if p is not src[n]]
-        self.dst, self.src = [p for p, _ in pairs], [q for _, q in pairs]
-        self.dtype = dtype
-        self.refresh()
-        if compile_kwargs is not None:
-            compile_network(self.net, **compile_kwargs)
-
-    @torch.no_grad()
-    def refresh(self) -> None:
-        torch._foreach_copy_(self.dst, self.src)
-
-
-class CastWeights(torch.autograd.Function):
-    """The weights of the student's linear and conv layers in the autocast dtype, copied by one foreach op, with a
-    backward that brings their gradients back to fp32 in one. Autocast makes the same copies one kernel at a time:
-    one per weight on its first use in a step and one per gradient on the way back (1,415 of the 7,328 ops of an
-    ssr step in bench.py's item 5). The numbers are the same as autocast's: each weight is rounded once per step,
-    and its gradients are summed in the low dtype before they are cast back, as with autocast's cached copy."""
-
-    @staticmethod
-    def forward(ctx, dtype: torch.dtype, *weights: Tensor) -> tuple[Tensor, ...]:
-        ctx.set_materialize_grads(False)  # a weight that got no gradient this step gets None, not a tensor of zeros
-        ctx.dtype = weights[0].dtype
-        return tuple(copies(weights, dtype))
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        fp32 = iter(copies([g for g in grads if g is not None], ctx.dtype))
-        return None, *(None if g is None else next(fp32) for g in grads)
-
-
-def copies(tensors: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
-    """Contiguous copies of tensors in dtype: views of one new buffer, filled by one foreach op."""
-    if not tensors:
-        return []
-    flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=tensors[0].device)
-    out = [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
-    torch._foreach_copy_(out, list(tensors))
-    return out
-
-
-def call_with(net: nn.Module, weights: dict[str, Tensor], *args):
-    """net(*args) with `weights` in place of the parameters of those names."""
-    return torch.func.functional_call(net, weights, args)
-
-
-def cast_once(net: nn.Module, dtype: torch.dtype):
-    """net's forward for inference under autocast, with its linear and conv weights cast to dtype once, here:
-    autocast would cast each of them again for every image (~730 kernels per MiT-B5 forward). The numbers are the
-    same. Call it under torch.no_grad() or inference_mode()."""
-    named = matmul_weights(net)
-    return partial(call_with, net, dict(zip(named, copies(list(named.values()), dtype))))
-
-
-def matmul_weights(net: nn.Module) -> dict[str, nn.Parameter]:
-    """The parameters of net's linear and conv layers by name: those autocast runs in the low dtype (LayerNorm and
-    BatchNorm stay in fp32)."""
-    return {name: p for prefix, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
-            for name, p in m.named_parameters(prefix, recurse=False)}
-
-
 class UDA(nn.Module):
     """The student and what trains it: the EMA teacher (`ema`), the frozen ImageNet encoder (`imnet`, for FD) and
     the SSR branch (`ssr`), each present only where the method needs it. The SAM encoder is passed to forward, so
@@ -630,6 +540,101 @@ def load_segmentor(path: str, device="cpu") -> tuple[Segmentor, dict]:
                          f"{', '.join(bad[:3])}. The file was edited or mixed up; re-save it with save_segmentor.")
     model.load_state_dict(sd, strict=True, assign=True)
     return model.to(device).eval(), {"cfg": cfg, **json.loads(header.get("meta", "{}"))}
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. Speed: the networks in low precision with few kernel launches, and compiled block by block
+
+def compile_network(net: nn.Module, **compile_kwargs) -> None:
+    """torch.compile a network in place, block by block ("regional compilation"): each MiT or SAM transformer
+    block and each DAFormer head on its own, the few layers between them eager. The blocks of a stage repeat one
+    computation at one size, so it compiles once per stage and its other blocks reuse it: MiT-B5's first compiled
+    forward + backward took 449 s on the 2-core CPU compiled whole and 96 s block by block (inductor, bf16, 64x64
+    input, empty compile cache; the same speed after). Static shapes: the sizes differ from stage to stage, and
+    dynamo would make them symbolic at the second stage, which inductor (torch 2.13) then failed to compile."""
+    # One graph per stage and use of Block.forward: 4 stages x (the student training, the teachers' bf16 copies,
+    # the student evaluating at the validation size) = 12, past dynamo's default of 8 per function, after which
+    # it runs eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    regions = [m for m in net.modules() if isinstance(m, (mit.Block, sam_encoder.Block, DAFormerHead))]
+    for m in regions or [net]:  # a network of none of them (the SSR branch) compiles whole
+        m.compile(dynamic=False, **compile_kwargs)
+
+
+class ReducedCopy:
+    """A copy of a frozen network (the EMA teacher, the ImageNet encoder) with its weights in a reduced dtype, to
+    run outside autocast: autocast would cast every weight again on each call, one kernel per tensor (~730 per
+    MiT-B5 pass; an ssr step of bench.py's item 5 went from 8,801 to 7,325 ops). refresh() copies the network's
+    current weights in with one foreach op. BatchNorm modules are the network's own (shared, not copied):
+    autocast leaves BatchNorm in fp32, and the teacher's statistics stay in its buffers. Not a submodule: the state
+    dict keeps only the fp32 network."""
+
+    def __init__(self, net: nn.Module, dtype: torch.dtype, compile_kwargs: dict | None = None):
+        with torch.device("meta"):
+            low = type(net)(net.cfg).to(dtype)  # Segmentor(SegConfig) or MixVisionTransformer(MiTConfig)
+        self.net = low.to_empty(device=next(net.parameters()).device).requires_grad_(False).eval()
+        for name, m in net.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                self.net.set_submodule(name, m)  # after eval(): the shared module keeps its own mode
+        src = dict(net.named_parameters())
+        pairs = [(p, src[n]) for n, p in self.net.named_parameters() if p is not src[n]]
+        self.dst, self.src = [p for p, _ in pairs], [q for _, q in pairs]
+        self.dtype = dtype
+        self.refresh()
+        if compile_kwargs is not None:
+            compile_network(self.net, **compile_kwargs)
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        torch._foreach_copy_(self.dst, self.src)
+
+
+class CastWeights(torch.autograd.Function):
+    """The weights of the student's linear and conv layers in the autocast dtype, copied by one foreach op, with a
+    backward that brings their gradients back to fp32 in one. Autocast makes the same copies one kernel at a time:
+    one per weight on its first use in a step and one per gradient on the way back (1,415 of the 7,328 ops of an
+    ssr step in bench.py's item 5). The numbers are the same as autocast's: each weight is rounded once per step,
+    and its gradients are summed in the low dtype before they are cast back, as with autocast's cached copy."""
+
+    @staticmethod
+    def forward(ctx, dtype: torch.dtype, *weights: Tensor) -> tuple[Tensor, ...]:
+        ctx.set_materialize_grads(False)  # a weight that got no gradient this step gets None, not a tensor of zeros
+        ctx.dtype = weights[0].dtype
+        return tuple(copies(weights, dtype))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        fp32 = iter(copies([g for g in grads if g is not None], ctx.dtype))
+        return None, *(None if g is None else next(fp32) for g in grads)
+
+
+def copies(tensors: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """Contiguous copies of tensors in dtype: views of one new buffer, filled by one foreach op."""
+    if not tensors:
+        return []
+    flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=tensors[0].device)
+    out = [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+    torch._foreach_copy_(out, list(tensors))
+    return out
+
+
+def call_with(net: nn.Module, weights: dict[str, Tensor], *args):
+    """net(*args) with `weights` in place of the parameters of those names."""
+    return torch.func.functional_call(net, weights, args)
+
+
+def cast_once(net: nn.Module, dtype: torch.dtype):
+    """net's forward for inference under autocast, with its linear and conv weights cast to dtype once, here:
+    autocast would cast each of them again for every image (~730 kernels per MiT-B5 forward). The numbers are the
+    same. Call it under torch.no_grad() or inference_mode()."""
+    named = matmul_weights(net)
+    return partial(call_with, net, dict(zip(named, copies(list(named.values()), dtype))))
+
+
+def matmul_weights(net: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters of net's linear and conv layers by name: those autocast runs in the low dtype (LayerNorm and
+    BatchNorm stay in fp32)."""
+    return {name: p for prefix, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+            for name, p in m.named_parameters(prefix, recurse=False)}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Appendix: kornia 0.5.8's color math, which color_jitter uses (DAFormer pins that version)
