@@ -432,7 +432,7 @@ class UDA(nn.Module):
         """Normalized source (B, 3, H, W) with labels (B, H, W) and target images (B, 3, H, W), the iteration (for
         the EMA) and, for 'ssr', the frozen SAM encoder -> the weighted loss terms by name: src, src_ssr, mix,
         mix_ssr, fd, mic (those the method has). Their sum is the loss to back-propagate."""
-        backbone, head, ssr = self.trained_networks(src_img.device.type)
+        backbone, head, branch = self.trained_networks(src_img.device.type)  # the SSR branch: None for dacs
         if self.method == "source-only":
             return {"src": seg_loss(head(backbone(src_img)), src_lbl)}
         if self.method == "ssr" and sam is None:
@@ -481,7 +481,7 @@ class UDA(nn.Module):
         src_enh_logits = None
         if self.ssr is not None:
             B = src_img.shape[0]
-            src_enh, mix_enh = zip(*(f.chunk(2) for f in ssr([f[:2 * B] for f in feats], tokens)))
+            src_enh, mix_enh = zip(*(f.chunk(2) for f in branch([f[:2 * B] for f in feats], tokens)))
             src_enh_logits = head(src_enh)
             losses["src_ssr"] = seg_loss(src_enh_logits, src_lbl)
             losses["mix_ssr"] = seg_loss(head(mix_enh), mix_lbl, mix_weight)
