@@ -262,6 +262,7 @@ VIEW_OPS = frozenset({
     "view", "_unsafe_view", "reshape", "_reshape_alias", "view_as", "transpose", "t", "permute", "expand",
     "expand_as", "detach", "alias", "lift_fresh", "as_strided", "slice", "select", "narrow", "unsqueeze",
     "squeeze", "unbind", "split", "split_with_sizes", "chunk", "unflatten", "flatten", "diagonal", "movedim",
+    "unfold",
 })
 
 

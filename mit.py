@@ -105,7 +105,7 @@ def patch_linear(x: Tensor, conv: nn.Conv2d, H: int, W: int) -> Tensor:
     the channels-last view, 1.6 s with this (the conv's bf16 backward is slow there); in fp32 at crop 256, batch 1,
     the two are equal (2.6 vs 2.5 s). The patch's entries are gathered in the conv weight's order (channel, row,
     column), so the weight is used as it is stored: one op more per block than the conv (the gather of x), not two
-    (the weight's own gather took 147 of the 5,612 ops of an ssr step in bench.py's item 5, at the same speed). Not
+    (the weight's own gather took 147 ops of an ssr step in bench.py's item 5, at the same speed). Not
     measured on a GPU. Rows/columns beyond a multiple of s are dropped, as the conv does."""
     B, N, C = x.shape
     s = conv.stride[0]
