@@ -593,7 +593,9 @@ class CastWeights(torch.autograd.Function):
     backward that brings their gradients back to fp32 in one. Autocast makes the same copies one kernel at a time:
     one per weight on its first use in a step and one per gradient on the way back (1,415 of the 7,328 ops of an
     ssr step in bench.py's item 5). The numbers are the same as autocast's: each weight is rounded once per step,
-    and its gradients are summed in the low dtype before they are cast back, as with autocast's cached copy."""
+    and its gradients are summed in the low dtype before they are cast back, as with autocast's cached copy.
+    The cost: every gradient reaches its parameter at the end of the backward pass, so the bf16 gradients are all
+    held until then, and under torchrun DDP's all-reduce no longer overlaps the backward pass."""
 
     @staticmethod
     def forward(ctx, dtype: torch.dtype, *weights: Tensor) -> tuple[Tensor, ...]:
