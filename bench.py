@@ -512,32 +512,6 @@ def bench_eval(s: Setup) -> tuple:
             f"{s.eval_batch / r['ours'][0]:.2f} images/s")
 
 
-def bench_eval_dataset(s: Setup, n: int) -> tuple:
-    """eval.evaluate over n Cityscapes-sized images (network input 1024x512, labels 2048x1024) from memory."""
-    import eval as ev
-
-    w, h = s.size("eval", (1024, 512), None, (128, 64))
-    img = torch.randn(1, 3, h, w).pin_memory() if s.cuda else torch.randn(1, 3, h, w)
-    lbl = torch.randint(0, 19, (1, 2 * h, 2 * w))
-    lbl = lbl.pin_memory() if s.cuda else lbl
-
-    class Loader:  # what eval.evaluate reads of a DataLoader: len(loader.dataset) and batches
-        dataset = range(n)
-
-        def __iter__(self):
-            return iter([{"img": img, "lbl": lbl, "path": ["synthetic"]}] * n)
-
-    model = s.maybe_compile(eval_model(s))
-    ev.evaluate(model, Loader(), device=s.device, amp_dtype=s.amp_dtype)  # warm-up (and compilation)
-    sync(s)
-    t0 = time.perf_counter()
-    result = ev.evaluate(model, Loader(), device=s.device, amp_dtype=s.amp_dtype)
-    sync(s)
-    t = time.perf_counter() - t0
-    return (f"4 eval {n} images MiT-{s.model_name} {w}x{h}, labels {2 * w}x{2 * h}", f"ours {s.dtype}", "-",
-            (t, float("nan")), None, f"{t:.1f} s in all, {result['images'] / t:.1f} images/s")
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # reporting
 
