@@ -73,12 +73,25 @@ def drop_path_scales(rates: list[float], batch: int, like: Tensor) -> Tensor:
     return torch.bernoulli(keep.expand(-1, batch)).div_(keep).to(like.dtype)[..., None, None]
 
 
+class DropPathAdd(torch.autograd.Function):
+    """x + branch * scale: one op forward (addcmul) and one backward (grad * scale for the branch; x's gradient is
+    grad itself, and scale gets none). Autograd's own addcmul backward takes two, grad * (scale * 1), as does
+    x + branch * scale (mul and add forward, mul backward): 104 ops per MiT-B5 step saved."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, branch: Tensor, scale: Tensor) -> Tensor:
+        ctx.save_for_backward(scale)
+        return torch.addcmul(x, branch, scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        scale, = ctx.saved_tensors
+        return grad, grad * scale, None
+
+
 def residual(x: Tensor, branch: Tensor, scale: Tensor | None) -> Tensor:
     """x + branch * scale, scale (B, 1, 1) from drop_path_scales; the plain sum without stochastic depth (None)."""
-    # addcmul is not faster: x + branch * scale counts the same ops forward + backward (4,190 for MiT-B5, bench's
-    # OpCounter), but its gradients under torch.compile differed from eager ones by up to 1.2e-5 in
-    # test_ssr_compiled_networks_train_like_eager, where addcmul's stay within its 1e-5
-    return x + branch if scale is None else torch.addcmul(x, branch, scale)
+    return x + branch if scale is None else DropPathAdd.apply(x, branch, scale)
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -94,25 +107,6 @@ class OverlapPatchEmbed(nn.Module):
         H, W = x.shape[2:]
         x = x.flatten(2).transpose(1, 2)  # (B, N, C), N = H*W; free when x is channels-last
         return self.norm(x), H, W
-
-
-def patch_linear(x: Tensor, conv: nn.Conv2d, H: int, W: int) -> Tensor:
-    """`conv` (kernel = stride = s, no padding) applied to tokens (B, H*W, C) -> (B, H/s * W/s, C_out).
-
-    A conv whose patches do not overlap is one linear map of each flattened s x s patch: gathering the patches
-    (one copy) and running a matmul gives the conv's numbers. Measured on a 2-core CPU (torch 2.13, load ~9,
-    interleaved runs), MiT-B5 forward + backward: under bf16 autocast at crop 128, batch 2, 3.3 s with the conv on
-    the channels-last view, 1.6 s with this (the conv's bf16 backward is slow there); in fp32 at crop 256, batch 1,
-    the two are equal (2.6 vs 2.5 s). The patch's entries are gathered in the conv weight's order (channel, row,
-    column), so the weight is used as it is stored: one op more per block than the conv (the gather of x), not two
-    (the weight's own gather took 147 ops of an ssr step in bench.py's item 5, at the same speed). Not
-    measured on a GPU. Rows/columns beyond a multiple of s are dropped, as the conv does."""
-    B, N, C = x.shape
-    s = conv.stride[0]
-    h, w = H // s, W // s
-    x = x.view(B, H, W, C)[:, :h * s, :w * s].reshape(B, h, s, w, s, C)
-    x = x.permute(0, 1, 3, 5, 2, 4).reshape(B, h * w, C * s * s)  # (B, M, C*s*s): each patch in the weight's order
-    return F.linear(x, conv.weight.flatten(1), conv.bias)  # (C_out, C_in, s, s) -> (C_out, C_in*s*s): a view
 
 
 class Attention(nn.Module):
@@ -135,8 +129,17 @@ class Attention(nn.Module):
         nh = self.num_heads
         q = self.q(x).view(B, N, nh, C // nh).transpose(1, 2)  # (B, nh, N, hd)
         if self.sr_ratio > 1:
-            x = self.norm(patch_linear(x, self.sr, H, W))  # (B, M, C), M = N / sr^2
-        k, v = self.kv(x).view(B, -1, 2, nh, C // nh).permute(2, 0, 3, 1, 4)  # 2 x (B, nh, M, hd)
+            # The strided conv on the tokens' channels-last view: one op forward and one backward. A matmul over
+            # gathered patches gives the same numbers with a copy each way and a separate bias gradient: 294 ops
+            # more per ssr step (bench.py item 5). Conv against matmul, MiT-B5 forward + backward on a 2-core CPU
+            # (torch 2.13, interleaved, median of 5): fp32 0.95x the time at 512x512 batch 2, equal at 256 batch 2,
+            # 1.08x at 256 batch 1; bf16 autocast 1.32x at 128 batch 2 (that CPU's bf16 conv backward is slow).
+            x = self.sr(x.view(B, H, W, C).permute(0, 3, 1, 2))  # (B, C, H/sr, W/sr), channels-last
+            x = self.norm(x.flatten(2).transpose(1, 2))  # (B, M, C), M = N / sr^2
+        kv = self.kv(x).view(B, -1, 2, nh, C // nh)  # (B, M, 2, nh, hd)
+        # unbound where the pair axis lies, so the backward's stack of the two gradients is kv's own layout (a
+        # permute first made autograd copy that stack back: one op per block)
+        k, v = (t.transpose(1, 2) for t in kv.unbind(2))  # 2 x (B, nh, M, hd)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, nh, N, hd)
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj(x)

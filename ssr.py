@@ -308,7 +308,8 @@ class CrossAttention(nn.Module):
         B, N, C = x.shape
         nh = self.num_heads
         q = self.q(x).view(B, N, nh, C // nh).transpose(1, 2)  # (B, nh, N, hd)
-        k, v = self.kv(ctx).view(B, -1, 2, nh, C // nh).permute(2, 0, 3, 1, 4)  # 2 x (B, nh, M, hd)
+        kv = self.kv(ctx).view(B, -1, 2, nh, C // nh)  # (B, M, 2, nh, hd)
+        k, v = (t.transpose(1, 2) for t in kv.unbind(2))  # 2 x (B, nh, M, hd), unbound as in mit.Attention
         x = F.scaled_dot_product_attention(q, k, v)  # never builds the (N, M) matrix: 16384 x 4096 in stage 1
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 

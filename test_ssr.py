@@ -692,6 +692,11 @@ def test_mit_drop_path_drops_whole_samples_in_training_only():
     assert ((per_sample == 0).all(1) | (per_sample == 2).all(1)).all()  # dropped, or kept and scaled by 1/(1-p)
     assert 10 < (per_sample[:, 0] == 0).sum() < 54
     assert torch.equal(mit.residual(x, branch, None), branch)
+    # its one-op backward gives autograd's gradients of x + branch * scale, bit for bit
+    x, branch = torch.randn(64, 3, 2, requires_grad=True), torch.randn(64, 3, 2, requires_grad=True)
+    grad = torch.randn(64, 3, 2)
+    ours = torch.autograd.grad(mit.residual(x, branch, scales[0]), (x, branch), grad)
+    assert all(torch.equal(a, b) for a, b in zip(ours, torch.autograd.grad(x + branch * scales[0], (x, branch), grad)))
     model = mit.build_mit("mit_b0", **_MIT_TINY).eval()  # eval: no stochastic depth, the same output twice
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
