@@ -117,8 +117,13 @@ class DAFormerHead(nn.Module):
         nn.init.normal_(self.conv_seg.weight, std=0.01)  # mmseg's init of the classifier
         nn.init.zeros_(self.conv_seg.bias)
 
-    def forward(self, feats: list[Tensor]) -> Tensor:
-        """[(B, C_i, H/2^(i+2), W/2^(i+2))] -> logits (B, K, H/4, W/4)."""
+    def forward(self, feats: list[Tensor], domains: int = 1) -> Tensor:
+        """[(B, C_i, H/2^(i+2), W/2^(i+2))] -> logits (B, K, H/4, W/4).
+
+        domains: the batch is that many equal parts, each of one domain (source, mixed, masked target). The
+        fusion's BatchNorms normalize each part with its own statistics, as DAFormer's separate calls of the head
+        per domain do; the embeddings and the classifier act on each pixel alone, so they take the whole batch at
+        once (a third of their kernel launches for three domains)."""
         size = feats[0].shape[2:]
         xs = []
         for embed, f in zip(self.embed_layers, feats):
@@ -126,7 +131,9 @@ class DAFormerHead(nn.Module):
             if x.shape[2:] != size:
                 x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
             xs.append(x)
-        return self.conv_seg(self.dropout(self.fuse_layer(torch.cat(xs, dim=1))))
+        x = torch.cat(xs, dim=1)  # (B, 4 * channels, H/4, W/4)
+        x = self.fuse_layer(x) if domains == 1 else torch.cat([self.fuse_layer(part) for part in x.chunk(domains)])
+        return self.conv_seg(self.dropout(x))
 
 
 class Segmentor(nn.Module):
@@ -463,32 +470,29 @@ class UDA(nn.Module):
                 masked = masked * mic_mask(masked)
 
         # One encoder pass over the source, mixed (and MIC's masked) images: MiT has no BatchNorm, so this equals
-        # separate passes, with a third of the kernel launches for MIC. The head runs per domain, so its
-        # BatchNorms see each domain's statistics, as in DAFormer's and MIC's separate passes.
+        # separate passes, with a third of the kernel launches for MIC. The head's BatchNorms see each domain's
+        # statistics (domains=), as in DAFormer's and MIC's separate passes.
         images = [src_img, mix_img] + ([masked] if self.mic else [])
         feats = backbone(torch.cat(images))
-        src_feats, mix_feats, *masked_feats = zip(*(f.chunk(len(images)) for f in feats))
+        src_logits, mix_logits, *masked_logits = head(feats, len(images)).chunk(len(images))
 
         # DAFormer: the source loss, the mixed images' loss under the pseudo-labels, and the feature distance on the
         # plain source features of the last stage
-        src_logits = head(src_feats)
+        B = src_img.shape[0]
         losses = {"src": seg_loss(src_logits, src_lbl),
-                  "mix": seg_loss(head(mix_feats), mix_lbl, mix_weight),
-                  "fd": FD_LAMBDA * feature_distance(src_feats[-1], imnet_feat, src_lbl,
-                                                     self.student.cfg.num_classes)}
+                  "mix": seg_loss(mix_logits, mix_lbl, mix_weight),
+                  "fd": FD_LAMBDA * feature_distance(feats[-1][:B], imnet_feat, src_lbl, self.student.cfg.num_classes)}
 
         # SSR: the same two segmentation losses on the SAM-enhanced features, through the same head; their gradient
         # reaches the backbone through the residual of every regularized stage
         src_enh_logits = None
         if self.ssr is not None:
-            B = src_img.shape[0]
-            src_enh, mix_enh = zip(*(f.chunk(2) for f in branch([f[:2 * B] for f in feats], tokens)))
-            src_enh_logits = head(src_enh)
+            src_enh_logits, mix_enh_logits = head(branch([f[:2 * B] for f in feats], tokens), 2).chunk(2)
             losses["src_ssr"] = seg_loss(src_enh_logits, src_lbl)
-            losses["mix_ssr"] = seg_loss(head(mix_enh), mix_lbl, mix_weight)
+            losses["mix_ssr"] = seg_loss(mix_enh_logits, mix_lbl, mix_weight)
 
         if self.mic:  # MIC: the masked target's prediction must match the teacher's pseudo-labels
-            losses["mic"] = seg_loss(head(masked_feats[0]), plabel, pweight)
+            losses["mic"] = seg_loss(masked_logits[0], plabel, pweight)
         if self.keep_pictures:  # for train.py's debug panels: detached, and nothing is drawn at random
             self.pictures = {k: v.detach() for k, v in dict(
                 src_img=src_img, src_lbl=src_lbl, src_logits=src_logits, ssr_logits=src_enh_logits, tgt_img=tgt_img,

@@ -120,6 +120,16 @@ def test_ssr_segmentor_gives_quarter_resolution_logits_and_conv_bn_relu():
     assert isinstance(model.decode_head.dropout, torch.nn.Dropout2d) and model.decode_head.dropout.p == 0.1
 
 
+def test_ssr_head_normalizes_each_domain_with_its_own_statistics():
+    torch.manual_seed(0)
+    model = ssr.build_segmentor(_TINY).train()
+    model.decode_head.dropout.eval()  # only the BatchNorms train: dropout would draw different channels
+    feats = model.backbone(torch.randn(6, 3, 64, 64))
+    parts = [model.decode_head([f[i:i + 2] for f in feats]) for i in (0, 2, 4)]  # DAFormer: one call per domain
+    torch.testing.assert_close(model.decode_head(feats, 3), torch.cat(parts), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(model.decode_head(feats), torch.cat(parts), atol=1e-2)  # one batch: other statistics
+
+
 def test_ssr_save_load_round_trip_and_errors(tmp_path):
     torch.manual_seed(0)
     model = ssr.build_segmentor(_TINY)
@@ -437,8 +447,8 @@ def test_ssr_compiled_networks_train_like_eager():
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 losses = uda(src, lbl, tgt, it, sam=sam)
             sum(losses.values()).backward()
-            history.append(torch.stack(list(losses.values())).detach())
-            history.append(uda.student.backbone.patch_embed1.proj.weight.grad.clone())
+            history.append((torch.stack(list(losses.values())).detach(),
+                            {n: p.grad.clone() for n, p in uda.named_parameters() if p.grad is not None}))
             opt.step()
             opt.zero_grad()
             per_step.append(dict(torch._dynamo.utils.counters["frames"]))
@@ -454,13 +464,24 @@ def test_ssr_compiled_networks_train_like_eager():
         x = torch.randn(1, 3, 64, 128)
         out = compiled.student.eval()(x)
         assert out.shape == (1, _TINY.num_classes, 16, 32)
-        torch.testing.assert_close(out, eager.student.eval()(x))  # the students trained alike
+        torch.testing.assert_close(out, eager.student.eval()(x), atol=1e-3, rtol=1e-3)  # trained alike (see below)
     frames = torch._dynamo.utils.counters["frames"]  # a function past dynamo's recompile limit would run eager
     assert frames["total"] == frames["ok"] > 0, dict(frames)
     assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints keep the official names
-    assert expected[1].abs().sum() > 0  # the first layer learns
-    for e, g in zip(expected, got):
-        torch.testing.assert_close(g, e)  # equal here; in fp32, aot_eager's decomposed backward ops round apart
+    # Step 0: the same losses and gradients (in fp32, aot_eager's decomposed backward ops would round apart), but
+    # for the head's fusion layer, which runs once per domain: the compiled graph sums the parts' weight gradients
+    # in another order than eager autograd, one bf16 rounding apart. AdamW turns such roundings of tiny gradients
+    # into whole steps, so later steps are only close.
+    (loss, grads), (expected_loss, expected_grads) = got[0], expected[0]
+    torch.testing.assert_close(loss, expected_loss)
+    assert grads.keys() == expected_grads.keys()
+    assert expected_grads["student.backbone.patch_embed1.proj.weight"].abs().sum() > 0  # the first layer learns
+    for name, g in grads.items():
+        if ".fuse_layer." in name:
+            assert (g - expected_grads[name]).norm() <= 1e-2 * expected_grads[name].norm(), name
+        else:
+            torch.testing.assert_close(g, expected_grads[name], msg=name)
+    torch.testing.assert_close([loss for loss, _ in got[1:]], [loss for loss, _ in expected[1:]], atol=1e-4, rtol=1e-3)
     for net in (compiled.student, compiled.ema, compiled.reduced["ema"].net if compiled.reduced else compiled.imnet):
         blocks = [m for m in net.modules() if isinstance(m, mit.Block)]  # compiled block by block
         assert blocks and all(b._compiled_call_impl is not None for b in blocks)
