@@ -19,7 +19,8 @@ Items (ours / reference in the ratio column):
      cost of the SAM regularizer. The SAM teacher runs in the reduced dtype. --mic adds masked image consistency
      (train.py --mic); --profile prints a torch.profiler table of the ssr iteration and how much of it the device
      (the CPU, without one) is busy.
-  4. Evaluation throughput of the deployable Segmentor (forward, resize to the input, argmax) in images/s.
+  4. Evaluation throughput of the deployable Segmentor (forward, resize to the input, argmax) in images/s; with
+     --dtype bf16/fp16 its weights are cast once (ssr.cast_once), as eval.py --amp does.
   5. The aten ops of one 'ssr' training step's forward and backward, views excluded (VIEW_OPS): on a GPU each is
      a kernel launch, so the count is the launch overhead that a CPU can measure. Beside it: the optimizer step's
      ops and the time of a whole step. Default sizes: MiT-B5, crop 128, batch 2, SAM ViT-B at 256.
@@ -500,11 +501,13 @@ def eval_model(s: Setup):
 def bench_eval(s: Setup) -> tuple:
     w, h = s.size("eval", (1024, 512), None, (128, 64))
     model = s.maybe_compile(eval_model(s))
+    with torch.inference_mode():  # as eval.py: the weights cast to the autocast dtype once, not for every image
+        net = import_ssr().cast_once(model, s.amp_dtype) if s.amp_dtype else model
     x = torch.randn(s.eval_batch, 3, h, w, device=s.device)
 
     def fn():
         with torch.inference_mode(), s.autocast():
-            logits = F.interpolate(model(x).float(), size=x.shape[2:], mode="bilinear", align_corners=False)
+            logits = F.interpolate(net(x).float(), size=x.shape[2:], mode="bilinear", align_corners=False)
             logits.argmax(1)
 
     r = measure(s, {"ours": fn})
