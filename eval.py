@@ -87,16 +87,27 @@ def window_boxes(h: int, w: int, crop: int, stride: int) -> list[tuple[int, int,
     return boxes
 
 
+MIN_SIDE = 32  # input pixels MiT needs per side: its first spatial reduction is an 8x8 conv on the 1/4 grid
+
+
+def resized_logits(model: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """(B, 3, h, w) -> float32 logits (B, K, h, w): the head's 1/4-resolution logits resized bilinearly to the input.
+    A side under MIN_SIDE (a thin photo at the test scale) is zero-padded (the mean color) at the bottom or right
+    first, and the padding's logits are cut off; larger inputs go through as they are."""
+    h, w = x.shape[2:]
+    x = F.pad(x, (0, max(MIN_SIDE - w, 0), 0, max(MIN_SIDE - h, 0)))
+    return F.interpolate(model(x).float(), size=x.shape[2:], mode="bilinear", align_corners=False)[:, :, :h, :w]
+
+
 def network_logits(model: Callable[[Tensor], Tensor], img: Tensor, mode: str, crop: int, stride: int) -> Tensor:
     """(B, 3, h, w) -> float32 logits (B, K, h, w) at the input's size, as mmseg's whole/slide_inference before
-    the rescale: the head's 1/4-resolution logits are resized bilinearly to the input (window). model: the
-    Segmentor, or ssr.cast_once of it."""
+    the rescale. model: the Segmentor, or ssr.cast_once of it."""
     if mode == "whole":
-        return F.interpolate(model(img).float(), size=img.shape[2:], mode="bilinear", align_corners=False)
+        return resized_logits(model, img)
     b, (h, w) = img.shape[0], img.shape[2:]
     boxes = window_boxes(h, w, crop, stride)
     windows = torch.cat([img[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])  # (n * B, 3, ch, cw), one forward
-    out = F.interpolate(model(windows).float(), size=windows.shape[2:], mode="bilinear", align_corners=False)
+    out = resized_logits(model, windows)
     logits = img.new_zeros(b, out.shape[1], h, w, dtype=torch.float32)
     count = img.new_zeros(1, 1, h, w, dtype=torch.float32)
     for k, (y1, y2, x1, x2) in enumerate(boxes):  # overlapping windows average their logits

@@ -1421,6 +1421,18 @@ def test_window_boxes_follow_mmseg():
     assert cover.min() >= 1
 
 
+def test_network_logits_pads_inputs_too_thin_for_mit():
+    torch.manual_seed(0)
+    model = ssr.build_segmentor(_TINY).eval()
+    thin = torch.randn(1, 3, 18, 64)  # a 18-row grid of 1/4 is 5 rows: less than the first 8x8 spatial reduction
+    with torch.no_grad():
+        for mode in ("whole", "slide"):
+            assert ev.network_logits(model, thin, mode, crop=32, stride=21).shape == (1, 19, 18, 64)
+        wide = torch.randn(1, 3, 64, 96)  # large enough: exactly the model's logits, resized
+        expected = F.interpolate(model(wide), size=(64, 96), mode="bilinear", align_corners=False)
+        assert torch.equal(ev.network_logits(model, wide, "whole", crop=32, stride=21), expected)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the evaluator
 
@@ -1866,6 +1878,7 @@ def test_train_bad_input_is_one_clear_error(_train_root, tmp_path, monkeypatch, 
     (["--sam-img-size", "0"], "--sam-img-size 0"),
     (["--sam-img-size", "-16"], "--sam-img-size -16"),
     (["--sam-img-size", "100"], "multiple of 16"),
+    (["--crop", "0"], "--crop 0: the crop must be a positive multiple of 32"),
     (["--log-every", "-1"], "cannot be negative"),
     (["--save-every", "-5"], "cannot be negative"),
     (["--data-root", "{tmp}/afile"], "--data-root {tmp}/afile is a file"),
