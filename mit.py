@@ -76,7 +76,7 @@ def drop_path_scales(rates: list[float], batch: int, like: Tensor) -> Tensor:
 class DropPathAdd(torch.autograd.Function):
     """x + branch * scale: one op forward (addcmul) and one backward (grad * scale for the branch; x's gradient is
     grad itself, and scale gets none). Autograd's own addcmul backward takes two, grad * (scale * 1), as does
-    x + branch * scale (mul and add forward, mul backward): 104 ops per MiT-B5 step saved."""
+    x + branch * scale (mul and add forward, mul backward): 104 fewer ops in an ssr step of bench.py's item 5."""
 
     @staticmethod
     def forward(ctx, x: Tensor, branch: Tensor, scale: Tensor) -> Tensor:
