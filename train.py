@@ -189,8 +189,8 @@ if args.sam_img_size <= 0 or args.sam_img_size % 16:
     fail(f"--sam-img-size {args.sam_img_size}: SAM cuts its input into 16x16 patches, so give a positive multiple "
          f"of 16, e.g. 1024 (the paper) or 512.")
 if args.crop <= 0 or args.crop % 32 or args.crop > min(src_scale[1], tgt_scale[1]):
-    fail(f"--crop {args.crop}: the crop must be a positive multiple of 32 and at most the height the images are resized to "
-         f"({min(src_scale[1], tgt_scale[1])} px here), e.g. --crop 512.")
+    fail(f"--crop {args.crop}: the crop must be a positive multiple of 32 and at most the height the images are "
+         f"resized to ({min(src_scale[1], tgt_scale[1])} px here), e.g. --crop 512.")
 if args.iters <= 0 or args.batch_size <= 0:
     fail("--iters and --batch-size must be positive.")
 if min(args.log_every, args.eval_every, args.save_every, args.debug_every, args.workers) < 0:
