@@ -502,7 +502,7 @@ def bench_eval(s: Setup) -> tuple:
     w, h = s.size("eval", (1024, 512), None, (128, 64))
     model = s.maybe_compile(eval_model(s))
     with torch.inference_mode():  # as eval.py: the weights cast to the autocast dtype once, not for every image
-        net = import_ssr().cast_once(model, s.amp_dtype) if s.amp_dtype else model
+        net = import_ssr().cast_once(model, s.amp_dtype)
     x = torch.randn(s.eval_batch, 3, h, w, device=s.device)
 
     def fn():

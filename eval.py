@@ -289,7 +289,7 @@ def evaluate(model: ssr.Segmentor, loader, *, device, amp_dtype: torch.dtype | N
     model.eval()  # dropout off, BatchNorm uses its running statistics
     n, total, t0 = 0, len(loader.dataset), time.time()
     with torch.inference_mode():
-        net = ssr.cast_once(model, amp_dtype) if amp_dtype else model
+        net = ssr.cast_once(model, amp_dtype)
         for batch in loader:
             img = batch["img"].to(device, non_blocking=True)
             label = batch["lbl"].to(device, non_blocking=True).long()
@@ -392,7 +392,7 @@ def predict_images(model: ssr.Segmentor, folder: str, save_dir: str, *, device, 
     device, written, skipped = torch.device(device), 0, []
     model.eval()
     with torch.inference_mode():
-        net = ssr.cast_once(model, amp_dtype) if amp_dtype else model
+        net = ssr.cast_once(model, amp_dtype)
         for k, (item, name) in enumerate(zip(loader, names)):
             if "error" in item:
                 skipped.append(f"{item['path']} ({item['error']})")

@@ -629,10 +629,12 @@ def call_with(net: nn.Module, weights: dict[str, Tensor], *args):
     return torch.func.functional_call(net, weights, args)
 
 
-def cast_once(net: nn.Module, dtype: torch.dtype):
+def cast_once(net: nn.Module, dtype: torch.dtype | None):
     """net's forward for inference under autocast, with its linear and conv weights cast to dtype once, here:
     autocast would cast each of them again for every image (~730 kernels per MiT-B5 forward). The numbers are the
-    same. Call it under torch.no_grad() or inference_mode()."""
+    same. dtype None (no autocast, fp32): net itself. Call it under torch.no_grad() or inference_mode()."""
+    if dtype is None:
+        return net
     named = matmul_weights(net)
     return partial(call_with, net, dict(zip(named, copies(list(named.values()), dtype))))
 

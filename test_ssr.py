@@ -358,6 +358,7 @@ def test_ssr_cast_once_for_inference_equals_autocast():
             got = net(x)
         assert torch.equal(got, model(x))
     assert ops.ops["_to_copy"] <= 2  # the input, not the weights
+    assert ssr.cast_once(model, None) is model  # fp32: the model as it is
 
 
 @pytest.mark.parametrize("grad_checkpoint", [False, True])
