@@ -6,13 +6,14 @@ Every random choice of the training sample at global position k comes from np.ra
 so a batch is a function of (seed, iteration, rank) alone: resuming or changing the worker count changes nothing.
 demo.py writes its two synthetic domains in the very same layouts, so the demo runs the real code path.
 """
+import errno
 import hashlib
 import itertools
 import os
 import struct
 from dataclasses import dataclass
 from multiprocessing import Pool
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -54,8 +55,22 @@ SOURCES = {"gta5": dict(scale=(1280, 720), rcs_min_pixels=3000),
 TARGET_SCALE = (1024, 512)
 
 
-class DatasetError(ValueError):
-    """Bad or missing data, explained in one paragraph for the person running the program."""
+class UserError(ValueError):
+    """Something the person running the program must fix (a flag, a file, a full disk), explained in one
+    paragraph. The programs print it as one `error:` line without a traceback; any other exception is a bug and
+    keeps its traceback. mit.WeightsError is one too."""
+
+
+class DatasetError(UserError):
+    """Bad or missing data."""
+
+
+class FlagError(UserError):
+    """A command-line flag that cannot work (an output that cannot be written, a folder in use, ...)."""
+
+
+class DiskFull(UserError):
+    """A file could not be written because its disk is full; the file it would have replaced is intact."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -604,3 +619,54 @@ def make_val_loader(data_root: str, tgt: str = "cityscapes", split: str = "val",
     samples = list_dataset(data_root, tgt, split)
     return CleanLoader(ValSamples(samples, scale), batch_size=batch_size, shuffle=False, num_workers=workers,
                        collate_fn=_collate, generator=torch.Generator(), pin_memory=pin_memory)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Appendix: writing files so that a kill at any moment leaves the old file or the new one, never half of one
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask can only be read by setting it, which would race
+    with files that other threads create meanwhile)."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError):  # not Linux: the set-and-restore fallback
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def write_aside(path: str, write: Callable[[str], None]) -> str:
+    """write(tmp) fills a temporary file beside `path`; it is flushed to disk and given the mode a new file gets
+    under the user's umask (safetensors creates its files 0600, torch.save 0644). Returns tmp, for os.replace.
+    On any failure tmp is removed; a full disk raises DiskFull (torch.save and safetensors report it as a
+    RuntimeError or their own error, so the free space is read while tmp still holds the space it took)."""
+    tmp = f"{path}.{os.getpid()}.tmp"  # per process: two writers never share a temporary file
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())
+        return tmp
+    except BaseException as e:
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            st = os.statvfs(folder)
+            full = getattr(e, "errno", None) == errno.ENOSPC or st.f_bavail * st.f_frsize < 2 ** 20
+        except OSError:
+            full = False
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if full and isinstance(e, Exception):
+            raise DiskFull(f"the disk that holds {folder} is full: {os.path.basename(path)} could not be written "
+                           f"there, and the earlier {os.path.basename(path)}, if any, is untouched. Free some space "
+                           f"there.") from None
+        raise
+
+
+def save_atomic(path: str, write: Callable[[str], None]) -> None:
+    """Write `path` through write(tmp) (see write_aside), then rename it into place."""
+    os.replace(write_aside(path, write), path)

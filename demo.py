@@ -510,7 +510,7 @@ def save_teacher(encoder: sam_encoder.SamEncoder, path: str) -> None:
     meta = {"what": "toy SAM teacher of the ssr demo (demo.py teacher)", "config": json.dumps(TEACHER),
             "version": str(TEACHER_VERSION)}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    mit.save_atomic(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+    data.save_atomic(path, lambda tmp: save_file(sd, tmp, metadata=meta))
 
 
 def teacher_path(cache_dir: str | None = None) -> str:

@@ -17,7 +17,6 @@ import os
 import re
 import sys
 from dataclasses import dataclass, fields
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -27,16 +26,16 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+import data
+
 
 # Where the ImageNet weights come from (README, "Weights"); every missing-weights message names it.
 DOWNLOAD = ("mit_b5.pth, 'pretrained on ImageNet-1K', linked from the NVlabs SegFormer README "
             "(https://github.com/NVlabs/SegFormer#training), or the files of https://huggingface.co/nvidia/mit-b5")
 
 
-class WeightsError(ValueError):
-    """A weights or checkpoint file that cannot be used (missing, unreadable, of another model), explained in one
-    paragraph for the person running the program. The programs print it without a traceback; any other exception
-    is a bug and keeps its traceback."""
+class WeightsError(data.UserError):
+    """A weights or checkpoint file that cannot be used (missing, unreadable, of another model)."""
 
 
 @dataclass
@@ -64,34 +63,13 @@ MIT_PRESETS: dict[str, dict] = {
 BLOCK_EPS = 1e-6
 
 
-def drop_path_scales(rates: list[float], batch: int, like: Tensor) -> Tensor:
-    """Stochastic depth for n residual branches at once: drop rates (n,) -> (n, B, 1, 1) factors in like's dtype,
-    0 for a dropped sample (probability rate) and 1/(1 - rate) for a kept one, so the expectation is unchanged.
-    One draw for all branches instead of three ops in each of MiT-B5's 104 (an ssr step of bench.py's item 5:
-    9,099 -> 8,801 ops)."""
-    keep = 1 - torch.tensor(rates, device=like.device)[:, None]  # (n, 1)
-    return torch.bernoulli(keep.expand(-1, batch)).div_(keep).to(like.dtype)[..., None, None]
-
-
-class DropPathAdd(torch.autograd.Function):
-    """x + branch * scale: one op forward (addcmul) and one backward (grad * scale for the branch; x's gradient is
-    grad itself, and scale gets none). Autograd's own addcmul backward takes two, grad * (scale * 1), as does
-    x + branch * scale (mul and add forward, mul backward): 104 fewer ops in an ssr step of bench.py's item 5."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, branch: Tensor, scale: Tensor) -> Tensor:
-        ctx.save_for_backward(scale)
-        return torch.addcmul(x, branch, scale)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
-        scale, = ctx.saved_tensors
-        return grad, grad * scale, None
-
-
-def residual(x: Tensor, branch: Tensor, scale: Tensor | None) -> Tensor:
-    """x + branch * scale, scale (B, 1, 1) from drop_path_scales; the plain sum without stochastic depth (None)."""
-    return x + branch if scale is None else DropPathAdd.apply(x, branch, scale)
+def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
+    """Stochastic depth of a residual branch (B, N, C): each sample's branch is dropped with probability `rate`
+    and the kept ones scaled by 1/(1 - rate), so the expectation is unchanged; identity in eval mode."""
+    if not training or rate == 0:
+        return x
+    keep = x.new_empty(x.shape[0], 1, 1).bernoulli_(1 - rate)
+    return x * keep / (1 - rate)
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -128,17 +106,10 @@ class Attention(nn.Module):
         B, N, C = x.shape
         nh = self.num_heads
         q = self.q(x).view(B, N, nh, C // nh).transpose(1, 2)  # (B, nh, N, hd)
-        if self.sr_ratio > 1:
-            # The strided conv on the tokens' channels-last view: one op forward and one backward. A matmul over
-            # gathered patches gives the same numbers with a copy each way and a separate bias gradient: 294 ops
-            # more per ssr step (bench.py item 5). Conv against matmul, MiT-B5 forward + backward on a 2-core CPU
-            # (torch 2.13, interleaved, median of 5): fp32 0.95x the time at 512x512 batch 2, equal at 256 batch 2,
-            # 1.08x at 256 batch 1; bf16 autocast 1.32x at 128 batch 2 (that CPU's bf16 conv backward is slow).
-            x = self.sr(x.view(B, H, W, C).permute(0, 3, 1, 2))  # (B, C, H/sr, W/sr), channels-last
+        if self.sr_ratio > 1:  # a strided conv on the token grid (a channels-last view of the tokens: no copy)
+            x = self.sr(x.view(B, H, W, C).permute(0, 3, 1, 2))  # (B, C, H/sr, W/sr)
             x = self.norm(x.flatten(2).transpose(1, 2))  # (B, M, C), M = N / sr^2
         kv = self.kv(x).view(B, -1, 2, nh, C // nh)  # (B, M, 2, nh, hd)
-        # unbound where the pair axis lies, so the backward's stack of the two gradients is kv's own layout (a
-        # permute first made autograd copy that stack back: one op per block)
         k, v = (t.transpose(1, 2) for t in kv.unbind(2))  # 2 x (B, nh, M, hd)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, nh, N, hd)
         x = x.transpose(1, 2).reshape(B, N, C)
@@ -155,8 +126,7 @@ class DWConv(nn.Module):
     def forward(self, x: Tensor, H: int, W: int) -> Tensor:
         B, N, C = x.shape
         # A channels-last view in and out, no copies. Not x.transpose(1, 2).view(B, C, H, W): at B = 1 that view
-        # gets a batch stride that hides the channels-last layout from the conv, which then copies to NCHW (this
-        # view measured 1.36x faster MiT-B5 inference and 1.12x faster forward + backward at batch 1, 2-core CPU).
+        # has a batch stride that hides the channels-last layout from the conv, which then copies to NCHW.
         x = self.dwconv(x.view(B, H, W, C).permute(0, 3, 1, 2))  # (B, C, H, W)
         return x.flatten(2).transpose(1, 2)  # (B, N, C)
 
@@ -181,12 +151,11 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, sr_ratio)
         self.norm2 = nn.LayerNorm(dim, eps=BLOCK_EPS)
         self.mlp = MixFFN(dim, dim * mlp_ratio)
-        self.drop_path = drop_path  # stochastic depth rate of both branches, drawn by MixVisionTransformer
+        self.drop_path = drop_path  # stochastic depth rate of both branches
 
-    def forward(self, x: Tensor, H: int, W: int, scales: Tensor | None = None) -> Tensor:  # (B, N, C) -> (B, N, C)
-        """scales: (2, B, 1, 1) drop-path factors of the attention and MLP branches; None: no stochastic depth."""
-        x = residual(x, self.attn(self.norm1(x), H, W), None if scales is None else scales[0])
-        return residual(x, self.mlp(self.norm2(x), H, W), None if scales is None else scales[1])
+    def forward(self, x: Tensor, H: int, W: int) -> Tensor:  # (B, N, C) -> (B, N, C)
+        x = x + drop_path(self.attn(self.norm1(x), H, W), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x), H, W), self.drop_path, self.training)
 
 
 def init_weights(m: nn.Module) -> None:
@@ -230,19 +199,14 @@ class MixVisionTransformer(nn.Module):
         """(B, 3, H, W), H and W divisible by 32 -> [(B, C1, H/4, W/4), (B, C2, H/8, W/8), ..., (B, C4, H/32, W/32)].
 
         The maps are channels-last in memory (a free view of the tokens); call .contiguous() where NCHW matters."""
-        outs, scales = [], None
+        outs = []
         for i in range(len(self.cfg.depths)):
             x, H, W = getattr(self, f"patch_embed{i + 1}")(x)  # (B, N, C)
-            if i == 0 and self.training and self.cfg.drop_path_rate > 0:  # every block's draw, in x's dtype
-                rates = [b.drop_path for j in range(len(self.cfg.depths)) for b in getattr(self, f"block{j + 1}")]
-                scales = iter(drop_path_scales([r for r in rates for _ in "ab"], x.shape[0], x)
-                              .view(len(rates), 2, x.shape[0], 1, 1))  # per block: (2, B, 1, 1)
             for blk in getattr(self, f"block{i + 1}"):
-                s = next(scales) if scales is not None else None
-                if self.grad_checkpoint and self.training:
-                    x = checkpoint(blk, x, H, W, s, use_reentrant=False)
+                if self.grad_checkpoint and self.training:  # recomputed in backward with the same RNG state
+                    x = checkpoint(blk, x, H, W, use_reentrant=False)
                 else:
-                    x = blk(x, H, W, s)
+                    x = blk(x, H, W)
             x = getattr(self, f"norm{i + 1}")(x)
             x = x.view(x.shape[0], H, W, -1).permute(0, 3, 1, 2)  # (B, C, H, W)
             outs.append(x)
@@ -284,43 +248,10 @@ HF_RULES = [  # (pattern on the HF key without "segformer.", replacement)
 DROPPED = ("head.", "classifier.", "decode_head.")
 
 
-def _umask() -> int:
-    """The process's umask, read without changing it (os.umask can only be read by setting it, which would race
-    with files that other threads create meanwhile)."""
-    try:
-        with open("/proc/self/status") as f:
-            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
-    except (OSError, StopIteration, ValueError):  # not Linux: the set-and-restore fallback
-        mask = os.umask(0o022)
-        os.umask(mask)
-        return mask
-
-
 def check_output_folder(path: str) -> None:
-    """Before a slow conversion: the folder that is to hold `path` exists (save_atomic writes beside it)."""
+    """Before a slow conversion: the folder that is to hold `path` exists (data.save_atomic writes beside it)."""
     if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise WeightsError(f"the folder of the output {path} does not exist; create it first.")
-
-
-def save_atomic(path: str, write: Callable[[str], None]) -> None:
-    """Write a file so that a reader, or a program killed at any moment, sees the old file or the new one, never
-    half of one: write(tmp) fills a temporary file beside `path`, which is flushed to disk, given the mode a new
-    file gets under the user's umask (safetensors creates its files 0600, torch.save 0644), and renamed onto
-    `path`. The temporary file is removed if anything fails."""
-    tmp = f"{path}.{os.getpid()}.tmp"  # per process: two writers never share a temporary file
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def detect_layout(sd: dict[str, Tensor]) -> str:
@@ -462,7 +393,7 @@ def convert_checkpoint(src: str, dst: str) -> None:
     with torch.device("meta"):  # only the key names and shapes matter: allocate nothing
         model = build_mit("mit_b5", embed_dims=embed_dims, depths=depths)
     check_state_dict(model, sd, f"{src} ({layout})")
-    save_atomic(dst, lambda tmp: save_file({k: v.contiguous() for k, v in sd.items()}, tmp))
+    data.save_atomic(dst, lambda tmp: save_file({k: v.contiguous() for k, v in sd.items()}, tmp))
 
 
 if __name__ == "__main__":

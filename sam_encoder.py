@@ -34,7 +34,8 @@ from torch import Tensor
 
 # Shared with mit.py: the error for unusable weights files, atomic writes, reading .safetensors and .pth files and
 # the strict key check. What differs between the two models (key layouts, sizes, messages) stays in each file.
-from mit import WeightsError, check_keys, check_output_folder, read_safetensors, read_torch_checkpoint, save_atomic
+from data import save_atomic
+from mit import WeightsError, check_keys, check_output_folder, read_safetensors, read_torch_checkpoint
 
 # Where the weights come from (README, "Weights"); every missing-weights message names it.
 DOWNLOAD = ("the official https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth (ViT-L: "

@@ -1,19 +1,16 @@
-"""The DAFormer segmentor, DACS self-training with an EMA teacher, and SSR's training-only SAM branch.
+"""SSR on DAFormer: the deployed segmentor, SAM's training-only regularization branch, DACS self-training, and
+one training step that puts them together. Read top to bottom, in the paper's order:
 
-Read top to bottom, the method first and the plumbing last:
 1. The deployed model: a MiT encoder (mit.py) and DAFormer's decode head, whose context-aware fusion is an ASPP of
    depthwise-separable convolutions. Parameter names are those of DAFormer's released checkpoints
    (decode_head.embed_layers.0.proj.weight, ...), so their student weights load strictly.
-2. DACS as small pure functions: EMA teacher, confidence-weighted pseudo-labels, ClassMix, color jitter and
+2. SSR's branch: frozen SAM tokens fused into every MiT stage by cross-attention (training only).
+3. DACS as small pure functions: EMA teacher, confidence-weighted pseudo-labels, ClassMix, color jitter and
    Gaussian blur (kornia 0.5.8's semantics, as DAFormer pins it, in plain torch), the ImageNet feature distance,
    MIC's block masks, and mmsegmentation 0.x's weighted cross-entropy.
-3. SSRBranch, which fuses frozen SAM tokens into every MiT stage by cross-attention.
-4. UDA, which computes one training step's loss terms by name: DAFormer's, then SSR's two. The caller sums them and
-   calls backward.
-5. Saving and loading the deployed model.
-6. Speed, the same method with fewer kernel launches: the frozen networks as bf16 copies (autocast's numbers up to
-   rounding), the student's weights cast by one op per step instead of one per tensor (bit-identical), and
-   compilation block by block. Then an appendix with kornia's color-space arithmetic.
+4. UDA: one training step's loss terms by name, DAFormer's and then SSR's two. The caller sums them and calls
+   backward, in the autocast context it chooses.
+5. Saving and loading the deployed model. An appendix holds kornia's color-space arithmetic.
 
 References: lhoyer/DAFormer (mmseg/models/uda/dacs.py, utils/dacs_transforms.py), lhoyer/MIC
 (masking_consistency_module.py) and geyanqi/SSR (mmseg/models/uda/ssr.py).
@@ -23,7 +20,6 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from functools import partial
 
 import torch
 import torch.nn as nn
@@ -32,8 +28,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+import data
 import mit
-import sam_encoder
 from data import IGNORE, denormalize, normalize
 
 
@@ -151,7 +147,74 @@ def build_segmentor(cfg: SegConfig) -> Segmentor:
     return Segmentor(cfg)
 
 # ----------------------------------------------------------------------------------------------------------------
-# 2. DACS / DAFormer self-training, as pure functions
+# 2. SSR: SAM tokens fused into each MiT stage (training only)
+
+SAM_DIM = 256  # channels of the SAM encoder's neck output
+
+
+class CrossAttention(nn.Module):
+    """The stage's tokens ask (queries), the embedded SAM tokens answer (keys, values); SSR's AttentionCross."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, ctx: Tensor) -> Tensor:  # (B, N, C), (B, M, C) -> (B, N, C)
+        B, N, C = x.shape
+        nh = self.num_heads
+        q = self.q(x).view(B, N, nh, C // nh).transpose(1, 2)  # (B, nh, N, hd)
+        kv = self.kv(ctx).view(B, -1, 2, nh, C // nh)  # (B, M, 2, nh, hd)
+        k, v = (t.transpose(1, 2) for t in kv.unbind(2))  # 2 x (B, nh, M, hd), unbound as in mit.Attention
+        x = F.scaled_dot_product_attention(q, k, v)  # never builds the (N, M) matrix: 16384 x 4096 in stage 1
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class SSRBranch(nn.Module):
+    """For each regularized stage i: SAM tokens (B, 256, s, s) -> Linear to C_i -> cross-attention from the stage's
+    tokens; the result is added to the stage feature. Keys as SSR: embedding_layer.{i}.proj, fusion_layer.{i}."""
+
+    def __init__(self, embed_dims: tuple[int, ...], num_heads: tuple[int, ...], stages=(0, 1, 2, 3)):
+        super().__init__()
+        self.stages = tuple(stages)
+        self.embedding_layer = nn.ModuleDict({str(i): LinearEmbed(SAM_DIM, embed_dims[i]) for i in self.stages})
+        self.fusion_layer = nn.ModuleDict({str(i): CrossAttention(embed_dims[i], num_heads[i]) for i in self.stages})
+
+    def forward(self, feats: list[Tensor], sam_feat: Tensor) -> list[Tensor]:
+        out = list(feats)
+        for i in self.stages:
+            f = feats[i]  # (B, C_i, h, w)
+            x = self.fusion_layer[str(i)](f.flatten(2).transpose(1, 2), self.embedding_layer[str(i)](sam_feat))
+            out[i] = f + x.transpose(1, 2).unflatten(2, f.shape[2:])  # enhanced = feature + attention
+        return out
+
+
+CONTEXTS = ("sam", "shuffled", "zeros")
+
+
+def ssr_context(tokens: Tensor, mode: str) -> Tensor:
+    """What the SSR branch attends to, (2B, 256, s, s) SAM tokens of [source; mixed] images -> the same shape.
+
+    'sam' is SSR: each image's own tokens. The two ablations ask whether the student reads image-specific SAM
+    knowledge: 'shuffled' gives each image the tokens of the next image of its own domain (rolled by one within
+    the source half and within the mixed half, so the tokens' distribution is unchanged but they describe another
+    scene; needs at least two images per domain), 'zeros' gives every image the same empty context, so the
+    branch can only learn a constant shift of the features and the head's second pass remains."""
+    if mode == "sam":
+        return tokens
+    if mode == "zeros":
+        return torch.zeros_like(tokens)
+    if mode != "shuffled":
+        raise ValueError(f"unknown SSR context {mode!r}; choose one of {', '.join(CONTEXTS)}.")
+    halves = tokens.unflatten(0, (2, -1))  # (2, B, 256, s, s): source, mixed
+    if halves.shape[1] < 2:
+        raise ValueError("the shuffled SSR context needs at least 2 images per domain in a batch (--batch-size 2).")
+    return halves.roll(1, dims=1).flatten(0, 1)
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. DACS / DAFormer self-training, as pure functions
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, it: int, alpha_max: float = 0.999) -> None:
@@ -163,8 +226,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, it: int, alpha_max: float
             a.copy_(b)
         return
     alpha = min(1 - 1 / (it + 1), alpha_max)
-    torch._foreach_mul_(t, alpha)  # one fused launch per group instead of one per tensor (~700 in MiT-B5)
-    torch._foreach_add_(t, s, alpha=1 - alpha)
+    torch._foreach_lerp_(t, s, 1 - alpha)  # t + (1 - alpha) * (s - t), every tensor in one call
 
 
 # DAFormer's pseudo-label rows of weight 0 at the top (rectification border) and bottom (ego car) of a 512 crop
@@ -296,54 +358,11 @@ def seg_loss(logits: Tensor, label: Tensor, weight: Tensor | None = None) -> Ten
     return (loss if weight is None else loss * weight).mean()
 
 # ----------------------------------------------------------------------------------------------------------------
-# 3. SSR: SAM tokens fused into each MiT stage (training only)
-
-SAM_DIM = 256  # channels of the SAM encoder's neck output
-
-
-class CrossAttention(nn.Module):
-    """The stage's tokens ask (queries), the embedded SAM tokens answer (keys, values); SSR's AttentionCross."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim, bias=False)
-        self.kv = nn.Linear(dim, 2 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor, ctx: Tensor) -> Tensor:  # (B, N, C), (B, M, C) -> (B, N, C)
-        B, N, C = x.shape
-        nh = self.num_heads
-        q = self.q(x).view(B, N, nh, C // nh).transpose(1, 2)  # (B, nh, N, hd)
-        kv = self.kv(ctx).view(B, -1, 2, nh, C // nh)  # (B, M, 2, nh, hd)
-        k, v = (t.transpose(1, 2) for t in kv.unbind(2))  # 2 x (B, nh, M, hd), unbound as in mit.Attention
-        x = F.scaled_dot_product_attention(q, k, v)  # never builds the (N, M) matrix: 16384 x 4096 in stage 1
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
-
-
-class SSRBranch(nn.Module):
-    """For each regularized stage i: SAM tokens (B, 256, s, s) -> Linear to C_i -> cross-attention from the stage's
-    tokens; the result is added to the stage feature. Keys as SSR: embedding_layer.{i}.proj, fusion_layer.{i}."""
-
-    def __init__(self, embed_dims: tuple[int, ...], num_heads: tuple[int, ...], stages=(0, 1, 2, 3)):
-        super().__init__()
-        self.stages = tuple(stages)
-        self.embedding_layer = nn.ModuleDict({str(i): LinearEmbed(SAM_DIM, embed_dims[i]) for i in self.stages})
-        self.fusion_layer = nn.ModuleDict({str(i): CrossAttention(embed_dims[i], num_heads[i]) for i in self.stages})
-
-    def forward(self, feats: list[Tensor], sam_feat: Tensor) -> list[Tensor]:
-        out = list(feats)
-        for i in self.stages:
-            f = feats[i]  # (B, C_i, h, w)
-            x = self.fusion_layer[str(i)](f.flatten(2).transpose(1, 2), self.embedding_layer[str(i)](sam_feat))
-            out[i] = f + x.transpose(1, 2).unflatten(2, f.shape[2:])  # enhanced = feature + attention
-        return out
-
-# ----------------------------------------------------------------------------------------------------------------
 # 4. One training step: DAFormer's losses, then SSR's two
 
 METHODS = ("source-only", "dacs", "ssr")
 FD_LAMBDA = 0.005  # DAFormer's imnet_feature_dist_lambda
+EMA_ALPHA = 0.999  # DAFormer's teacher momentum, reached at iteration 999 of 40k
 
 
 def frozen_copy(m: nn.Module) -> nn.Module:
@@ -357,7 +376,8 @@ class UDA(nn.Module):
     keep_pictures = False  # set: forward keeps its images, labels and logits in self.pictures (train.py's panels)
 
     def __init__(self, student: Segmentor, method: str = "ssr", mic: bool = False, ssr_stages=(0, 1, 2, 3),
-                 sam_img_size: int = 1024, ignore_rows: tuple[int, int] = IGNORE_ROWS):
+                 sam_img_size: int = 1024, ignore_rows: tuple[int, int] = IGNORE_ROWS, ema_alpha: float = EMA_ALPHA,
+                 ssr_context: str = "sam"):
         """Args:
             method: 'source-only' (source loss only), 'dacs' (DAFormer: + ClassMix self-training + FD) or 'ssr'
                 (dacs + the SAM-regularized losses).
@@ -365,7 +385,9 @@ class UDA(nn.Module):
             ssr_stages: the MiT stages (0..3) that SAM regularizes.
             sam_img_size: side the source and mixed images are resized to for the SAM encoder.
             ignore_rows: target rows at the top and bottom whose pseudo-labels get weight 0 (DAFormer's 15 and
-                120 are for 512-pixel crops; scale them with smaller crops)."""
+                120 are for 512-pixel crops; scale them with smaller crops).
+            ema_alpha: the teacher's momentum once its ramp is over (ema_update).
+            ssr_context: what the SSR branch attends to: 'sam', or an ablation (ssr_context())."""
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
@@ -373,53 +395,17 @@ class UDA(nn.Module):
             raise ValueError("mic=True needs the EMA teacher's pseudo-labels; use it with method 'dacs' or 'ssr'.")
         if not ssr_stages or len(set(ssr_stages)) != len(ssr_stages) or not set(ssr_stages) <= {0, 1, 2, 3}:
             raise ValueError(f"ssr_stages={ssr_stages!r}: give distinct MiT stages among 0, 1, 2, 3.")
+        if ssr_context not in CONTEXTS:
+            raise ValueError(f"unknown SSR context {ssr_context!r}; choose one of {', '.join(CONTEXTS)}.")
         self.student, self.method, self.mic = student, method, mic
-        self.sam_img_size, self.ignore_rows = sam_img_size, ignore_rows
+        self.sam_img_size, self.ignore_rows, self.ema_alpha = sam_img_size, ignore_rows, ema_alpha
+        self.ssr_context = ssr_context
         adapt = method != "source-only"
         self.ema = frozen_copy(student) if adapt else None
         self.imnet = frozen_copy(student.backbone) if adapt else None  # the ImageNet weights, before any training
         bcfg = student.backbone.cfg
         self.ssr = SSRBranch(bcfg.embed_dims, bcfg.num_heads, ssr_stages) if method == "ssr" else None
-        self.reduced: dict[str, ReducedCopy] = {}  # ReducedCopy of ema and imnet, made in the autocast dtype
-        self.compile_kwargs = None  # set by compile_networks, for the reduced copies
         self.train()
-
-    def compile_networks(self, sam: nn.Module | None = None, **compile_kwargs) -> None:
-        """compile_network for each network (student, teachers, SSR branch, and the SAM encoder if given),
-        keeping parameter names; the step around them stays eager Python (EMA update, ClassMix draws). Compiling
-        the whole step instead recompiled when the iteration changed, took twice as long to compile, and (torch
-        2.13, CPU, inductor) gave the student's first layer a zero gradient; compiled this way, losses equal eager
-        ones."""
-        for m in (self.student, self.ema, self.imnet, self.ssr, sam):
-            if m is not None:
-                compile_network(m, **compile_kwargs)
-        self.compile_kwargs = compile_kwargs
-        for r in self.reduced.values():
-            compile_network(r.net, **compile_kwargs)
-
-    def frozen_networks(self, device_type: str) -> tuple[nn.Module, nn.Module, torch.dtype]:
-        """(EMA teacher, ImageNet encoder, their input dtype) for this step: under autocast, their ReducedCopy in
-        the autocast dtype, refreshed from the fp32 networks (the EMA moves every step), else the networks."""
-        if not torch.is_autocast_enabled(device_type):
-            return self.ema, self.imnet, torch.float32
-        dtype = torch.get_autocast_dtype(device_type)
-        for name in ("ema", "imnet"):
-            if name not in self.reduced or self.reduced[name].dtype != dtype:
-                self.reduced[name] = ReducedCopy(getattr(self, name), dtype, self.compile_kwargs)
-            else:
-                self.reduced[name].refresh()
-        return self.reduced["ema"].net, self.reduced["imnet"].net, dtype
-
-    def trained_networks(self, device_type: str) -> tuple:
-        """(backbone, head, SSR branch) of this step, as functions: under autocast, the modules run with CastWeights'
-        copies of their linear and conv weights (functional_call swaps them in for the call); else the modules."""
-        nets = (self.student.backbone, self.student.decode_head, self.ssr)
-        if not torch.is_autocast_enabled(device_type):
-            return nets
-        weights = [matmul_weights(net) if net is not None else {} for net in nets]
-        low = iter(CastWeights.apply(torch.get_autocast_dtype(device_type), *(p for w in weights for p in w.values())))
-        return tuple(None if net is None else partial(call_with, net, {name: next(low) for name in w})
-                     for net, w in zip(nets, weights))
 
     def train(self, mode: bool = True) -> "UDA":
         """The student trains normally. The teacher runs without dropout and drop path, but its BatchNorms (in the
@@ -435,22 +421,31 @@ class UDA(nn.Module):
             self.imnet.eval()
         return self
 
+    def sam_tokens(self, sam: nn.Module, images: Tensor) -> Tensor:
+        """The frozen SAM encoder's tokens (N, 256, S/16, S/16) of images (N, 3, H, W) resized to S x S, in the
+        images' dtype; the 'zeros' context needs no SAM pass."""
+        S, N = self.sam_img_size, images.shape[0]
+        if self.ssr_context == "zeros":
+            return images.new_zeros(N, SAM_DIM, S // 16, S // 16)
+        x = F.interpolate(images, size=(S, S), mode="bilinear", align_corners=False)
+        tokens = sam(x.to(next(sam.parameters()).dtype)).to(images.dtype)  # SAM is built in the training dtype
+        return ssr_context(tokens, self.ssr_context)
+
     def forward(self, src_img: Tensor, src_lbl: Tensor, tgt_img: Tensor, it: int, sam: nn.Module | None = None
                 ) -> dict[str, Tensor]:
         """Normalized source (B, 3, H, W) with labels (B, H, W) and target images (B, 3, H, W), the iteration (for
         the EMA) and, for 'ssr', the frozen SAM encoder -> the weighted loss terms by name: src, src_ssr, mix,
         mix_ssr, fd, mic (those the method has). Their sum is the loss to back-propagate."""
-        backbone, head, branch = self.trained_networks(src_img.device.type)  # the SSR branch: None for dacs
+        backbone, head = self.student.backbone, self.student.decode_head
         if self.method == "source-only":
             return {"src": seg_loss(head(backbone(src_img)), src_lbl)}
-        if self.method == "ssr" and sam is None:
+        if self.method == "ssr" and sam is None and self.ssr_context != "zeros":
             raise ValueError("method 'ssr' needs the frozen SAM encoder: pass sam=sam_encoder.frozen_teacher(...).")
 
-        ema_update(self.ema, self.student, it)
-        ema, imnet, dtype = self.frozen_networks(src_img.device.type)
-        with torch.no_grad(), torch.autocast(src_img.device.type, enabled=False):  # frozen nets: in their dtype
+        ema_update(self.ema, self.student, it, self.ema_alpha)
+        with torch.no_grad():  # the frozen networks run in the caller's autocast dtype
             # the teacher's pseudo-labels at full resolution, ClassMix, strong augmentation of the mixed image
-            tgt_logits = F.interpolate(ema(tgt_img.to(dtype)).float(), size=tgt_img.shape[2:], mode="bilinear",
+            tgt_logits = F.interpolate(self.ema(tgt_img).float(), size=tgt_img.shape[2:], mode="bilinear",
                                        align_corners=False)
             plabel, pweight = pseudo_label(tgt_logits, ignore_top=self.ignore_rows[0],
                                            ignore_bottom=self.ignore_rows[1])
@@ -458,11 +453,9 @@ class UDA(nn.Module):
             mix_img = strong_transform(class_mix(mask, src_img, tgt_img))
             mix_lbl = class_mix(mask, src_lbl, plabel)
             mix_weight = class_mix(mask, torch.ones_like(pweight), pweight)  # source pixels are fully trusted
-            imnet_feat = imnet(src_img.to(dtype))[-1]
+            imnet_feat = self.imnet(src_img)[-1]
             if self.ssr is not None:
-                S = self.sam_img_size
-                x = F.interpolate(torch.cat([src_img, mix_img]), size=(S, S), mode="bilinear", align_corners=False)
-                tokens = sam(x.to(next(sam.parameters()).dtype)).to(src_img.dtype)  # (2B, 256, S/16, S/16)
+                tokens = self.sam_tokens(sam, torch.cat([src_img, mix_img]))  # (2B, 256, S/16, S/16)
             if self.mic:
                 # MIC 'separatetrgaug': the strongly augmented target with 70% of its 32 px blocks blanked (0 is the
                 # mean color after normalization), which must still give the teacher's pseudo-labels
@@ -470,8 +463,8 @@ class UDA(nn.Module):
                 masked = masked * mic_mask(masked)
 
         # One encoder pass over the source, mixed (and MIC's masked) images: MiT has no BatchNorm, so this equals
-        # separate passes, with a third of the kernel launches for MIC. The head's BatchNorms see each domain's
-        # statistics (domains=), as in DAFormer's and MIC's separate passes.
+        # separate passes. The head's BatchNorms see each domain's statistics (domains=), as in DAFormer's and
+        # MIC's separate passes.
         images = [src_img, mix_img] + ([masked] if self.mic else [])
         feats = backbone(torch.cat(images))
         src_logits, mix_logits, *masked_logits = head(feats, len(images)).chunk(len(images))
@@ -487,7 +480,7 @@ class UDA(nn.Module):
         # reaches the backbone through the residual of every regularized stage
         src_enh_logits = None
         if self.ssr is not None:
-            src_enh_logits, mix_enh_logits = head(branch([f[:2 * B] for f in feats], tokens), 2).chunk(2)
+            src_enh_logits, mix_enh_logits = head(self.ssr([f[:2 * B] for f in feats], tokens), 2).chunk(2)
             losses["src_ssr"] = seg_loss(src_enh_logits, src_lbl)
             losses["mix_ssr"] = seg_loss(mix_enh_logits, mix_lbl, mix_weight)
 
@@ -507,10 +500,10 @@ FORMAT = "ssr-segmentor"  # metadata mark that tells our checkpoints from other 
 
 def save_segmentor(model: Segmentor, path: str, **meta) -> None:
     """Weights as safetensors, with the SegConfig and `meta` (JSON-serializable extras) in its metadata,
-    written atomically (mit.save_atomic), so an interrupted save never leaves a broken file."""
+    written atomically (data.save_atomic), so an interrupted save never leaves a broken file."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT, "cfg": json.dumps(asdict(model.cfg)), "meta": json.dumps(meta)}
-    mit.save_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    data.save_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_segmentor(path: str, device="cpu") -> tuple[Segmentor, dict]:
@@ -547,103 +540,22 @@ def load_segmentor(path: str, device="cpu") -> tuple[Segmentor, dict]:
     return model.to(device).eval(), {"cfg": cfg, **json.loads(header.get("meta", "{}"))}
 
 # ----------------------------------------------------------------------------------------------------------------
-# 6. Speed: the networks in low precision with few kernel launches, and compiled block by block
+# 6. Speed, applied from outside the method: train.py --compile
 
-def compile_network(net: nn.Module, **compile_kwargs) -> None:
-    """torch.compile a network in place, block by block ("regional compilation"): each MiT or SAM transformer
-    block and each DAFormer head on its own, the few layers between them eager. The blocks of a stage repeat one
-    computation at one size, so it compiles once per stage and its other blocks reuse it: MiT-B5's first compiled
-    forward + backward took 449 s on the 2-core CPU compiled whole and 96 s block by block (inductor, bf16, 64x64
-    input, empty compile cache; the same speed after). Static shapes: the sizes differ from stage to stage, and
-    dynamo would make them symbolic at the second stage, which inductor (torch 2.13) then failed to compile."""
-    # One graph per stage and use of Block.forward: 4 stages x (the student training, the teachers' bf16 copies,
-    # the student evaluating at the validation size) = 12, past dynamo's default of 8 per function, after which
-    # it runs eager.
+def compile_blocks(net: nn.Module | None, **compile_kwargs) -> None:
+    """torch.compile a network in place, block by block: each MiT or SAM transformer block and each DAFormer head
+    on its own (a network of none of them, the SSR branch, whole). The blocks of a stage repeat one computation at
+    one size, so a stage compiles once and its other blocks reuse the graph. Static shapes: dynamo would make the
+    sizes symbolic at the second stage, which inductor (torch 2.13) then failed to compile."""
+    if net is None:
+        return
+    # one graph per stage and use (training, the teacher's no-grad pass, evaluation at another size): past
+    # dynamo's default of 8 per function, the rest would run eager
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    import sam_encoder  # here, not at the top: the method itself needs only the SAM tokens, not the encoder's code
     regions = [m for m in net.modules() if isinstance(m, (mit.Block, sam_encoder.Block, DAFormerHead))]
-    for m in regions or [net]:  # a network of none of them (the SSR branch) compiles whole
+    for m in regions or [net]:
         m.compile(dynamic=False, **compile_kwargs)
-
-
-class ReducedCopy:
-    """A copy of a frozen network (the EMA teacher, the ImageNet encoder) with its weights in a reduced dtype, to
-    run outside autocast: autocast would cast every weight again on each call, one kernel per tensor (~730 per
-    MiT-B5 pass; an ssr step of bench.py's item 5 went from 8,801 to 7,325 ops). refresh() copies the network's
-    current weights in with one foreach op. BatchNorm modules are the network's own (shared, not copied):
-    autocast leaves BatchNorm in fp32, and the teacher's statistics stay in its buffers. Not a submodule: the state
-    dict keeps only the fp32 network."""
-
-    def __init__(self, net: nn.Module, dtype: torch.dtype, compile_kwargs: dict | None = None):
-        with torch.device("meta"):
-            low = type(net)(net.cfg).to(dtype)  # Segmentor(SegConfig) or MixVisionTransformer(MiTConfig)
-        self.net = low.to_empty(device=next(net.parameters()).device).requires_grad_(False).eval()
-        for name, m in net.named_modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                self.net.set_submodule(name, m)  # after eval(): the shared module keeps its own mode
-        src = dict(net.named_parameters())
-        pairs = [(p, src[n]) for n, p in self.net.named_parameters() if p is not src[n]]
-        self.dst, self.src = [p for p, _ in pairs], [q for _, q in pairs]
-        self.dtype = dtype
-        self.refresh()
-        if compile_kwargs is not None:
-            compile_network(self.net, **compile_kwargs)
-
-    @torch.no_grad()
-    def refresh(self) -> None:
-        torch._foreach_copy_(self.dst, self.src)
-
-
-class CastWeights(torch.autograd.Function):
-    """The weights of the student's linear and conv layers in the autocast dtype, copied by one foreach op, with a
-    backward that brings their gradients back to fp32 in one. Autocast makes the same copies one kernel at a time:
-    one per weight on its first use in a step and one per gradient on the way back (1,415 of the 7,328 ops of an
-    ssr step in bench.py's item 5). The numbers are the same as autocast's: each weight is rounded once per step,
-    and its gradients are summed in the low dtype before they are cast back, as with autocast's cached copy.
-    The cost: every gradient reaches its parameter at the end of the backward pass, so the bf16 gradients are all
-    held until then, and under torchrun DDP's all-reduce no longer overlaps the backward pass."""
-
-    @staticmethod
-    def forward(ctx, dtype: torch.dtype, *weights: Tensor) -> tuple[Tensor, ...]:
-        ctx.set_materialize_grads(False)  # a weight that got no gradient this step gets None, not a tensor of zeros
-        ctx.dtype = weights[0].dtype
-        return tuple(copies(weights, dtype))
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        fp32 = iter(copies([g for g in grads if g is not None], ctx.dtype))
-        return None, *(None if g is None else next(fp32) for g in grads)
-
-
-def copies(tensors: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
-    """Contiguous copies of tensors in dtype: views of one new buffer, filled by one foreach op."""
-    if not tensors:
-        return []
-    flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=tensors[0].device)
-    out = [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
-    torch._foreach_copy_(out, list(tensors))
-    return out
-
-
-def call_with(net: nn.Module, weights: dict[str, Tensor], *args):
-    """net(*args) with `weights` in place of the parameters of those names."""
-    return torch.func.functional_call(net, weights, args)
-
-
-def cast_once(net: nn.Module, dtype: torch.dtype | None):
-    """net's forward for inference under autocast, with its linear and conv weights cast to dtype once, here:
-    autocast would cast each of them again for every image (~730 kernels per MiT-B5 forward). The numbers are the
-    same. dtype None (no autocast, fp32): net itself. Call it under torch.no_grad() or inference_mode()."""
-    if dtype is None:
-        return net
-    named = matmul_weights(net)
-    return partial(call_with, net, dict(zip(named, copies(list(named.values()), dtype))))
-
-
-def matmul_weights(net: nn.Module) -> dict[str, nn.Parameter]:
-    """The parameters of net's linear and conv layers by name: those autocast runs in the low dtype (LayerNorm and
-    BatchNorm stay in fp32)."""
-    return {name: p for prefix, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
-            for name, p in m.named_parameters(prefix, recurse=False)}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Appendix: kornia 0.5.8's color math, which color_jitter uses (DAFormer pins that version)

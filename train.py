@@ -405,10 +405,10 @@ try:
                            data_root=data_root, method=args.method, iters=it)
         state = dict(uda=uda.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter=it,
                      rng=rngs, args=json.dumps(vars(args)))
-        mit.save_atomic(state_path, lambda tmp: torch.save(state, tmp))
+        data.save_atomic(state_path, lambda tmp: torch.save(state, tmp))
 
     def save_picture(picture, path: str) -> None:
-        mit.save_atomic(path, lambda tmp: picture.save(tmp, format="PNG"))
+        data.save_atomic(path, lambda tmp: picture.save(tmp, format="PNG"))
 
     def write_config(tmp: str) -> None:
         with open(tmp, "w") as f:
@@ -451,7 +451,7 @@ try:
     if agree(data_error is not None)[0]:
         stop_everywhere(data_error)
     if master:
-        mit.save_atomic(os.path.join(out, "config.json"), write_config)  # every flag's value, defaults included
+        data.save_atomic(os.path.join(out, "config.json"), write_config)  # every flag's value, defaults included
     log = open(os.path.join(out, "log.jsonl"), "a") if master else None
     if master and start:
         log.write(json.dumps(dict(resume=start)) + "\n")  # the lines of later iterations that follow replace these
