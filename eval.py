@@ -370,10 +370,13 @@ class UserImages(Dataset):
         try:
             with Image.open(path) as im:
                 im = ImageOps.exif_transpose(im).convert("RGB")  # as viewers show it; L, RGBA, P, CMYK -> RGB
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            return {"path": path, "error": f"{type(e).__name__}: {e}"}
-        w, h = im.size
-        img = data.resize_image(np.array(im), data.rescale_size(w, h, self.scale))
+            w, h = im.size
+            # mmcv's rescale_size rounds the thin side of a 1x3000 photo to 0 px at 1024x512 (3000x1 likewise);
+            # 1 px keeps it, and resized_logits pads a side under MIN_SIDE for the network
+            size = tuple(max(side, 1) for side in data.rescale_size(w, h, self.scale))
+            img = data.resize_image(np.array(im), size)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, MemoryError, RuntimeError) as e:
+            return {"path": path, "error": f"{type(e).__name__}: {e}"}  # RuntimeError: torch out of memory
         return {"img": data.normalize(img), "size": (w, h), "path": path}
 
 
@@ -384,7 +387,8 @@ def predict_images(model: ssr.Segmentor, folder: str, save_dir: str, *, device, 
     JPEG/PNG under folder (and save_dir/side_by_side/... image | prediction above a legend with with_legend).
 
     Inference as the val protocol: resize to `scale` keeping the ratio, logits resized bilinearly back to the
-    image's size, argmax. Returns (images written, messages for the files skipped because they cannot be read)."""
+    image's size, argmax. Returns (images written, messages for the files skipped because they cannot be read or
+    predicted)."""
     paths = list_images(folder)
     names = output_names(paths)
     loader = DataLoader(UserImages(folder, paths, scale), batch_size=None, num_workers=workers,
@@ -394,16 +398,24 @@ def predict_images(model: ssr.Segmentor, folder: str, save_dir: str, *, device, 
     with torch.inference_mode():
         net = ssr.cast_once(model, amp_dtype)
         for k, (item, name) in enumerate(zip(loader, names)):
-            if "error" in item:
-                skipped.append(f"{item['path']} ({item['error']})")
+            error = item.get("error")
+            if error is None:
+                w, h = item["size"]
+                try:
+                    img = item["img"][None].to(device)
+                    with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+                        logits = network_logits(net, img, mode, crop, stride)
+                    pred = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).argmax(1)[0]
+                    pred = pred.cpu().numpy()
+                except RuntimeError as e:
+                    # torch's error for an input it cannot take (out of memory on the CPU or GPU for the logits
+                    # of a huge photo at full size, a size a kernel refuses) costs that photo, not the ones after
+                    # it; a bug fails every photo alike and shows in main's error
+                    error = f"{type(e).__name__} predicting it at {w}x{h} px: {(str(e).splitlines() or [''])[0]}"
+            if error is not None:
+                skipped.append(f"{item['path']} ({error})")
                 print(f"skipped {skipped[-1]}", file=sys.stderr, flush=True)
             else:
-                img = item["img"][None].to(device)
-                with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                    logits = network_logits(net, img, mode, crop, stride)
-                w, h = item["size"]
-                pred = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).argmax(1)[0]
-                pred = pred.cpu().numpy()
                 out = os.path.join(save_dir, name)
                 os.makedirs(os.path.dirname(out), exist_ok=True)
                 colorize(pred).save(out)
@@ -642,9 +654,10 @@ def main() -> None:
                                           amp_dtype=amp_dtype, mode=args.mode, with_legend=args.side_by_side,
                                           workers=args.workers)
         if not written:
-            raise data.DatasetError(f"none of the images under {args.images} could be read: {'; '.join(skipped)}")
+            raise data.DatasetError(f"none of the images under {args.images} could be read and predicted: "
+                                    f"{'; '.join(skipped)}")
         print(f"wrote {written} predictions to {args.save_dir}"
-              + (f"; skipped {len(skipped)} unreadable: {'; '.join(skipped)}" if skipped else ""))
+              + (f"; skipped {len(skipped)}: {'; '.join(skipped)}" if skipped else ""))
         return
     source = args.src or meta.get("source", "gta5")  # train.py records it; older and converted files may not
     loader = data.make_val_loader(args.data_root or meta.get("data_root") or "data", meta.get("dataset", "cityscapes"),

@@ -1651,7 +1651,7 @@ def test_cli_predicts_a_folder_of_own_images(tmp_path, monkeypatch, capsys):
     assert msg == ""
     captured = capsys.readouterr()
     assert re.search(r"skipped .*broken.jpg \(", captured.err) and "5/5 images" in captured.err
-    assert captured.out.startswith(f"wrote 4 predictions to {out}; skipped 1 unreadable: ")
+    assert captured.out.startswith(f"wrote 4 predictions to {out}; skipped 1: ")
     for name, size in (("street.png", (50, 30)), ("gray.png", (23, 41)), ("trip/alpha.png", (70, 20)),
                        ("trip/pal.png", (16, 16))):
         pred = Image.open(out / name)
@@ -1667,6 +1667,49 @@ def test_cli_predicts_a_folder_of_own_images(tmp_path, monkeypatch, capsys):
     assert (pixels[h:] == (0, 0, 142)).all(-1).sum() >= 100  # car's swatch in the legend, 12x12 minus its outline
     assert (pixels[h:] == 0).all(-1).sum() > 19 * 20  # black text and outlines
     assert (out / "side_by_side" / "trip" / "alpha.png").is_file()
+
+
+def _eval_photos(folder, sizes: dict) -> None:
+    """Random RGB pictures under folder: sizes maps a relative path to (W, H)."""
+    rng = np.random.default_rng(0)
+    for name, (w, h) in sizes.items():
+        os.makedirs(os.path.dirname(folder / name), exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / name)
+
+
+def test_cli_own_images_predicts_thin_images_and_goes_on(tmp_path, monkeypatch, capsys):
+    # 1x3000 at the test scale 64x32 is 0x64 by mmcv's rescale_size: its side is kept at 1 px (and padded for MiT)
+    photos, out = tmp_path / "photos", tmp_path / "preds"
+    _eval_photos(photos, {"1_tall.png": (1, 3000), "2_wide.png": (3000, 1), "3_street.png": (50, 30)})
+    ckpt = str(tmp_path / "m.safetensors")
+    ssr.save_segmentor(_eval_forced(13), ckpt, dataset="cityscapes", test_scale=[64, 32])
+    msg = _eval_cli(monkeypatch, "--ckpt", ckpt, "--images", str(photos), "--save-dir", str(out), "--side-by-side",
+                    "--workers", "0")
+    assert msg == ""
+    assert capsys.readouterr().out == f"wrote 3 predictions to {out}\n"
+    for name, size in (("1_tall.png", (1, 3000)), ("2_wide.png", (3000, 1)), ("3_street.png", (50, 30))):
+        pred = Image.open(out / name)
+        assert pred.size == size and (np.asarray(pred) == 13).all(), name
+        assert (out / "side_by_side" / name).is_file()
+
+
+def test_predict_images_names_and_skips_an_image_it_cannot_predict(tmp_path, monkeypatch, capsys):
+    # out of memory for one photo (e.g. a huge one) costs that photo, not the ones after it
+    photos, out = tmp_path / "photos", tmp_path / "preds"
+    _eval_photos(photos, {"a_huge.png": (64, 32), "b_street.png": (50, 30)})
+    network_logits = ev.network_logits
+
+    def logits(net, img, *args):
+        if img.shape[-1] == 64:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 99.00 GiB")
+        return network_logits(net, img, *args)
+
+    monkeypatch.setattr(ev, "network_logits", logits)
+    written, skipped = ev.predict_images(_eval_forced(13), str(photos), str(out), device="cpu", scale=(64, 32))
+    assert written == 1 and len(skipped) == 1
+    assert re.fullmatch(r".*a_huge.png \(OutOfMemoryError .*64x32.*: CUDA out of memory. Tried .*\)", skipped[0])
+    assert f"skipped {skipped[0]}" in capsys.readouterr().err
+    assert (np.asarray(Image.open(out / "b_street.png")) == 13).all() and not (out / "a_huge.png").exists()
 
 
 def test_cli_device_and_output_errors_come_before_any_slow_step(tmp_path, monkeypatch):
