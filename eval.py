@@ -32,7 +32,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -333,6 +333,9 @@ def print_table(result: dict, classes, source: str = "gta5") -> float:
 # predictions on a user's own images (no labels)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# PNG text chunk in every file predict_images writes: a later run replaces a file at an output path only when it
+# carries this (check_outputs), so never a picture of the user's, while its own earlier predictions are replaced
+OWN_MARK = ("Software", "ssr eval.py --images")
 
 
 def list_images(folder: str) -> list[str]:
@@ -370,11 +373,24 @@ class UserImages(Dataset):
         try:
             with Image.open(path) as im:
                 im = ImageOps.exif_transpose(im).convert("RGB")  # as viewers show it; L, RGBA, P, CMYK -> RGB
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            return {"path": path, "error": f"{type(e).__name__}: {e}"}
-        w, h = im.size
-        img = data.resize_image(np.array(im), data.rescale_size(w, h, self.scale))
+            w, h = im.size
+            # mmcv's rescale_size rounds the thin side of a 1x3000 photo to 0 px at 1024x512 (3000x1 likewise);
+            # 1 px keeps it, and resized_logits pads a side under MIN_SIDE for the network
+            size = tuple(max(side, 1) for side in data.rescale_size(w, h, self.scale))
+            img = data.resize_image(np.array(im), size)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, MemoryError, RuntimeError) as e:
+            return {"path": path, "error": f"{type(e).__name__}: {e}"}  # RuntimeError: torch out of memory
         return {"img": data.normalize(img), "size": (w, h), "path": path}
+
+
+def own_output(path: str) -> bool:
+    """Whether path is a PNG that predict_images wrote (it carries OWN_MARK). False for any other file, a folder,
+    a dangling symlink and anything unreadable."""
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and im.info.get(OWN_MARK[0]) == OWN_MARK[1]
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False
 
 
 def predict_images(model: ssr.Segmentor, folder: str, save_dir: str, *, device, scale, amp_dtype=None,
@@ -384,33 +400,44 @@ def predict_images(model: ssr.Segmentor, folder: str, save_dir: str, *, device, 
     JPEG/PNG under folder (and save_dir/side_by_side/... image | prediction above a legend with with_legend).
 
     Inference as the val protocol: resize to `scale` keeping the ratio, logits resized bilinearly back to the
-    image's size, argmax. Returns (images written, messages for the files skipped because they cannot be read)."""
+    image's size, argmax. Returns (images written, messages for the files skipped because they cannot be read or
+    predicted). main() runs check_outputs first, so that no file of the user's is replaced."""
     paths = list_images(folder)
     names = output_names(paths)
     loader = DataLoader(UserImages(folder, paths, scale), batch_size=None, num_workers=workers,
                         generator=torch.Generator())  # images differ in size: one at a time
     device, written, skipped = torch.device(device), 0, []
+    mark = PngImagePlugin.PngInfo()
+    mark.add_text(*OWN_MARK)
     model.eval()
     with torch.inference_mode():
         net = ssr.cast_once(model, amp_dtype)
         for k, (item, name) in enumerate(zip(loader, names)):
-            if "error" in item:
-                skipped.append(f"{item['path']} ({item['error']})")
+            error = item.get("error")
+            if error is None:
+                w, h = item["size"]
+                try:
+                    img = item["img"][None].to(device)
+                    with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+                        logits = network_logits(net, img, mode, crop, stride)
+                    pred = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).argmax(1)[0]
+                    pred = pred.cpu().numpy()
+                except RuntimeError as e:
+                    # torch's error for an input it cannot take (out of memory on the CPU or GPU for the logits
+                    # of a huge photo at full size, a size a kernel refuses) costs that photo, not the ones after
+                    # it; a bug fails every photo alike and shows in main's error
+                    error = f"{type(e).__name__} predicting it at {w}x{h} px: {(str(e).splitlines() or [''])[0]}"
+            if error is not None:
+                skipped.append(f"{item['path']} ({error})")
                 print(f"skipped {skipped[-1]}", file=sys.stderr, flush=True)
             else:
-                img = item["img"][None].to(device)
-                with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                    logits = network_logits(net, img, mode, crop, stride)
-                w, h = item["size"]
-                pred = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).argmax(1)[0]
-                pred = pred.cpu().numpy()
                 out = os.path.join(save_dir, name)
                 os.makedirs(os.path.dirname(out), exist_ok=True)
-                colorize(pred).save(out)
+                colorize(pred).save(out, pnginfo=mark)
                 if with_legend:
                     out = os.path.join(save_dir, "side_by_side", name)
                     os.makedirs(os.path.dirname(out), exist_ok=True)
-                    compose_with_legend(item["img"], pred).save(out)
+                    compose_with_legend(item["img"], pred).save(out, pnginfo=mark)
                 written += 1
             if (k + 1) * 10 // len(paths) > k * 10 // len(paths):  # crossed a tenth
                 print(f"{k + 1}/{len(paths)} images", file=sys.stderr, flush=True)
@@ -581,6 +608,41 @@ def check_writable(folder: str, flag: str, create: bool = True) -> None:
                         f"write to.") from None
 
 
+def check_outputs(images: str, save_dir: str, with_legend: bool) -> None:
+    """Fail, before anything is written, where a prediction of --images could replace a file eval.py did not write.
+
+    The two folders must be disjoint: neither the same folder nor one inside the other, after realpath (symlinks
+    included). That is what "the outputs can never collide with the photos" means here. Photos are read from
+    anywhere under --images and predictions written anywhere under --save-dir, so where one folder holds the other
+    some layout of files puts a prediction on a photo: photos/street.png on itself; photos/preds/a.png, a photo,
+    as the prediction of photos/a.png; or, in the next run, which reads the last run's predictions as photos. A
+    nesting that happens to be safe for today's files is refused too, so that the rule stays one sentence.
+    Disjoint folders are always fine, with two checks per output path (side_by_side/ ones included): a symlink must
+    not make it one of the photos, and a file already there must be one that predict_images wrote (OWN_MARK), so
+    that a re-run replaces its own predictions and nothing else."""
+    folder, out = os.path.realpath(images), os.path.realpath(save_dir)
+    if os.path.commonpath([folder, out]) in (folder, out):
+        how = "is" if folder == out else "is inside" if os.path.commonpath([folder, out]) == folder else "holds"
+        resolved = (out, folder) != (os.path.abspath(save_dir), os.path.abspath(images))
+        raise FlagError(f"--save-dir {save_dir} {how} the --images folder {images}"
+                        + (f" ({out} and {folder} with symlinks followed)" if resolved else "")
+                        + ": a prediction could replace one of your photos, or be read as one by the next run; pass "
+                          "a --save-dir that is neither inside the --images folder nor holds it, e.g. a new folder "
+                          "next to it.")
+    paths = list_images(images)
+    photos = {os.path.realpath(os.path.join(images, p)): p for p in paths}
+    out_dirs = [save_dir, os.path.join(save_dir, "side_by_side")] if with_legend else [save_dir]
+    for name in output_names(paths):
+        for path in (os.path.join(d, name) for d in out_dirs):
+            if os.path.realpath(path) in photos:
+                raise FlagError(f"--save-dir: the output {path} is the photo "
+                                f"{os.path.join(images, photos[os.path.realpath(path)])} through a symlink, and "
+                                f"its prediction would replace it; remove the symlink or pass another --save-dir.")
+            if os.path.lexists(path) and not own_output(path):
+                raise FlagError(f"--save-dir: {path} exists and is not a prediction that eval.py --images wrote, "
+                                f"so it is not replaced; move it away or pass another --save-dir.")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
@@ -628,6 +690,8 @@ def main() -> None:
     if args.batch_size <= 0 or args.workers < 0:
         raise FlagError("--batch-size must be positive and --workers at least 0.")
     device = check_device(args.device)
+    if args.images:
+        check_outputs(args.images, args.save_dir, args.side_by_side)
     if args.save_dir:
         check_writable(args.save_dir, "--save-dir")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.amp]
@@ -642,9 +706,10 @@ def main() -> None:
                                           amp_dtype=amp_dtype, mode=args.mode, with_legend=args.side_by_side,
                                           workers=args.workers)
         if not written:
-            raise data.DatasetError(f"none of the images under {args.images} could be read: {'; '.join(skipped)}")
+            raise data.DatasetError(f"none of the images under {args.images} could be read and predicted: "
+                                    f"{'; '.join(skipped)}")
         print(f"wrote {written} predictions to {args.save_dir}"
-              + (f"; skipped {len(skipped)} unreadable: {'; '.join(skipped)}" if skipped else ""))
+              + (f"; skipped {len(skipped)}: {'; '.join(skipped)}" if skipped else ""))
         return
     source = args.src or meta.get("source", "gta5")  # train.py records it; older and converted files may not
     loader = data.make_val_loader(args.data_root or meta.get("data_root") or "data", meta.get("dataset", "cityscapes"),

@@ -1558,7 +1558,7 @@ def test_cli_predicts_a_folder_of_own_images(tmp_path, monkeypatch, capsys):
     assert msg == ""
     captured = capsys.readouterr()
     assert re.search(r"skipped .*broken.jpg \(", captured.err) and "5/5 images" in captured.err
-    assert captured.out.startswith(f"wrote 4 predictions to {out}; skipped 1 unreadable: ")
+    assert captured.out.startswith(f"wrote 4 predictions to {out}; skipped 1: ")
     for name, size in (("street.png", (50, 30)), ("gray.png", (23, 41)), ("trip/alpha.png", (70, 20)),
                        ("trip/pal.png", (16, 16))):
         pred = Image.open(out / name)
@@ -1574,6 +1574,114 @@ def test_cli_predicts_a_folder_of_own_images(tmp_path, monkeypatch, capsys):
     assert (pixels[h:] == (0, 0, 142)).all(-1).sum() >= 100  # car's swatch in the legend, 12x12 minus its outline
     assert (pixels[h:] == 0).all(-1).sum() > 19 * 20  # black text and outlines
     assert (out / "side_by_side" / "trip" / "alpha.png").is_file()
+
+
+def _eval_photos(folder, sizes: dict) -> None:
+    """Random RGB pictures under folder: sizes maps a relative path to (W, H)."""
+    rng = np.random.default_rng(0)
+    for name, (w, h) in sizes.items():
+        os.makedirs(os.path.dirname(folder / name), exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / name)
+
+
+def _eval_files(root) -> dict:
+    """Every file under root (symlinks followed) -> its bytes."""
+    return {p: p.read_bytes() for p in pathlib.Path(root).rglob("*") if p.is_file()}
+
+
+def test_cli_own_images_refuse_a_save_dir_that_holds_the_photos(tmp_path, monkeypatch):
+    photos = tmp_path / "photos"
+    _eval_photos(photos, {"street.png": (50, 30), "car.jpg": (50, 30), "trip/alpha.png": (20, 16)})
+    os.symlink(photos, tmp_path / "link")  # the same folder under another name
+    os.makedirs(tmp_path / "out")
+    os.symlink(photos / "street.png", tmp_path / "out" / "street.png")  # an output path that is one of the photos
+    ckpt = str(tmp_path / "m.safetensors")
+    ssr.save_segmentor(_eval_forced(13), ckpt, dataset="cityscapes", test_scale=[64, 32])
+    before = _eval_files(tmp_path)
+    cases = [(photos, photos, r"photos is the --images folder"),  # street.png would be replaced by its prediction
+             (photos, tmp_path / "link", r"link is the --images folder .*photos with symlinks followed"),
+             (photos, photos / "trip", "trip is inside the --images folder"),
+             (photos, photos / "preds", "preds is inside the --images folder"),
+             (photos / "trip", photos, "photos holds the --images folder"),
+             (photos, tmp_path / "out", r"out.street.png is the photo .*photos.street.png")]
+    for images, save_dir, pattern in cases:
+        for extra in ((), ("--side-by-side",)):
+            msg = _eval_cli(monkeypatch, "--ckpt", ckpt, "--images", str(images), "--save-dir", str(save_dir),
+                            "--workers", "0", *extra)
+            assert msg.startswith("error: --save-dir") and re.search(pattern, msg) and "\n" not in msg, msg
+            assert _eval_files(tmp_path) == before  # nothing written, nothing replaced
+    assert not (photos / "preds").exists()
+    msg = _eval_cli(monkeypatch, "--ckpt", str(tmp_path / "missing.safetensors"), "--images", str(photos),
+                    "--save-dir", str(photos), "--workers", "0")
+    assert "is the --images folder" in msg  # before the checkpoint is read
+    # an unrelated folder is always fine, even beside the photos and with a similar name
+    assert _eval_cli(monkeypatch, "--ckpt", ckpt, "--images", str(photos), "--save-dir", str(tmp_path / "photos2"),
+                     "--workers", "0") == ""
+    assert (tmp_path / "photos2" / "street.png").is_file()
+    assert {p: b for p, b in _eval_files(tmp_path).items() if p.is_relative_to(photos)} == {
+        p: b for p, b in before.items() if p.is_relative_to(photos)}
+
+
+def test_cli_own_images_replace_their_own_predictions_and_nothing_else(tmp_path, monkeypatch, capsys):
+    photos, out = tmp_path / "photos", tmp_path / "preds"
+    _eval_photos(photos, {"street.png": (50, 30), "trip/alpha.png": (20, 16)})
+    ckpts = {}
+    for cls in (13, 0):
+        ckpts[cls] = str(tmp_path / f"m{cls}.safetensors")
+        ssr.save_segmentor(_eval_forced(cls), ckpts[cls], dataset="cityscapes", test_scale=[64, 32])
+    run = lambda cls: _eval_cli(monkeypatch, "--ckpt", ckpts[cls], "--images", str(photos), "--save-dir", str(out),
+                                "--side-by-side", "--workers", "0")  # noqa: E731
+    assert run(13) == ""
+    assert run(0) == ""  # a second run into the same folder replaces its own earlier predictions
+    for name in ("street.png", "trip/alpha.png"):
+        assert (np.asarray(Image.open(out / name)) == 0).all(), name
+    assert (np.asarray(Image.open(out / "side_by_side" / "street.png"))[:32, 53:] == (128, 64, 128)).all()  # road
+    capsys.readouterr()
+    # a file of the user's at an output path (here a picture of the same name) is never replaced, nor any other file
+    for foreign in (out / "trip" / "alpha.png", out / "side_by_side" / "street.png"):
+        Image.fromarray(np.full((16, 20), 7, np.uint8)).save(foreign)
+        before = _eval_files(out)
+        msg = run(13)
+        assert msg.startswith("error: --save-dir") and str(foreign) in msg and "\n" not in msg, msg
+        assert "not a prediction that eval.py --images wrote" in msg
+        assert _eval_files(out) == before
+        foreign.unlink()
+    assert run(13) == ""  # the user's files moved away: it writes again
+
+
+def test_cli_own_images_predicts_thin_images_and_goes_on(tmp_path, monkeypatch, capsys):
+    # 1x3000 at the test scale 64x32 is 0x64 by mmcv's rescale_size: its side is kept at 1 px (and padded for MiT)
+    photos, out = tmp_path / "photos", tmp_path / "preds"
+    _eval_photos(photos, {"1_tall.png": (1, 3000), "2_wide.png": (3000, 1), "3_street.png": (50, 30)})
+    ckpt = str(tmp_path / "m.safetensors")
+    ssr.save_segmentor(_eval_forced(13), ckpt, dataset="cityscapes", test_scale=[64, 32])
+    msg = _eval_cli(monkeypatch, "--ckpt", ckpt, "--images", str(photos), "--save-dir", str(out), "--side-by-side",
+                    "--workers", "0")
+    assert msg == ""
+    assert capsys.readouterr().out == f"wrote 3 predictions to {out}\n"
+    for name, size in (("1_tall.png", (1, 3000)), ("2_wide.png", (3000, 1)), ("3_street.png", (50, 30))):
+        pred = Image.open(out / name)
+        assert pred.size == size and (np.asarray(pred) == 13).all(), name
+        assert (out / "side_by_side" / name).is_file()
+
+
+def test_predict_images_names_and_skips_an_image_it_cannot_predict(tmp_path, monkeypatch, capsys):
+    # out of memory for one photo (e.g. a huge one) costs that photo, not the ones after it
+    photos, out = tmp_path / "photos", tmp_path / "preds"
+    _eval_photos(photos, {"a_huge.png": (64, 32), "b_street.png": (50, 30)})
+    network_logits = ev.network_logits
+
+    def logits(net, img, *args):
+        if img.shape[-1] == 64:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 99.00 GiB")
+        return network_logits(net, img, *args)
+
+    monkeypatch.setattr(ev, "network_logits", logits)
+    written, skipped = ev.predict_images(_eval_forced(13), str(photos), str(out), device="cpu", scale=(64, 32))
+    assert written == 1 and len(skipped) == 1
+    assert re.fullmatch(r".*a_huge.png \(OutOfMemoryError .*64x32.*: CUDA out of memory. Tried .*\)", skipped[0])
+    assert f"skipped {skipped[0]}" in capsys.readouterr().err
+    assert (np.asarray(Image.open(out / "b_street.png")) == 13).all() and not (out / "a_huge.png").exists()
 
 
 def test_cli_device_and_output_errors_come_before_any_slow_step(tmp_path, monkeypatch):
