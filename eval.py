@@ -101,7 +101,7 @@ def resized_logits(model: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
 
 def network_logits(model: Callable[[Tensor], Tensor], img: Tensor, mode: str, crop: int, stride: int) -> Tensor:
     """(B, 3, h, w) -> float32 logits (B, K, h, w) at the input's size, as mmseg's whole/slide_inference before
-    the rescale. model: the Segmentor, or ssr.cast_once of it."""
+    the rescale."""
     if mode == "whole":
         return resized_logits(model, img)
     b, (h, w) = img.shape[0], img.shape[2:]
@@ -289,12 +289,11 @@ def evaluate(model: ssr.Segmentor, loader, *, device, amp_dtype: torch.dtype | N
     model.eval()  # dropout off, BatchNorm uses its running statistics
     n, total, t0 = 0, len(loader.dataset), time.time()
     with torch.inference_mode():
-        net = ssr.cast_once(model, amp_dtype)
         for batch in loader:
             img = batch["img"].to(device, non_blocking=True)
             label = batch["lbl"].to(device, non_blocking=True).long()
             with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                logits = network_logits(net, img, mode, crop, stride)
+                logits = network_logits(model, img, mode, crop, stride)
             # The second resize (network scale -> label scale) is mmseg's `rescale`; argmax only after it, so that
             # the prediction is made at every labelled pixel.
             logits = F.interpolate(logits, size=label.shape[1:], mode="bilinear", align_corners=False)
@@ -411,7 +410,6 @@ def predict_images(model: ssr.Segmentor, folder: str, save_dir: str, *, device, 
     mark.add_text(*OWN_MARK)
     model.eval()
     with torch.inference_mode():
-        net = ssr.cast_once(model, amp_dtype)
         for k, (item, name) in enumerate(zip(loader, names)):
             error = item.get("error")
             if error is None:
@@ -419,7 +417,7 @@ def predict_images(model: ssr.Segmentor, folder: str, save_dir: str, *, device, 
                 try:
                     img = item["img"][None].to(device)
                     with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                        logits = network_logits(net, img, mode, crop, stride)
+                        logits = network_logits(model, img, mode, crop, stride)
                     pred = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).argmax(1)[0]
                     pred = pred.cpu().numpy()
                 except RuntimeError as e:
