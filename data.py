@@ -10,10 +10,19 @@ import errno
 import hashlib
 import itertools
 import os
+import signal
 import struct
+import tempfile
 from dataclasses import dataclass
 from multiprocessing import Pool
 from typing import Callable, Iterator
+
+# OpenMP threads that wait for work spin on their core for a while by default. Beside another busy process they
+# spin on the cores that process needs, and both crawl: 20 demo iterations on a 2-core machine beside a process
+# multiplying matrices ran 0.18 it/s by default and 0.68 it/s with PASSIVE, which makes them sleep (1.62 it/s
+# alone). OpenMP reads this once, when torch loads it, so every program imports this module before torch; the
+# user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch
@@ -432,34 +441,35 @@ def _count_classes(sample: Sample) -> np.ndarray:
 
 def class_pixel_counts(samples: list[Sample], cache_dir: str | None = None) -> np.ndarray:
     """(N, 19) int64 pixel counts, cached in cache_dir under a hash of the label paths, sizes and mtimes, so a
-    changed dataset is recomputed and the dataset folder (maybe read-only) is never written."""
-    cache_dir = cache_dir or os.environ.get("SSR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ssr")
+    changed dataset is recomputed and the dataset folder (maybe read-only) is never written. A cache entry that
+    cannot be read (cut short, say) is computed again."""
+    cache_dir = cache_dir or cache_folder()
     key = hashlib.sha1()
     for s in samples:
         st = os.stat(s.lbl)
         key.update(f"{os.path.abspath(s.lbl)}|{s.train_ids}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     path = os.path.join(cache_dir, f"rcs_counts_{key.hexdigest()[:20]}.npy")
-    if os.path.isfile(path):
+    try:
         counts = np.load(path)
         if counts.shape == (len(samples), 19):
             return counts
+    except (OSError, ValueError, EOFError):  # absent, empty or damaged: computed anew
+        pass
+    check_cache_folder(cache_dir)  # before the minutes of counting
     print(f"computing rare-class statistics of {len(samples)} labels (once, cached in {path})", flush=True)
     if len(samples) < 256:
         counts = [_count_classes(s) for s in samples]
     else:
-        with Pool(min(os.cpu_count() or 1, 16)) as pool:
+        with worker_pool(16) as pool:
             counts = pool.map(_count_classes, samples, chunksize=64)
     counts = np.stack(counts).astype(np.int64)
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"  # per process: every DDP rank may be writing the same cache
-        with open(tmp, "wb") as f:
-            np.save(f, counts)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise DatasetError(f"cannot write the rare-class statistics cache {path} ({e}). Set SSR_CACHE (or "
-                           f"cache_dir) to a writable folder.") from None
+    save_atomic(path, lambda tmp: _write_npy(tmp, counts))
     return counts
+
+
+def _write_npy(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would add '.npy' to a path
+        np.save(f, array)
 
 
 def rcs_tables(counts: np.ndarray, min_pixels: int = 3000,
@@ -622,7 +632,37 @@ def make_val_loader(data_root: str, tgt: str = "cityscapes", split: str = "val",
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Appendix: writing files so that a kill at any moment leaves the old file or the new one, never half of one
+# Appendix: the cache, worker pools, and writing files so that a kill at any moment leaves the old file or the
+# new one, never half of one
+
+def cache_folder() -> str:
+    """Where derived files are cached (the RCS statistics, the demo's pretrained networks): $SSR_CACHE, else
+    ~/.cache/ssr; never a dataset folder."""
+    return os.environ.get("SSR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ssr")
+
+
+def check_cache_folder(folder: str | None = None) -> None:
+    """Fail now, before the slow work whose result it would hold, if the cache folder cannot be written."""
+    folder = folder or cache_folder()
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise FlagError(f"the cache folder {folder} cannot be written ({e.strerror or e}); set SSR_CACHE to a "
+                        f"folder you can write to.") from None
+
+
+def _quiet_worker() -> None:
+    """A pool worker leaves Ctrl-C to its parent (which ends the pool) and dies quietly when the pool ends it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def worker_pool(most: int = 8) -> Pool:
+    """A process pool over the cores (at most `most`) whose workers print no traceback on a stop."""
+    return Pool(min(os.cpu_count() or 1, most), initializer=_quiet_worker)
+
 
 def _umask() -> int:
     """The process's umask, read without changing it (os.umask can only be read by setting it, which would race

@@ -29,19 +29,17 @@ import sys
 import tempfile
 import time
 import warnings
-from multiprocessing import Pool
+from concurrent.futures import ThreadPoolExecutor
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: no spinning threads on a shared
-# machine (train.py says why, README "Performance" measures it); the user's own setting wins
-
+import data  # before torch: it sets OpenMP's wait policy, which torch reads once, when it loads
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-import data
 import mit
 import sam_encoder
 
@@ -58,13 +56,27 @@ CONFIG = dict(
     ignore_rows=(4, 30),  # DAFormer's 15 and 120 pseudo-label rows are for 512 crops; these are 128
     mit=dict(embed_dims=(32, 64, 160, 256), depths=(1, 1, 1, 1)), channels=32,  # MiT-B0 made narrower and shallow
     sam=dict(embed_dim=96, depth=2, num_heads=2, global_attn_indexes=(1,)),  # one window block, one global
-    sam_img_size=128,  # the crop itself: an 8x8 token grid
+    # the crop upsampled 2x, as the paper's 512 crops are for SAM's 1024 input: a 16x16 token grid, the grid of
+    # the student's second stage, as in the benchmark (64x64 tokens for a 512 crop)
+    sam_img_size=256,
 )
-# train.py --demo sets these defaults (flags still override them). --sam-weights is left unset: for --method ssr
-# train.py then takes the toy teacher (teacher_path()), and --sam-weights none gives a random one.
-FLAGS = dict(data_root="data/demo", backbone="mit_b0", pretrained="none", sam_img_size=CONFIG["sam_img_size"],
-             iters=300, lr=6e-4, warmup=50, crop=CONFIG["crop"], eval_every=100, save_every=100, log_every=50,
-             debug_every=100)
+DAFORMER_ITERS, DAFORMER_WARMUP, DAFORMER_EMA_ITERS = 40000, 1500, 1000  # alpha = min(1 - 1/(it+1), 0.999)
+
+
+def schedule(iters: int) -> dict:
+    """DAFormer's time constants as the same fraction of a shorter schedule: the linear warm-up (1500 of 40k
+    iterations) and the EMA teacher's horizon 1/(1 - alpha), 1000 of 40k iterations (its ramp min(1 - 1/(it+1),
+    alpha) ends there too). For the demo's 600 iterations: a warm-up of 22 and alpha = 1 - 1/15."""
+    horizon = max(iters * DAFORMER_EMA_ITERS / DAFORMER_ITERS, 1.0)
+    return dict(iters=iters, warmup=round(iters * DAFORMER_WARMUP / DAFORMER_ITERS), ema_alpha=round(1 - 1 / horizon, 4))
+
+
+# train.py --demo sets these defaults (flags still override them). --pretrained and --sam-weights are left unset:
+# train.py then takes the toy ImageNet encoder (imagenet_path()) and, for --method ssr, the toy teacher
+# (teacher_path()); 'none' gives a random one. The learning rate is 10x DAFormer's: a tiny encoder, briefly
+# pretrained, in 600 iterations (chosen once, before any of the study's runs).
+FLAGS = dict(data_root="data/demo", backbone="mit_b0", sam_img_size=CONFIG["sam_img_size"], lr=6e-4,
+             crop=CONFIG["crop"], eval_every=200, save_every=200, log_every=50, debug_every=200, **schedule(600))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -112,14 +124,17 @@ class Canvas:
         self.label = np.full((h, w), SKY, np.uint8)
         self.paint = np.broadcast_to((rows * SKY_BANDS // h).astype(np.uint8), (h, w)).copy()  # the sky's bands
         self.colors = colors
+        self.kinds = ["sky"] * len(colors)  # the part each color paints (KINDS)
 
-    def box(self, y0, y1, x0, x1, cls: int, color, ellipse: bool = False) -> None:
-        """Paint an axis-aligned box, or the ellipse inscribed in it, clipped to the image."""
+    def box(self, y0, y1, x0, x1, cls: int, color, ellipse: bool = False, kind: str = "") -> None:
+        """Paint an axis-aligned box, or the ellipse inscribed in it, clipped to the image; `kind` names the
+        shape's part (KINDS), for the toy ImageNet's labels."""
         h, w = self.label.shape
         ya, yb, xa, xb = max(int(y0), 0), min(math.ceil(y1), h), max(int(x0), 0), min(math.ceil(x1), w)
         if ya >= yb or xa >= xb:
             return
         self.colors.append(color)
+        self.kinds.append(kind)
         if not ellipse:
             self.label[ya:yb, xa:xb], self.paint[ya:yb, xa:xb] = cls, len(self.colors) - 1
             return
@@ -129,9 +144,10 @@ class Canvas:
         self.label[ya:yb, xa:xb][m] = cls
         self.paint[ya:yb, xa:xb][m] = len(self.colors) - 1
 
-    def recolor(self, mask: np.ndarray, cls: int | None, color) -> None:
+    def recolor(self, mask: np.ndarray, cls: int | None, color, kind: str = "") -> None:
         """Give every pixel of the (H, W) mask a new color (and class, unless None): the ground and the textures."""
         self.colors.append(color)
+        self.kinds.append(kind)
         if cls is not None:
             self.label[mask] = cls
         self.paint[mask] = len(self.colors) - 1
@@ -145,17 +161,18 @@ def _skyline(rng, canvas: Canvas, horizon: int, palette: dict) -> None:
         width = int(rng.integers(w // 10, w // 4))
         if rng.random() < 0.7:
             canvas.box(rng.integers(h // 20, horizon - h // 8), horizon, x, x + width, BUILDING,
-                       palette["building"][rng.integers(3)] * rng.uniform(0.85, 1.15))
+                       palette["building"][rng.integers(3)] * rng.uniform(0.85, 1.15), kind="building")
         else:
             crown = width * rng.uniform(0.8, 1.2)
             canvas.box(horizon - 0.25 * crown, horizon, x + 0.45 * width, x + 0.55 * width, VEGETATION,
-                       palette["trunk"])
+                       palette["trunk"], kind="trunk")
             canvas.box(horizon - 1.1 * crown, horizon - 0.2 * crown, x, x + width, VEGETATION, palette["crown"],
-                       ellipse=True)
+                       ellipse=True, kind="crown")
         x += width
     if rng.random() < 0.5:
         x0 = rng.uniform(0, 0.6) * w
-        canvas.box(horizon - 0.07 * h, horizon, x0, x0 + rng.uniform(0.2, 0.4) * w, FENCE, palette["fence"])
+        canvas.box(horizon - 0.07 * h, horizon, x0, x0 + rng.uniform(0.2, 0.4) * w, FENCE, palette["fence"],
+                   kind="fence")
 
 
 def _ground(canvas: Canvas, horizon: int, vanishing_x: float, road_half_width: float, palette: dict) -> None:
@@ -167,11 +184,13 @@ def _ground(canvas: Canvas, horizon: int, vanishing_x: float, road_half_width: f
     off_centre = np.abs(cols - np.float32(vanishing_x))  # (1, W)
     ground = rows >= horizon
     g, rw = depth, road_half_width
-    canvas.recolor(ground & (off_centre > 1.7 * g * rw), TERRAIN, palette["terrain"])
-    canvas.recolor(ground & (off_centre <= 1.7 * g * rw) & (off_centre > g * rw), SIDEWALK, palette["sidewalk"])
-    canvas.recolor(ground & (off_centre <= g * rw), ROAD, palette["road"])
+    canvas.recolor(ground & (off_centre > 1.7 * g * rw), TERRAIN, palette["terrain"], kind="terrain")
+    canvas.recolor(ground & (off_centre <= 1.7 * g * rw) & (off_centre > g * rw), SIDEWALK, palette["sidewalk"],
+                   kind="sidewalk")
+    canvas.recolor(ground & (off_centre <= g * rw), ROAD, palette["road"], kind="road")
     dashes = (np.sqrt(depth) * 14).astype(int) % 2 == 0
-    canvas.recolor((canvas.label == ROAD) & (off_centre <= 0.5 + 0.012 * depth * w) & dashes, None, palette["lane"])
+    canvas.recolor((canvas.label == ROAD) & (off_centre <= 0.5 + 0.012 * depth * w) & dashes, None, palette["lane"],
+                   kind="lane")
 
 
 def _street_objects(rng, canvas: Canvas, horizon: int, vanishing_x: float, road_half_width: float, domain: dict,
@@ -187,31 +206,37 @@ def _street_objects(rng, canvas: Canvas, horizon: int, vanishing_x: float, road_
         if kind == "pole":
             x, pw, s = vanishing_x + side * g * road_half_width * 1.35, max(1.5, g * w * 0.012), max(4.0, g * w * 0.045)
             top = base - (0.6 + 1.6 * g) * (h - horizon)
-            canvas.box(top, base, x - pw / 2, x + pw / 2, POLE, palette["pole"])
+            canvas.box(top, base, x - pw / 2, x + pw / 2, POLE, palette["pole"], kind="pole")
             if rng.random() < 0.5:
-                canvas.box(top - s, top + 0.1 * s, x - s / 2, x + s / 2, SIGN, palette["sign"], ellipse=True)
+                canvas.box(top - s, top + 0.1 * s, x - s / 2, x + s / 2, SIGN, palette["sign"], ellipse=True,
+                           kind="sign")
             else:
-                canvas.box(top - 1.6 * s, top, x - 0.35 * s, x + 0.35 * s, LIGHT, palette["light_box"])
+                canvas.box(top - 1.6 * s, top, x - 0.35 * s, x + 0.35 * s, LIGHT, palette["light_box"],
+                           kind="light box")
                 lamp = palette["lamp"][rng.integers(2)]
-                canvas.box(top - 1.4 * s, top - 0.8 * s, x - 0.25 * s, x + 0.25 * s, LIGHT, lamp, ellipse=True)
+                canvas.box(top - 1.4 * s, top - 0.8 * s, x - 0.25 * s, x + 0.25 * s, LIGHT, lamp, ellipse=True,
+                           kind="lamp")
         elif kind == "car":
             x, cw = vanishing_x + rng.uniform(-0.7, 0.7) * g * road_half_width, g * w * 0.22 * domain["car_size"]
             ch = 0.55 * cw
             cars = palette["car"]
             canvas.box(base - 0.6 * ch, base - 0.1 * ch, x - cw / 2, x + cw / 2, CAR,
-                       cars[rng.integers(len(cars))] * rng.uniform(0.8, 1.1))
-            canvas.box(base - ch, base - 0.55 * ch, x - 0.35 * cw, x + 0.35 * cw, CAR, palette["car_body_glass"])
+                       cars[rng.integers(len(cars))] * rng.uniform(0.8, 1.1), kind="car body")
+            canvas.box(base - ch, base - 0.55 * ch, x - 0.35 * cw, x + 0.35 * cw, CAR, palette["car_body_glass"],
+                       kind="car glass")
             for wx in (x - 0.3 * cw, x + 0.3 * cw):
-                canvas.box(base - 0.25 * ch, base, wx - 0.12 * cw, wx + 0.12 * cw, CAR, palette["wheel"], ellipse=True)
+                canvas.box(base - 0.25 * ch, base, wx - 0.12 * cw, wx + 0.12 * cw, CAR, palette["wheel"], ellipse=True,
+                           kind="wheel")
         else:
             x = vanishing_x + side * g * road_half_width * rng.uniform(1.1, 1.6)
             ph = g * (h - horizon) * 0.9 * domain["person_size"] + 4
             pw = 0.3 * ph
             clothes = palette["clothes"]
-            canvas.box(base - 0.45 * ph, base, x - 0.4 * pw, x + 0.4 * pw, PERSON, palette["legs"])
+            canvas.box(base - 0.45 * ph, base, x - 0.4 * pw, x + 0.4 * pw, PERSON, palette["legs"], kind="legs")
             canvas.box(base - 0.82 * ph, base - 0.45 * ph, x - pw / 2, x + pw / 2, PERSON,
-                       clothes[rng.integers(len(clothes))])
-            canvas.box(base - ph, base - 0.78 * ph, x - 0.3 * pw, x + 0.3 * pw, PERSON, palette["skin"], ellipse=True)
+                       clothes[rng.integers(len(clothes))], kind="clothes")
+            canvas.box(base - ph, base - 0.78 * ph, x - 0.3 * pw, x + 0.3 * pw, PERSON, palette["skin"], ellipse=True,
+                       kind="skin")
 
 
 def _textures(canvas: Canvas, domain: dict, palette: dict) -> None:
@@ -220,10 +245,12 @@ def _textures(canvas: Canvas, domain: dict, palette: dict) -> None:
     rows, cols = np.ogrid[0:h, 0:w]
     py, px = domain["window"]
     label = canvas.label
-    canvas.recolor((label == BUILDING) & (rows % py < py // 2) & (cols % px < px // 2), None, palette["window"])
+    canvas.recolor((label == BUILDING) & (rows % py < py // 2) & (cols % px < px // 2), None, palette["window"],
+                   kind="window")
     pave_x, pave_y = domain.get("paving", (9, 5))
-    canvas.recolor((label == SIDEWALK) & ((cols % pave_x == 0) | (rows % pave_y == 0)), None, palette["paving"])
-    canvas.recolor((label == FENCE) & (cols % domain.get("slats", 4) == 0), None, palette["slat"])
+    canvas.recolor((label == SIDEWALK) & ((cols % pave_x == 0) | (rows % pave_y == 0)), None, palette["paving"],
+                   kind="paving")
+    canvas.recolor((label == FENCE) & (cols % domain.get("slats", 4) == 0), None, palette["slat"], kind="slat")
 
 
 def _camera(rng, canvas: Canvas, domain: dict) -> np.ndarray:
@@ -243,11 +270,8 @@ def _camera(rng, canvas: Canvas, domain: dict) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def street_scene(rng: np.random.Generator, h: int, w: int, domain: dict,
-                 palette: dict = COLORS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One street scene: (H, W, 3) uint8 image, (H, W) uint8 train ids (IGNORE for the ego car) and (H, W) uint8
-    segment ids: which painted shape (or texture) owns each pixel, the sky's bands counting as one segment. The
-    segments depend on the random draws only, never on the palette's colors or on the class ids."""
+def paint_scene(rng: np.random.Generator, h: int, w: int, domain: dict, palette: dict = COLORS) -> Canvas:
+    """The shapes of one street scene, before the camera: sky, skyline, ground, street objects, textures."""
     sky_top, sky_low = (np.array(c, np.float32) for c in domain["sky"])
     canvas = Canvas(h, w, list(sky_top + (sky_low - sky_top) * np.linspace(0, 1, SKY_BANDS)[:, None]))
     horizon = int(h * rng.uniform(0.42, 0.55))
@@ -257,7 +281,16 @@ def street_scene(rng: np.random.Generator, h: int, w: int, domain: dict,
     _street_objects(rng, canvas, horizon, vanishing_x, road_half_width, domain, palette)
     _textures(canvas, domain, palette)
     if domain["ego"]:
-        canvas.box(0.92 * h, 1.3 * h, -0.1 * w, 1.1 * w, data.IGNORE, palette["ego"], ellipse=True)
+        canvas.box(0.92 * h, 1.3 * h, -0.1 * w, 1.1 * w, data.IGNORE, palette["ego"], ellipse=True, kind="ego car")
+    return canvas
+
+
+def street_scene(rng: np.random.Generator, h: int, w: int, domain: dict,
+                 palette: dict = COLORS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One street scene: (H, W, 3) uint8 image, (H, W) uint8 train ids (IGNORE for the ego car) and (H, W) uint8
+    segment ids: which painted shape (or texture) owns each pixel, the sky's bands counting as one segment. The
+    segments depend on the random draws only, never on the palette's colors or on the class ids."""
+    canvas = paint_scene(rng, h, w, domain, palette)
     segments = np.where(canvas.paint < SKY_BANDS, 0, canvas.paint).astype(np.uint8)
     return _camera(rng, canvas, domain), canvas.label, segments
 
@@ -334,7 +367,7 @@ def write_data(root: str, seed: int = 0, n_src: int = CONFIG["n_src"], n_tgt: in
                 f.write(MARKER_TEXT)
         jobs = [(tmp, seed, "gta5", i, src_size) for i in range(n_src)]
         jobs += [(tmp, seed, split, i, tgt_size) for split, n in (("train", n_tgt), ("val", n_val)) for i in range(n)]
-        with Pool(min(os.cpu_count() or 1, 8)) as pool:
+        with data.worker_pool() as pool:
             pool.map(_write_item, jobs, chunksize=8)
         _check_root(root)  # again: a user may have put a dataset there meanwhile
         for name in ("cityscapes", "gta5"):  # gta5 last: its presence marks a complete demo
@@ -344,29 +377,75 @@ def write_data(root: str, seed: int = 0, n_src: int = CONFIG["n_src"], n_tgt: in
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def prepare(root: str, sam_weights: str | None) -> None:
+def prepare(root: str, sam_weights: str | None = None, pretrained: str | None = None) -> None:
     """What train.py --demo needs before it starts: the synthetic domains in root (written once) and, when the run
-    uses it, the toy teacher (pretrained once, then cached)."""
+    uses them, the toy ImageNet encoder and the toy teacher (each pretrained once, then cached). The cache folder
+    is checked first: no minute of pretraining is spent on a result that cannot be kept."""
+    to_make = [p for p, cached in ((pretrained, imagenet_path()), (sam_weights, teacher_path()))
+               if p == cached and not readable(p)]
+    if to_make:
+        data.check_cache_folder(os.path.dirname(to_make[0]))
     if not _check_root(root):
         print(f"writing the synthetic demo domains to {root} ...", flush=True)
         write_data(root)
-    if sam_weights == teacher_path() and not os.path.isfile(sam_weights):
-        print(f"pretraining the toy SAM teacher (once, about 70 s on 2 idle cores; cached in {sam_weights}) ...",
+    if pretrained == imagenet_path() and not readable(pretrained):
+        print(f"pretraining the demo's MiT on the toy ImageNet (once, about a minute on 2 cores; cached in "
+              f"{pretrained}) ...", flush=True)
+        pretrain_imagenet(pretrained)
+    if sam_weights == teacher_path() and not readable(sam_weights):
+        print(f"pretraining the toy SAM teacher (once, about a minute on 2 cores; cached in {sam_weights}) ...",
               flush=True)
         pretrain_teacher(sam_weights)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 4. the toy foundation teacher
+def write_text(path: str, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    data.save_atomic(path, write)
 
-TEACHER_VERSION = 1  # bump when the teacher's code changes what it learns: the cache key holds it
-TEACHER = dict(
-    n_scenes=600, n_held_out=100,  # scenes of the teacher's world, drawn once; training crops and flips them
-    steps=500, batch=16, lr=1e-3, weight_decay=0.05, warmup=50,
-    points=96,  # 4x4-pixel cells per crop whose pairwise affinities are learned: 96 x 96 pairs
-    embed=32,  # width of the throw-away decoder's pixel embeddings
-    seed=0,
-)
+
+def readable(path: str) -> bool:
+    """A cached network that can be used: present and a whole safetensors file (a cut-short or empty one is made
+    again, not trusted)."""
+    try:
+        with safe_open(path, "pt") as f:
+            return len(list(f.keys())) > 0
+    except (OSError, SafetensorError):
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. pretraining: the toy ImageNet (the student's starting point) and the toy SAM (the teacher)
+#
+# Two more worlds from the same painter. DAFormer's student starts from ImageNet: a broad image distribution that
+# is neither GTA nor Cityscapes, and an image-level task. SAM saw images of every kind and learnt class-agnostic
+# masks. Here:
+# - the toy ImageNet is scenes in random domains only (camera, light, noise, blur, textures, sizes: never the demo's
+#   two styles), with the world's colors of things, as ImageNet's cars are car-colored. Its task is image-level:
+#   which of the painter's 23 part kinds (wheel, lamp, car glass, legs, window, paving, ...) appear in an
+#   object-centred, randomly zoomed crop (object_crops), a multi-label classification from the mean of the last
+#   stage's tokens, like MiT's ImageNet head. Its labels are finer than the demo's 19 classes and say nothing
+#   about where a part is, so it is no segmentation task. (With random colors too, 300 steps learnt nothing
+#   beyond the labels' base rates: held-out AUC 0.49; with the world's colors 0.69.)
+# - the toy SAM's world is half random domains with random colors and a quarter of each demo style (SAM saw street
+#   scenes too); its task is pixel-pair affinity: whether two cells belong to the same painted shape, finer than
+#   the classes and blind to them. Neither sees a class label of either demo domain.
+
+KINDS = ("sky", "building", "window", "trunk", "crown", "fence", "slat", "terrain", "sidewalk", "paving", "road",
+         "lane", "pole", "sign", "light box", "lamp", "car body", "car glass", "wheel", "legs", "clothes", "skin",
+         "ego car")
+IMAGENET_VERSION = 1  # bump when the code changes what it learns: the cache key holds it
+IMAGENET = dict(n_scenes=800, n_held_out=100, steps=500, batch=16, lr=1e-3, weight_decay=0.05, warmup=40,
+                zoom=(0.25, 1.0),  # object_crops' squares: 32 to 128 px of a scene, resized to the 128 crop
+                min_fraction=0.02,  # a part is present from 2% of the square (a wheel or a lamp close up)
+                seed=0)
+TEACHER_VERSION = 2
+TEACHER = dict(n_scenes=600, n_held_out=100,  # scenes of the teacher's world, drawn once; training crops them
+               steps=400, batch=12, lr=1e-3, weight_decay=0.05, warmup=40,
+               points=96,  # 4x4-pixel cells of SAM's input per crop whose pairwise affinities are learned
+               embed=32,  # width of the throw-away decoder's pixel embeddings
+               seed=0)
 
 
 def random_palette(rng: np.random.Generator) -> dict:
@@ -383,39 +462,175 @@ def random_domain(rng: np.random.Generator) -> dict:
                 slats=int(rng.integers(2, 8)))
 
 
-def teacher_scene(job: tuple) -> tuple[np.ndarray, np.ndarray]:
-    """Scene i of the teacher's world, job = (seed, i): a quarter in the source style, a quarter in the target style
-    (the demo's palette), half in a random domain with a random palette; at the size and scale a training crop of
-    that style comes from. -> (h, w, 3) uint8 image and (h, w) uint8 segment ids, at the pipeline's scale."""
-    seed, i = job
-    rng = np.random.default_rng([seed, 3, i])  # streams 0-2 are the datasets'
-    u = rng.random()
+def world_scene(job: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scene i of a pretraining world, job = (seed, world, i), at the size and scale a training crop of its style
+    comes from. world 'imagenet': a random domain, with the world's colors of things; 'teacher': a quarter in the
+    source style, a quarter in the target style, half in a random domain with a random palette. -> (h, w, 3) uint8 image, (h, w) uint8 segment ids and
+    (h, w) uint8 part kinds (indices into KINDS), at the pipeline's scale. The class ids are never returned."""
+    seed, world, i = job
+    rng = np.random.default_rng([seed, 3 if world == "teacher" else 4, i])  # streams 0-2 are the datasets'
+    u = rng.random() if world == "teacher" else 1.0
     if u < 0.5:
         style = "source" if u < 0.25 else "target"
         domain, palette = DOMAINS[style], COLORS
     else:
-        style, domain, palette = "target" if rng.random() < 0.5 else "source", random_domain(rng), random_palette(rng)
+        style, domain = "target" if rng.random() < 0.5 else "source", random_domain(rng)
+        palette = random_palette(rng) if world == "teacher" else COLORS
     (w, h), scale = (CONFIG["src_size"], CONFIG["src_scale"]) if style == "source" else (CONFIG["tgt_size"],
                                                                                          CONFIG["tgt_scale"])
-    img, _, segments = street_scene(rng, h, w, domain, palette)  # the class ids are dropped here, unseen
+    canvas = paint_scene(rng, h, w, domain, palette)
+    img = _camera(rng, canvas, domain)
+    segments = np.where(canvas.paint < SKY_BANDS, 0, canvas.paint).astype(np.uint8)
+    kinds = np.array([KINDS.index(k) for k in canvas.kinds], np.uint8)[canvas.paint]
     size = data.rescale_size(w, h, scale)
-    return data.resize_image(img, size).to(torch.uint8).permute(1, 2, 0).numpy(), data.resize_label(segments, size)
+    return (data.resize_image(img, size).to(torch.uint8).permute(1, 2, 0).numpy(), data.resize_label(segments, size),
+            data.resize_label(kinds, size))
 
 
-def teacher_batch(scenes: list, gen: torch.Generator, batch: int, crop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random crops and flips of random scenes -> normalized images (B, 3, crop, crop), segments (B, crop, crop)."""
-    imgs, segs = [], []
+def draw_scenes(seed: int, world: str, start: int, n: int) -> list:
+    with data.worker_pool() as pool:
+        return pool.map(world_scene, [(seed, world, i) for i in range(start, start + n)], chunksize=16)
+
+
+def random_crops(scenes: list, gen: torch.Generator, batch: int, crop: int) -> tuple[torch.Tensor, ...]:
+    """Random crops and flips of random scenes -> normalized images (B, 3, crop, crop) and their segments and part
+    kinds (B, crop, crop) each."""
+    imgs, segs, kinds = [], [], []
     for j in torch.randint(len(scenes), (batch,), generator=gen).tolist():
-        img, seg = scenes[j]
+        img, seg, kind = scenes[j]
         h, w = seg.shape
         y = int(torch.randint(h - crop + 1, (), generator=gen))
         x = int(torch.randint(w - crop + 1, (), generator=gen))
-        img, seg = torch.from_numpy(img[y:y + crop, x:x + crop]), torch.from_numpy(seg[y:y + crop, x:x + crop])
+        views = [torch.from_numpy(a[y:y + crop, x:x + crop]) for a in (img, seg, kind)]
         if torch.rand((), generator=gen) < 0.5:
-            img, seg = img.flip(1), seg.flip(1)
-        imgs.append(img.permute(2, 0, 1).float())
-        segs.append(seg.long())
-    return data.normalize(torch.stack(imgs)), torch.stack(segs)
+            views = [v.flip(1) for v in views]
+        imgs.append(views[0].permute(2, 0, 1).float())
+        segs.append(views[1].long())
+        kinds.append(views[2].long())
+    return data.normalize(torch.stack(imgs)), torch.stack(segs), torch.stack(kinds)
+
+
+def object_crops(scenes: list, gen: torch.Generator, batch: int, crop: int, zoom=(0.25, 1.0),
+                 min_fraction: float = 0.02) -> tuple[torch.Tensor, torch.Tensor]:
+    """The toy ImageNet's images and labels. ImageNet's photos centre an object, and its RandomResizedCrop zooms in
+    at random: a square of side zoom * crop pixels around a pixel of a part kind drawn uniformly among those of a
+    random scene, resized to crop x crop and flipped at random -> normalized images (B, 3, crop, crop) and 0/1
+    part-presence targets (B, len(KINDS)): the parts that cover at least min_fraction of the square."""
+    imgs, targets = [], []
+    for j in torch.randint(len(scenes), (batch,), generator=gen).tolist():
+        img, _, kinds = scenes[j]
+        h, w = kinds.shape
+        present = np.unique(kinds)
+        ys, xs = np.nonzero(kinds == present[int(torch.randint(len(present), (), generator=gen))])
+        p = int(torch.randint(len(ys), (), generator=gen))
+        side = int(crop * (zoom[0] + (zoom[1] - zoom[0]) * torch.rand((), generator=gen).item()))
+        y0, x0 = int(np.clip(ys[p] - side // 2, 0, h - side)), int(np.clip(xs[p] - side // 2, 0, w - side))
+        view = torch.from_numpy(img[y0:y0 + side, x0:x0 + side]).permute(2, 0, 1).float()
+        view = F.interpolate(view[None], size=(crop, crop), mode="bilinear", align_corners=False)[0]
+        imgs.append(view.flip(-1) if torch.rand((), generator=gen) < 0.5 else view)
+        part = torch.from_numpy(kinds[y0:y0 + side, x0:x0 + side]).long().flatten()
+        targets.append((F.one_hot(part, len(KINDS)).float().mean(0) >= min_fraction).float())
+    return data.normalize(torch.stack(imgs)), torch.stack(targets)
+
+
+class PresenceHead(nn.Module):
+    """The toy ImageNet's classifier, thrown away after pretraining: the mean of the last stage's tokens, then a
+    linear layer, as MiT's ImageNet head (NVlabs' `head`)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.head = nn.Linear(dim, len(KINDS))
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:  # MiT's 4 maps -> (B, K) logits
+        return self.head(feats[-1].mean(dim=(2, 3)))
+
+
+def demo_mit(seed: int = IMAGENET["seed"]) -> mit.MixVisionTransformer:
+    """The demo's MiT (the preset and overrides train.py --demo builds), randomly initialized."""
+    torch.manual_seed(seed)
+    return mit.build_mit(FLAGS["backbone"], **CONFIG["mit"])
+
+
+def lr_at(step: int, steps: int, cfg: dict) -> float:
+    """Linear warm-up, then a cosine to 0: the pretrainings' schedule."""
+    return cfg["lr"] * min(1, (step + 1) / cfg["warmup"]) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+def train_imagenet(scenes: list, steps: int, cfg: dict = IMAGENET, log_every: int = 100):
+    """Pretrain the demo's MiT with PresenceHead on random crops -> (encoder, head, loss per step)."""
+    encoder = demo_mit(cfg["seed"])
+    head = PresenceHead(encoder.cfg.embed_dims[-1])
+    opt = torch.optim.AdamW([*encoder.parameters(), *head.parameters()], lr=cfg["lr"],
+                            weight_decay=cfg["weight_decay"])
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    losses, t0 = [], time.time()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, cfg)
+        img, target = object_crops(scenes, gen, cfg["batch"], CONFIG["crop"], cfg["zoom"], cfg["min_fraction"])
+        loss = F.binary_cross_entropy_with_logits(head(encoder(img)), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if log_every and (step + 1) % log_every == 0:
+            print(f"toy ImageNet step {step + 1}/{steps} loss {np.mean(losses[-log_every:]):.4f} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
+    return encoder, head, losses
+
+
+@torch.no_grad()
+def presence_auc(encoder, head: PresenceHead, scenes: list, n: int = 256) -> float:
+    """The mean over part kinds of the ROC AUC of the presence logits on fixed crops of the given scenes: the
+    chance that a crop with the part scores above one without it (0.5 is chance)."""
+    img, target = object_crops(scenes, torch.Generator().manual_seed(1), n, CONFIG["crop"], IMAGENET["zoom"],
+                               IMAGENET["min_fraction"])
+    logits, aucs = head(encoder(img)), []
+    for k in range(len(KINDS)):
+        pos, neg = logits[target[:, k] > 0, k], logits[target[:, k] == 0, k]
+        if len(pos) and len(neg):
+            aucs.append((pos[:, None] > neg[None, :]).float().mean().item())
+    return float(np.mean(aucs))
+
+
+def cache_path(name: str, *what) -> str:
+    """A pretrained network's place in the cache (data.cache_folder()), under a hash of what determines it."""
+    key = json.dumps(what, sort_keys=True)
+    return os.path.join(data.cache_folder(), f"{name}_{hashlib.sha1(key.encode()).hexdigest()[:16]}.safetensors")
+
+
+def imagenet_path() -> str:
+    return cache_path("toy_imagenet_mit", IMAGENET, CONFIG["mit"], FLAGS["backbone"], IMAGENET_VERSION)
+
+
+def teacher_path() -> str:
+    return cache_path("toy_teacher", TEACHER, CONFIG["sam"], CONFIG["sam_img_size"], TEACHER_VERSION)
+
+
+def pretrain_imagenet(path: str) -> None:
+    """Draw the toy ImageNet, pretrain, report the held-out accuracy, save the encoder to path in the NVlabs MiT
+    layout, which --pretrained loads (the classifier is dropped, as mit.load_weights drops NVlabs' head)."""
+    t0 = time.time()
+    scenes = draw_scenes(IMAGENET["seed"], "imagenet", 0, IMAGENET["n_scenes"])
+    held_out = draw_scenes(IMAGENET["seed"], "imagenet", IMAGENET["n_scenes"], IMAGENET["n_held_out"])
+    encoder, head, losses = train_imagenet(scenes, IMAGENET["steps"])
+    auc = presence_auc(encoder.eval(), head, held_out)
+    print(f"toy ImageNet: part-presence AUC on held-out scenes {auc:.3f} (chance 0.5), loss "
+          f"{np.mean(losses[:20]):.3f} -> {np.mean(losses[-20:]):.3f}, {time.time() - t0:.0f} s in all", flush=True)
+    meta = {"what": "the ssr demo's MiT pretrained on its toy ImageNet (demo.py pretrain)",
+            "config": json.dumps(IMAGENET), "version": str(IMAGENET_VERSION)}
+    sd = {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    data.save_atomic(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+
+
+def sam_view(img: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crops (B, 3, c, c) and segments (B, c, c) as the teacher sees them in training: resized to sam_img_size
+    (UDA.sam_tokens: bilinear), the segments by repetition."""
+    s = CONFIG["sam_img_size"]
+    k = s // img.shape[-1]
+    return (F.interpolate(img, size=(s, s), mode="bilinear", align_corners=False),
+            seg.repeat_interleave(k, 1).repeat_interleave(k, 2))
 
 
 class AffinityDecoder(nn.Module):
@@ -459,7 +674,7 @@ def affinity_accuracy(encoder, dec: AffinityDecoder, scenes: list, seed: int = 1
     gen = torch.Generator().manual_seed(seed)
     hits = torch.zeros(2)
     for _ in range(batches):
-        img, seg = teacher_batch(scenes, gen, TEACHER["batch"], CONFIG["sam_img_size"])
+        img, seg = sam_view(*random_crops(scenes, gen, TEACHER["batch"], CONFIG["crop"])[:2])
         cos, same = affinity_pairs(dec(encoder(img)), seg, gen, TEACHER["points"])
         pred = (cos * dec.scale + dec.bias) > 0
         hits += torch.stack([(pred & (same > 0)).sum() / same.sum(), (~pred & (same == 0)).sum() / (same == 0).sum()])
@@ -470,11 +685,6 @@ def teacher_encoder(seed: int = TEACHER["seed"]) -> sam_encoder.SamEncoder:
     """The demo's SAM encoder (the same code as the real one, the small preset of CONFIG), randomly initialized."""
     torch.manual_seed(seed)
     return sam_encoder.build_sam_encoder("vit_b", CONFIG["sam_img_size"], **CONFIG["sam"])
-
-
-def draw_scenes(seed: int, start: int, n: int) -> list:
-    with Pool(min(os.cpu_count() or 1, 8)) as pool:
-        return pool.map(teacher_scene, [(seed, i) for i in range(start, start + n)], chunksize=16)
 
 
 def train_teacher(scenes: list, steps: int, freeze_encoder: bool = False, log_every: int = 100,
@@ -488,10 +698,9 @@ def train_teacher(scenes: list, steps: int, freeze_encoder: bool = False, log_ev
     gen = torch.Generator().manual_seed(cfg["seed"])
     losses, t0 = [], time.time()
     for step in range(steps):
-        lr = cfg["lr"] * min(1, (step + 1) / cfg["warmup"]) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for g in opt.param_groups:
-            g["lr"] = lr
-        img, seg = teacher_batch(scenes, gen, cfg["batch"], CONFIG["sam_img_size"])
+            g["lr"] = lr_at(step, steps, cfg)
+        img, seg = sam_view(*random_crops(scenes, gen, cfg["batch"], CONFIG["crop"])[:2])
         cos, same = affinity_pairs(dec(encoder(img)), seg, gen, cfg["points"])
         loss = affinity_loss(cos, same, dec)
         opt.zero_grad(set_to_none=True)
@@ -513,22 +722,12 @@ def save_teacher(encoder: sam_encoder.SamEncoder, path: str) -> None:
     data.save_atomic(path, lambda tmp: save_file(sd, tmp, metadata=meta))
 
 
-def teacher_path(cache_dir: str | None = None) -> str:
-    """Where the toy teacher is cached: $SSR_CACHE or ~/.cache/ssr (as the RCS statistics), under a hash of what
-    determines it (its config, the model's and the code's version)."""
-    cache_dir = cache_dir or os.environ.get("SSR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ssr")
-    key = json.dumps([TEACHER, CONFIG["sam"], CONFIG["sam_img_size"], TEACHER_VERSION], sort_keys=True)
-    return os.path.join(cache_dir, f"toy_teacher_{hashlib.sha1(key.encode()).hexdigest()[:16]}.safetensors")
-
-
 def pretrain_teacher(path: str, probe_random: bool = False) -> None:
     """Draw the teacher's world, pretrain, report the held-out pretext accuracy, save the encoder to path."""
     t0 = time.time()
-    cfg = TEACHER
-    scenes = draw_scenes(cfg["seed"], 0, cfg["n_scenes"])
-    held_out = draw_scenes(cfg["seed"], cfg["n_scenes"], cfg["n_held_out"])
-    print(f"drew {len(scenes)} + {len(held_out)} scenes in {time.time() - t0:.0f} s", flush=True)
-    encoder, dec, losses = train_teacher(scenes, cfg["steps"], freeze_encoder=probe_random)
+    scenes = draw_scenes(TEACHER["seed"], "teacher", 0, TEACHER["n_scenes"])
+    held_out = draw_scenes(TEACHER["seed"], "teacher", TEACHER["n_scenes"], TEACHER["n_held_out"])
+    encoder, dec, losses = train_teacher(scenes, TEACHER["steps"], freeze_encoder=probe_random)
     acc = affinity_accuracy(encoder.eval(), dec, held_out)
     what = "random encoder, trained decoder" if probe_random else "pretrained teacher"
     print(f"{what}: same-segment pair accuracy on held-out domains {100 * acc:.1f}% (balanced, chance 50%), "
@@ -542,7 +741,7 @@ def _probe_crops(style: str, n: int, seed: int) -> tuple[torch.Tensor, np.ndarra
     """n centre crops of scenes of a demo domain -> normalized images (n, 3, crop, crop), train ids (n, crop, crop)."""
     (w, h), scale = (CONFIG["src_size"], CONFIG["src_scale"]) if style == "source" else (CONFIG["tgt_size"],
                                                                                          CONFIG["tgt_scale"])
-    size, c = data.rescale_size(w, h, scale), CONFIG["sam_img_size"]
+    size, c = data.rescale_size(w, h, scale), CONFIG["crop"]
     y0, x0 = (size[1] - c) // 2, (size[0] - c) // 2
     imgs, lbls = [], []
     for i in range(n):
@@ -554,11 +753,13 @@ def _probe_crops(style: str, n: int, seed: int) -> tuple[torch.Tensor, np.ndarra
 
 @torch.no_grad()
 def _cells(encoder, imgs: torch.Tensor, lbls: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens upsampled to 4x4-pixel cells, and the train id at each cell's centre; ignored cells dropped."""
-    feats = encoder(imgs)  # (N, 256, g, g)
+    """Tokens upsampled 4x to cells, and the train id at each cell's centre; ignored cells dropped."""
+    s = CONFIG["sam_img_size"]
+    feats = encoder(F.interpolate(imgs, size=(s, s), mode="bilinear", align_corners=False))  # (N, 256, g, g)
     x = F.interpolate(feats, scale_factor=4, mode="bilinear", align_corners=False)  # (N, 256, 4g, 4g)
     x = x.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
-    y = torch.from_numpy(lbls[:, 2::4, 2::4].astype(np.int64)).reshape(-1)
+    cell = lbls.shape[-1] // (4 * feats.shape[-1])
+    y = torch.from_numpy(lbls[:, cell // 2::cell, cell // 2::cell].astype(np.int64)).reshape(-1)
     return x[y != data.IGNORE], y[y != data.IGNORE]
 
 
@@ -595,9 +796,14 @@ SETTINGS = {  # name -> train.py flags on top of --demo
     "dacs": ["--method", "dacs"],
     "ssr-random": ["--method", "ssr", "--sam-weights", "none"],
     "ssr-toy": ["--method", "ssr"],  # the toy teacher: --demo's default for ssr
+    "ssr-shuffled": ["--method", "ssr", "--ssr-context", "shuffled"],
+    "ssr-zeros": ["--method", "ssr", "--ssr-context", "zeros"],
 }
 TITLES = {"source-only": "source only", "dacs": "dacs", "ssr-random": "ssr, random teacher",
-          "ssr-toy": "ssr, toy teacher"}
+          "ssr-toy": "ssr, toy teacher", "ssr-shuffled": "ssr, shuffled tokens", "ssr-zeros": "ssr, zero context"}
+# Student's t, 97.5% quantile by degrees of freedom: the half-width of a 95% interval is t * sd / sqrt(n)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 20: 2.086, 30: 2.042}
 
 
 def parse_final_table(stdout: str) -> dict:
@@ -613,57 +819,61 @@ def parse_final_table(stdout: str) -> dict:
 
 
 def run_setting(setting: str, seed: int, iters: int, out: str, data_root: str, amp: str | None) -> dict:
-    """Train one setting with train.py (skipped when out holds its result already) -> dict(miou, iou, seconds)."""
+    """Train one setting with train.py on one core (skipped when out holds its result already) ->
+    dict(miou, iou, seconds)."""
     result_path = os.path.join(out, "study_result.json")
     if os.path.isfile(result_path):
         with open(result_path) as f:
             return json.load(f)
+    sched = schedule(iters)
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--demo",
-           *SETTINGS[setting], "--seed", str(seed), "--iters", str(iters), "--out", out, "--data-root", data_root,
-           "--eval-every", "0", "--save-every", str(iters)]
-    if amp:
-        cmd += ["--amp", amp]
+           *SETTINGS[setting], "--seed", str(seed), "--iters", str(iters), "--warmup", str(sched["warmup"]),
+           "--ema-alpha", str(sched["ema_alpha"]), "--out", out, "--data-root", data_root, "--eval-every", "0",
+           "--save-every", str(iters), "--debug-every", "0", "--workers", "0"] + (["--amp", amp] if amp else [])
+    if os.path.exists(os.path.join(out, "train_state.pt")):  # a run cut short (a stop of the study): continue it
+        cmd.append("--resume")
     t0 = time.time()
-    run = subprocess.run(cmd, capture_output=True, text=True)  # inherits OMP_WAIT_POLICY (top of this file)
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # two runs at a time, one core each (study())
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if run.returncode:
-        sys.exit(f"error: {' '.join(cmd)} failed:\n{run.stderr[-3000:]}")
+        raise data.UserError(f"{' '.join(cmd)} failed (exit status {run.returncode}): "
+                             f"{' '.join(run.stderr.split()[-60:])}")
     result = dict(parse_final_table(run.stdout), seconds=time.time() - t0)
-    with open(result_path, "w") as f:
-        json.dump(result, f)
+    write_text(result_path, json.dumps(result))
     return result
 
 
-def _mean_sd(xs: list[float]) -> tuple[float, float]:
-    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+def mean_sd_ci(xs: list[float]) -> tuple[float, float, float]:
+    """Mean, sample sd and the half-width of the 95% t-interval of the mean."""
+    n = len(xs)
+    sd = float(np.std(xs, ddof=1)) if n > 1 else 0.0
+    t = T975.get(n - 1, T975[max(k for k in T975 if k <= n - 1)] if n > 1 else float("nan"))
+    return float(np.mean(xs)), sd, t * sd / math.sqrt(n) if n > 1 else float("nan")
 
 
 def study_markdown(results: dict, seeds: list[int], note: str = "") -> str:
-    """results[setting][seed] = dict(miou, iou) -> the study's markdown: target mIoU per seed, mean, spread,
-    difference to dacs, and the per-class IoU of the best setting against dacs (means over seeds)."""
+    """results[setting][seed] = dict(miou, iou) -> the study's markdown: target mIoU per seed, mean, sd, the paired
+    difference to dacs with its 95% interval, and the per-class IoU of every setting (means over seeds)."""
     names = list(results)
     rows = ["| seed | " + " | ".join(TITLES.get(n, n) for n in names) + " |", "|---" * (len(names) + 1) + "|"]
     rows += [f"| {s} | " + " | ".join(f"{results[n][s]['miou']:.2f}" for n in names) + " |" for s in seeds]
-    stats = {n: _mean_sd([results[n][s]["miou"] for s in seeds]) for n in names}
+    stats = {n: mean_sd_ci([results[n][s]["miou"] for s in seeds]) for n in names}
     rows.append("| mean | " + " | ".join(f"**{stats[n][0]:.2f}**" for n in names) + " |")
-    rows.append("| spread (sd) | " + " | ".join(f"{stats[n][1]:.2f}" for n in names) + " |")
-    lines = [note, "", "Target mIoU (%) on the demo's Cityscapes-like val set:", ""] if note else [
-        "Target mIoU (%) on the demo's Cityscapes-like val set:", ""]
+    rows.append("| sd | " + " | ".join(f"{stats[n][1]:.2f}" for n in names) + " |")
     if "dacs" in results:
-        diffs = {n: _mean_sd([results[n][s]["miou"] - results["dacs"][s]["miou"] for s in seeds]) for n in names}
-        rows.append("| minus dacs, same seed (mean ± sd) | " + " | ".join(
-            "-" if n == "dacs" else f"{diffs[n][0]:+.2f} ± {diffs[n][1]:.2f}" for n in names) + " |")
-    lines += rows
-    best = max(names, key=lambda n: stats[n][0])
-    if "dacs" in results and best != "dacs":
-        with warnings.catch_warnings():  # a class absent from the val labels and every prediction is NaN throughout
-            warnings.simplefilter("ignore", RuntimeWarning)
-            per_class = {n: np.nanmean([results[n][s]["iou"] for s in seeds], axis=0) for n in ("dacs", best)}
-        lines += ["", f"Per-class IoU (%), mean over seeds: the best setting ({TITLES.get(best, best)}) against dacs:",
-                  "", f"| class | dacs | {TITLES.get(best, best)} | difference |", "|---|---|---|---|"]
-        for c, name in enumerate(data.CLASSES):
-            a, b = per_class["dacs"][c], per_class[best][c]
-            if not (math.isnan(a) and math.isnan(b)):
-                lines.append(f"| {name} | {a:.2f} | {b:.2f} | {b - a:+.2f} |")
+        diffs = {n: mean_sd_ci([results[n][s]["miou"] - results["dacs"][s]["miou"] for s in seeds]) for n in names}
+        rows.append("| minus dacs, same seed: mean [95% interval] | " + " | ".join(
+            "-" if n == "dacs" else f"{diffs[n][0]:+.2f} [{diffs[n][0] - diffs[n][2]:+.2f}, "
+            f"{diffs[n][0] + diffs[n][2]:+.2f}]" for n in names) + " |")
+    lines = ([note, ""] if note else []) + ["Target mIoU (%) on the demo's Cityscapes-like val set:", ""] + rows
+    with warnings.catch_warnings():  # a class absent from the val labels and every prediction is NaN throughout
+        warnings.simplefilter("ignore", RuntimeWarning)
+        per_class = {n: np.nanmean([results[n][s]["iou"] for s in seeds], axis=0) for n in names}
+    lines += ["", "Per-class IoU (%), mean over seeds:", "",
+              "| class | " + " | ".join(TITLES.get(n, n) for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for c, name in enumerate(data.CLASSES):
+        if not all(math.isnan(per_class[n][c]) for n in names):
+            lines.append(f"| {name} | " + " | ".join(f"{per_class[n][c]:.2f}" for n in names) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -692,24 +902,33 @@ def study_chart(results: dict, seeds: list[int], path: str) -> None:
     img.save(path)
 
 
-def study(seeds: list[int], iters: int, out: str, data_root: str, settings: list[str], amp: str | None) -> str:
-    """Run every setting for every seed (sequentially: each run uses all cores), write out/study.md and
-    out/study.png, and return the markdown."""
-    prepare(data_root, teacher_path() if "ssr-toy" in settings else None)  # once, before the timed runs
+def study(seeds: list[int], iters: int, out: str, data_root: str, settings: list[str], amp: str | None,
+          jobs: int = 2) -> str:
+    """Run every setting for every seed, `jobs` runs at a time on one core each (on 2 cores two one-core runs get
+    through 1.5x the iterations of one two-core run), write out/study.md and out/study.png, return the markdown."""
+    uses_teacher = any("--sam-weights" not in SETTINGS[n] and "zeros" not in SETTINGS[n] for n in settings
+                       if SETTINGS[n][1] == "ssr")
+    prepare(data_root, teacher_path() if uses_teacher else None, imagenet_path())  # once, before the runs
     results, t0 = {n: {} for n in settings}, time.time()
-    for seed in seeds:
-        for n in settings:
-            r = run_setting(n, seed, iters, os.path.join(out, f"{n}_seed{seed}"), data_root, amp)
+    todo = [(n, seed) for seed in seeds for n in settings]
+
+    def run(job):
+        n, seed = job
+        r = run_setting(n, seed, iters, os.path.join(out, f"{n}_seed{seed}"), data_root, amp)
+        print(f"{n} seed {seed}: target mIoU {r['miou']:.2f} ({r['seconds']:.0f} s)", flush=True)
+        return job, r
+
+    with ThreadPoolExecutor(jobs) as pool:
+        for (n, seed), r in pool.map(run, todo):
             results[n][seed] = r
-            print(f"{n} seed {seed}: target mIoU {r['miou']:.2f} ({r['seconds']:.0f} s)", flush=True)
-    note = (f"{len(seeds)} seeds, {iters} iterations, {amp or 'fp32'}; `python demo.py study --seeds {len(seeds)} "
-            f"--iters {iters}" + (f" --amp {amp}" if amp else "") + (
-                f" --settings {','.join(settings)}" if settings != list(SETTINGS) else "") + "`")
+    wall = time.time() - t0
+    note = (f"{len(seeds)} seeds, {iters} iterations, {amp or 'fp32'}, {jobs} runs at a time; `python demo.py study "
+            f"--seeds {len(seeds)} --iters {iters}" + (f" --amp {amp}" if amp else "") + (
+                f" --settings {','.join(settings)}" if settings != list(SETTINGS) else "") + f"`; {wall:.0f} s")
     md = study_markdown(results, seeds, note)
-    with open(os.path.join(out, "study.md"), "w") as f:
-        f.write(md)
+    write_text(os.path.join(out, "study.md"), md)
     study_chart(results, seeds, os.path.join(out, "study.png"))
-    print(md + f"\nwrote {os.path.join(out, 'study.md')} and study.png; {time.time() - t0:.0f} s", flush=True)
+    print(md + f"\nwrote {os.path.join(out, 'study.md')} and study.png; {wall:.0f} s", flush=True)
     return md
 
 
@@ -719,6 +938,9 @@ def study(seeds: list[int], iters: int, out: str, data_root: str, settings: list
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
+    pt = sub.add_parser("pretrain", help="pretrain the demo's MiT on the toy ImageNet (train.py --demo does it on "
+                                         "first use)")
+    pt.add_argument("--out", help=f"safetensors file to write (default: the cache, {imagenet_path()})")
     t = sub.add_parser("teacher", help="pretrain the toy SAM teacher (train.py --demo does it on first use)")
     t.add_argument("--out", help=f"safetensors file to write (default: the cache, {teacher_path()})")
     t.add_argument("--probe-random", action="store_true",
@@ -726,22 +948,31 @@ def main() -> None:
                         "baseline for the teacher's); writes nothing")
     pr = sub.add_parser("probe", help="linear probe of a teacher's frozen features: fit on source, score on target")
     pr.add_argument("--weights", default=None, help="SAM weights to probe, or 'none' (default: the toy teacher)")
-    s = sub.add_parser("study", help="train source-only, dacs, ssr (random teacher), ssr (toy teacher) per seed")
-    s.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1")
-    s.add_argument("--iters", type=int, default=FLAGS["iters"], help="training iterations per run")
+    s = sub.add_parser("study", help="train the six settings of the study (README) for each seed")
+    s.add_argument("--seeds", type=int, default=5, help="seeds 0 .. N-1")
+    s.add_argument("--iters", type=int, default=FLAGS["iters"],
+                   help="training iterations per run; the warm-up and EMA horizon follow schedule()")
     s.add_argument("--out", default="runs/study", help="folder for the runs, study.md and study.png")
     s.add_argument("--data-root", default=FLAGS["data_root"], help="the demo data (written there if absent)")
     s.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated among {', '.join(SETTINGS)}")
+    s.add_argument("--jobs", type=int, default=2, help="runs at a time, one core each")
     s.add_argument("--amp", choices=["bf16", "fp16", "fp32"],
                    help="train.py --amp for every run (default: train.py's, fp32 on a CPU)")
     args = p.parse_args()
     try:
-        if args.cmd == "teacher":
-            pretrain_teacher(args.out or teacher_path(), probe_random=args.probe_random)
+        if args.cmd == "pretrain":
+            out = args.out or imagenet_path()
+            data.check_cache_folder(os.path.dirname(os.path.abspath(out)))
+            pretrain_imagenet(out)
+            print(f"wrote {out}")
+        elif args.cmd == "teacher":
+            out = args.out or teacher_path()
             if not args.probe_random:
-                print(f"wrote {args.out or teacher_path()}")
-            return
-        if args.cmd == "probe":
+                data.check_cache_folder(os.path.dirname(os.path.abspath(out)))
+            pretrain_teacher(out, probe_random=args.probe_random)
+            if not args.probe_random:
+                print(f"wrote {out}")
+        elif args.cmd == "probe":
             weights = args.weights or teacher_path()
             encoder = teacher_encoder()
             if weights != "none":
@@ -749,16 +980,20 @@ def main() -> None:
             r = transfer_probe(encoder)
             print(f"{weights}: linear probe of the 19 classes on frozen tokens, fit on the source domain: "
                   f"mIoU {r['source']:.1f} on held-out source crops, {r['target']:.1f} on target crops")
-            return
-        settings = [x for x in args.settings.split(",") if x]
-        if not settings or any(x not in SETTINGS for x in settings):
-            sys.exit(f"error: --settings {args.settings!r}: choose among {', '.join(SETTINGS)}, comma-separated.")
-        if args.seeds <= 0 or args.iters <= 0:
-            sys.exit("error: --seeds and --iters must be positive.")
-        os.makedirs(args.out, exist_ok=True)
-        study(list(range(args.seeds)), args.iters, args.out, args.data_root, settings, args.amp)
-    except (data.DatasetError, mit.WeightsError) as e:
+        else:
+            settings = [x for x in args.settings.split(",") if x]
+            if not settings or any(x not in SETTINGS for x in settings):
+                raise data.FlagError(f"--settings {args.settings!r}: choose among {', '.join(SETTINGS)}, "
+                                     f"comma-separated.")
+            if args.seeds <= 0 or args.iters <= 0 or args.jobs <= 0:
+                raise data.FlagError("--seeds, --iters and --jobs must be positive.")
+            os.makedirs(args.out, exist_ok=True)
+            study(list(range(args.seeds)), args.iters, args.out, args.data_root, settings, args.amp, args.jobs)
+    except data.UserError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("stopped; nothing half-written was left behind (a study continues where it stopped when run "
+                 "again)")
 
 
 if __name__ == "__main__":

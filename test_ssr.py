@@ -2,6 +2,7 @@
 only where the point is the real size), make their own random weights in the official layouts and their own
 small datasets in the original formats, and compare with the reference implementations (transformers,
 segment_anything) where those define the right answer."""
+import atexit
 import collections
 import dataclasses
 import hashlib
@@ -1843,17 +1844,27 @@ def test_train_torchrun_two_cpu_processes_agree(_train_root, tmp_path):
 
 
 def _train_inprocess(monkeypatch, *argv) -> str:
-    """Run train.py in this process (fast: no new interpreter, and monkeypatch reaches inside it): the SystemExit
-    message a user sees, or '' when the run ends normally. The signal handlers the run installs are undone."""
+    """Run train.py in this process (fast: no new interpreter, and monkeypatch reaches inside it): the message a
+    user sees ('error: ...' as train.py's excepthook prints it, or a SystemExit's), or '' when the run ends
+    normally. The exit functions it registers (the lock's release) run at its end, as at a real exit, and its
+    signal handlers and excepthook are undone."""
     monkeypatch.setattr(sys, "argv", ["train.py", *argv])
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    at_exit = []
+    monkeypatch.setattr(atexit, "register", lambda fn, *a, **k: at_exit.append(lambda: fn(*a, **k)))
+    hook = sys.excepthook
     try:
         runpy.run_path(os.path.join(_ROOT, "train.py"), run_name="__main__")
     except SystemExit as e:
         return str(e.code)
+    except data.UserError as e:
+        return f"error: {e}"
     finally:
+        for fn in reversed(at_exit):
+            fn()
         for s, h in handlers.items():
             signal.signal(s, h)
+        sys.excepthook = hook
     return ""
 
 
