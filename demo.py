@@ -617,6 +617,11 @@ def pretrain_imagenet(path: str) -> None:
     auc = presence_auc(encoder.eval(), head, held_out)
     print(f"toy ImageNet: part-presence AUC on held-out scenes {auc:.3f} (chance 0.5), loss "
           f"{np.mean(losses[:20]):.3f} -> {np.mean(losses[-20:]):.3f}, {time.time() - t0:.0f} s in all", flush=True)
+    save_mit(encoder, path)
+
+
+def save_mit(encoder: mit.MixVisionTransformer, path: str) -> None:
+    """The encoder alone, in the NVlabs MiT layout, written atomically: --pretrained loads it."""
     meta = {"what": "the ssr demo's MiT pretrained on its toy ImageNet (demo.py pretrain)",
             "config": json.dumps(IMAGENET), "version": str(IMAGENET_VERSION)}
     sd = {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}

@@ -85,6 +85,9 @@ class SepASPP(nn.Module):
         self.bottleneck = ConvModule(len(dilations) * channels, channels, 3)
 
     def forward(self, x: Tensor) -> Tensor:
+        # The embedded stage maps arrive channels-last (transposed token tensors): NCHW is the layout of the conv
+        # weights, and channels-last inputs give channels-last weight gradients, which DDP copies into its buckets.
+        x = x.contiguous()
         return self.bottleneck(torch.cat([m(x) for m in self.aspp_modules], dim=1))
 
 

@@ -239,6 +239,7 @@ if ddp:
     # peer died give up within a minute, not gloo/NCCL's 30.
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=60))
     peers = dist.new_group(timeout=timedelta(seconds=60))
+    sys.excepthook = report_errors  # init_process_group wraps the hook to prefix every line with the rank
 device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
 # The shapes never change (crop, batch, SAM input): cuDNN times its convolution algorithms once and keeps the
 # fastest, as mmseg's configs (cudnn_benchmark = True). It only reorders arithmetic on the GPU.
@@ -565,10 +566,11 @@ if master:  # every flag's value, defaults included, and the run's id
     data.save_atomic(config_path, write_config)
     if start:
         log_line(dict(resume=start))  # the lines of later iterations that follow replace these
-# From here SIGINT and SIGTERM finish the current iteration, save, and exit; a second Ctrl-C stops at once.
+# From here SIGINT and SIGTERM finish the current iteration, save, and exit; a second Ctrl-C stops at once. A
+# second SIGTERM changes nothing: under torchrun each worker can receive two when its launcher dies.
 stop = []
-for sig in (signal.SIGINT, signal.SIGTERM):
-    signal.signal(sig, lambda s, f: (stop.append(s), signal.signal(s, signal.SIG_DFL)))
+signal.signal(signal.SIGINT, lambda s, f: (stop.append(s), signal.signal(s, signal.SIG_DFL)))
+signal.signal(signal.SIGTERM, lambda s, f: stop.append(s))
 mious, bad, skipped, t0, it, eval_error, last_saved = [], 0, 0, time.time(), start, None, [start] if start else []
 totals, counted = {}, 0  # loss sums over the logging interval, on the device (no sync per iteration)
 uda.train()  # once: evaluate() puts the student back in training mode itself
