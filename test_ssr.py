@@ -2393,37 +2393,47 @@ def test_bench_tiny_prints_every_item_with_ratios():
                          env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     out = run.stdout
-    assert "skipped" not in out, out  # transformers and segment_anything are test requirements
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("item"))
     assert "time ratio" in lines[header] and "mem ratio" in lines[header]
     rows = {line[0]: line for line in lines[header + 1:] if line[:1].isdigit()}
-    assert sorted(rows) == ["1", "2", "3", "4", "5"], out
-    number = r"\d+\.\d\d"
-    for item in "123":  # ours / reference: a time ratio, and the outputs of items 1 and 2 agree with the reference
-        assert re.search(rf"\s{number}\s", rows[item]), rows[item]
-    for item in "12":
+    assert sorted(rows) == ["1", "2", "3", "4"], out  # item 5 compiles: not by default
+    for item in "123":  # ours and the reference timed in one run: both times and their ratio
+        ours, ref, ratio = map(float, re.search(r"\s(\d+\.\d)\s+(\d+\.\d)\s+(\d+\.\d\d)\s", rows[item]).groups())
+        assert abs(ours / ref - ratio) <= ratio * (0.06 / ours + 0.06 / ref) + 0.006, rows[item]  # ms rounded to 0.1
+    for item in "12":  # and items 1 and 2 compare equal models: their outputs agree
         diff = float(re.search(r"max\|diff\| (\S+)", rows[item])[1])
         assert diff < 1e-4, rows[item]
-    assert re.search(rf"{number} images/s", rows["4"]), rows["4"]
-    ops = re.search(r"([\d,]+) ops fwd\+bwd \((\w+) ([\d,]+)", rows["5"])  # the count and its top op
-    assert ops and int(ops[1].replace(",", "")) > int(ops[3].replace(",", "")) > 0, rows["5"]
+    assert re.search(r"\d+\.\d\d images/s", rows["4"]), rows["4"]
+
+
+def test_bench_item_5_times_compiled_against_eager_with_the_compile_apart():
+    # inductor takes minutes on a CPU: TORCH_COMPILE_DISABLE runs the compiled side eager, which checks the item's
+    # wiring (both sides timed in one run, their ratio, the first iterations apart) in seconds
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_COMPILE_DISABLE": "1"}
+    run = subprocess.run([sys.executable, "bench.py", "--tiny", "--items", "5", "--repeats", "2", "--warmup", "0"],
+                         cwd=_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = next(line for line in run.stdout.splitlines() if line.startswith("5 "))
+    number = r"\s+\d+\.\d"
+    assert re.search(rf"^5 ssr train iter MiT-tiny crop 64 b2 SAM 64\s+compiled\s+eager{number * 3}\d\s", row), row
+    assert re.search(r"fp32; first iterations \(compile\) \d+\.\d s, \d+\.\d s$", row), row
 
 
 def test_bench_gpu_suite_runs_its_cpu_parts_with_tiny(tmp_path):
-    # train.py and eval.py as a user runs them (the demo's sizes with --tiny), then items 3 and 5; every figure
+    # train.py and eval.py as a user runs them (the demo's sizes with --tiny), then item 3 profiled; every figure
     # names the device; the data is removed at the end
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
     run = subprocess.run([sys.executable, "bench.py", "--suite", "gpu", "--tiny", "--device", "cpu", "--repeats", "1",
                           "--warmup", "0"], cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    lines = [line for line in run.stdout.splitlines() if line.startswith("[cpu")]
-    assert not any("FAILED" in line or "not run" in line or "TIMEOUT" in line for line in lines), run.stdout
-    figures = {line.split("]")[1].split("(at")[0].strip(" :"): line for line in lines}
+    assert not any(word in run.stdout for word in ("FAILED", "not run", "TIMEOUT")), run.stdout
+    figures = {line.split("]")[1].split("(at")[0].strip(" :"): line for line in run.stdout.splitlines()
+               if line.startswith("[cpu")}
     assert re.search(r"\d+\.\d\d it/s steady", run.stdout.split("--method ssr --mic")[1].splitlines()[1])
-    assert re.search(r"4 images: evaluation \d+\.\d s \([\d.]+ images/s\), the command \d+\.\d s", run.stdout)
+    assert re.search(r"8 images: evaluation \d+\.\d s \([\d.]+ images/s\), the command \d+\.\d s", run.stdout)
     assert "train.py --method dacs" in figures and "the compiled levers run on cuda only" in figures, run.stdout
-    assert "3 train iter MiT-tiny crop 64 b2 SAM 64 mic" in run.stdout and "5 ops/step" in run.stdout, run.stdout
+    assert re.search(r"3 train iter MiT-tiny crop 64 b2 SAM 64 mic .* \d+\.\d\d ", run.stdout), run.stdout
     assert re.search(r"profile: [\d.]+ ms per iteration, cpu ops busy [\d.]+ ms", run.stdout), run.stdout
     assert not [f for f in os.listdir(tmp_path) if f.startswith("ssr-bench-")], os.listdir(tmp_path)
 
@@ -2436,14 +2446,18 @@ def test_bench_suite_rejects_a_baseline_without_bench_py(tmp_path):
 
 
 def test_bench_rejects_unknown_item():
-    run = subprocess.run([sys.executable, "bench.py", "--tiny", "--items", "7"], cwd=_ROOT,
+    run = subprocess.run([sys.executable, "bench.py", "--tiny", "--items", "3,6"], cwd=_ROOT,
                          capture_output=True, text=True, timeout=60)
     assert run.returncode != 0
-    assert "error: --items 7" in run.stderr and "Traceback" not in run.stderr
+    assert "error: --items 3,6: choose among 1,2,3,4,5" in run.stderr and "Traceback" not in run.stderr
 
 
 def test_bench_imports_without_running():
-    assert callable(bench.main) and bench.Setup(torch.device("cpu")).dtype == "fp32"  # no argument parsing on import
+    s = bench.Setup(torch.device("cpu"))  # no argument parsing on import; the paper's sizes unless told otherwise
+    assert callable(bench.main) and (s.dtype, s.crop, s.batch, s.sam_size, s.repeats, s.warmup) == (
+        "fp32", 512, 2, 1024, 3, 1)
+    tiny = bench.Setup(torch.device("cpu"), tiny=True, warmup=0)
+    assert (tiny.crop, tiny.sam_size, tiny.warmup, tiny.seg_config().backbone) == (64, 64, 0, "mit_b0")
 
 
 
