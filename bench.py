@@ -30,8 +30,8 @@ reference, ours, ...), so that load from other processes hits both alike. Memory
         takes (activations, and gradients, which are set to None between steps as optimizer.zero_grad does).
 Weights are random (nothing is downloaded): speed does not depend on their values.
 
-On a CPU that other processes also use, run with OMP_WAIT_POLICY=PASSIVE (or OMP_NUM_THREADS=1): OpenMP threads
-that spin while a sibling thread is descheduled made MiT's fwd+bwd 30x slower on a busy 2-core machine.
+OpenMP threads wait passively (data.py sets OMP_WAIT_POLICY=PASSIVE unless you set it), so a timing beside
+another busy process is slowed, not wrecked; still, time on an idle machine and compare ratios from one run.
 """
 import argparse
 import ctypes
@@ -50,6 +50,7 @@ import time
 import types
 from dataclasses import dataclass
 
+import data  # before torch: it sets OpenMP's wait policy, which torch reads once, when it loads
 import torch
 import torch.nn.functional as F
 

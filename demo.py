@@ -354,6 +354,7 @@ def write_data(root: str, seed: int = 0, n_src: int = CONFIG["n_src"], n_tgt: in
     are drawn in parallel over the cores. Both folders are written aside in root and moved in at the end, so an
     interrupted run leaves no half dataset that a later run would take for a whole one."""
     _check_root(root)
+    made_root = not os.path.exists(root)
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".ssr-demo-tmp-", dir=root)  # per process: two runs never share it
     try:
@@ -373,8 +374,10 @@ def write_data(root: str, seed: int = 0, n_src: int = CONFIG["n_src"], n_tgt: in
         for name in ("cityscapes", "gta5"):  # gta5 last: its presence marks a complete demo
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)  # only marked folders reach here
             os.replace(os.path.join(tmp, name), os.path.join(root, name))
-    finally:
+    finally:  # on a stop or an error too: no half dataset, and no empty folder this call made
         shutil.rmtree(tmp, ignore_errors=True)
+        if made_root and not os.listdir(root):
+            os.rmdir(root)
 
 
 def prepare(root: str, sam_weights: str | None = None, pretrained: str | None = None) -> None:

@@ -549,7 +549,10 @@ def compile_blocks(net: nn.Module | None, **compile_kwargs) -> None:
     """torch.compile a network in place, block by block: each MiT or SAM transformer block and each DAFormer head
     on its own (a network of none of them, the SSR branch, whole). The blocks of a stage repeat one computation at
     one size, so a stage compiles once and its other blocks reuse the graph. Static shapes: dynamo would make the
-    sizes symbolic at the second stage, which inductor (torch 2.13) then failed to compile."""
+    sizes symbolic at the second stage, which inductor (torch 2.13) then failed to compile.
+    Measured (bench.py --items 5, 2-core CPU, MiT-B5, crop 128, SAM at 256): bf16 6.89 -> 5.87 s per ssr iteration
+    after about 195 s of compiling; fp32 6.94 -> 8.09 s, slower; at the demo's sizes no change. Not yet measured on
+    a GPU, its target: `bench.py --suite gpu` takes that figure."""
     if net is None:
         return
     # one graph per stage and use (training, the teacher's no-grad pass, evaluation at another size): past

@@ -1041,6 +1041,12 @@ def test_rcs_statistics_are_cached_outside_the_dataset_and_refreshed_on_change(t
     _data_palette_png(root / "gta5/labels/00002.png", np.full((48, 64), 31, np.uint8))
     os.utime(root / "gta5/labels/00002.png", ns=(1, 1))  # a changed file: new content, new mtime
     assert data.class_pixel_counts(samples, str(cache))[1, 16] == 48 * 64
+    for entry in os.listdir(cache):  # a cache entry cut short (or empty) is computed again, not trusted
+        (cache / entry).write_bytes((cache / entry).read_bytes()[:40])
+    assert data.class_pixel_counts(samples, str(cache))[1, 16] == 48 * 64 and "computing" in capsys.readouterr().out
+    with pytest.raises(data.FlagError, match=r"cache folder .*afile.* cannot be written.*SSR_CACHE"):
+        (tmp_path / "afile").write_text("")  # a folder that cannot be made, even by root
+        data.class_pixel_counts(samples, str(tmp_path / "afile" / "cache"))
 
 
 def test_batches_depend_only_on_seed_iteration_and_rank(tmp_path):
@@ -2138,6 +2144,89 @@ def test_train_resume_takes_the_saved_flags_and_refuses_contradictions(_train_ro
         assert "\n" not in msg.strip()
 
 
+def test_train_refuses_a_state_of_another_run_and_resumes_a_moved_folder(_train_root, tmp_path, monkeypatch):
+    """A train_state.pt copied in from another run is refused, naming both runs, and nothing of the folder's own run
+    is touched; a whole folder moved elsewhere still resumes (the run id, not the path, ties its files)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _train_inprocess(monkeypatch, *_train_tiny(_train_root, a, "--method", "source-only", "--iters", "3")) == ""
+    assert _train_inprocess(monkeypatch, *_train_tiny(_train_root, b, "--method", "source-only", "--iters", "2")) == ""
+    shutil.copytree(b, tmp_path / "moved")
+    before = {f: (b / f).read_bytes() for f in ("model.safetensors", "config.json")}
+    shutil.copy(a / "train_state.pt", b / "train_state.pt")
+    msg = _train_inprocess(monkeypatch, "--resume", "--out", str(b), "--iters", "5")
+    ids = [json.load(open(d / "config.json"))["run_id"] for d in (a, b)]
+    assert msg.startswith("error: --resume: the files in ") and all(i in msg for i in ids) and "\n" not in msg, msg
+    assert all((b / f).read_bytes() == v for f, v in before.items())
+    assert _train_inprocess(monkeypatch, "--resume", "--out", str(tmp_path / "moved"), "--iters", "3") == ""
+    assert _train_state(tmp_path / "moved")["iter"] == 3
+    assert ssr.load_segmentor(str(tmp_path / "moved" / "model.safetensors"))[1]["run_id"] == ids[1]
+
+
+def test_train_out_inside_a_dataset_folder_is_refused(_train_root, tmp_path, monkeypatch):
+    out = os.path.join(_train_root, "gta5", "images", "run")
+    msg = _train_inprocess(monkeypatch, *_train_tiny(_train_root, out, "--iters", "1"))
+    assert msg.startswith(f"error: --out {out} lies inside the dataset folder") and "\n" not in msg, msg
+    assert not os.path.exists(out)
+
+
+def test_train_a_deleted_log_does_not_stop_the_run(_train_root, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(_train_cmd(_train_root, out, "--method", "source-only", "--iters", "6", "--eval-every",
+                                       "3"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=_ROOT)
+    for line in proc.stdout:
+        if line.startswith("iter 1/"):
+            os.remove(out / "log.jsonl")
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    logged = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert logged[-1] == {"iter": 6, "miou": logged[-1]["miou"]} and (out / "curves.png").is_file()
+
+
+def test_train_full_disk_is_one_error_and_the_checkpoint_pair_stays_of_one_iteration(_train_root, tmp_path):
+    """A 60 MB tmpfs holds the first checkpoint (model and state, about 40 MB) but not a second one beside it."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        out = disk / "run"
+        r = _train_run(_train_cmd(_train_root, out, "--method", "dacs", "--iters", "6", "--eval-every", "0",
+                                  "--save-every", "2"))
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        msg = next(line for line in r.stderr.splitlines() if line.startswith("error:"))
+        assert f"the disk that holds {out} is full" in msg and "the checkpoint of iteration 2" in msg, msg
+        saved = ssr.load_segmentor(str(out / "model.safetensors"))[1]["iters"]
+        assert _train_state(out)["iter"] == saved == 2  # the pair of one iteration
+        assert not [f for f in os.listdir(out) if f.endswith(".tmp")]  # nothing half-written left
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
+def test_train_stop_before_the_loop_leaves_nothing_and_says_one_line(tmp_path, how):
+    """A stop while the demo writes its data: no traceback (nor the pool workers'), no half dataset folder, no run
+    folder; the exit status is Ctrl-C's."""
+    root, out = tmp_path / "data", tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", SSR_CACHE=str(tmp_path / "cache"))
+    cmd = [sys.executable, os.path.join(_ROOT, "train.py"), "--demo", "--method", "dacs", "--data-root", str(root),
+           "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=_ROOT,
+                            start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("writing the synthetic demo domains"):
+            time.sleep(1)  # the pool is drawing scenes
+            if how == "SIGTERM":
+                proc.send_signal(signal.SIGTERM)
+            else:  # a terminal sends SIGINT to the whole foreground group, pool workers included
+                os.killpg(proc.pid, signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode in (130, -signal.SIGINT) and err.strip() == "stopped before training began; nothing was saved", err
+    assert not root.exists() and not out.exists()
+
+
 def test_train_bug_keeps_its_traceback(_train_root, tmp_path, monkeypatch):
     # a ValueError that is no user error (here: from inside the step) is not turned into an "error:" line
     def broken(self, *a, **k):
@@ -2176,10 +2265,19 @@ def test_train_torchrun_launcher_killed_or_stopped_resumes_bit_identical(_train_
             workers = [int(p) for p in pathlib.Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
             proc.send_signal(sig)
             break
-    try:  # the workers share torchrun's stdout: it closes when the last of them is gone
+    def running(pid):  # a zombie (ended, not yet reaped by its new parent) runs nothing and holds no lock
+        try:
+            return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.time() + 90
+    try:  # the workers share torchrun's stdout: it closes when the last of them has let it go
         rest, _ = proc.communicate(timeout=90)
+        while any(running(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.2)
     finally:
-        alive = [w for w in workers if os.path.exists(f"/proc/{w}")]
+        alive = [w for w in workers if running(w)]
         for w in alive:  # orphans (the fault this test guards against) must not outlive it
             os.kill(w, signal.SIGKILL)
     assert len(workers) == 2 and not alive  # no orphan left
@@ -2357,6 +2455,27 @@ def test_demo_train_takes_the_cached_teacher_for_ssr_and_none_gives_the_random_o
             runpy.run_path(os.path.join(_ROOT, "train.py"), run_name="__main__")
     assert seen == [demo.teacher_path(), None] and seen[0].startswith(os.environ["SSR_CACHE"])
     assert os.path.isfile(seen[0])  # the fixture's stand-in: nothing was pretrained
+
+
+def test_demo_checks_the_cache_before_pretraining_and_remakes_a_broken_entry(_train_root, tmp_path, monkeypatch):
+    made = []
+    monkeypatch.setattr(demo, "pretrain_teacher", lambda path: (made.append(path), demo.save_teacher(
+        demo.teacher_encoder(), path)))
+    monkeypatch.setattr(demo, "pretrain_imagenet", lambda path: (made.append(path), demo.save_mit(demo.demo_mit(), path)))
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("SSR_CACHE", str(tmp_path / "afile" / "cache"))  # cannot be made, even by root
+    msg = _train_inprocess(monkeypatch, *_train_tiny(_train_root, tmp_path / "run", "--iters", "1"))
+    assert msg.startswith("error: the cache folder ") and "SSR_CACHE" in msg and not made, msg  # before any work
+    monkeypatch.setenv("SSR_CACHE", str(tmp_path / "cache"))
+    os.makedirs(tmp_path / "cache")
+    pathlib.Path(demo.teacher_path()).write_bytes(b"")  # an empty entry, and a cut-short one
+    demo.save_mit(demo.demo_mit(), demo.imagenet_path())
+    whole = pathlib.Path(demo.imagenet_path()).read_bytes()
+    pathlib.Path(demo.imagenet_path()).write_bytes(whole[: len(whole) // 2])
+    assert not demo.readable(demo.teacher_path()) and not demo.readable(demo.imagenet_path())
+    assert _train_inprocess(monkeypatch, *_train_tiny(_train_root, tmp_path / "run", "--iters", "1")) == ""
+    assert sorted(made) == sorted([demo.teacher_path(), demo.imagenet_path()])  # made again, not trusted
+    assert demo.readable(demo.teacher_path()) and demo.readable(demo.imagenet_path())
 
 
 def test_demo_study_reads_train_tables_and_writes_markdown_and_chart(tmp_path, capsys):
