@@ -30,8 +30,7 @@ reference, ours, ...), so that load from other processes hits both alike. Memory
         takes (activations, and gradients, which are set to None between steps as optimizer.zero_grad does).
 Weights are random (nothing is downloaded): speed does not depend on their values.
 
-OpenMP threads wait passively (data.py sets OMP_WAIT_POLICY=PASSIVE unless you set it), so a timing beside
-another busy process is slowed, not wrecked; still, time on an idle machine and compare ratios from one run.
+Time on an idle machine: OpenMP's threads spin while they wait, and beside another busy process both crawl.
 """
 import argparse
 import ctypes
@@ -50,7 +49,6 @@ import time
 import types
 from dataclasses import dataclass
 
-import data  # before torch: it sets OpenMP's wait policy, which torch reads once, when it loads
 import torch
 import torch.nn.functional as F
 

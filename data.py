@@ -17,13 +17,6 @@ from dataclasses import dataclass
 from multiprocessing import Pool
 from typing import Callable, Iterator
 
-# OpenMP threads that wait for work spin on their core for a while by default. Beside another busy process they
-# spin on the cores that process needs, and both crawl: 20 demo iterations on a 2-core machine beside a process
-# multiplying matrices ran 0.18 it/s by default and 0.68 it/s with PASSIVE, which makes them sleep (1.62 it/s
-# alone). OpenMP reads this once, when torch loads it, so every program imports this module before torch; the
-# user's own setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -653,15 +646,18 @@ def check_cache_folder(folder: str | None = None) -> None:
                         f"folder you can write to.") from None
 
 
-def _quiet_worker() -> None:
-    """A pool worker leaves Ctrl-C to its parent (which ends the pool) and dies quietly when the pool ends it."""
+def _pool_worker() -> None:
+    """A pool worker leaves Ctrl-C to its parent (which ends the pool) and dies quietly when the pool ends it. It
+    computes on one thread: forked after the parent's OpenMP threads ran (a pretraining, say), a child that starts
+    its own would hang, as DataLoader's workers would (torch sets them to one thread too)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    torch.set_num_threads(1)
 
 
 def worker_pool(most: int = 8) -> Pool:
     """A process pool over the cores (at most `most`) whose workers print no traceback on a stop."""
-    return Pool(min(os.cpu_count() or 1, most), initializer=_quiet_worker)
+    return Pool(min(os.cpu_count() or 1, most), initializer=_pool_worker)
 
 
 def _umask() -> int:

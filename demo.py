@@ -31,7 +31,6 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
-import data  # before torch: it sets OpenMP's wait policy, which torch reads once, when it loads
 import numpy as np
 import torch
 import torch.nn as nn
@@ -40,6 +39,7 @@ from PIL import Image, ImageDraw
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+import data
 import mit
 import sam_encoder
 

@@ -26,7 +26,6 @@ import types
 from contextlib import nullcontext
 from typing import Callable
 
-import data  # before torch: it sets OpenMP's wait policy, which torch reads once, when it loads
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -34,6 +33,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+import data
 import mit
 import ssr
 

@@ -23,10 +23,10 @@ import warnings
 from contextlib import nullcontext
 from datetime import timedelta
 
-import data  # before torch: it sets OpenMP's wait policy, which torch reads once, when it loads
 import torch
 import torch.distributed as dist
 
+import data
 import demo
 import mit
 import sam_encoder
