@@ -2010,20 +2010,6 @@ def test_train_default_run_folder_names_the_seed(_train_root, tmp_path, monkeypa
     assert os.path.join("runs", "gta52cityscapes_dacs_mic_mit_b5_seed0", "train_state.pt") in msg
 
 
-def test_programs_set_passive_openmp_waiting_before_torch_loads_unless_the_user_chose():
-    # busy-waiting OpenMP threads make a run beside another process many times slower (data.py says how much)
-    for given, expect in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
-        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": given} if given else {})
-        r = subprocess.run([sys.executable, "-c", "import data, os; print(os.environ['OMP_WAIT_POLICY'])"],
-                           capture_output=True, text=True, env=env, cwd=_ROOT)
-        assert r.stdout.strip() == expect, r.stderr
-    for program in ("train.py", "eval.py", "demo.py", "bench.py"):  # data comes first, then torch
-        imports = [n.names[0].name if isinstance(n, ast.Import) else n.module
-                   for n in ast.parse(open(os.path.join(_ROOT, program)).read()).body
-                   if isinstance(n, (ast.Import, ast.ImportFrom))]
-        assert imports.index("data") < min(i for i, m in enumerate(imports) if m.split(".")[0] in ("torch", "numpy")), program
-
-
 def test_train_second_run_on_the_same_folder_fails_at_once(_train_root, tmp_path, monkeypatch):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -2175,7 +2161,7 @@ def test_train_a_deleted_log_does_not_stop_the_run(_train_root, tmp_path):
     proc = subprocess.Popen(_train_cmd(_train_root, out, "--method", "source-only", "--iters", "6", "--eval-every",
                                        "3"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=_ROOT)
     for line in proc.stdout:
-        if line.startswith("iter 1/"):
+        if line.startswith("iter 2/"):  # iteration 1's line is in the log by now
             os.remove(out / "log.jsonl")
             break
     _, err = proc.communicate(timeout=300)
