@@ -1,22 +1,28 @@
-"""The demo's toy world: two synthetic street domains, a toy foundation teacher, and a study of the methods on them.
+"""The demo's toy world: a miniature of GTA5 -> Cityscapes, with its own ImageNet and its own SAM.
 
-    python train.py --demo                       # adapt a tiny model from the GTA5-like to the Cityscapes-like domain
-    python demo.py teacher [--out PATH]          # pretrain the toy SAM teacher (train.py --demo does it on first use)
-    python demo.py study --seeds 3               # source-only, dacs, ssr with a random and with the toy teacher
+    python train.py --demo           # adapt a tiny model from the GTA5-like to the Cityscapes-like domain
+    python demo.py pretrain          # the student's toy ImageNet pretraining (train.py --demo does it on first use)
+    python demo.py teacher           # the toy SAM teacher (likewise)
+    python demo.py probe             # linear probe of the teacher's frozen tokens: source vs target
+    python demo.py study             # 6 settings x 5 seeds; writes runs/study/study.md
 
-Read top to bottom:
-1. The configuration: sizes, the tiny models and train.py's --demo defaults, in one place.
-2. The world. A street scene is painted as shapes (sky, skyline, road in perspective, poles, cars, people) into a
-   label map of train ids and a map of which shape owns each pixel; a domain (camera, light, city style) and a
-   palette (the colors of things) turn the shapes into an image. The demo has two domains, "source" (GTA5-like)
-   and "target" (Cityscapes-like), written in the datasets' real layouts so that --demo runs the real code path.
-3. Writing the datasets. A marker file in every folder the demo writes: it only ever replaces its own folders.
-4. The toy teacher. SSR's claim is that SAM, having seen images of every kind, pulls the student towards features
-   that do not depend on the domain. Here the "every kind" is many randomized domains of the same world (random
-   palettes, light, noise, blur, textures, including styles like both demo domains), and the encoder of
-   sam_encoder.py learns, without any class label, which pixels belong to the same painted shape (pixel-pair
-   affinity, in SAM's class-agnostic spirit). Its decoder is thrown away; the encoder is saved in SAM's key layout.
-5. The study: train.py run as a subprocess per setting and seed, a markdown table and a chart.
+The miniature, decided before the study's first number (README, "The demo"):
+- Two domains, fixed before any method ran on them and never changed: 200 labelled GTA5-like images, 200 unlabelled
+  and 40 val Cityscapes-like ones, written in the datasets' real layouts so that --demo runs the real code path.
+- The student, as DAFormer's, starts from an ImageNet: `pretrain` trains the demo's MiT on scenes in random domains
+  (never the two demo styles) with an image-level task, which of 23 part kinds an object-centred crop shows
+  (IMAGENET: 800 scenes, 500 steps of 16 crops). It is the feature distance's ImageNet copy too.
+- The teacher, as SAM, saw every kind of image and no class: `teacher` trains the demo's SAM encoder on pixel-pair
+  affinity (same painted shape or not) over random and demo-styled domains (TEACHER: 600 scenes, 400 steps of 12).
+  It sees the crop upsampled 2x, as SAM sees a 512 crop at 1024: a 16x16 token grid, the student's stage-2 grid.
+- The schedule is DAFormer's scaled down (schedule()): 600 iterations, with every time constant the same fraction
+  of the schedule as DAFormer's of 40k: warm-up 1500/40k -> 22, EMA horizon 1/(1 - alpha) 1000/40k -> 15
+  (alpha 0.9333). The learning rate is 10x DAFormer's (6e-4): a tiny encoder, briefly pretrained.
+
+Read top to bottom: 1. the configuration; 2. the world (a scene is painted as shapes into a label map and a map of
+which shape owns each pixel; a domain and a palette turn the shapes into an image); 3. writing the datasets, with a
+marker file in every folder the demo writes (it only ever replaces its own folders); 4. the two pretrainings;
+5. the study: train.py run per setting and seed, a markdown table and a chart.
 """
 import argparse
 import hashlib
