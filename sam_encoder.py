@@ -122,8 +122,7 @@ class Attention(nn.Module):
         ws = self.window_size
         if ws:
             # zero-padded tokens are projected too (their q, k, v are the qkv bias), as in the reference: real
-            # queries attend to them. Projecting before padding (1/6 fewer qkv FLOPs at 1024 px) measured 1.01x
-            # the time of this on a busy 2-core CPU (ViT-B fwd, 1024 px, fp32): within the noise, so not kept.
+            # queries attend to them
             qkv = self.qkv(window_partition(x, ws))  # (B*nW, ws*ws, 3C)
             h = w = ws
         else:

@@ -1,16 +1,10 @@
-"""SSR on DAFormer: the deployed segmentor, SAM's training-only regularization branch, DACS self-training, and
-one training step that puts them together. Read top to bottom, in the paper's order:
+"""SSR on DAFormer, top to bottom in the paper's order:
 
-1. The deployed model: a MiT encoder (mit.py) and DAFormer's decode head, whose context-aware fusion is an ASPP of
-   depthwise-separable convolutions. Parameter names are those of DAFormer's released checkpoints
-   (decode_head.embed_layers.0.proj.weight, ...), so their student weights load strictly.
+1. The deployed model: a MiT encoder (mit.py) and DAFormer's head, named so that DAFormer's released weights load.
 2. SSR's branch: frozen SAM tokens fused into every MiT stage by cross-attention (training only).
-3. DACS as small pure functions: EMA teacher, confidence-weighted pseudo-labels, ClassMix, color jitter and
-   Gaussian blur (kornia 0.5.8's semantics, as DAFormer pins it, in plain torch), the ImageNet feature distance,
-   MIC's block masks, and mmsegmentation 0.x's weighted cross-entropy.
-4. UDA: one training step's loss terms by name, DAFormer's and then SSR's two. The caller sums them and calls
-   backward, in the autocast context it chooses.
-5. Saving and loading the deployed model. An appendix holds kornia's color-space arithmetic.
+3. DACS's pieces as small pure functions: EMA teacher, pseudo-labels, ClassMix, augmentation, FD, MIC, the loss.
+4. UDA: one training step's loss terms by name; the caller sums them and calls backward in its autocast context.
+5. Checkpoints of the deployed model. 6. train.py --compile, applied from outside. Appendix: kornia's color math.
 
 References: lhoyer/DAFormer (mmseg/models/uda/dacs.py, utils/dacs_transforms.py), lhoyer/MIC
 (masking_consistency_module.py) and geyanqi/SSR (mmseg/models/uda/ssr.py).
@@ -19,6 +13,7 @@ import copy
 import json
 import math
 import os
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -32,6 +27,8 @@ import data
 import mit
 from data import IGNORE, denormalize, normalize
 
+# ----------------------------------------------------------------------------------------------------------------
+# 1. The deployed model: DAFormer's head (daformer_sepaspp) on a MiT encoder
 
 @dataclass
 class SegConfig:
@@ -40,13 +37,9 @@ class SegConfig:
     num_classes: int = 19  # Cityscapes train ids
     channels: int = 256  # DAFormer head width: every stage is embedded to it, and the ASPP fuses to it
 
-    def __post_init__(self):
-        # checkpoint metadata is JSON, which turns tuples into lists; MiTConfig holds tuples
+    def __post_init__(self):  # checkpoint metadata is JSON, which turns tuples into lists; MiTConfig holds tuples
         self.mit = {k: tuple(v) if isinstance(v, list) else v for k, v in self.mit.items()}
 
-# ----------------------------------------------------------------------------------------------------------------
-# 1. The deployed model: DAFormer's head (daformer_sepaspp: linear embeddings, then a depthwise-separable ASPP
-# as the fusion layer) on a MiT encoder
 
 class ConvModule(nn.Module):
     """mmcv's ConvModule as DAFormer configures it: conv without bias (the BatchNorm has one), BatchNorm, ReLU."""
@@ -62,16 +55,10 @@ class ConvModule(nn.Module):
         return F.relu(self.bn(self.conv(x)), inplace=True)
 
 
-class SepConvModule(nn.Module):
+def sep_conv_module(cin: int, cout: int, dilation: int) -> nn.Sequential:
     """mmcv's DepthwiseSeparableConvModule: a dilated depthwise 3x3 ConvModule, then a pointwise 1x1 one."""
-
-    def __init__(self, cin: int, cout: int, dilation: int):
-        super().__init__()
-        self.depthwise_conv = ConvModule(cin, cin, 3, dilation, groups=cin)
-        self.pointwise_conv = ConvModule(cin, cout, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.pointwise_conv(self.depthwise_conv(x))
+    return nn.Sequential(OrderedDict(depthwise_conv=ConvModule(cin, cin, 3, dilation, groups=cin),
+                                     pointwise_conv=ConvModule(cin, cout, 1)))
 
 
 class SepASPP(nn.Module):
@@ -81,12 +68,11 @@ class SepASPP(nn.Module):
     def __init__(self, cin: int, channels: int, dilations: tuple[int, ...] = (1, 6, 12, 18)):
         super().__init__()
         self.aspp_modules = nn.ModuleList(
-            ConvModule(cin, channels, 1) if d == 1 else SepConvModule(cin, channels, d) for d in dilations)
+            ConvModule(cin, channels, 1) if d == 1 else sep_conv_module(cin, channels, d) for d in dilations)
         self.bottleneck = ConvModule(len(dilations) * channels, channels, 3)
 
     def forward(self, x: Tensor) -> Tensor:
-        # The embedded stage maps arrive channels-last (transposed token tensors): NCHW is the layout of the conv
-        # weights, and channels-last inputs give channels-last weight gradients, which DDP copies into its buckets.
+        # channels-last inputs (the embedded maps) would give channels-last weight gradients, which DDP must copy
         x = x.contiguous()
         return self.bottleneck(torch.cat([m(x) for m in self.aspp_modules], dim=1))
 
@@ -113,12 +99,9 @@ class DAFormerHead(nn.Module):
         nn.init.zeros_(self.conv_seg.bias)
 
     def forward(self, feats: list[Tensor], domains: int = 1) -> Tensor:
-        """[(B, C_i, H/2^(i+2), W/2^(i+2))] -> logits (B, K, H/4, W/4).
-
-        domains: the batch is that many equal parts, each of one domain (source, mixed, masked target). The
-        fusion's BatchNorms normalize each part with its own statistics, as DAFormer's separate calls of the head
-        per domain do; the embeddings and the classifier act on each pixel alone, so they take the whole batch at
-        once (a third of their kernel launches for three domains)."""
+        """[(B, C_i, H/2^(i+2), W/2^(i+2))] -> logits (B, K, H/4, W/4). The batch is `domains` equal parts (source,
+        mixed, masked target): the fusion's BatchNorms normalize each with its own statistics, as DAFormer's calls of
+        the head per domain; the embeddings and the classifier act on each pixel alone, so they take the whole batch."""
         size = feats[0].shape[2:]
         xs = []
         for embed, f in zip(self.embed_layers, feats):
@@ -194,13 +177,10 @@ CONTEXTS = ("sam", "shuffled", "zeros")
 
 
 def ssr_context(tokens: Tensor, mode: str) -> Tensor:
-    """What the SSR branch attends to, (2B, 256, s, s) SAM tokens of [source; mixed] images -> the same shape.
-
-    'sam' is SSR: each image's own tokens. The two ablations ask whether the student reads image-specific SAM
-    knowledge: 'shuffled' gives each image the tokens of the next image of its own domain (rolled by one within
-    the source half and within the mixed half, so the tokens' distribution is unchanged but they describe another
-    scene; needs at least two images per domain), 'zeros' gives every image the same empty context, so the
-    branch can only learn a constant shift of the features and the head's second pass remains."""
+    """What the SSR branch attends to: (2B, 256, s, s) SAM tokens of [source; mixed] images -> the same shape.
+    'sam' is SSR: each image's own tokens. The ablations ask whether the student reads image-specific SAM knowledge:
+    'shuffled' gives each image the tokens of the next image of its domain (same distribution, another scene),
+    'zeros' an empty context, so the branch can learn only a constant shift and the head's second pass remains."""
     if mode == "sam":
         return tokens
     if mode == "zeros":
@@ -215,14 +195,16 @@ def ssr_context(tokens: Tensor, mode: str) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # 3. DACS / DAFormer self-training, as pure functions
 
+EMA_ALPHA = 0.999  # DAFormer's teacher momentum, reached at iteration 999 of 40k
+
+
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, it: int, alpha_max: float = 0.999) -> None:
+def ema_update(teacher: nn.Module, student: nn.Module, it: int, alpha_max: float = EMA_ALPHA) -> None:
     """teacher <- alpha * teacher + (1 - alpha) * student, alpha = min(1 - 1/(it+1), alpha_max); it=0 copies.
     Parameters only, as DAFormer: the teacher's BatchNorm buffers are its own (see UDA.train)."""
     t, s = list(teacher.parameters()), [p.detach() for p in student.parameters()]
     if it == 0:
-        for a, b in zip(t, s):
-            a.copy_(b)
+        torch._foreach_copy_(t, s)
         return
     alpha = min(1 - 1 / (it + 1), alpha_max)
     torch._foreach_lerp_(t, s, 1 - alpha)  # t + (1 - alpha) * (s - t), every tensor in one call
@@ -235,11 +217,9 @@ IGNORE_ROWS = (15, 120)
 @torch.no_grad()
 def pseudo_label(logits: Tensor, threshold: float = 0.968, ignore_top: int = IGNORE_ROWS[0],
                  ignore_bottom: int = IGNORE_ROWS[1]) -> tuple[Tensor, Tensor]:
-    """Teacher logits (B, K, H, W) -> labels (B, H, W) and pixel weights (B, H, W).
-
-    An image's weight is the fraction of its pixels whose max probability reaches `threshold`, on all its pixels;
-    0 in the top and bottom rows (rectification border, ego car), whose pseudo-labels DAFormer does not trust.
-    DAFormer computes one fraction for the whole batch (with a .cpu() copy); we take one per image, on device."""
+    """Teacher logits (B, K, H, W) -> labels (B, H, W) and pixel weights (B, H, W): each pixel weighs the fraction of
+    its image's pixels whose max probability reaches `threshold`, 0 in the ignored rows. DAFormer takes one fraction
+    for the whole batch (with a .cpu() copy); we take one per image, on device."""
     prob, label = logits.float().softmax(dim=1).max(dim=1)
     weight = (prob >= threshold).float().mean(dim=(1, 2))[:, None, None].expand_as(prob).clone()
     weight[:, :ignore_top] = 0
@@ -249,13 +229,10 @@ def pseudo_label(logits: Tensor, threshold: float = 0.968, ignore_top: int = IGN
 
 
 def class_masks(lbl: Tensor) -> Tensor:
-    """(B, H, W) source labels -> (B, H, W) bool: per image, the pixels of ceil(n/2) of its n classes, at random.
-
-    Per image: each image pastes half of *its own* classes. DAFormer's get_class_masks draws from the classes of
-    the whole batch (torch.unique(labels), not label), so it may pick classes absent from an image. Like DAFormer,
-    the ignore label counts as a class. Drawn without torch.unique, whose output size makes the CPU wait for the
-    GPU (twice per iteration): every label value present in an image gets a random key, and the ceil(n/2) values
-    with the smallest keys are pasted - a uniformly drawn half, as a shuffle of the classes would give."""
+    """(B, H, W) source labels -> (B, H, W) bool: the pixels of ceil(n/2) of each image's n classes, at random (the
+    ignore label counts, as in DAFormer). DAFormer's get_class_masks draws from the whole batch's classes
+    (torch.unique(labels), not label), so it may pick classes absent from an image. No torch.unique, whose output
+    size makes the CPU wait for the GPU: each value present gets a random key, the ceil(n/2) smallest keys win."""
     B = lbl.shape[0]
     flat = lbl.reshape(B, -1)
     present = torch.zeros(B, 256, dtype=torch.bool, device=lbl.device).scatter_(1, flat, True)  # (B, 256)
@@ -342,8 +319,7 @@ def feature_distance(feat: Tensor, feat_imnet: Tensor, lbl: Tensor, num_classes:
 
 
 def mic_mask(img: Tensor, ratio: float = 0.7, block: int = 32) -> Tensor:
-    """MIC's BlockMaskGenerator: (B, 1, H, W) of 0/1 in the image's dtype, whole block x block squares dropped
-    with probability `ratio`."""
+    """MIC's BlockMaskGenerator: (B, 1, H, W) 0/1 in the image's dtype, block x block squares dropped w.p. `ratio`."""
     B, _, H, W = img.shape
     keep = (torch.rand(B, 1, round(H / block), round(W / block), device=img.device) > ratio).to(img.dtype)
     return F.interpolate(keep, size=(H, W), mode="nearest")
@@ -361,30 +337,22 @@ def seg_loss(logits: Tensor, label: Tensor, weight: Tensor | None = None) -> Ten
 
 METHODS = ("source-only", "dacs", "ssr")
 FD_LAMBDA = 0.005  # DAFormer's imnet_feature_dist_lambda
-EMA_ALPHA = 0.999  # DAFormer's teacher momentum, reached at iteration 999 of 40k
-
-
-def frozen_copy(m: nn.Module) -> nn.Module:
-    return copy.deepcopy(m).requires_grad_(False)
 
 
 class UDA(nn.Module):
-    """The student and what trains it: the EMA teacher (`ema`), the frozen ImageNet encoder (`imnet`, for FD) and
-    the SSR branch (`ssr`), each present only where the method needs it. The SAM encoder is passed to forward, so
-    it is never part of a state dict."""
+    """The student and what trains it: the EMA teacher `ema`, the frozen ImageNet encoder `imnet` (for FD) and the
+    SSR branch `ssr`, each only where the method needs it. SAM is passed to forward: it is in no state dict."""
     keep_pictures = False  # set: forward keeps its images, labels and logits in self.pictures (train.py's panels)
 
     def __init__(self, student: Segmentor, method: str = "ssr", mic: bool = False, ssr_stages=(0, 1, 2, 3),
                  sam_img_size: int = 1024, ignore_rows: tuple[int, int] = IGNORE_ROWS, ema_alpha: float = EMA_ALPHA,
                  ssr_context: str = "sam"):
         """Args:
-            method: 'source-only' (source loss only), 'dacs' (DAFormer: + ClassMix self-training + FD) or 'ssr'
-                (dacs + the SAM-regularized losses).
+            method: 'source-only', 'dacs' (DAFormer: + ClassMix self-training + FD) or 'ssr' (dacs + SAM's losses).
             mic: add masked image consistency on the target (needs the teacher: not with 'source-only').
             ssr_stages: the MiT stages (0..3) that SAM regularizes.
             sam_img_size: side the source and mixed images are resized to for the SAM encoder.
-            ignore_rows: target rows at the top and bottom whose pseudo-labels get weight 0 (DAFormer's 15 and
-                120 are for 512-pixel crops; scale them with smaller crops).
+            ignore_rows: target rows at the top and bottom whose pseudo-labels get weight 0 (IGNORE_ROWS).
             ema_alpha: the teacher's momentum once its ramp is over (ema_update).
             ssr_context: what the SSR branch attends to: 'sam', or an ablation (ssr_context())."""
         super().__init__()
@@ -396,21 +364,19 @@ class UDA(nn.Module):
             raise ValueError(f"ssr_stages={ssr_stages!r}: give distinct MiT stages among 0, 1, 2, 3.")
         if ssr_context not in CONTEXTS:
             raise ValueError(f"unknown SSR context {ssr_context!r}; choose one of {', '.join(CONTEXTS)}.")
-        self.student, self.method, self.mic = student, method, mic
+        self.student, self.method, self.mic, self.ssr_context = student, method, mic, ssr_context
         self.sam_img_size, self.ignore_rows, self.ema_alpha = sam_img_size, ignore_rows, ema_alpha
-        self.ssr_context = ssr_context
         adapt = method != "source-only"
-        self.ema = frozen_copy(student) if adapt else None
-        self.imnet = frozen_copy(student.backbone) if adapt else None  # the ImageNet weights, before any training
+        self.ema = copy.deepcopy(student).requires_grad_(False) if adapt else None
+        self.imnet = copy.deepcopy(student.backbone).requires_grad_(False) if adapt else None  # ImageNet weights
         bcfg = student.backbone.cfg
         self.ssr = SSRBranch(bcfg.embed_dims, bcfg.num_heads, ssr_stages) if method == "ssr" else None
         self.train()
 
     def train(self, mode: bool = True) -> "UDA":
-        """The student trains normally. The teacher runs without dropout and drop path, but its BatchNorms (in the
-        head) stay in training mode, as in DAFormer, which never puts the EMA model in eval mode: they normalize
-        with the statistics of the target batch, and their running buffers (updated by those passes, never
-        averaged from the student) are unused. The ImageNet encoder is in eval mode, as DAFormer's calc_feat_dist."""
+        """The teacher runs without dropout and drop path, but its BatchNorms (in the head) stay in training mode, as
+        in DAFormer, which never puts the EMA model in eval mode: they normalize with the target batch's statistics,
+        and their running buffers are unused. The ImageNet encoder is in eval mode, as DAFormer's calc_feat_dist."""
         super().train(mode)
         if self.ema is not None:
             self.ema.eval()
@@ -432,9 +398,8 @@ class UDA(nn.Module):
 
     def forward(self, src_img: Tensor, src_lbl: Tensor, tgt_img: Tensor, it: int, sam: nn.Module | None = None
                 ) -> dict[str, Tensor]:
-        """Normalized source (B, 3, H, W) with labels (B, H, W) and target images (B, 3, H, W), the iteration (for
-        the EMA) and, for 'ssr', the frozen SAM encoder -> the weighted loss terms by name: src, src_ssr, mix,
-        mix_ssr, fd, mic (those the method has). Their sum is the loss to back-propagate."""
+        """Normalized source (B, 3, H, W) with labels (B, H, W), target (B, 3, H, W), the iteration (for the EMA), the
+        SAM encoder for 'ssr' -> the weighted loss terms by name (src, mix, fd, src_ssr, mix_ssr, mic: those it has)."""
         backbone, head = self.student.backbone, self.student.decode_head
         if self.method == "source-only":
             return {"src": seg_loss(head(backbone(src_img)), src_lbl)}
@@ -443,9 +408,8 @@ class UDA(nn.Module):
 
         ema_update(self.ema, self.student, it, self.ema_alpha)
         with torch.no_grad():  # the frozen networks run in the caller's autocast dtype
-            # the teacher's pseudo-labels at full resolution, ClassMix, strong augmentation of the mixed image
             tgt_logits = F.interpolate(self.ema(tgt_img).float(), size=tgt_img.shape[2:], mode="bilinear",
-                                       align_corners=False)
+                                       align_corners=False)  # pseudo-labels at full resolution
             plabel, pweight = pseudo_label(tgt_logits, ignore_top=self.ignore_rows[0],
                                            ignore_bottom=self.ignore_rows[1])
             mask = class_masks(src_lbl)
@@ -455,21 +419,17 @@ class UDA(nn.Module):
             imnet_feat = self.imnet(src_img)[-1]
             if self.ssr is not None:
                 tokens = self.sam_tokens(sam, torch.cat([src_img, mix_img]))  # (2B, 256, S/16, S/16)
-            if self.mic:
-                # MIC 'separatetrgaug': the strongly augmented target with 70% of its 32 px blocks blanked (0 is the
-                # mean color after normalization), which must still give the teacher's pseudo-labels
+            if self.mic:  # MIC 'separatetrgaug': the augmented target, blocks blanked to 0 (the normalized mean)
                 masked = strong_transform(tgt_img)
                 masked = masked * mic_mask(masked)
 
         # One encoder pass over the source, mixed (and MIC's masked) images: MiT has no BatchNorm, so this equals
-        # separate passes. The head's BatchNorms see each domain's statistics (domains=), as in DAFormer's and
-        # MIC's separate passes.
+        # separate passes; the head normalizes each domain on its own (domains=)
         images = [src_img, mix_img] + ([masked] if self.mic else [])
         feats = backbone(torch.cat(images))
         src_logits, mix_logits, *masked_logits = head(feats, len(images)).chunk(len(images))
 
-        # DAFormer: the source loss, the mixed images' loss under the pseudo-labels, and the feature distance on the
-        # plain source features of the last stage
+        # DAFormer's losses; the feature distance is on the plain (not SAM-enhanced) source features of the last stage
         B = src_img.shape[0]
         losses = {"src": seg_loss(src_logits, src_lbl),
                   "mix": seg_loss(mix_logits, mix_lbl, mix_weight),
@@ -495,13 +455,14 @@ class UDA(nn.Module):
 # 5. Checkpoints of the deployed model
 
 FORMAT = "ssr-segmentor"  # metadata mark that tells our checkpoints from other safetensors files
+INSTEAD = ("pass the model.safetensors that train.py wrote, or convert a released DAFormer/MIC .pth with python "
+           "eval.py --convert-mmseg IN.pth OUT.safetensors")  # what every load error asks for
 
 
 def write_segmentor(model: Segmentor, path: str, **meta) -> None:
     """Weights as safetensors, with the SegConfig and `meta` (JSON-serializable extras) in its metadata."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT, "cfg": json.dumps(asdict(model.cfg)), "meta": json.dumps(meta)}
-    save_file(tensors, path, metadata=metadata)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, path, metadata=metadata)
 
 
 def save_segmentor(model: Segmentor, path: str, **meta) -> None:
@@ -512,33 +473,28 @@ def save_segmentor(model: Segmentor, path: str, **meta) -> None:
 def load_segmentor(path: str, device="cpu") -> tuple[Segmentor, dict]:
     """A checkpoint of save_segmentor -> (model in eval mode on `device`, dict(cfg=SegConfig, **meta)), strictly."""
     if not os.path.isfile(path):
-        raise mit.WeightsError(f"checkpoint {path} does not exist; pass the model.safetensors that train.py wrote "
-                                f"(or one made by python eval.py --convert-mmseg).")
+        raise mit.WeightsError(f"checkpoint {path} does not exist; {INSTEAD}.")
     try:
         with safe_open(path, "pt") as f:
             header = f.metadata() or {}
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise mit.WeightsError(f"{path} is not a safetensors file ({e}); pass the model.safetensors that train.py wrote, "
-                         f"or convert a released DAFormer/MIC .pth with python eval.py --convert-mmseg.") from None
+        raise mit.WeightsError(f"{path} is not a safetensors file ({e}); {INSTEAD}.") from None
     if header.get("format") != FORMAT or "cfg" not in header:
         raise mit.WeightsError(f"{path} is a safetensors file but not a segmentor checkpoint of this project (no "
-                         f"'{FORMAT}' metadata). ImageNet MiT weights go to train.py --pretrained; released "
-                         f"DAFormer/MIC models convert with python eval.py --convert-mmseg IN.pth OUT.safetensors.")
+                               f"'{FORMAT}' metadata; ImageNet MiT weights go to train.py --pretrained): {INSTEAD}.")
     try:
         cfg = SegConfig(**json.loads(header["cfg"]))
     except (TypeError, json.JSONDecodeError) as e:
-        raise mit.WeightsError(f"{path}: its segmentor metadata cannot be read ({e}); re-save the model with "
-                         f"save_segmentor.") from None
+        raise mit.WeightsError(f"{path}: unreadable segmentor metadata ({e}); re-save with save_segmentor.") from None
     with torch.device("meta"):  # no time spent on random init: every tensor comes from the file
         model = build_segmentor(cfg)
     ours = model.state_dict()
-    bad = sorted(set(ours) ^ set(sd)) + sorted(
-        f"{k} {tuple(sd[k].shape)} (model {tuple(ours[k].shape)})"
-        for k in set(ours) & set(sd) if sd[k].shape != ours[k].shape)
+    bad = sorted(set(ours) ^ set(sd)) + sorted(f"{k} {tuple(sd[k].shape)} (model {tuple(ours[k].shape)})"
+                                               for k in set(ours) & set(sd) if sd[k].shape != ours[k].shape)
     if bad:
         raise mit.WeightsError(f"{path}: its tensors do not fit the segmentor its metadata describes ({cfg}), e.g. "
-                         f"{', '.join(bad[:3])}. The file was edited or mixed up; re-save it with save_segmentor.")
+                               f"{', '.join(bad[:3])}. The file was edited or mixed up; re-save with save_segmentor.")
     model.load_state_dict(sd, strict=True, assign=True)
     return model.to(device).eval(), {"cfg": cfg, **json.loads(header.get("meta", "{}"))}
 
@@ -546,17 +502,13 @@ def load_segmentor(path: str, device="cpu") -> tuple[Segmentor, dict]:
 # 6. Speed, applied from outside the method: train.py --compile
 
 def compile_blocks(net: nn.Module | None, **compile_kwargs) -> None:
-    """torch.compile a network in place, block by block: each MiT or SAM transformer block and each DAFormer head
-    on its own (a network of none of them, the SSR branch, whole). The blocks of a stage repeat one computation at
-    one size, so a stage compiles once and its other blocks reuse the graph. Static shapes: dynamo would make the
-    sizes symbolic at the second stage, which inductor (torch 2.13) then failed to compile.
+    """torch.compile a network in place, block by block: each MiT or SAM block and each DAFormer head on its own (a
+    network of none of them, the SSR branch, whole), with static shapes, so the blocks of a stage share one graph.
     Measured (bench.py --items 5, 2-core CPU, MiT-B5, crop 128, SAM at 256): bf16 6.89 -> 5.87 s per ssr iteration
-    after about 195 s of compiling; fp32 6.94 -> 8.09 s, slower; at the demo's sizes no change. Not yet measured on
-    a GPU, its target: `bench.py --suite gpu` takes that figure."""
+    after about 195 s of compiling; fp32 6.94 -> 8.09 s; at the demo's sizes no change. GPU: not yet measured."""
     if net is None:
         return
-    # one graph per stage and use (training, the teacher's no-grad pass, evaluation at another size): past
-    # dynamo's default of 8 per function, the rest would run eager
+    # a graph per stage and use (training, the teacher's no-grad pass, evaluation): past dynamo's 8, they run eager
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     import sam_encoder  # here, not at the top: the method itself needs only the SAM tokens, not the encoder's code
     regions = [m for m in net.modules() if isinstance(m, (mit.Block, sam_encoder.Block, DAFormerHead))]
@@ -585,8 +537,7 @@ def hsv_to_rgb(x: Tensor) -> Tensor:
     f = h6 % 6 - hi
     p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
     table = torch.stack([v, q, p, p, t, v, t, v, v, q, p, p, p, p, t, v, v, q], dim=-3)  # r, g, b rows by sextant
-    hi = hi.long()
-    return table.gather(-3, torch.stack([hi, hi + 6, hi + 12], dim=-3))
+    return table.gather(-3, torch.stack([hi, hi + 6, hi + 12], dim=-3).long())
 
 
 def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
