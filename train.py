@@ -240,11 +240,12 @@ def stop_everywhere(error: Exception | None, saved: int = 0) -> None:
 
 
 # -----------------------------------------------------------------------------
-# the run folder: lock, checkpoint pair, log, resume (the file machinery is data.py's appendix)
+# the run folder: lock, checkpoint pair, log, resume (the file machinery is data.py's, in its appendix B)
 
 def prepare() -> None:
     """Rank 0, while the others wait: hold --out for the run's whole life (at exit, what a failed start made is
-    removed again), then check every data file from its header."""
+    removed again), refuse another run's files, make the demo's, and check every data file from its header (a bad
+    file is found now, not in hour 5)."""
     atexit.register(data.release_folder, *data.claim_folder(out))
     if not args.resume and os.path.exists(state_path):  # checked holding the lock: a running run says so first
         raise data.FlagError(f"{out} already holds a run (train_state.pt). Continue it with --resume, or choose "
