@@ -1277,6 +1277,26 @@ def test_synthia_in_another_layout_is_explained(tmp_path):
         data.list_dataset(str(tmp_path / "x/synthia/RAND_CITYSCAPES"), "synthia", "train")
 
 
+def test_run_folder_lock_names_its_holder_and_a_failed_start_leaves_no_trace(tmp_path):
+    out = tmp_path / "a" / "b"
+    lock, made = data.claim_folder(str(out))
+    assert (out / ".lock").read_text() == f"{os.getpid()}\n"
+    # a second open file of the lock is refused even within this process, naming the holder and what to do
+    with pytest.raises(data.FlagError, match=rf"{re.escape(str(out))} is in use by another run: pid {os.getpid()} \(.*\), alive.*"
+                                             rf"kill {os.getpid()}"):
+        data.claim_folder(str(out))
+    data.release_folder(lock, made)
+    assert os.listdir(tmp_path) == []  # the lock file and both folders it made are gone
+    out.mkdir(parents=True)
+    (out / "log.jsonl").write_text('{"iter": 1}\n{"iter": 2')  # a folder with content, a line cut short
+    lock, made = data.claim_folder(str(out))
+    data.release_folder(lock, made)
+    assert sorted(os.listdir(out)) == [".lock", "log.jsonl"] and data.read_log(str(out / "log.jsonl")) == [{"iter": 1}]
+    lock, made = data.claim_folder(str(out))  # released: free again; its lock file is not this claim's
+    assert made == []
+    data.release_folder(lock, made)
+
+
 # ==============================================================================================================
 # eval.py: the metric, the evaluator, released checkpoints
 # ==============================================================================================================

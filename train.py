@@ -12,9 +12,9 @@ one step computes) lives in ssr.py; this file owns the optimizer, mixed precisio
 import argparse
 import atexit
 import ctypes
-import fcntl
 import json
 import os
+import pathlib
 import signal
 import sys
 import time
@@ -70,8 +70,7 @@ p.add_argument("--ema-alpha", type=float, default=ssr.EMA_ALPHA, help="the EMA t
 p.add_argument("--amp", choices=["bf16", "fp16", "fp32"], help="mixed precision; unset: bf16 where supported, else fp32")
 p.add_argument("--seed", type=int, default=0, help="seed for weights, sampling and augmentation")
 p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes per GPU")
-p.add_argument("--compile", action="store_true",
-               help="torch.compile the networks, block by block (the first iterations compile)")
+p.add_argument("--compile", action="store_true", help="torch.compile the networks, block by block (the first iterations compile)")
 p.add_argument("--grad-checkpoint", action="store_true", help="recompute MiT blocks in backward to save memory")
 p.add_argument("--out", help="run folder; unset: runs/<name>_seed<seed>")
 p.add_argument("--log-every", type=int, default=50, help="print a progress line every N iterations (0 = at the end)")
@@ -80,12 +79,10 @@ p.add_argument("--save-every", type=int, default=4000,
                help="write checkpoints every N iterations (0 = at the end); also before each evaluation and on a stop")
 p.add_argument("--debug-every", type=int, default=1000,
                help="write a debug panel to <out>/debug/iter_NNNNNN.png every N iterations (dacs, ssr; 0 = never)")
-p.add_argument("--resume", action="store_true",
-               help="continue from <out>/train_state.pt; flags not given take the saved run's values")
+p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt; flags not given take the saved run's values")
 p.add_argument("--demo", action="store_true",
-               help="generate synthetic domains (if absent) and train a tiny model on them, pretrained on demo.py's "
-                    "toy ImageNet, for --method ssr with demo.py's toy SAM teacher (both made on first use): "
-                    "minutes on a CPU; sets the defaults "
+               help="train a tiny model on synthetic domains (generated if absent), pretrained on demo.py's toy "
+                    "ImageNet, with its toy SAM teacher (both made on first use): minutes on a CPU; sets the defaults "
                     + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in demo.FLAGS.items()))
 if "--demo" in sys.argv[1:]:
     p.set_defaults(**demo.FLAGS)
@@ -101,16 +98,18 @@ master = rank == 0
 
 
 def report_errors(kind, error, tb) -> None:
-    """The one handler of what stops a run: a user error (data.UserError: a flag, a file, a full disk) prints as
-    one `error:` paragraph, once under torchrun; a stop before the loop as one line; a bug keeps its traceback."""
-    if issubclass(kind, data.UserError):
-        if master:
-            print(f"error: {error}", file=sys.stderr)
-    elif issubclass(kind, KeyboardInterrupt):  # exits with status 130, as Python does for Ctrl-C
-        if master:
-            print("stopped before training began; nothing was saved", file=sys.stderr)
-    else:
+    """The one handler of what stops a run: a user error (data.UserError: a flag, a file, a full disk) or a peer
+    that stopped answering (a timeout or a closed connection) prints as one `error:` paragraph, once under torchrun;
+    a stop before the loop as one line (exit status 130, as Python's for Ctrl-C); a bug keeps its traceback."""
+    if issubclass(kind, dist.DistBackendError):
+        kept = f"The last checkpoint, {state_path}, is intact." if os.path.exists(state_path) else "Nothing was saved."
+        error = (f"another process of this run stopped answering ({kind.__name__}), so rank {rank} stops too. {kept} "
+                 f"Continue with --resume.")
+    if not issubclass(kind, (data.UserError, dist.DistBackendError, KeyboardInterrupt)):
         sys.__excepthook__(kind, error, tb)
+    elif master:
+        print("stopped before training began; nothing was saved" if issubclass(kind, KeyboardInterrupt) else
+              f"error: {error}", file=sys.stderr)
 
 
 sys.excepthook = report_errors
@@ -123,29 +122,8 @@ out = args.out or os.path.join("runs", f"{'demo' if args.demo else f'{args.src}2
                                        f"_seed{args.seed}")  # two seeds never share a folder
 state_path, model_path = os.path.join(out, "train_state.pt"), os.path.join(out, "model.safetensors")
 config_path, log_path = os.path.join(out, "config.json"), os.path.join(out, "log.jsonl")
-
-
-def read_state(path: str) -> dict:
-    """train_state.pt as save() writes it. torch.load raises many exception types for a truncated or foreign file
-    (RuntimeError, UnpicklingError, EOFError, ...), so all are caught, around this one call."""
-    if not os.path.exists(path):
-        raise data.FlagError(f"--resume: there is no {path} to continue from. Check --out, or start a new run "
-                             f"without --resume.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise data.FlagError(f"--resume: cannot read {path} ({type(e).__name__}: {first}); it is truncated or not "
-                             f"a train_state.pt. The run cannot continue from it: start a new one in another --out.")
-    if not isinstance(state, dict) or not {"uda", "optimizer", "scaler", "iter", "rng", "args"} <= state.keys():
-        raise data.FlagError(f"--resume: {path} is not a train_state.pt written by this train.py (it lacks the "
-                             f"training state). Start a new run in another --out.")
-    return state
-
-
-state = None
-if args.resume:  # the saved run's flags become the defaults; flags given now override those that fit the state
-    state = read_state(state_path)
+state = data.read_state(state_path) if args.resume else None
+if state:  # the saved run's flags become the defaults; flags given now override those that fit the state
     saved = json.loads(state["args"])
     p.set_defaults(**{k: v for k, v in saved.items() if k not in ("out", "resume")})
     args = p.parse_args()
@@ -171,33 +149,28 @@ def get_lr(it: int) -> float:
 
 # The sizes: the demo's (demo.CONFIG), or the paper's, each taken from the file that owns it
 if args.demo:
-    seg_sizes, sam_overrides = dict(mit=demo.CONFIG["mit"], channels=demo.CONFIG["channels"]), demo.CONFIG["sam"]
-    ignore_rows, rcs_min_pixels = demo.CONFIG["ignore_rows"], demo.CONFIG["rcs_min_pixels"]
-    src_scale, tgt_scale = demo.CONFIG["src_scale"], demo.CONFIG["tgt_scale"]
+    c = demo.CONFIG
+    seg_sizes, sam_overrides, ignore_rows = dict(mit=c["mit"], channels=c["channels"]), c["sam"], c["ignore_rows"]
+    src_scale, tgt_scale, rcs_min_pixels = c["src_scale"], c["tgt_scale"], c["rcs_min_pixels"]
 else:
+    c = data.SOURCES[args.src]
     seg_sizes, sam_overrides, ignore_rows = {}, {}, ssr.IGNORE_ROWS  # SegConfig's, SAM's presets, DAFormer's rows
-    src_scale, rcs_min_pixels = data.SOURCES[args.src]["scale"], data.SOURCES[args.src]["rcs_min_pixels"]
-    tgt_scale = data.TARGET_SCALE
+    src_scale, tgt_scale, rcs_min_pixels = c["scale"], data.TARGET_SCALE, c["rcs_min_pixels"]
 
 # Every flag is checked here, before anything slow or anything written.
 stages = tuple(int(s) for s in args.ssr_stages.split(",") if s.strip().isdigit())
 if args.pretrained is None:
     raise data.FlagError(f"--pretrained is required: pass the ImageNet MiT weights ({mit.DOWNLOAD}; see README) or "
-                         f"--pretrained none for a random initialization (for tests only: it will not reach the "
-                         f"paper's numbers).")
+                         f"--pretrained none for a random initialization (tests only: far from the paper's numbers).")
 if args.method == "ssr" and args.sam_weights is None:
     raise data.FlagError(f"--method ssr needs the SAM teacher: pass --sam-weights PATH ({sam_encoder.DOWNLOAD}; see "
                          f"README), or --sam-weights none for a random teacher (tests and demo only).")
 if args.method != "ssr" and args.sam_weights not in (None, "none"):
-    raise data.FlagError(f"--sam-weights is only used by --method ssr, not by --method {args.method}: drop it or "
-                         f"use --method ssr.")
-if (len(stages) != len(args.ssr_stages.split(",")) or any(s not in range(4) for s in stages)
-        or len(set(stages)) != len(stages)):
-    raise data.FlagError(f"--ssr-stages {args.ssr_stages!r}: give distinct MiT stages among 0,1,2,3, e.g. "
-                         f"--ssr-stages 0,1,2,3.")
+    raise data.FlagError(f"--sam-weights is only used by --method ssr, not by --method {args.method}: drop it.")
+if len(stages) != len(args.ssr_stages.split(",")) or not set(stages) <= {0, 1, 2, 3} or len(set(stages)) < len(stages):
+    raise data.FlagError(f"--ssr-stages {args.ssr_stages!r}: give distinct MiT stages among 0,1,2,3, e.g. 0,1,2,3.")
 if args.ssr_context == "shuffled" and args.batch_size < 2:
-    raise data.FlagError("--ssr-context shuffled gives each image another image's SAM tokens of its domain, so it "
-                         "needs --batch-size 2 or more.")
+    raise data.FlagError("--ssr-context shuffled needs --batch-size 2 or more: it gives each image another's tokens.")
 if args.sam_img_size <= 0 or args.sam_img_size % 16:
     raise data.FlagError(f"--sam-img-size {args.sam_img_size}: SAM cuts its input into 16x16 patches, so give a "
                          f"positive multiple of 16, e.g. 1024 (the paper) or 512.")
@@ -212,37 +185,29 @@ if min(args.log_every, args.eval_every, args.save_every, args.debug_every, args.
 if os.path.exists(args.data_root) and not os.path.isdir(args.data_root):
     raise data.FlagError(f"--data-root {args.data_root} is a file; give the folder that holds gta5/ and cityscapes/"
                          f"{' (the demo writes them there)' if args.demo else ''}.")
-for name in (args.src, args.tgt):  # a run folder among the images would be read as data by the next run
-    dataset = os.path.realpath(os.path.join(args.data_root, name))
-    if os.path.commonpath([dataset, os.path.realpath(out)]) == dataset:
-        raise data.FlagError(f"--out {out} lies inside the dataset folder {os.path.join(args.data_root, name)}: "
-                             f"its files would mix with the dataset's. Choose an --out outside --data-root's "
-                             f"dataset folders, e.g. runs/NAME.")
+data.check_outside(out, [os.path.join(args.data_root, name) for name in (args.src, args.tgt)])
 
 # -----------------------------------------------------------------------------
 # set-up: processes, device, precision
 
 if ddp:
-    # The launcher's death (a kill of torchrun, the OOM killer) reaches the workers, which run in sessions of
-    # their own, as SIGTERM: they finish the iteration, save and exit. prctl is Linux's; the loop also checks the
-    # parent's pid, which covers other systems and a launcher that died before this line.
+    # The launcher's death (a kill of torchrun, the OOM killer) reaches the workers, in sessions of their own, as
+    # SIGTERM: they finish the iteration, save and exit. prctl is Linux's; the loop also checks the parent's pid.
     launcher = os.getppid()
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-    local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    # Two groups: the default one waits long enough for rank 0's set-up (data checks, the RCS statistics, the
-    # demo's pretrainings) and evaluations; the loop's talks in `peers`, whose short timeout lets a rank whose
-    # peer died give up within a minute, not gloo/NCCL's 30.
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    # The default group waits long enough for rank 0's set-up (data checks, RCS statistics, the demo's pretrainings)
+    # and evaluations; the loop talks in `peers`: a rank whose peer died gives up in a minute, not gloo/NCCL's 30.
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=60))
     peers = dist.new_group(timeout=timedelta(seconds=60))
     sys.excepthook = report_errors  # init_process_group wraps the hook to prefix every line with the rank
 device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-# The shapes never change (crop, batch, SAM input): cuDNN times its convolution algorithms once and keeps the
-# fastest, as mmseg's configs (cudnn_benchmark = True). It only reorders arithmetic on the GPU.
+# Fixed shapes: cuDNN times its convolution algorithms once and keeps the fastest, as mmseg's configs
+# (cudnn_benchmark = True); this only reorders arithmetic on the GPU.
 torch.backends.cudnn.benchmark = True
 if args.amp is None:
     args.amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
@@ -256,229 +221,76 @@ for warn, what in ((args.pretrained == "none", "--pretrained none: the MiT start
 
 def agree(*flags, group=None) -> list[bool]:
     """Each flag, true on every rank if it is true on any rank (one small all-reduce), so that the ranks skip the
-    same steps and stop at the same point. A peer that stopped answering is a user-facing stop, not a hang."""
+    same steps and stop at the same point (a peer that stopped answering raises DistBackendError: report_errors)."""
     if not ddp:
         return [bool(f) for f in flags]
     t = torch.tensor([float(bool(f)) for f in flags], device=device)
-    try:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group or peers)
-    except dist.DistBackendError as e:  # a timeout or a closed connection
-        raise peer_lost(e) from None
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group or peers)
     return [bool(v) for v in t.tolist()]
 
 
-def peer_lost(e: Exception) -> data.UserError:
-    kept = f"The last checkpoint, {state_path}, is intact." if os.path.exists(state_path) else "Nothing was saved."
-    return data.UserError(f"another process of this run stopped answering ({type(e).__name__}), so rank {rank} "
-                          f"stops too. {kept} Continue with --resume.")
-
-
-def stop_everywhere(error: Exception | None, note: str = "") -> None:
-    """Every rank raises the user errors met on any rank (found by agree); rank 0 prints them once."""
-    msgs = [str(error) if error else None]
+def stop_everywhere(error: Exception | None, saved: int = 0) -> None:
+    """Every rank raises the user errors met on any rank (found by agree), and where the state of iteration `saved`
+    lies (if one was saved); rank 0 prints them once."""
+    msgs = [str(error) if error else None] * world
     if ddp:
-        msgs = [None] * world
-        dist.all_gather_object(msgs, str(error) if error else None, group=peers)
-    raise data.DatasetError(" ".join(dict.fromkeys(m for m in msgs if m)) + note)
-
-
-def on_rank0(fn) -> None:
-    """fn() on rank 0 while the other ranks wait (on the patient default group); a user error stops every rank."""
-    error = None
-    if master:
-        try:
-            fn()
-        except data.UserError as e:
-            error = e
-    if agree(error is not None, group=dist.group.WORLD if ddp else None)[0]:
-        stop_everywhere(error)
+        dist.all_gather_object(msgs, msgs[0], group=peers)
+    note = f" The state at iteration {saved} is saved in {state_path}: fix this, then continue with --resume."
+    raise data.DatasetError(" ".join(dict.fromkeys(m for m in msgs if m)) + (note if saved else ""))
 
 
 # -----------------------------------------------------------------------------
-# the run folder: its lock, the checkpoint pair, the log, and resume
+# the run folder: lock, checkpoint pair, log, resume (the file machinery is data.py's, in its appendix B)
 
-def holders(lock_file) -> list[int]:
-    """The pids that hold an flock on lock_file's inode (Linux's /proc/locks); [] where unknown."""
-    try:
-        ino = os.fstat(lock_file.fileno()).st_ino
-        with open("/proc/locks") as f:
-            rows = [line.split() for line in f]
-        return sorted({int(r[4]) for r in rows if len(r) > 5 and r[1] == "FLOCK" and r[5].endswith(f":{ino}")})
-    except (OSError, ValueError, IndexError):
-        return []
-
-
-def describe(pid: int) -> str:
-    """pid, its command line, and whether its launcher is gone (an orphan's parent is pid 1 or a subreaper)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        with open(f"/proc/{pid}/stat") as f:
-            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        return f"pid {pid} ({cmd[:200]}), alive{', its parent gone' if ppid == 1 else ''}"
-    except (OSError, ValueError, IndexError):
-        return f"pid {pid} (no longer running: the lock is held by a process it started)"
-
-
-def claim_run_folder() -> None:
-    """Create --out if needed and hold it for the run's whole life: an exclusive flock on <out>/.lock, which the OS
-    releases when every process holding it ends, however it ends. A second run on the folder fails at once, saying
-    which process holds it."""
-    global lock, lock_made
-    d = os.path.abspath(out)
-    while not os.path.exists(d):  # the folders this run makes, deepest first: a failed start removes them again
-        made.append(d)
-        d = os.path.dirname(d)
-    lock_made = not os.path.exists(os.path.join(out, ".lock"))
-    try:
-        os.makedirs(out, exist_ok=True)
-        f = open(os.path.join(out, ".lock"), "a+")  # "a+": create, but never clobber the holder's pid
-    except OSError as e:
-        for d in made:  # what makedirs got to make, all empty
-            if os.path.isdir(d):
-                os.rmdir(d)
-        raise data.FlagError(f"--out {out} cannot be written ({e.strerror}). Choose a folder you can write to.") from None
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        written = f.read().strip()
-        pids = holders(f) or ([int(written)] if written.isdigit() else [])
-        f.close()
-        who = "; ".join(describe(q) for q in pids) or "a process that could not be identified"
-        raise data.FlagError(f"{out} is in use by another run: {who}. Wait for it to end, stop it (kill "
-                             f"{' '.join(map(str, pids)) or 'PID'}; a worker whose torchrun is gone is a leftover), or "
-                             f"choose another --out.") from None
-    f.truncate(0)
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    lock = f
+def prepare() -> None:
+    """Rank 0, while the others wait: hold --out for the run's whole life (at exit, what a failed start made is
+    removed again), refuse another run's files, make the demo's, and check every data file from its header (a bad
+    file is found now, not in hour 5)."""
+    atexit.register(data.release_folder, *data.claim_folder(out))
     if not args.resume and os.path.exists(state_path):  # checked holding the lock: a running run says so first
         raise data.FlagError(f"{out} already holds a run (train_state.pt). Continue it with --resume, or choose "
                              f"another --out.")
-
-
-def release_run_folder() -> None:
-    """At exit: a folder this run made, or a lock file it made, holding nothing more is removed (a failed start
-    leaves no trace); then the lock is let go."""
-    if lock is None:
-        return
-    if lock_made and os.listdir(out) == [".lock"]:
-        os.remove(os.path.join(out, ".lock"))
-        for d in made:
-            try:
-                os.rmdir(d)
-            except OSError:
-                break
-    lock.close()
-
-
-def check_run_id(state: dict) -> None:
-    """A train_state.pt must belong to the run whose config.json and model.safetensors lie beside it (a copied-in
-    state would otherwise continue another run and overwrite this one's files). Paths play no part: a folder moved
-    or copied whole still resumes."""
-    ids = {state_path: state.get("run_id")}
-    if os.path.exists(config_path):
-        try:
-            with open(config_path) as f:
-                ids[config_path] = json.load(f).get("run_id")
-        except (OSError, ValueError, AttributeError):
-            ids[config_path] = "unreadable"
-    if os.path.exists(model_path):
-        try:
-            ids[model_path] = ssr.load_segmentor(model_path)[1].get("run_id")
-        except mit.WeightsError:
-            ids[model_path] = "unreadable"
-    if len(set(ids.values())) > 1:
-        raise data.FlagError(f"--resume: the files in {out} come from different runs: "
-                             + ", ".join(f"{os.path.basename(k)} of run {v}" for k, v in ids.items())
-                             + ". Continuing would mix them and overwrite the others; resume in the folder whose "
-                             "files belong together, or start a new run in another --out.")
-
-
-def save(it: int, last_saved: list) -> None:
-    """Every rank: its random state is gathered; rank 0 writes the deployable model and the full training state,
-    both beside their files first and renamed only when both are whole, so the pair is always of one iteration."""
-    rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None)
-    rngs = [rng]
-    if ddp:
-        rngs = [None] * world
-        try:
-            dist.all_gather_object(rngs, rng, group=peers)
-        except dist.DistBackendError as e:
-            raise peer_lost(e) from None
-    if not master:
-        return
-    meta = dict(dataset=args.tgt, source=args.src, test_scale=list(tgt_scale), data_root=args.data_root,
-                method=args.method, ssr_context=args.ssr_context, iters=it, run_id=run_id)
-    state = dict(uda=uda.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter=it,
-                 rng=rngs, args=json.dumps(vars(args)), run_id=run_id)
-    tmps = []
-    try:
-        tmps.append(data.write_aside(model_path, lambda tmp: ssr.write_segmentor(student, tmp, **meta)))
-        tmps.append(data.write_aside(state_path, lambda tmp: torch.save(state, tmp)))
-    except data.DiskFull:
-        for tmp in tmps:
-            os.remove(tmp)
-        kept = (f"the checkpoint of iteration {last_saved[0]} in {out} is intact: free some space, then continue "
-                f"with --resume" if last_saved else "no checkpoint was written yet: free some space and start again")
-        raise data.DiskFull(f"the disk that holds {out} is full: the checkpoint of iteration {it} could not be "
-                            f"written; {kept}.") from None
-    os.replace(tmps[1], state_path)  # state first: a kill between the two renames leaves a state to resume from
-    os.replace(tmps[0], model_path)
-    last_saved[:] = [it]
-
-
-def write_config(tmp: str) -> None:
-    with open(tmp, "w") as f:
-        json.dump(dict(vars(args), run_id=run_id), f, indent=1)
-
-
-def log_line(record: dict) -> None:
-    """Append one record to log.jsonl, opened anew each time: a log deleted mid-run is started again."""
-    with open(log_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def read_log() -> list[dict]:
-    """log.jsonl's records; a line cut short (by a power loss, say) is left out, a missing log is empty."""
-    records = []
-    try:
-        with open(log_path) as f:
-            for line in f:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
-    except FileNotFoundError:
-        pass
-    return records
-
-
-lock, made, lock_made = None, [], False
-atexit.register(release_run_folder)
-on_rank0(claim_run_folder)
-if state and master:
-    check_run_id(state)
-if master:
+    if state:  # the run id ties the state to the config.json and model.safetensors beside it
+        data.check_one_run(out, {state_path: lambda: state.get("run_id"),
+                                 config_path: lambda: json.loads(pathlib.Path(config_path).read_text()).get("run_id"),
+                                 model_path: lambda: ssr.load_segmentor(model_path)[1].get("run_id")})
     print(f"run {out}: {args.method}{' + mic' if args.mic else ''}, {args.backbone}, {world} x {device.type}, {args.amp}")
-
-# -----------------------------------------------------------------------------
-# data: every file checked from its header before the first iteration (a bad file is found now, not in hour 5)
-
-
-def prepare_data() -> None:
     if args.demo:  # its domains, its toy ImageNet and its toy teacher, each made once
         demo.prepare(args.data_root, args.sam_weights, args.pretrained)
-    source = data.list_dataset(args.data_root, args.src, "train")
-    data.check_samples(source, "train")
-    data.check_samples(data.list_dataset(args.data_root, args.tgt, "train", need_labels=False), "train")
-    data.check_samples(data.list_dataset(args.data_root, args.tgt, "val"), "val")
+    source = data.check_datasets(args.data_root, args.src, args.tgt)
     data.class_pixel_counts(source)  # the rare class statistics, computed and cached once, before other ranks
 
 
-on_rank0(prepare_data)
-start = state["iter"] if state else 0
+def save(it: int) -> None:
+    """Every rank: its random state is gathered; rank 0 writes the deployable model and the full training state,
+    a pair always of one iteration (data.save_checkpoint)."""
+    global last_saved
+    rngs = [dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None)] * world
+    if ddp:
+        dist.all_gather_object(rngs, rngs[0], group=peers)
+    if master:
+        meta = dict(dataset=args.tgt, source=args.src, test_scale=list(tgt_scale), data_root=args.data_root,
+                    method=args.method, ssr_context=args.ssr_context, iters=it, run_id=run_id)
+        state = dict(uda=uda.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter=it,
+                     rng=rngs, args=json.dumps(vars(args)), run_id=run_id)
+        data.save_checkpoint(out, it, last_saved, (model_path, lambda tmp: ssr.write_segmentor(student, tmp, **meta)),
+                             (state_path, lambda tmp: torch.save(state, tmp)))
+    last_saved = it
+
+
+error = None
+if master:
+    try:
+        prepare()
+    except data.UserError as e:
+        error = e
+if agree(error is not None, group=dist.group.WORLD if ddp else None)[0]:  # the patient default group
+    stop_everywhere(error)
+start = last_saved = state["iter"] if state else 0  # last_saved: the iteration whose checkpoint is on disk, or 0
+
+# -----------------------------------------------------------------------------
+# data, models, optimizer
+
 train_batches = data.make_train_loader(
     args.data_root, args.src, args.tgt, crop=args.crop, batch_size=args.batch_size, seed=args.seed, start_iter=start,
     workers=args.workers, rank=rank, world_size=world, src_scale=src_scale, tgt_scale=tgt_scale,
@@ -486,9 +298,7 @@ train_batches = data.make_train_loader(
 val_loader = data.make_val_loader(args.data_root, args.tgt, "val", scale=tgt_scale, batch_size=1,
                                   workers=args.workers, pin_memory=device.type == "cuda") if master else None
 
-# -----------------------------------------------------------------------------
-# models: the student segmentor, the UDA wrapper (EMA teacher, ImageNet copy, SSR branch), the SAM teacher
-
+# the student segmentor, the UDA wrapper (EMA teacher, ImageNet copy, SSR branch), the SAM teacher
 torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts them from rank 0)
 student = ssr.build_segmentor(ssr.SegConfig(backbone=args.backbone, **seg_sizes))
 if args.pretrained != "none":
@@ -507,10 +317,8 @@ if args.compile:  # speed, applied from outside the method: the same losses (tes
 model = torch.nn.parallel.DistributedDataParallel(
     uda, device_ids=[device.index] if device.type == "cuda" else None, process_group=peers) if ddp else uda
 
-# -----------------------------------------------------------------------------
-# optimizer: AdamW as the paper's config. mmcv's paramwise_cfg matches names: 'head' -> lr x10,
-# 'norm' -> no weight decay (so the head's BatchNorms do decay, as in DAFormer). SSR modules: base lr.
-
+# AdamW as the paper's config. mmcv's paramwise_cfg matches names: 'head' -> lr x10, 'norm' -> no weight decay
+# (so the head's BatchNorms do decay, as in DAFormer). SSR modules: base lr.
 groups = {}
 for n, prm in uda.named_parameters():
     if not prm.requires_grad:
@@ -539,9 +347,9 @@ if state:
     elif master:  # the batches still follow (seed, iteration, rank); only the augmentation streams restart
         print(f"note: the run was saved by {len(state['rng'])} processes and continues on {world}: each process's "
               f"random stream restarts from --seed + rank, so it will not match an uninterrupted run.")
-    del state
     if master:
         print(f"resuming {out} at iteration {start}")
+    del state
 
 
 def next_batch() -> tuple[dict | None, data.DatasetError | None]:
@@ -552,10 +360,6 @@ def next_batch() -> tuple[dict | None, data.DatasetError | None]:
         return None, e
 
 
-def saved_in(it: int) -> str:
-    return f" The state at iteration {it} is saved in {state_path}: fix this, then continue with --resume."
-
-
 # -----------------------------------------------------------------------------
 # the loop
 
@@ -563,15 +367,16 @@ batch, data_error = next_batch()
 if agree(data_error is not None)[0]:
     stop_everywhere(data_error)
 if master:  # every flag's value, defaults included, and the run's id
-    data.save_atomic(config_path, write_config)
+    config = json.dumps(dict(vars(args), run_id=run_id), indent=1)
+    data.save_atomic(config_path, lambda tmp: pathlib.Path(tmp).write_text(config))
     if start:
-        log_line(dict(resume=start))  # the lines of later iterations that follow replace these
+        data.log_line(log_path, dict(resume=start))  # the lines of later iterations that follow replace these
 # From here SIGINT and SIGTERM finish the current iteration, save, and exit; a second Ctrl-C stops at once. A
 # second SIGTERM changes nothing: under torchrun each worker can receive two when its launcher dies.
 stop = []
 signal.signal(signal.SIGINT, lambda s, f: (stop.append(s), signal.signal(s, signal.SIG_DFL)))
 signal.signal(signal.SIGTERM, lambda s, f: stop.append(s))
-mious, bad, skipped, t0, it, eval_error, last_saved = [], 0, 0, time.time(), start, None, [start] if start else []
+mious, bad, skipped, t0, it, eval_error = [], 0, 0, time.time(), start, None
 totals, counted = {}, 0  # loss sums over the logging interval, on the device (no sync per iteration)
 uda.train()  # once: evaluate() puts the student back in training mode itself
 while True:
@@ -585,10 +390,7 @@ while True:
         with ctx:
             losses = model(src_img, src_lbl, tgt_img, it, sam=sam)
         loss = sum(losses.values())
-        try:
-            scaler.scale(loss).backward()  # always, so that DDP ranks stay in step even when one loss is bad
-        except dist.DistBackendError as e:  # DDP's gradient averaging met a peer that is gone
-            raise peer_lost(e) from None
+        scaler.scale(loss).backward()  # always, so that DDP ranks stay in step even when one loss is bad
         batch, data_error = next_batch() if it + 1 < args.iters else (None, None)
     if ddp and os.getppid() != launcher:
         stop.append(signal.SIGTERM)
@@ -597,13 +399,13 @@ while True:
     nonfinite, stopping, data_failed, eval_failed = agree(
         not last and not torch.isfinite(loss.detach()).item(), stop, data_error, eval_error)
     if eval_failed:  # the state of `it` was saved before that evaluation; this iteration's step is not taken
-        stop_everywhere(eval_error, saved_in(it))
+        stop_everywhere(eval_error, saved=it)
     if last:
         break
     if nonfinite:
         bad, skipped = bad + 1, skipped + 1
         if bad >= 10:
-            kept = (f"The last checkpoint is {state_path}." if last_saved else "No checkpoint was written yet.")
+            kept = f"The last checkpoint is {state_path}." if last_saved else "No checkpoint was written yet."
             raise data.UserError(f"the loss was not finite for 10 iterations in a row (at iteration {it}); lower "
                                  f"--lr, or use --amp bf16/fp32 instead of fp16. {kept}")
     else:
@@ -618,7 +420,6 @@ while True:
         data.save_atomic(os.path.join(out, "debug", f"iter_{it:06d}.png"),
                          lambda tmp: debug_panel(uda.pictures).save(tmp, format="PNG"))
         uda.keep_pictures, uda.pictures = False, None
-
     if master and ((args.log_every and it % args.log_every == 0) or it == args.iters):
         # the losses averaged over the interval's (finite) iterations, as mmseg logs them
         vals = {k: (v / counted).item() for k, v in totals.items()} if counted else {
@@ -627,24 +428,26 @@ while True:
         elapsed = time.time() - t0  # of this process: a resumed run counts from its resume
         speed = (it - start) / elapsed
         mem = {"mem_gib": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}  # peak so far
+        # logged before it is printed: a line on the screen is on disk too
+        data.log_line(log_path, dict(iter=it, **vals, lr=get_lr(it - 1), it_s=speed, elapsed_s=elapsed,
+                                     skipped=skipped, **mem))
         print(f"iter {it}/{args.iters} " + " ".join(f"{k} {v:.4g}" for k, v in vals.items())
               + f" lr {get_lr(it - 1):.2e} {speed:.2f} it/s elapsed {elapsed / 60:.1f} min"
               + f" eta {(args.iters - it) / speed / 60:.0f} min" + (f" skipped {skipped}" if skipped else "")
               + "".join(f" mem {v:.1f} GiB" for v in mem.values()), flush=True)
-        log_line(dict(iter=it, **vals, lr=get_lr(it - 1), it_s=speed, elapsed_s=elapsed, skipped=skipped, **mem))
     evaluating = (args.eval_every and it % args.eval_every == 0) or it == args.iters
     if (args.save_every and it % args.save_every == 0) or evaluating or stopping or data_failed:
-        save(it, last_saved)  # before evaluating: an evaluation that fails loses nothing
+        save(it)  # before evaluating: an evaluation that fails loses nothing
     if data_failed:
-        stop_everywhere(data_error, saved_in(it))
+        stop_everywhere(data_error, saved=it)
     if evaluating:
         if master:
             try:
                 result = evaluate(student, val_loader, device=device, amp_dtype=amp_dtype)
                 mious.append((it, print_table(result, data.CLASSES, args.src)))  # mIoU16 for SYNTHIA
-                log_line(dict(iter=it, miou=mious[-1][1]))
+                data.log_line(log_path, dict(iter=it, miou=mious[-1][1]))
                 data.save_atomic(os.path.join(out, "curves.png"),
-                                 lambda tmp: training_curves(read_log()).save(tmp, format="PNG"))
+                                 lambda tmp: training_curves(data.read_log(log_path)).save(tmp, format="PNG"))
             except data.DatasetError as e:
                 eval_error = e  # every rank learns of it at the next agreement
         if ddp:
