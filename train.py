@@ -98,14 +98,17 @@ master = rank == 0
 
 
 def report_errors(kind, error, tb) -> None:
-    """The one handler of what stops a run: a user error (data.UserError: a flag, a file, a full disk) or a peer
-    that stopped answering (a timeout or a closed connection) prints as one `error:` paragraph, once under torchrun;
-    a stop before the loop as one line (exit status 130, as Python's for Ctrl-C); a bug keeps its traceback."""
-    if issubclass(kind, dist.DistBackendError):
+    """The one handler of what stops a run: a user error (data.UserError: a flag, a file, a full disk) prints as one
+    `error:` paragraph, once under torchrun; a peer that stopped answering (a timeout or a closed connection, which
+    gloo's and NCCL's errors report inside DDP's backward as RuntimeError) as one paragraph on every rank that saw
+    it; a stop before the loop as one line (exit status 130, as Python's for Ctrl-C); a bug keeps its traceback."""
+    peer_lost = ddp and (issubclass(kind, dist.DistBackendError) or (
+        issubclass(kind, RuntimeError) and any(w in str(error) for w in ("gloo", "NCCL", "Connection"))))
+    if peer_lost:
         kept = f"The last checkpoint, {state_path}, is intact." if os.path.exists(state_path) else "Nothing was saved."
-        error = (f"another process of this run stopped answering ({kind.__name__}), so rank {rank} stops too. {kept} "
-                 f"Continue with --resume.")
-    if not issubclass(kind, (data.UserError, dist.DistBackendError, KeyboardInterrupt)):
+        print(f"error: another process of this run stopped answering ({kind.__name__}), so rank {rank} stops too. "
+              f"{kept} Continue with --resume.", file=sys.stderr)
+    elif not issubclass(kind, (data.UserError, KeyboardInterrupt)):
         sys.__excepthook__(kind, error, tb)
     elif master:
         print("stopped before training began; nothing was saved" if issubclass(kind, KeyboardInterrupt) else
