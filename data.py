@@ -660,18 +660,28 @@ def check_cache_folder(folder: str | None = None) -> None:
                         f"folder you can write to.") from None
 
 
+STOPS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _pool_worker() -> None:
     """A pool worker leaves Ctrl-C to its parent (which ends the pool) and dies quietly when the pool ends it. It
     computes on one thread: forked after the parent's OpenMP threads ran (a pretraining, say), a child that starts
     its own would hang, as DataLoader's workers would (torch sets them to one thread too)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)  # blocked since its fork (worker_pool)
     torch.set_num_threads(1)
 
 
 def worker_pool(most: int = 8) -> Pool:
-    """A process pool over the cores (at most `most`) whose workers print no traceback on a stop."""
-    return Pool(min(os.cpu_count() or 1, most), initializer=_pool_worker)
+    """A process pool over the cores (at most `most`) whose workers print no traceback on a stop. Its helper
+    threads and workers start with the stop signals blocked, so that a stop always reaches the main thread (the
+    one Python runs signal handlers in), and a worker forked a moment before its initializer ignores Ctrl-C."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
+    try:
+        return Pool(min(os.cpu_count() or 1, most), initializer=_pool_worker)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _umask() -> int:

@@ -2305,6 +2305,27 @@ def test_train_torchrun_launcher_killed_or_stopped_resumes_bit_identical(_train_
         assert "saved by 2 processes and continues on 1" in r.stdout
 
 
+def test_train_torchrun_one_worker_killed_is_one_error_and_the_last_checkpoint_stays(_train_root, tmp_path):
+    """A SIGKILL of one worker: its peer learns of it inside DDP's backward (gloo reports a RuntimeError there) and
+    stops with one paragraph, not a traceback; the work since the last save is lost, nothing more."""
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(_train_cmd(_train_root, out, "--method", "dacs", "--iters", "400", "--eval-every", "0",
+                                       "--save-every", "2", torchrun=2), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=_ROOT)
+    for line in proc.stdout:
+        if line.startswith("iter 3/"):  # the save of iteration 2 is complete
+            workers = [int(p) for p in pathlib.Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+            rank1 = next(w for w in workers if b"RANK=1" in pathlib.Path(f"/proc/{w}/environ").read_bytes().split(b"\0"))
+            os.kill(rank1, signal.SIGKILL)
+            break
+    _, err = proc.communicate(timeout=90)
+    lost = [line for line in err.splitlines() if line.startswith("error: another process of this run stopped")]
+    assert len(lost) == 1 and "rank 0 stops too" in lost[0] and "is intact" in lost[0], err
+    assert 'train.py", line' not in err  # no traceback from the surviving worker
+    assert _train_state(out)["iter"] >= 2
+
+
 def test_train_torchrun_error_is_printed_once_and_leaves_no_folder(tmp_path):
     # a data root without the datasets: found by rank 0 after the process group and the run folder were set up
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", os.path.join(_ROOT, "train.py"),
