@@ -5,27 +5,22 @@ No preparation step: GTA5 palette labels, SYNTHIA's 16-bit label PNGs and Citysc
 Every random choice of the training sample at global position k comes from np.random.default_rng([seed, k]),
 so a batch is a function of (seed, iteration, rank) alone: resuming or changing the worker count changes nothing.
 demo.py writes its two synthetic domains in the very same layouts, so the demo runs the real code path.
-The appendices hold the file plumbing: the cache, atomic writes, and a training run's folder (its lock, checkpoint
-pair, training state and log, for train.py).
+The files it writes (the statistics' cache) go through files.py.
 """
-import errno
-import fcntl
 import hashlib
 import itertools
-import json
 import os
-import signal
 import struct
-import tempfile
 from dataclasses import dataclass
-from multiprocessing import Pool
-from typing import IO, Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+from files import UserError, cache_folder, check_cache_folder, save_atomic, worker_pool
 
 CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
            "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
@@ -61,22 +56,8 @@ SOURCES = {"gta5": dict(scale=(1280, 720), rcs_min_pixels=3000),
 TARGET_SCALE = (1024, 512)
 
 
-class UserError(ValueError):
-    """Something the person running the program must fix (a flag, a file, a full disk), explained in one
-    paragraph. The programs print it as one `error:` line without a traceback; any other exception is a bug and
-    keeps its traceback. mit.WeightsError is one too."""
-
-
 class DatasetError(UserError):
     """Bad or missing data."""
-
-
-class FlagError(UserError):
-    """A command-line flag that cannot work (an output that cannot be written, a folder in use, ...)."""
-
-
-class DiskFull(UserError):
-    """A file could not be written because its disk is full; the file it would have replaced is intact."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -636,261 +617,3 @@ def make_val_loader(data_root: str, tgt: str = "cityscapes", split: str = "val",
     samples = list_dataset(data_root, tgt, split)
     return CleanLoader(ValSamples(samples, scale), batch_size=batch_size, shuffle=False, num_workers=workers,
                        collate_fn=_collate, generator=torch.Generator(), pin_memory=pin_memory)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Appendix A: the cache, worker pools, and writing files so that a kill at any moment leaves the old file or the
-# new one, never half of one
-
-def cache_folder() -> str:
-    """Where derived files are cached (the RCS statistics, the demo's pretrained networks): $SSR_CACHE, else
-    ~/.cache/ssr; never a dataset folder."""
-    return os.environ.get("SSR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ssr")
-
-
-def check_cache_folder(folder: str | None = None) -> None:
-    """Fail now, before the slow work whose result it would hold, if the cache folder cannot be written."""
-    folder = folder or cache_folder()
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise FlagError(f"the cache folder {folder} cannot be written ({e.strerror or e}); set SSR_CACHE to a "
-                        f"folder you can write to.") from None
-
-
-STOPS = {signal.SIGINT, signal.SIGTERM}
-
-
-def _pool_worker() -> None:
-    """A pool worker leaves Ctrl-C to its parent (which ends the pool) and dies quietly when the pool ends it. It
-    computes on one thread: forked after the parent's OpenMP threads ran (a pretraining, say), a child that starts
-    its own would hang, as DataLoader's workers would (torch sets them to one thread too)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)  # blocked since its fork (worker_pool)
-    torch.set_num_threads(1)
-
-
-def worker_pool(most: int = 8) -> Pool:
-    """A process pool over the cores (at most `most`) whose workers print no traceback on a stop. Its helper
-    threads and workers start with the stop signals blocked, so that a stop always reaches the main thread (the
-    one Python runs signal handlers in), and a worker forked a moment before its initializer ignores Ctrl-C."""
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
-    try:
-        return Pool(min(os.cpu_count() or 1, most), initializer=_pool_worker)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it (os.umask can only be read by setting it, which would race
-    with files that other threads create meanwhile)."""
-    try:
-        with open("/proc/self/status") as f:
-            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
-    except (OSError, StopIteration, ValueError):  # not Linux: the set-and-restore fallback
-        mask = os.umask(0o022)
-        os.umask(mask)
-        return mask
-
-
-def write_aside(path: str, write: Callable[[str], None]) -> str:
-    """write(tmp) fills a temporary file beside `path`; it is flushed to disk and given the mode a new file gets
-    under the user's umask (safetensors creates its files 0600, torch.save 0644). Returns tmp, for os.replace.
-    On any failure tmp is removed; a full disk raises DiskFull (torch.save and safetensors report it as a
-    RuntimeError or their own error, so the free space is read while tmp still holds the space it took)."""
-    tmp = f"{path}.{os.getpid()}.tmp"  # per process: two writers never share a temporary file
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(tmp, 0o666 & ~_umask())
-        return tmp
-    except BaseException as e:
-        folder = os.path.dirname(os.path.abspath(path))
-        try:
-            st = os.statvfs(folder)
-            full = getattr(e, "errno", None) == errno.ENOSPC or st.f_bavail * st.f_frsize < 2 ** 20
-        except OSError:
-            full = False
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if full and isinstance(e, Exception):
-            raise DiskFull(f"the disk that holds {folder} is full: {os.path.basename(path)} could not be written "
-                           f"there, and the earlier {os.path.basename(path)}, if any, is untouched. Free some space "
-                           f"there.") from None
-        raise
-
-
-def save_atomic(path: str, write: Callable[[str], None]) -> None:
-    """Write `path` through write(tmp) (see write_aside), then rename it into place."""
-    os.replace(write_aside(path, write), path)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Appendix B: a training run's folder (train.py's --out): its lock, its training state, its log
-
-def lock_holders(lock_file: IO) -> list[int]:
-    """The pids that hold an flock on lock_file's inode (Linux's /proc/locks); [] where unknown."""
-    try:
-        ino = os.fstat(lock_file.fileno()).st_ino
-        with open("/proc/locks") as f:
-            rows = [line.split() for line in f]
-        return sorted({int(r[4]) for r in rows if len(r) > 5 and r[1] == "FLOCK" and r[5].endswith(f":{ino}")})
-    except (OSError, ValueError, IndexError):
-        return []
-
-
-def describe(pid: int) -> str:
-    """pid, its command line, and whether its launcher is gone (an orphan's parent is pid 1 or a subreaper)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        with open(f"/proc/{pid}/stat") as f:
-            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        return f"pid {pid} ({cmd[:200]}), alive{', its parent gone' if ppid == 1 else ''}"
-    except (OSError, ValueError, IndexError):
-        return f"pid {pid} (no longer running: the lock is held by a process it started)"
-
-
-def claim_folder(folder: str) -> tuple[IO, list[str]]:
-    """Create `folder` if needed and hold it: an exclusive flock on <folder>/.lock, which the OS releases when every
-    process holding it ends, however it ends. A second claim fails at once, saying which process holds it.
-    Returns the lock file and the paths this call created, deepest first (the lock file, then the folders above
-    it), for release_folder."""
-    made = []
-    d = os.path.abspath(folder)
-    while not os.path.exists(d):
-        made.append(d)
-        d = os.path.dirname(d)
-    lock_path = os.path.join(folder, ".lock")
-    if not os.path.exists(lock_path):
-        made.insert(0, lock_path)
-    try:
-        os.makedirs(folder, exist_ok=True)
-        f = open(lock_path, "a+")  # "a+": create, but never clobber the holder's pid
-    except OSError as e:
-        for d in made:  # what makedirs got to make, all empty
-            if os.path.isdir(d):
-                os.rmdir(d)
-        raise FlagError(f"--out {folder} cannot be written ({e.strerror}). Choose a folder you can write to.") from None
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        written = f.read().strip()
-        pids = lock_holders(f) or ([int(written)] if written.isdigit() else [])
-        f.close()
-        who = "; ".join(describe(q) for q in pids) or "a process that could not be identified"
-        raise FlagError(f"{folder} is in use by another run: {who}. Wait for it to end, stop it (kill "
-                        f"{' '.join(map(str, pids)) or 'PID'}; a worker whose torchrun is gone is a leftover), or "
-                        f"choose another --out.") from None
-    f.truncate(0)
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f, made
-
-
-def release_folder(lock: IO, made: list[str]) -> None:
-    """Let claim_folder's lock go. If that claim made the lock file and the folder holds nothing else (a failed
-    start), the lock file and the folders made for it are removed first: a failed start leaves no trace."""
-    if made[:1] == [lock.name] and os.listdir(os.path.dirname(lock.name)) == [".lock"]:
-        os.remove(lock.name)
-        for d in made[1:]:
-            try:
-                os.rmdir(d)
-            except OSError:  # not empty after all: what lies above it is not empty either
-                break
-    lock.close()
-
-
-def check_outside(out: str, datasets: list[str]) -> None:
-    """A run folder inside a dataset folder would be read as data by the next run: refused."""
-    for folder in datasets:
-        dataset = os.path.realpath(folder)
-        if os.path.commonpath([dataset, os.path.realpath(out)]) == dataset:
-            raise FlagError(f"--out {out} lies inside the dataset folder {folder}: its files would mix with the "
-                            f"dataset's. Choose an --out outside --data-root's dataset folders, e.g. runs/NAME.")
-
-
-def read_state(path: str) -> dict:
-    """train_state.pt as train.py's save() writes it. torch.load raises many exception types for a truncated or
-    foreign file (RuntimeError, UnpicklingError, EOFError, ...), so all are caught, around this one call."""
-    if not os.path.exists(path):
-        raise FlagError(f"--resume: there is no {path} to continue from. Check --out, or start a new run without "
-                        f"--resume.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise FlagError(f"--resume: cannot read {path} ({type(e).__name__}: {first}); it is truncated or not a "
-                        f"train_state.pt. The run cannot continue from it: start a new one in another --out.")
-    if not isinstance(state, dict) or not {"uda", "optimizer", "scaler", "iter", "rng", "args"} <= state.keys():
-        raise FlagError(f"--resume: {path} is not a train_state.pt written by this train.py (it lacks the training "
-                        f"state). Start a new run in another --out.")
-    return state
-
-
-def check_one_run(folder: str, run_ids: dict[str, Callable[[], str | None]]) -> None:
-    """The files of a run folder (run_ids: path -> a function that reads the run id the file records) must come
-    from one run: a train_state.pt copied in from another run would otherwise continue that run and overwrite
-    this one's files. A missing file is left out, an unreadable one counts as "unreadable". Paths play no part:
-    a folder moved or copied whole still resumes."""
-    ids = {}
-    for path, read in run_ids.items():
-        if os.path.exists(path):
-            try:
-                ids[path] = read()
-            except (OSError, ValueError, AttributeError):  # UserError (mit.WeightsError too) is a ValueError
-                ids[path] = "unreadable"
-    if len(set(ids.values())) > 1:
-        raise FlagError(f"--resume: the files in {folder} come from different runs: "
-                        + ", ".join(f"{os.path.basename(k)} of run {v}" for k, v in ids.items())
-                        + ". Continuing would mix them and overwrite the others; resume in the folder whose files "
-                        "belong together, or start a new run in another --out.")
-
-
-def save_checkpoint(folder: str, it: int, last_saved: int, model: tuple[str, Callable[[str], None]],
-                    state: tuple[str, Callable[[str], None]]) -> None:
-    """The checkpoint pair of iteration `it`, each (path, write): both are written beside their files first
-    (write_aside, the model first) and renamed only when both are whole, so the pair on disk is always of one
-    iteration. A full disk leaves the pair of iteration `last_saved` (0: none yet) as it was."""
-    tmps = []
-    try:
-        for path, write in (model, state):
-            tmps.append(write_aside(path, write))
-    except DiskFull:
-        for tmp in tmps:
-            os.remove(tmp)
-        kept = (f"the checkpoint of iteration {last_saved} in {folder} is intact: free some space, then continue "
-                f"with --resume" if last_saved else "no checkpoint was written yet: free some space and start again")
-        raise DiskFull(f"the disk that holds {folder} is full: the checkpoint of iteration {it} could not be "
-                       f"written; {kept}.") from None
-    os.replace(tmps[1], state[0])  # state first: a kill between the two renames leaves a state to resume from
-    os.replace(tmps[0], model[0])
-
-
-def log_line(path: str, record: dict) -> None:
-    """Append one record to a log.jsonl, opened anew each time: a log deleted mid-run is started again."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def read_log(path: str) -> list[dict]:
-    """A log.jsonl's records; a line cut short (by a power loss, say) is left out, a missing log is empty."""
-    records = []
-    try:
-        with open(path) as f:
-            for line in f:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
-    except FileNotFoundError:
-        pass
-    return records

@@ -46,6 +46,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import data
+import files
 import mit
 import sam_encoder
 
@@ -374,7 +375,7 @@ def write_data(root: str, seed: int = 0, n_src: int = CONFIG["n_src"], n_tgt: in
                 f.write(MARKER_TEXT)
         jobs = [(tmp, seed, "gta5", i, src_size) for i in range(n_src)]
         jobs += [(tmp, seed, split, i, tgt_size) for split, n in (("train", n_tgt), ("val", n_val)) for i in range(n)]
-        with data.worker_pool() as pool:
+        with files.worker_pool() as pool:
             pool.map(_write_item, jobs, chunksize=8)
         _check_root(root)  # again: a user may have put a dataset there meanwhile
         for name in ("cityscapes", "gta5"):  # gta5 last: its presence marks a complete demo
@@ -393,7 +394,7 @@ def prepare(root: str, sam_weights: str | None = None, pretrained: str | None = 
     to_make = [p for p, cached in ((pretrained, imagenet_path()), (sam_weights, teacher_path()))
                if p == cached and not readable(p)]
     if to_make:
-        data.check_cache_folder(os.path.dirname(to_make[0]))
+        files.check_cache_folder(os.path.dirname(to_make[0]))
     if not _check_root(root):
         print(f"writing the synthetic demo domains to {root} ...", flush=True)
         write_data(root)
@@ -411,7 +412,7 @@ def write_text(path: str, text: str) -> None:
     def write(tmp):
         with open(tmp, "w") as f:
             f.write(text)
-    data.save_atomic(path, write)
+    files.save_atomic(path, write)
 
 
 def readable(path: str) -> bool:
@@ -497,7 +498,7 @@ def world_scene(job: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def draw_scenes(seed: int, world: str, start: int, n: int) -> list:
-    with data.worker_pool() as pool:
+    with files.worker_pool() as pool:
         return pool.map(world_scene, [(seed, world, i) for i in range(start, start + n)], chunksize=16)
 
 
@@ -603,9 +604,9 @@ def presence_auc(encoder, head: PresenceHead, scenes: list, n: int = 256) -> flo
 
 
 def cache_path(name: str, *what) -> str:
-    """A pretrained network's place in the cache (data.cache_folder()), under a hash of what determines it."""
+    """A pretrained network's place in the cache (files.cache_folder()), under a hash of what determines it."""
     key = json.dumps(what, sort_keys=True)
-    return os.path.join(data.cache_folder(), f"{name}_{hashlib.sha1(key.encode()).hexdigest()[:16]}.safetensors")
+    return os.path.join(files.cache_folder(), f"{name}_{hashlib.sha1(key.encode()).hexdigest()[:16]}.safetensors")
 
 
 def imagenet_path() -> str:
@@ -635,7 +636,7 @@ def save_mit(encoder: mit.MixVisionTransformer, path: str) -> None:
             "config": json.dumps(IMAGENET), "version": str(IMAGENET_VERSION)}
     sd = {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    data.save_atomic(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+    files.save_atomic(path, lambda tmp: save_file(sd, tmp, metadata=meta))
 
 
 def sam_view(img: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -733,7 +734,7 @@ def save_teacher(encoder: sam_encoder.SamEncoder, path: str) -> None:
     meta = {"what": "toy SAM teacher of the ssr demo (demo.py teacher)", "config": json.dumps(TEACHER),
             "version": str(TEACHER_VERSION)}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    data.save_atomic(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+    files.save_atomic(path, lambda tmp: save_file(sd, tmp, metadata=meta))
 
 
 def pretrain_teacher(path: str, probe_random: bool = False) -> None:
@@ -850,7 +851,7 @@ def run_setting(setting: str, seed: int, iters: int, out: str, data_root: str, a
     env = dict(os.environ, OMP_NUM_THREADS="1")  # two runs at a time, one core each (study())
     run = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if run.returncode:
-        raise data.UserError(f"{' '.join(cmd)} failed (exit status {run.returncode}): "
+        raise files.UserError(f"{' '.join(cmd)} failed (exit status {run.returncode}): "
                              f"{' '.join(run.stderr.split()[-60:])}")
     result = dict(parse_final_table(run.stdout), seconds=time.time() - t0)
     write_text(result_path, json.dumps(result))
@@ -976,13 +977,13 @@ def main() -> None:
     try:
         if args.cmd == "pretrain":
             out = args.out or imagenet_path()
-            data.check_cache_folder(os.path.dirname(os.path.abspath(out)))
+            files.check_cache_folder(os.path.dirname(os.path.abspath(out)))
             pretrain_imagenet(out)
             print(f"wrote {out}")
         elif args.cmd == "teacher":
             out = args.out or teacher_path()
             if not args.probe_random:
-                data.check_cache_folder(os.path.dirname(os.path.abspath(out)))
+                files.check_cache_folder(os.path.dirname(os.path.abspath(out)))
             pretrain_teacher(out, probe_random=args.probe_random)
             if not args.probe_random:
                 print(f"wrote {out}")
@@ -997,13 +998,13 @@ def main() -> None:
         else:
             settings = [x for x in args.settings.split(",") if x]
             if not settings or any(x not in SETTINGS for x in settings):
-                raise data.FlagError(f"--settings {args.settings!r}: choose among {', '.join(SETTINGS)}, "
+                raise files.FlagError(f"--settings {args.settings!r}: choose among {', '.join(SETTINGS)}, "
                                      f"comma-separated.")
             if args.seeds <= 0 or args.iters <= 0 or args.jobs <= 0:
-                raise data.FlagError("--seeds, --iters and --jobs must be positive.")
+                raise files.FlagError("--seeds, --iters and --jobs must be positive.")
             os.makedirs(args.out, exist_ok=True)
             study(list(range(args.seeds)), args.iters, args.out, args.data_root, settings, args.amp, args.jobs)
-    except data.UserError as e:
+    except files.UserError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("stopped; nothing half-written was left behind (a study continues where it stopped when run "

@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 import data
+import files
 import mit
 import ssr
 
@@ -568,20 +569,20 @@ def convert_mmseg(src: str, dst: str, source: str | None = None) -> tuple[ssr.Se
 
 
 def check_device(name: str) -> torch.device:
-    """The torch.device for --device, or a data.FlagError where this machine does not have it."""
+    """The torch.device for --device, or a files.FlagError where this machine does not have it."""
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise data.FlagError(f"--device {name}: not a device name; use cpu, cuda or cuda:N.") from None
+        raise files.FlagError(f"--device {name}: not a device name; use cpu, cuda or cuda:N.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise data.FlagError(f"--device {name}: PyTorch sees no CUDA GPU on this machine (torch {torch.__version__}, "
+        raise files.FlagError(f"--device {name}: PyTorch sees no CUDA GPU on this machine (torch {torch.__version__}, "
                         f"built {'without CUDA' if torch.version.cuda is None else 'for CUDA ' + torch.version.cuda}"
                         f"); use --device cpu.")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise data.FlagError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from "
+        raise files.FlagError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from "
                         f"0; pick one of them.")
     if device.type not in ("cpu", "cuda"):
-        raise data.FlagError(f"--device {name}: eval.py runs on cpu or cuda[:N].")
+        raise files.FlagError(f"--device {name}: eval.py runs on cpu or cuda[:N].")
     return device
 
 
@@ -591,11 +592,11 @@ def check_writable(folder: str, flag: str, create: bool = True) -> None:
         if create:
             os.makedirs(folder, exist_ok=True)
         elif not os.path.isdir(folder):
-            raise data.FlagError(f"{flag}: the output folder {folder} does not exist; create it first.")
+            raise files.FlagError(f"{flag}: the output folder {folder} does not exist; create it first.")
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise data.FlagError(f"{flag}: cannot write into {folder} ({e.strerror or e}); pass a folder you can "
+        raise files.FlagError(f"{flag}: cannot write into {folder} ({e.strerror or e}); pass a folder you can "
                         f"write to.") from None
 
 
@@ -615,7 +616,7 @@ def check_outputs(images: str, save_dir: str, with_legend: bool) -> None:
     if os.path.commonpath([folder, out]) in (folder, out):
         how = "is" if folder == out else "is inside" if os.path.commonpath([folder, out]) == folder else "holds"
         resolved = (out, folder) != (os.path.abspath(save_dir), os.path.abspath(images))
-        raise data.FlagError(f"--save-dir {save_dir} {how} the --images folder {images}"
+        raise files.FlagError(f"--save-dir {save_dir} {how} the --images folder {images}"
                         + (f" ({out} and {folder} with symlinks followed)" if resolved else "")
                         + ": a prediction could replace one of your photos, or be read as one by the next run; pass "
                           "a --save-dir that is neither inside the --images folder nor holds it, e.g. a new folder "
@@ -626,11 +627,11 @@ def check_outputs(images: str, save_dir: str, with_legend: bool) -> None:
     for name in output_names(paths):
         for path in (os.path.join(d, name) for d in out_dirs):
             if os.path.realpath(path) in photos:
-                raise data.FlagError(f"--save-dir: the output {path} is the photo "
+                raise files.FlagError(f"--save-dir: the output {path} is the photo "
                                 f"{os.path.join(images, photos[os.path.realpath(path)])} through a symlink, and "
                                 f"its prediction would replace it; remove the symlink or pass another --save-dir.")
             if os.path.lexists(path) and not own_output(path):
-                raise data.FlagError(f"--save-dir: {path} exists and is not a prediction that eval.py --images wrote, "
+                raise files.FlagError(f"--save-dir: {path} exists and is not a prediction that eval.py --images wrote, "
                                 f"so it is not replaced; move it away or pass another --save-dir.")
 
 
@@ -665,7 +666,7 @@ def main() -> None:
     if args.convert_mmseg:
         src, dst = args.convert_mmseg
         if os.path.isdir(dst):
-            raise data.FlagError(f"--convert-mmseg: the output {dst} is a folder; name the .safetensors file to write.")
+            raise files.FlagError(f"--convert-mmseg: the output {dst} is a folder; name the .safetensors file to write.")
         check_writable(os.path.dirname(os.path.abspath(dst)), "--convert-mmseg", create=False)
         cfg, skipped = convert_mmseg(src, dst, source=args.src)
         print(f"wrote {dst}: {cfg.backbone}{' ' + str(cfg.mit) if cfg.mit else ''}, "
@@ -675,11 +676,11 @@ def main() -> None:
         return
     # every flag is checked before the model and the data are read
     if args.side_by_side and not args.save_dir:
-        raise data.FlagError("--side-by-side writes pictures into --save-dir; pass --save-dir DIR as well.")
+        raise files.FlagError("--side-by-side writes pictures into --save-dir; pass --save-dir DIR as well.")
     if args.images and not args.save_dir:
-        raise data.FlagError("--images writes its predictions into --save-dir; pass --save-dir DIR as well.")
+        raise files.FlagError("--images writes its predictions into --save-dir; pass --save-dir DIR as well.")
     if args.batch_size <= 0 or args.workers < 0:
-        raise data.FlagError("--batch-size must be positive and --workers at least 0.")
+        raise files.FlagError("--batch-size must be positive and --workers at least 0.")
     device = check_device(args.device)
     if args.images:
         check_outputs(args.images, args.save_dir, args.side_by_side)
@@ -714,5 +715,5 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
-    except data.UserError as e:  # user input; a bug keeps its traceback
+    except files.UserError as e:  # user input; a bug keeps its traceback
         sys.exit(f"error: {e}")

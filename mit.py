@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-import data
+import files
 
 
 # Where the ImageNet weights come from (README, "Weights"); every missing-weights message names it.
@@ -34,7 +34,7 @@ DOWNLOAD = ("mit_b5.pth, 'pretrained on ImageNet-1K', linked from the NVlabs Seg
             "(https://github.com/NVlabs/SegFormer#training), or the files of https://huggingface.co/nvidia/mit-b5")
 
 
-class WeightsError(data.UserError):
+class WeightsError(files.UserError):
     """A weights or checkpoint file that cannot be used (missing, unreadable, of another model)."""
 
 
@@ -249,7 +249,7 @@ DROPPED = ("head.", "classifier.", "decode_head.")
 
 
 def check_output_folder(path: str) -> None:
-    """Before a slow conversion: the folder that is to hold `path` exists (data.save_atomic writes beside it)."""
+    """Before a slow conversion: the folder that is to hold `path` exists (files.save_atomic writes beside it)."""
     if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise WeightsError(f"the folder of the output {path} does not exist; create it first.")
 
@@ -393,7 +393,7 @@ def convert_checkpoint(src: str, dst: str) -> None:
     with torch.device("meta"):  # only the key names and shapes matter: allocate nothing
         model = build_mit("mit_b5", embed_dims=embed_dims, depths=depths)
     check_state_dict(model, sd, f"{src} ({layout})")
-    data.save_atomic(dst, lambda tmp: save_file({k: v.contiguous() for k, v in sd.items()}, tmp))
+    files.save_atomic(dst, lambda tmp: save_file({k: v.contiguous() for k, v in sd.items()}, tmp))
 
 
 if __name__ == "__main__":

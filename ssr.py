@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-import data
+import files
 import mit
 from data import IGNORE, denormalize, normalize
 
@@ -466,8 +466,8 @@ def write_segmentor(model: Segmentor, path: str, **meta) -> None:
 
 
 def save_segmentor(model: Segmentor, path: str, **meta) -> None:
-    """write_segmentor, atomically (data.save_atomic): an interrupted save never leaves a broken file."""
-    data.save_atomic(path, lambda tmp: write_segmentor(model, tmp, **meta))
+    """write_segmentor, atomically (files.save_atomic): an interrupted save never leaves a broken file."""
+    files.save_atomic(path, lambda tmp: write_segmentor(model, tmp, **meta))
 
 
 def load_segmentor(path: str, device="cpu") -> tuple[Segmentor, dict]:

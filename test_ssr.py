@@ -2,7 +2,6 @@
 only where the point is the real size), make their own random weights in the official layouts and their own
 small datasets in the original formats, and compare with the reference implementations (transformers,
 segment_anything) where those define the right answer."""
-import ast
 import atexit
 import collections
 import dataclasses
@@ -32,6 +31,7 @@ from safetensors.torch import load_file, save_file
 import bench
 import data
 import demo
+import files
 import eval as ev
 import mit
 import sam_encoder
@@ -1044,7 +1044,7 @@ def test_rcs_statistics_are_cached_outside_the_dataset_and_refreshed_on_change(t
     for entry in os.listdir(cache):  # a cache entry cut short (or empty) is computed again, not trusted
         (cache / entry).write_bytes((cache / entry).read_bytes()[:40])
     assert data.class_pixel_counts(samples, str(cache))[1, 16] == 48 * 64 and "computing" in capsys.readouterr().out
-    with pytest.raises(data.FlagError, match=r"cache folder .*afile.* cannot be written.*SSR_CACHE"):
+    with pytest.raises(files.FlagError, match=r"cache folder .*afile.* cannot be written.*SSR_CACHE"):
         (tmp_path / "afile").write_text("")  # a folder that cannot be made, even by root
         data.class_pixel_counts(samples, str(tmp_path / "afile" / "cache"))
 
@@ -1279,22 +1279,22 @@ def test_synthia_in_another_layout_is_explained(tmp_path):
 
 def test_run_folder_lock_names_its_holder_and_a_failed_start_leaves_no_trace(tmp_path):
     out = tmp_path / "a" / "b"
-    lock, made = data.claim_folder(str(out))
+    lock, made = files.claim_folder(str(out))
     assert (out / ".lock").read_text() == f"{os.getpid()}\n"
     # a second open file of the lock is refused even within this process, naming the holder and what to do
-    with pytest.raises(data.FlagError, match=rf"{re.escape(str(out))} is in use by another run: pid {os.getpid()} \(.*\), alive.*"
+    with pytest.raises(files.FlagError, match=rf"{re.escape(str(out))} is in use by another run: pid {os.getpid()} \(.*\), alive.*"
                                              rf"kill {os.getpid()}"):
-        data.claim_folder(str(out))
-    data.release_folder(lock, made)
+        files.claim_folder(str(out))
+    files.release_folder(lock, made)
     assert os.listdir(tmp_path) == []  # the lock file and both folders it made are gone
     out.mkdir(parents=True)
     (out / "log.jsonl").write_text('{"iter": 1}\n{"iter": 2')  # a folder with content, a line cut short
-    lock, made = data.claim_folder(str(out))
-    data.release_folder(lock, made)
-    assert sorted(os.listdir(out)) == [".lock", "log.jsonl"] and data.read_log(str(out / "log.jsonl")) == [{"iter": 1}]
-    lock, made = data.claim_folder(str(out))  # released: free again; its lock file is not this claim's
+    lock, made = files.claim_folder(str(out))
+    files.release_folder(lock, made)
+    assert sorted(os.listdir(out)) == [".lock", "log.jsonl"] and files.read_log(str(out / "log.jsonl")) == [{"iter": 1}]
+    lock, made = files.claim_folder(str(out))  # released: free again; its lock file is not this claim's
     assert made == []
-    data.release_folder(lock, made)
+    files.release_folder(lock, made)
 
 
 # ==============================================================================================================
@@ -1926,7 +1926,7 @@ def _train_inprocess(monkeypatch, *argv) -> str:
         runpy.run_path(os.path.join(_ROOT, "train.py"), run_name="__main__")
     except SystemExit as e:
         return str(e.code)
-    except data.UserError as e:
+    except files.UserError as e:
         return f"error: {e}"
     finally:
         for fn in reversed(at_exit):

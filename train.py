@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 import data
 import demo
+import files
 import mit
 import sam_encoder
 import ssr
@@ -98,7 +99,7 @@ master = rank == 0
 
 
 def report_errors(kind, error, tb) -> None:
-    """The one handler of what stops a run: a user error (data.UserError: a flag, a file, a full disk) prints as one
+    """The one handler of what stops a run: a user error (files.UserError: a flag, a file, a full disk) prints as one
     `error:` paragraph, once under torchrun; a peer that stopped answering (a timeout or a closed connection, which
     gloo's and NCCL's errors report inside DDP's backward as RuntimeError) as one paragraph on every rank that saw
     it; a stop before the loop as one line (exit status 130, as Python's for Ctrl-C); a bug keeps its traceback."""
@@ -108,7 +109,7 @@ def report_errors(kind, error, tb) -> None:
         kept = f"The last checkpoint, {state_path}, is intact." if os.path.exists(state_path) else "Nothing was saved."
         print(f"error: another process of this run stopped answering ({kind.__name__}), so rank {rank} stops too. "
               f"{kept} Continue with --resume.", file=sys.stderr)
-    elif not issubclass(kind, (data.UserError, KeyboardInterrupt)):
+    elif not issubclass(kind, (files.UserError, KeyboardInterrupt)):
         sys.__excepthook__(kind, error, tb)
     elif master:
         print("stopped before training began; nothing was saved" if issubclass(kind, KeyboardInterrupt) else
@@ -125,7 +126,7 @@ out = args.out or os.path.join("runs", f"{'demo' if args.demo else f'{args.src}2
                                        f"_seed{args.seed}")  # two seeds never share a folder
 state_path, model_path = os.path.join(out, "train_state.pt"), os.path.join(out, "model.safetensors")
 config_path, log_path = os.path.join(out, "config.json"), os.path.join(out, "log.jsonl")
-state = data.read_state(state_path) if args.resume else None
+state = files.read_state(state_path) if args.resume else None
 if state:  # the saved run's flags become the defaults; flags given now override those that fit the state
     saved = json.loads(state["args"])
     p.set_defaults(**{k: v for k, v in saved.items() if k not in ("out", "resume")})
@@ -133,10 +134,10 @@ if state:  # the saved run's flags become the defaults; flags given now override
     differ = [f"--{k.replace('_', '-')} {getattr(args, k)} (saved: {saved.get(k)})" for k in RUN_FLAGS
               if getattr(args, k) != saved.get(k, p.get_default(k))]
     if differ:
-        raise data.FlagError(f"--resume: {', '.join(differ)} contradict the run saved in {out}. Drop these flags "
+        raise files.FlagError(f"--resume: {', '.join(differ)} contradict the run saved in {out}. Drop these flags "
                              f"(on --resume the saved run's flags are the defaults), or start a new run in another --out.")
     if state["iter"] >= args.iters:
-        raise data.FlagError(f"the run in {out} finished already ({state['iter']} of {args.iters} iterations); pass "
+        raise files.FlagError(f"the run in {out} finished already ({state['iter']} of {args.iters} iterations); pass "
                              f"a larger --iters to train further.")
 args.out = out  # resolved, for config.json and the saved flags
 run_id = state.get("run_id") if state else uuid.uuid4().hex[:12]  # tells this run's files from another run's
@@ -163,32 +164,32 @@ else:
 # Every flag is checked here, before anything slow or anything written.
 stages = tuple(int(s) for s in args.ssr_stages.split(",") if s.strip().isdigit())
 if args.pretrained is None:
-    raise data.FlagError(f"--pretrained is required: pass the ImageNet MiT weights ({mit.DOWNLOAD}; see README) or "
+    raise files.FlagError(f"--pretrained is required: pass the ImageNet MiT weights ({mit.DOWNLOAD}; see README) or "
                          f"--pretrained none for a random initialization (tests only: far from the paper's numbers).")
 if args.method == "ssr" and args.sam_weights is None:
-    raise data.FlagError(f"--method ssr needs the SAM teacher: pass --sam-weights PATH ({sam_encoder.DOWNLOAD}; see "
+    raise files.FlagError(f"--method ssr needs the SAM teacher: pass --sam-weights PATH ({sam_encoder.DOWNLOAD}; see "
                          f"README), or --sam-weights none for a random teacher (tests and demo only).")
 if args.method != "ssr" and args.sam_weights not in (None, "none"):
-    raise data.FlagError(f"--sam-weights is only used by --method ssr, not by --method {args.method}: drop it.")
+    raise files.FlagError(f"--sam-weights is only used by --method ssr, not by --method {args.method}: drop it.")
 if len(stages) != len(args.ssr_stages.split(",")) or not set(stages) <= {0, 1, 2, 3} or len(set(stages)) < len(stages):
-    raise data.FlagError(f"--ssr-stages {args.ssr_stages!r}: give distinct MiT stages among 0,1,2,3, e.g. 0,1,2,3.")
+    raise files.FlagError(f"--ssr-stages {args.ssr_stages!r}: give distinct MiT stages among 0,1,2,3, e.g. 0,1,2,3.")
 if args.ssr_context == "shuffled" and args.batch_size < 2:
-    raise data.FlagError("--ssr-context shuffled needs --batch-size 2 or more: it gives each image another's tokens.")
+    raise files.FlagError("--ssr-context shuffled needs --batch-size 2 or more: it gives each image another's tokens.")
 if args.sam_img_size <= 0 or args.sam_img_size % 16:
-    raise data.FlagError(f"--sam-img-size {args.sam_img_size}: SAM cuts its input into 16x16 patches, so give a "
+    raise files.FlagError(f"--sam-img-size {args.sam_img_size}: SAM cuts its input into 16x16 patches, so give a "
                          f"positive multiple of 16, e.g. 1024 (the paper) or 512.")
 if args.crop <= 0 or args.crop % 32 or args.crop > min(src_scale[1], tgt_scale[1]):
-    raise data.FlagError(f"--crop {args.crop}: the crop must be a positive multiple of 32 and at most the height "
+    raise files.FlagError(f"--crop {args.crop}: the crop must be a positive multiple of 32 and at most the height "
                          f"the images are resized to ({min(src_scale[1], tgt_scale[1])} px here), e.g. --crop 512.")
 if args.iters <= 0 or args.batch_size <= 0 or not 0 <= args.ema_alpha < 1:
-    raise data.FlagError("--iters and --batch-size must be positive, and --ema-alpha in [0, 1).")
+    raise files.FlagError("--iters and --batch-size must be positive, and --ema-alpha in [0, 1).")
 if min(args.log_every, args.eval_every, args.save_every, args.debug_every, args.workers) < 0:
-    raise data.FlagError("--log-every, --eval-every, --save-every, --debug-every and --workers cannot be negative "
+    raise files.FlagError("--log-every, --eval-every, --save-every, --debug-every and --workers cannot be negative "
                          "(0 = at the end, or for --debug-every never, or for --workers, load in the main process).")
 if os.path.exists(args.data_root) and not os.path.isdir(args.data_root):
-    raise data.FlagError(f"--data-root {args.data_root} is a file; give the folder that holds gta5/ and cityscapes/"
+    raise files.FlagError(f"--data-root {args.data_root} is a file; give the folder that holds gta5/ and cityscapes/"
                          f"{' (the demo writes them there)' if args.demo else ''}.")
-data.check_outside(out, [os.path.join(args.data_root, name) for name in (args.src, args.tgt)])
+files.check_outside(out, [os.path.join(args.data_root, name) for name in (args.src, args.tgt)])
 
 # -----------------------------------------------------------------------------
 # set-up: processes, device, precision
@@ -243,18 +244,18 @@ def stop_everywhere(error: Exception | None, saved: int = 0) -> None:
 
 
 # -----------------------------------------------------------------------------
-# the run folder: lock, checkpoint pair, log, resume (the file machinery is data.py's, in its appendix B)
+# the run folder: lock, checkpoint pair, log, resume (the file machinery is files.py's)
 
 def prepare() -> None:
     """Rank 0, while the others wait: hold --out for the run's whole life (at exit, what a failed start made is
     removed again), refuse another run's files, make the demo's, and check every data file from its header (a bad
     file is found now, not in hour 5)."""
-    atexit.register(data.release_folder, *data.claim_folder(out))
+    atexit.register(files.release_folder, *files.claim_folder(out))
     if not args.resume and os.path.exists(state_path):  # checked holding the lock: a running run says so first
-        raise data.FlagError(f"{out} already holds a run (train_state.pt). Continue it with --resume, or choose "
+        raise files.FlagError(f"{out} already holds a run (train_state.pt). Continue it with --resume, or choose "
                              f"another --out.")
     if state:  # the run id ties the state to the config.json and model.safetensors beside it
-        data.check_one_run(out, {state_path: lambda: state.get("run_id"),
+        files.check_one_run(out, {state_path: lambda: state.get("run_id"),
                                  config_path: lambda: json.loads(pathlib.Path(config_path).read_text()).get("run_id"),
                                  model_path: lambda: ssr.load_segmentor(model_path)[1].get("run_id")})
     print(f"run {out}: {args.method}{' + mic' if args.mic else ''}, {args.backbone}, {world} x {device.type}, {args.amp}")
@@ -266,7 +267,7 @@ def prepare() -> None:
 
 def save(it: int) -> None:
     """Every rank: its random state is gathered; rank 0 writes the deployable model and the full training state,
-    a pair always of one iteration (data.save_checkpoint)."""
+    a pair always of one iteration (files.save_checkpoint)."""
     global last_saved
     rngs = [dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None)] * world
     if ddp:
@@ -276,7 +277,7 @@ def save(it: int) -> None:
                     method=args.method, ssr_context=args.ssr_context, iters=it, run_id=run_id)
         state = dict(uda=uda.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter=it,
                      rng=rngs, args=json.dumps(vars(args)), run_id=run_id)
-        data.save_checkpoint(out, it, last_saved, (model_path, lambda tmp: ssr.write_segmentor(student, tmp, **meta)),
+        files.save_checkpoint(out, it, last_saved, (model_path, lambda tmp: ssr.write_segmentor(student, tmp, **meta)),
                              (state_path, lambda tmp: torch.save(state, tmp)))
     last_saved = it
 
@@ -285,7 +286,7 @@ error = None
 if master:
     try:
         prepare()
-    except data.UserError as e:
+    except files.UserError as e:
         error = e
 if agree(error is not None, group=dist.group.WORLD if ddp else None)[0]:  # the patient default group
     stop_everywhere(error)
@@ -371,9 +372,9 @@ if agree(data_error is not None)[0]:
     stop_everywhere(data_error)
 if master:  # every flag's value, defaults included, and the run's id
     config = json.dumps(dict(vars(args), run_id=run_id), indent=1)
-    data.save_atomic(config_path, lambda tmp: pathlib.Path(tmp).write_text(config))
+    files.save_atomic(config_path, lambda tmp: pathlib.Path(tmp).write_text(config))
     if start:
-        data.log_line(log_path, dict(resume=start))  # the lines of later iterations that follow replace these
+        files.log_line(log_path, dict(resume=start))  # the lines of later iterations that follow replace these
 # From here SIGINT and SIGTERM finish the current iteration, save, and exit; a second Ctrl-C stops at once. A
 # second SIGTERM changes nothing: under torchrun each worker can receive two when its launcher dies.
 stop = []
@@ -409,7 +410,7 @@ while True:
         bad, skipped = bad + 1, skipped + 1
         if bad >= 10:
             kept = f"The last checkpoint is {state_path}." if last_saved else "No checkpoint was written yet."
-            raise data.UserError(f"the loss was not finite for 10 iterations in a row (at iteration {it}); lower "
+            raise files.UserError(f"the loss was not finite for 10 iterations in a row (at iteration {it}); lower "
                                  f"--lr, or use --amp bf16/fp32 instead of fp16. {kept}")
     else:
         bad = 0
@@ -420,7 +421,7 @@ while True:
     it += 1
     if uda.keep_pictures:
         os.makedirs(os.path.join(out, "debug"), exist_ok=True)
-        data.save_atomic(os.path.join(out, "debug", f"iter_{it:06d}.png"),
+        files.save_atomic(os.path.join(out, "debug", f"iter_{it:06d}.png"),
                          lambda tmp: debug_panel(uda.pictures).save(tmp, format="PNG"))
         uda.keep_pictures, uda.pictures = False, None
     if master and ((args.log_every and it % args.log_every == 0) or it == args.iters):
@@ -432,7 +433,7 @@ while True:
         speed = (it - start) / elapsed
         mem = {"mem_gib": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}  # peak so far
         # logged before it is printed: a line on the screen is on disk too
-        data.log_line(log_path, dict(iter=it, **vals, lr=get_lr(it - 1), it_s=speed, elapsed_s=elapsed,
+        files.log_line(log_path, dict(iter=it, **vals, lr=get_lr(it - 1), it_s=speed, elapsed_s=elapsed,
                                      skipped=skipped, **mem))
         print(f"iter {it}/{args.iters} " + " ".join(f"{k} {v:.4g}" for k, v in vals.items())
               + f" lr {get_lr(it - 1):.2e} {speed:.2f} it/s elapsed {elapsed / 60:.1f} min"
@@ -448,9 +449,9 @@ while True:
             try:
                 result = evaluate(student, val_loader, device=device, amp_dtype=amp_dtype)
                 mious.append((it, print_table(result, data.CLASSES, args.src)))  # mIoU16 for SYNTHIA
-                data.log_line(log_path, dict(iter=it, miou=mious[-1][1]))
-                data.save_atomic(os.path.join(out, "curves.png"),
-                                 lambda tmp: training_curves(data.read_log(log_path)).save(tmp, format="PNG"))
+                files.log_line(log_path, dict(iter=it, miou=mious[-1][1]))
+                files.save_atomic(os.path.join(out, "curves.png"),
+                                 lambda tmp: training_curves(files.read_log(log_path)).save(tmp, format="PNG"))
             except data.DatasetError as e:
                 eval_error = e  # every rank learns of it at the next agreement
         if ddp:
