@@ -566,26 +566,36 @@ def lr_at(step: int, steps: int, cfg: dict) -> float:
     return cfg["lr"] * min(1, (step + 1) / cfg["warmup"]) * 0.5 * (1 + math.cos(math.pi * step / steps))
 
 
-def train_imagenet(scenes: list, steps: int, cfg: dict = IMAGENET, log_every: int = 100):
-    """Pretrain the demo's MiT with PresenceHead on random crops -> (encoder, head, loss per step)."""
-    encoder = demo_mit(cfg["seed"])
-    head = PresenceHead(encoder.cfg.embed_dims[-1])
-    opt = torch.optim.AdamW([*encoder.parameters(), *head.parameters()], lr=cfg["lr"],
-                            weight_decay=cfg["weight_decay"])
+def fit(params: list, steps: int, cfg: dict, name: str, step_loss, log_every: int = 100) -> list[float]:
+    """The pretrainings' loop: AdamW on params under lr_at's schedule; step_loss(gen) draws a batch from the seeded
+    generator and returns its loss -> the loss of every step."""
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     gen = torch.Generator().manual_seed(cfg["seed"])
     losses, t0 = [], time.time()
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, cfg)
-        img, target = object_crops(scenes, gen, cfg["batch"], CONFIG["crop"], cfg["zoom"], cfg["min_fraction"])
-        loss = F.binary_cross_entropy_with_logits(head(encoder(img)), target)
+        loss = step_loss(gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
-            print(f"toy ImageNet step {step + 1}/{steps} loss {np.mean(losses[-log_every:]):.4f} "
-                  f"({time.time() - t0:.0f} s)", flush=True)
+            print(f"{name} step {step + 1}/{steps} loss {np.mean(losses[-log_every:]):.4f} ({time.time() - t0:.0f} s)",
+                  flush=True)
+    return losses
+
+
+def train_imagenet(scenes: list, steps: int, cfg: dict = IMAGENET, log_every: int = 100):
+    """Pretrain the demo's MiT with PresenceHead on random crops -> (encoder, head, loss per step)."""
+    encoder = demo_mit(cfg["seed"])
+    head = PresenceHead(encoder.cfg.embed_dims[-1])
+
+    def step_loss(gen):
+        img, target = object_crops(scenes, gen, cfg["batch"], CONFIG["crop"], cfg["zoom"], cfg["min_fraction"])
+        return F.binary_cross_entropy_with_logits(head(encoder(img)), target)
+
+    losses = fit([*encoder.parameters(), *head.parameters()], steps, cfg, "toy ImageNet", step_loss, log_every)
     return encoder, head, losses
 
 
@@ -630,13 +640,17 @@ def pretrain_imagenet(path: str) -> None:
     save_mit(encoder, path)
 
 
+def save_network(sd: dict, path: str, meta: dict) -> None:
+    """A pretrained network's tensors as safetensors, written atomically (its folder made if needed)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    files.save_atomic(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+
+
 def save_mit(encoder: mit.MixVisionTransformer, path: str) -> None:
     """The encoder alone, in the NVlabs MiT layout, written atomically: --pretrained loads it."""
     meta = {"what": "the ssr demo's MiT pretrained on its toy ImageNet (demo.py pretrain)",
             "config": json.dumps(IMAGENET), "version": str(IMAGENET_VERSION)}
-    sd = {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    files.save_atomic(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+    save_network({k: v.detach().contiguous() for k, v in encoder.state_dict().items()}, path, meta)
 
 
 def sam_view(img: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -709,22 +723,13 @@ def train_teacher(scenes: list, steps: int, freeze_encoder: bool = False, log_ev
     encoder, dec = teacher_encoder(cfg["seed"]), AffinityDecoder(cfg["embed"])
     encoder.requires_grad_(not freeze_encoder)
     params = [p for p in list(encoder.parameters()) + list(dec.parameters()) if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    gen = torch.Generator().manual_seed(cfg["seed"])
-    losses, t0 = [], time.time()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, cfg)
+
+    def step_loss(gen):
         img, seg = sam_view(*random_crops(scenes, gen, cfg["batch"], CONFIG["crop"])[:2])
         cos, same = affinity_pairs(dec(encoder(img)), seg, gen, cfg["points"])
-        loss = affinity_loss(cos, same, dec)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if log_every and (step + 1) % log_every == 0:
-            print(f"teacher step {step + 1}/{steps} loss {np.mean(losses[-log_every:]):.4f} "
-                  f"({time.time() - t0:.0f} s)", flush=True)
+        return affinity_loss(cos, same, dec)
+
+    losses = fit(params, steps, cfg, "teacher", step_loss, log_every)
     return encoder, dec, losses
 
 
@@ -733,8 +738,7 @@ def save_teacher(encoder: sam_encoder.SamEncoder, path: str) -> None:
     sd = {f"image_encoder.{k}": v.detach().contiguous() for k, v in encoder.state_dict().items()}
     meta = {"what": "toy SAM teacher of the ssr demo (demo.py teacher)", "config": json.dumps(TEACHER),
             "version": str(TEACHER_VERSION)}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    files.save_atomic(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+    save_network(sd, path, meta)
 
 
 def pretrain_teacher(path: str, probe_random: bool = False) -> None:
