@@ -55,6 +55,7 @@ import torch.nn.functional as F
 import mit
 import sam_encoder
 import ssr
+import weights
 
 # ------------------------------------------------------------------------------------------------------------------
 # the references, with random weights (also used by the tests), and how one run measures time and memory
@@ -207,7 +208,7 @@ def bench_sam(s: Setup) -> tuple:
     torch.manual_seed(0)
     randomize_(ref)
     ours.load_state_dict(ref.state_dict())  # ours keeps the official names
-    ours.to(s.device, s.amp_dtype or torch.float32)  # as sam_encoder.frozen_teacher: the whole teacher in the dtype
+    ours.to(s.device, s.amp_dtype or torch.float32)  # as weights.frozen_sam: the whole teacher in the dtype
     ref.to(s.device)  # the official encoder as its authors run it, in fp32
     x = torch.randn(1, 3, s.sam_size, s.sam_size, device=s.device)
     with torch.no_grad():  # ours casts the fp32 batch to its dtype, as the teacher takes the student's
@@ -230,7 +231,7 @@ def bench_mit(s: Setup) -> tuple:
     randomize_(ref)
     with tempfile.TemporaryDirectory() as tmp:  # the hub's layout: transformers renames its modules on save
         ref.save_pretrained(tmp)
-        mit.load_weights(ours, os.path.join(tmp, "model.safetensors"))
+        weights.load_mit(ours, os.path.join(tmp, "model.safetensors"))
     ours.to(s.device), ref.to(s.device)
 
     def ref_forward(x):
@@ -265,7 +266,7 @@ def train_iterations(s: Setup, method: str, compiled: bool = False):
     student = ssr.build_segmentor(s.seg_config())
     student.backbone.grad_checkpoint = s.grad_checkpoint
     uda = ssr.UDA(student, method=method, mic=s.mic, sam_img_size=s.sam_size).to(s.device).train()
-    sam = sam_encoder.frozen_teacher(  # random weights: the teacher's speed does not depend on them
+    sam = weights.frozen_sam(  # random weights: the teacher's speed does not depend on them
         "vit_b", None, img_size=s.sam_size, device=s.device, dtype=s.amp_dtype or torch.float32,
         **s.sam_overrides()) if method == "ssr" else None
     # as train.py: one fused kernel per step where torch has it (cuda, and cpu since torch 2.4)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from files import UserError, cache_folder, check_cache_folder, save_atomic, worker_pool
+from files import DatasetError, cache_folder, check_cache_folder, save_atomic, worker_pool
 
 CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
            "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
@@ -54,10 +54,6 @@ SIZE_TOLERANCE = 0.05  # a label whose aspect ratio is this close to its image's
 SOURCES = {"gta5": dict(scale=(1280, 720), rcs_min_pixels=3000),
            "synthia": dict(scale=(1280, 760), rcs_min_pixels=3000)}
 TARGET_SCALE = (1024, 512)
-
-
-class DatasetError(UserError):
-    """Bad or missing data."""
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ import data
 import files
 import mit
 import sam_encoder
+import weights
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. configuration
@@ -340,12 +341,12 @@ def _write_item(job: tuple) -> None:
 def _check_root(root: str) -> bool:
     """True when root holds a complete demo; raises DatasetError where writing one could harm a user's files."""
     if os.path.exists(root) and not os.path.isdir(root):
-        raise data.DatasetError(f"--data-root {root} is a file, not a folder; the demo writes its synthetic "
-                                f"datasets into a folder. Point --data-root at a new folder (default data/demo).")
+        raise files.DatasetError(f"--data-root {root} is a file, not a folder; the demo writes its synthetic "
+                                 f"datasets into a folder. Point --data-root at a new folder (default data/demo).")
     for name in ("gta5", "cityscapes"):
         folder = os.path.join(root, name)
         if os.path.lexists(folder) and not os.path.isfile(os.path.join(folder, MARKER)):
-            raise data.DatasetError(
+            raise files.DatasetError(
                 f"{folder} exists but was not written by the demo (it has no {MARKER} file), so the demo will "
                 f"neither use nor replace it: it never deletes or overwrites data it did not create. Point "
                 f"--data-root at another folder (default data/demo); if {folder} is the demo data of an older "
@@ -629,7 +630,7 @@ def teacher_path() -> str:
 
 def pretrain_imagenet(path: str) -> None:
     """Draw the toy ImageNet, pretrain, report the held-out accuracy, save the encoder to path in the NVlabs MiT
-    layout, which --pretrained loads (the classifier is dropped, as mit.load_weights drops NVlabs' head)."""
+    layout, which --pretrained loads (the classifier is dropped, as weights.load_mit drops NVlabs' head)."""
     t0 = time.time()
     scenes = draw_scenes(IMAGENET["seed"], "imagenet", 0, IMAGENET["n_scenes"])
     held_out = draw_scenes(IMAGENET["seed"], "imagenet", IMAGENET["n_scenes"], IMAGENET["n_held_out"])
@@ -992,12 +993,12 @@ def main() -> None:
             if not args.probe_random:
                 print(f"wrote {out}")
         elif args.cmd == "probe":
-            weights = args.weights or teacher_path()
+            path = args.weights or teacher_path()
             encoder = teacher_encoder()
-            if weights != "none":
-                sam_encoder.load_weights(encoder, weights)
+            if path != "none":
+                weights.load_sam(encoder, path)
             r = transfer_probe(encoder)
-            print(f"{weights}: linear probe of the 19 classes on frozen tokens, fit on the source domain: "
+            print(f"{path}: linear probe of the 19 classes on frozen tokens, fit on the source domain: "
                   f"mIoU {r['source']:.1f} on held-out source crops, {r['target']:.1f} on target crops")
         else:
             settings = [x for x in args.settings.split(",") if x]

@@ -1,11 +1,10 @@
 """
-Evaluate a segmentor on the target validation set in the protocol of mmsegmentation/DAFormer, and convert the
-released DAFormer/MIC checkpoints.
+Evaluate a segmentor on the target validation set in the protocol of mmsegmentation/DAFormer.
 
     python eval.py --ckpt runs/demo_seed0/model.safetensors                             # table, images/s, mIoU
     python eval.py --ckpt model.safetensors --save-dir preds --side-by-side          # also colored predictions
     python eval.py --ckpt model.safetensors --images photos/ --save-dir preds        # your own images, no labels
-    python eval.py --convert-mmseg gta2cs_daformer.pth daformer.safetensors          # released mmseg checkpoint
+    python weights.py convert gta2cs_daformer.pth daformer.safetensors               # a released DAFormer/MIC model
 
 The protocol: each image is resized to the test scale (1024x512 for Cityscapes), the network's logits are resized
 bilinearly back to the label's full resolution (2048x1024), the argmax is compared with the label, and one
@@ -18,11 +17,9 @@ wall, fence and pole), and its final `mIoU:` line is the 16-class mean.
 import argparse
 import collections
 import os
-import pickle
 import sys
 import tempfile
 import time
-import types
 from contextlib import nullcontext
 from typing import Callable
 
@@ -35,8 +32,8 @@ from torch.utils.data import DataLoader, Dataset
 
 import data
 import files
-import mit
 import ssr
+import weights
 
 # ----------------------------------------------------------------------------------------------------------------
 # the metric
@@ -338,12 +335,12 @@ OWN_MARK = ("Software", "ssr eval.py --images")
 def list_images(folder: str) -> list[str]:
     """JPEG and PNG files under folder and its subfolders, as sorted paths relative to folder."""
     if not os.path.isdir(folder):
-        raise data.DatasetError(f"--images {folder} is not a folder; pass the folder that holds your images.")
+        raise files.DatasetError(f"--images {folder} is not a folder; pass the folder that holds your images.")
     found = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder)
                    for f in files if f.lower().endswith(IMAGE_SUFFIXES))
     if not found:
-        raise data.DatasetError(f"--images {folder} holds no {'/'.join(IMAGE_SUFFIXES)} files (subfolders "
-                                f"included); pass the folder that holds your images.")
+        raise files.DatasetError(f"--images {folder} holds no {'/'.join(IMAGE_SUFFIXES)} files (subfolders "
+                                 f"included); pass the folder that holds your images.")
     return found
 
 
@@ -441,130 +438,6 @@ def predict_images(model: ssr.Segmentor, folder: str, save_dir: str, *, device, 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# released mmseg checkpoints (DAFormer, MIC)
-#
-# They are torch.save'd dicts: 'state_dict' holds the student under 'model.', the EMA teacher under 'ema_model.' and
-# the frozen ImageNet copy (for the feature distance) under 'imnet_model.'; 'meta' may hold numpy arrays and mmcv
-# objects. torch.load(weights_only=True) refuses the whole file for one such object, and weights_only=False would
-# run whatever code the pickle names. So we unpickle with an allow-list: the few functions that rebuild tensors,
-# and OrderedDict; every other global is replaced by an inert placeholder and is never imported or called.
-
-TENSOR_GLOBALS = {
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-    ("collections", "OrderedDict"): collections.OrderedDict,
-}
-
-
-class Skipped:
-    """Stands in for any pickled object that is not a tensor or a plain container. Pickle may construct it, set
-    its state, items or list entries, or call it: it accepts everything and keeps nothing."""
-
-    def __new__(cls, *args, **kwargs):
-        return super().__new__(cls)
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __call__(self, *args, **kwargs):
-        return Skipped()
-
-    def __setstate__(self, state):
-        pass
-
-    def __setitem__(self, key, value):
-        pass
-
-    def append(self, item):
-        pass
-
-    def extend(self, items):
-        pass
-
-
-def restricted_pickle(skipped: set[str]) -> types.ModuleType:
-    """A pickle module for torch.load(pickle_module=...) whose unpickler resolves only TENSOR_GLOBALS; the names of
-    the globals it replaced by Skipped are added to `skipped`. (torch resolves storage types itself.)"""
-
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module: str, name: str):
-            if (module, name) in TENSOR_GLOBALS:
-                return TENSOR_GLOBALS[module, name]
-            skipped.add(f"{module}.{name}")
-            return Skipped
-
-    module = types.ModuleType("restricted_pickle")
-    module.Unpickler = Unpickler
-    module.load = lambda file, **kwargs: Unpickler(file, **kwargs).load()
-    return module
-
-
-def read_mmseg_checkpoint(path: str) -> tuple[dict[str, Tensor], set[str]]:
-    """The student's state dict ('model.' stripped; a plain mmseg EncoderDecoder's keys as they are) and the names
-    of the non-tensor globals that were skipped."""
-    if not os.path.isfile(path):
-        raise mit.WeightsError(f"mmseg checkpoint {path} does not exist; pass the .pth file of a released "
-                                f"DAFormer or MIC model (e.g. the GTA5->Cityscapes checkpoint from their README).")
-    skipped: set[str] = set()
-    try:
-        # safe: the pickle module resolves no global outside TENSOR_GLOBALS (see restricted_pickle)
-        ckpt = torch.load(path, map_location="cpu", pickle_module=restricted_pickle(skipped), weights_only=False)
-    except Exception as e:  # a broken file fails in many ways inside torch.load; all mean the same to the user
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        raise mit.WeightsError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {first_line}); pass the "
-                         f".pth file of a released DAFormer or MIC model.") from None
-    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(sd, dict) or not any(k.startswith(("model.backbone.", "backbone.")) for k in sd):
-        raise mit.WeightsError(f"{path} holds no mmseg segmentor: expected a dict with 'state_dict' holding "
-                         f"model.backbone.* and model.decode_head.* (DAFormer/MIC) or backbone.* and decode_head.*.")
-    # The published numbers are the student's (DACS evaluates `model`); the EMA teacher and the ImageNet copy
-    # only exist for training, so they are dropped.
-    prefix = "model." if any(k.startswith("model.") for k in sd) else ""
-    keep = (prefix + "backbone.", prefix + "decode_head.")
-    student = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(keep)}
-    bad = sorted(k for k, v in student.items() if not isinstance(v, Tensor))
-    if bad:
-        raise mit.WeightsError(f"{path}: the weights {', '.join(bad[:3])} are not plain tensors; pass the .pth file of a "
-                         f"released DAFormer or MIC model.")
-    return student, skipped
-
-
-def config_from_state_dict(sd: dict[str, Tensor], where: str) -> ssr.SegConfig:
-    """SegConfig that a DAFormer state dict describes: MiT size from the backbone's keys and shapes, number of
-    classes and head width from the classifier conv_seg (K, channels, 1, 1)."""
-    backbone = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
-    embed_dims, depths = mit.arch_of(backbone)
-    if not embed_dims or "decode_head.conv_seg.weight" not in sd:
-        raise mit.WeightsError(f"{where} holds no MiT backbone with a DAFormer head (no backbone.patch_embed1.proj.weight "
-                         f"or decode_head.conv_seg.weight); only DAFormer/MIC models with MiT encoders convert.")
-    name = next((n for n, p in mit.MIT_PRESETS.items() if (p["embed_dims"], p["depths"]) == (embed_dims, depths)), None)
-    num_classes, channels = sd["decode_head.conv_seg.weight"].shape[:2]
-    return ssr.SegConfig(backbone=name or "mit_b5", mit={} if name else dict(embed_dims=embed_dims, depths=depths),
-                         num_classes=num_classes, channels=channels)
-
-
-def convert_mmseg(src: str, dst: str, source: str | None = None) -> tuple[ssr.SegConfig, set[str]]:
-    """Released DAFormer/MIC .pth -> this project's checkpoint (safetensors + metadata), loaded strictly on the
-    way; returns the configuration and the skipped non-tensor globals. source: the dataset the model was trained
-    from ('gta5', 'synthia'), recorded for eval.py's report; None records nothing (eval.py then assumes gta5)."""
-    sd, skipped = read_mmseg_checkpoint(src)
-    cfg = config_from_state_dict(sd, src)
-    with torch.device("meta"):  # no time spent on random init: every tensor comes from the file
-        model = ssr.build_segmentor(cfg)
-    ours = model.state_dict()
-    missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
-    shape = sorted(k for k in set(ours) & set(sd) if ours[k].shape != sd[k].shape)
-    if missing or unexpected or shape:
-        raise mit.WeightsError(f"{src} does not match the DAFormer segmentor {cfg}: missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]}, wrong shape {shape[:3]}. Only DAFormer-head models (DAFormer, MIC "
-                         f"with the DAFormer head) convert; HRDA's multi-resolution head does not.")
-    model.load_state_dict(sd, strict=True, assign=True)
-    ssr.save_segmentor(model, dst, dataset="cityscapes", test_scale=list(data.TARGET_SCALE),
-                       converted_from=os.path.basename(src), **({"source": source} if source else {}))
-    return cfg, skipped
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # command line
 
 
@@ -586,13 +459,10 @@ def check_device(name: str) -> torch.device:
     return device
 
 
-def check_writable(folder: str, flag: str, create: bool = True) -> None:
-    """Fail now, not after the slow steps, when no file can be written in folder (made first if create)."""
+def check_writable(folder: str, flag: str) -> None:
+    """Fail now, not after the slow steps, when no file can be written in folder (made first)."""
     try:
-        if create:
-            os.makedirs(folder, exist_ok=True)
-        elif not os.path.isdir(folder):
-            raise files.FlagError(f"{flag}: the output folder {folder} does not exist; create it first.")
+        os.makedirs(folder, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
@@ -637,10 +507,8 @@ def check_outputs(images: str, save_dir: str, with_legend: bool) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--ckpt", help="checkpoint written by train.py or --convert-mmseg (.safetensors)")
-    what.add_argument("--convert-mmseg", nargs=2, metavar=("IN.pth", "OUT.safetensors"),
-                      help="convert a released DAFormer/MIC mmseg checkpoint (reads tensors only, runs no code)")
+    p.add_argument("--ckpt", required=True,
+                   help="checkpoint written by train.py or weights.py convert (.safetensors)")
     p.add_argument("--data-root", help="folder holding cityscapes/ as downloaded (default: the checkpoint's, or data)")
     p.add_argument("--split", default="val", help="split of the target dataset; it must have labels")
     p.add_argument("--images", metavar="DIR",
@@ -648,7 +516,7 @@ def main() -> None:
                         "needed; the predictions go to --save-dir under the same relative paths")
     p.add_argument("--src", choices=list(data.SOURCES),
                    help="the source the model was trained from; synthia reports mIoU16 and mIoU13 (default: the "
-                        "checkpoint's, else gta5). With --convert-mmseg: recorded in the converted file")
+                        "checkpoint's, else gta5)")
     p.add_argument("--mode", default="whole", choices=["whole", "slide"],
                    help="whole: the resized image at once (DAFormer); slide: 512x512 windows, stride 341")
     p.add_argument("--batch-size", type=int, default=2, help="images per forward pass")
@@ -663,17 +531,6 @@ def main() -> None:
                         "a legend of the colors)")
     args = p.parse_args()
 
-    if args.convert_mmseg:
-        src, dst = args.convert_mmseg
-        if os.path.isdir(dst):
-            raise files.FlagError(f"--convert-mmseg: the output {dst} is a folder; name the .safetensors file to write.")
-        check_writable(os.path.dirname(os.path.abspath(dst)), "--convert-mmseg", create=False)
-        cfg, skipped = convert_mmseg(src, dst, source=args.src)
-        print(f"wrote {dst}: {cfg.backbone}{' ' + str(cfg.mit) if cfg.mit else ''}, "
-              f"{cfg.num_classes} classes, head width {cfg.channels}")
-        if skipped:
-            print(f"skipped non-tensor objects without running them: {', '.join(sorted(skipped))}")
-        return
     # every flag is checked before the model and the data are read
     if args.side_by_side and not args.save_dir:
         raise files.FlagError("--side-by-side writes pictures into --save-dir; pass --save-dir DIR as well.")
@@ -688,18 +545,18 @@ def main() -> None:
         check_writable(args.save_dir, "--save-dir")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.amp]
 
-    model, meta = ssr.load_segmentor(args.ckpt, device)
+    model, meta = weights.load_segmentor(args.ckpt, device)
     if model.cfg.num_classes != len(data.CLASSES):
-        raise mit.WeightsError(f"{args.ckpt} predicts {model.cfg.num_classes} classes but the evaluation uses the "
-                               f"{len(data.CLASSES)} Cityscapes classes; pass a checkpoint of a 19-class model.")
+        raise files.WeightsError(f"{args.ckpt} predicts {model.cfg.num_classes} classes but the evaluation uses the "
+                                 f"{len(data.CLASSES)} Cityscapes classes; pass a checkpoint of a 19-class model.")
     scale = tuple(meta.get("test_scale", data.TARGET_SCALE))
     if args.images:
         written, skipped = predict_images(model, args.images, args.save_dir, device=device, scale=scale,
                                           amp_dtype=amp_dtype, mode=args.mode, with_legend=args.side_by_side,
                                           workers=args.workers)
         if not written:
-            raise data.DatasetError(f"none of the images under {args.images} could be read and predicted: "
-                                    f"{'; '.join(skipped)}")
+            raise files.DatasetError(f"none of the images under {args.images} could be read and predicted: "
+                                     f"{'; '.join(skipped)}")
         print(f"wrote {written} predictions to {args.save_dir}"
               + (f"; skipped {len(skipped)}: {'; '.join(skipped)}" if skipped else ""))
         return

@@ -21,7 +21,7 @@ import torch
 class UserError(ValueError):
     """Something the person running the program must fix (a flag, a file, a full disk), explained in one
     paragraph. The programs print it as one `error:` line without a traceback; any other exception is a bug and
-    keeps its traceback. mit.WeightsError is one too."""
+    keeps its traceback. The four below are its kinds."""
 
 
 class FlagError(UserError):
@@ -30,6 +30,14 @@ class FlagError(UserError):
 
 class DiskFull(UserError):
     """A file could not be written because its disk is full; the file it would have replaced is intact."""
+
+
+class WeightsError(UserError):
+    """A weights or checkpoint file that cannot be used (missing, unreadable, of another model or size)."""
+
+
+class DatasetError(UserError):
+    """A dataset file or folder that is missing, unreadable or not in the layout of its download."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -122,8 +130,14 @@ def write_aside(path: str, write: Callable[[str], None]) -> str:
 
 
 def save_atomic(path: str, write: Callable[[str], None]) -> None:
-    """Write `path` through write(tmp) (see write_aside), then rename it into place."""
-    os.replace(write_aside(path, write), path)
+    """Write `path` through write(tmp) (see write_aside), then rename it into place. A rename that fails (`path`
+    is a folder, say) removes tmp: the full-size file would otherwise stay behind."""
+    tmp = write_aside(path, write)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -240,7 +254,7 @@ def check_one_run(folder: str, run_ids: dict[str, Callable[[], str | None]]) -> 
         if os.path.exists(path):
             try:
                 ids[path] = read()
-            except (OSError, ValueError, AttributeError):  # UserError (mit.WeightsError too) is a ValueError
+            except (OSError, ValueError, AttributeError):  # UserError (WeightsError too) is a ValueError
                 ids[path] = "unreadable"
     if len(set(ids.values())) > 1:
         raise FlagError(f"--resume: the files in {folder} come from different runs: "

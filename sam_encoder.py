@@ -10,10 +10,9 @@ The encoder
   3. maps the tokens to 256 channels with a neck: 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d.
 
 Module names equal those of segment_anything's ImageEncoderViT (patch_embed.proj, pos_embed, blocks.N.attn.qkv,
-blocks.N.attn.rel_pos_h, neck.0 ... neck.3), so the official weights load without renaming. `load_weights` also
-reads the Hugging Face layout (facebook/sam-vit-*), and resizes the position tables when the weights were trained
-at another image size. `python sam_encoder.py convert IN.pth OUT.safetensors` turns an official .pth into
-safetensors.
+blocks.N.attn.rel_pos_h, neck.0 ... neck.3), so the official weights load without renaming. Loading them (and the
+Hugging Face layout, facebook/sam-vit-*, and weights trained at another image size) lives in weights.py:
+weights.load_sam(model, path), or weights.frozen_sam(...) for SSR's frozen teacher.
 
 Speed (the reference is the yardstick): attention runs in F.scaled_dot_product_attention with the rel-pos bias as
 its additive mask, so no (B*heads, N, N) softmax is materialized; q, k, v enter SDPA as strided views of the qkv
@@ -21,26 +20,12 @@ output; the token grid is kept contiguous channels-last. On a 2-core CPU in fp32
 bench.py item 1) our forward takes 0.40x the reference's time and memory; on an H200, 0.84x in fp32 and 0.32x in
 bf16 against the reference's fp32 (README, Performance).
 """
-import argparse
-import re
-import sys
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor
-
-# Shared with mit.py: the error for unusable weights files, atomic writes, reading .safetensors and .pth files and
-# the strict key check. What differs between the two models (key layouts, sizes, messages) stays in each file.
-from data import save_atomic
-from mit import WeightsError, check_keys, check_output_folder, read_safetensors, read_torch_checkpoint
-
-# Where the weights come from (README, "Weights"); every missing-weights message names it.
-DOWNLOAD = ("the official https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth (ViT-L: "
-            "sam_vit_l_0b3195.pth, ViT-H: sam_vit_h_4b8939.pth), or the model.safetensors of "
-            "https://huggingface.co/facebook/sam-vit-base (sam-vit-large, sam-vit-huge)")
 
 
 @dataclass
@@ -229,146 +214,3 @@ def build_sam_encoder(name: str = "vit_b", img_size: int = 1024, **overrides) ->
         raise ValueError(f"img_size={cfg.img_size} is not a multiple of the patch size {cfg.patch_size}; "
                          f"pick e.g. {cfg.img_size // cfg.patch_size * cfg.patch_size}.")
     return SamEncoder(cfg)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Weights. Our keys are the official ones without the "image_encoder." prefix. The Hugging Face layout
-# (transformers' SamModel, the hub's facebook/sam-vit-*) keeps the encoder under "vision_encoder." and renames a few
-# modules; these rules map it back.
-
-HF_RULES = [  # (pattern on the HF key without "vision_encoder.", replacement)
-    (r"^patch_embed\.projection\.", "patch_embed.proj."),
-    (r"^layers\.(\d+)\.layer_norm1\.", r"blocks.\1.norm1."),
-    (r"^layers\.(\d+)\.layer_norm2\.", r"blocks.\1.norm2."),
-    (r"^layers\.(\d+)\.", r"blocks.\1."),
-    (r"^neck\.conv1\.", "neck.0."),
-    (r"^neck\.layer_norm1\.", "neck.1."),
-    (r"^neck\.conv2\.", "neck.2."),
-    (r"^neck\.layer_norm2\.", "neck.3."),
-]
-# SAM's promptable parts, dropped on load: SSR uses the image encoder only. In the HF layout everything outside
-# "vision_encoder." is such a part (prompt_encoder, mask_decoder, shared_image_embedding).
-DROPPED = ("prompt_encoder.", "mask_decoder.")
-
-
-def to_official(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], str]:
-    """Any supported layout -> (encoder-only state dict under our names, description of the detected layout)."""
-    if any(k.startswith("vision_encoder.") for k in sd):
-        out = {}
-        for k, v in sd.items():
-            if k.startswith("vision_encoder."):
-                k = k.removeprefix("vision_encoder.")
-                for pattern, repl in HF_RULES:
-                    k = re.sub(pattern, repl, k)
-                out[k] = v
-        return out, "Hugging Face layout, keys shown renamed to official names"
-    if any(k.startswith("image_encoder.") for k in sd):
-        sd = {k.removeprefix("image_encoder."): v for k, v in sd.items() if not k.startswith(DROPPED)}
-        return sd, "official layout, image_encoder. prefix removed"
-    return sd, "official layout without prefix"
-
-
-def arch_of(sd: dict[str, Tensor]) -> tuple[int, int]:
-    """(embed_dim, depth) that an official-layout state dict describes."""
-    embed_dim = sd["patch_embed.proj.weight"].shape[0] if "patch_embed.proj.weight" in sd else 0
-    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-    return embed_dim, depth
-
-
-def arch_name(embed_dim: int, depth: int) -> str:
-    name = next((n for n, p in SAM_PRESETS.items() if (p["embed_dim"], p["depth"]) == (embed_dim, depth)), None)
-    return f"{name or 'a custom SAM encoder'} (embed_dim={embed_dim}, depth={depth})"
-
-
-def resize_pos_embed(pos_embed: Tensor, grid: int) -> Tensor:
-    """(1, G, G, C) -> (1, grid, grid, C), bicubic like ViTDet's get_abs_pos (SAM's encoder comes from ViTDet).
-    Antialiased, so that when shrinking each new position averages the positions its larger patch covers instead
-    of sampling a few of them; growing is plain bicubic."""
-    x = pos_embed.permute(0, 3, 1, 2).float()  # (1, C, G, G)
-    x = F.interpolate(x, size=(grid, grid), mode="bicubic", align_corners=False, antialias=True)
-    return x.permute(0, 2, 3, 1).to(pos_embed.dtype)
-
-
-def resize_rel_pos(rel_pos: Tensor, length: int) -> Tensor:
-    """(L, d) relative position table -> (length, d) by linear interpolation along L: what segment_anything's
-    get_rel_pos does at run time when a table does not fit the grid."""
-    return F.interpolate(rel_pos.T[None], size=length, mode="linear")[0].T
-
-
-def resize_to_model(model: SamEncoder, sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Resize pos_embed and the global blocks' rel-pos tables of weights trained at another image size (read from
-    the file's pos_embed) to the model's grid. Window blocks' tables span one 14x14 window at any image size."""
-    grid = model.cfg.img_size // model.cfg.patch_size
-    pos = sd.get("pos_embed")
-    if pos is None or pos.dim() != 4 or pos.shape[1] == grid or pos.shape[-1] != model.cfg.embed_dim:
-        return sd  # nothing to resize; any other mismatch is reported by check_state_dict
-    trained = pos.shape[1]
-    sd = {**sd, "pos_embed": resize_pos_embed(pos, grid)}
-    for i in model.cfg.global_attn_indexes:
-        for axis in ("h", "w"):
-            key = f"blocks.{i}.attn.rel_pos_{axis}"
-            if key in sd and sd[key].shape[0] == 2 * trained - 1:
-                sd[key] = resize_rel_pos(sd[key].float(), 2 * grid - 1).to(sd[key].dtype)
-    return sd
-
-
-def check_state_dict(model: SamEncoder, sd: dict[str, Tensor], where: str) -> None:
-    """Raise WeightsError unless sd holds this encoder's size, with exactly its keys and shapes."""
-    cfg = model.cfg
-    file_arch = arch_of(sd)
-    if file_arch[0] and file_arch != (cfg.embed_dim, cfg.depth):
-        raise WeightsError(
-            f"{where} holds {arch_name(*file_arch)} but the model is {arch_name(cfg.embed_dim, cfg.depth)}; build "
-            f"the model that matches the weights (build_sam_encoder(name)) or pass the weights of this model size.")
-    check_keys(model, sd, where, "SAM image encoder", "official (image_encoder.patch_embed.proj.weight, ..., prefix "
-               "optional) or Hugging Face (vision_encoder.patch_embed.projection.weight, ...)")
-
-
-def load_weights(model: SamEncoder, path: str) -> None:
-    """Load a safetensors file in the official or Hugging Face layout into `model`, strictly: the encoder's keys
-    and shapes must match (only the prompt encoder and mask decoder are ignored). Weights trained at another
-    image size have pos_embed and the global blocks' rel-pos tables resized to model.cfg.img_size."""
-    sd, layout = to_official(read_safetensors(path, "SAM weights", "an official sam_vit_*.pth", "sam_encoder.py",
-                                                    DOWNLOAD))
-    sd = resize_to_model(model, sd)
-    check_state_dict(model, sd, f"{path} ({layout})")
-    model.load_state_dict(sd, strict=True)
-
-
-def frozen_teacher(name: str, weights: str | None, img_size: int = 1024, device="cpu",
-                   dtype: torch.dtype = torch.float32, **overrides) -> SamEncoder:
-    """The SAM encoder as SSR's teacher: built, loaded (weights=None keeps the random init; the caller warns),
-    in eval mode, frozen, on `device` in `dtype`. Run it under torch.no_grad(): nothing flows back into it."""
-    model = build_sam_encoder(name, img_size, **overrides)
-    if weights is not None:
-        load_weights(model, weights)
-    return model.eval().requires_grad_(False).to(device, dtype)
-
-
-def convert_checkpoint(src: str, dst: str) -> None:
-    """Convert a .pth SAM checkpoint (official or HF layout) to a safetensors file that holds only the image
-    encoder, under our names (the official ones without "image_encoder."), written atomically. The prompt encoder
-    and mask decoder are dropped; load_weights checks the rest strictly against the model it loads into."""
-    check_output_folder(dst)
-    sd, layout = to_official(read_torch_checkpoint(src, "an official sam_vit_b/l/h_*.pth", ("model", "state_dict"),
-                                                         DOWNLOAD))
-    embed_dim, depth = arch_of(sd)
-    if not embed_dim or not depth or "pos_embed" not in sd:
-        raise WeightsError(f"{src} ({layout}) holds no SAM image encoder: no image_encoder.patch_embed.proj.weight, "
-                         f"pos_embed or blocks.* keys (official layout) nor vision_encoder.* keys (Hugging Face). "
-                         f"Pass an official sam_vit_b/l/h_*.pth.")
-    save_atomic(dst, lambda tmp: save_file({k: v.contiguous() for k, v in sd.items()}, tmp))
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="SAM image encoder tools.")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    conv = sub.add_parser("convert", help="convert an official SAM .pth to image-encoder-only safetensors")
-    conv.add_argument("src", help="input checkpoint: official sam_vit_b_01ec64.pth, sam_vit_l_0b3195.pth, ...")
-    conv.add_argument("dst", help="output .safetensors path")
-    args = parser.parse_args()
-    try:
-        convert_checkpoint(args.src, args.dst)
-    except WeightsError as e:
-        sys.exit(f"error: {e}")
-    print(f"wrote {args.dst}")

@@ -4,26 +4,22 @@
 2. SSR's branch: frozen SAM tokens fused into every MiT stage by cross-attention (training only).
 3. DACS's pieces as small pure functions: EMA teacher, pseudo-labels, ClassMix, augmentation, FD, MIC, the loss.
 4. UDA: one training step's loss terms by name; the caller sums them and calls backward in its autocast context.
-5. Checkpoints of the deployed model. 6. train.py --compile, applied from outside. Appendix: kornia's color math.
+5. train.py --compile, applied from outside. Appendix: kornia's color math.
+The deployed model's checkpoints are written and read by weights.py.
 
 References: lhoyer/DAFormer (mmseg/models/uda/dacs.py, utils/dacs_transforms.py), lhoyer/MIC
 (masking_consistency_module.py) and geyanqi/SSR (mmseg/models/uda/ssr.py).
 """
 import copy
-import json
 import math
-import os
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-import files
 import mit
 from data import IGNORE, denormalize, normalize
 
@@ -404,7 +400,7 @@ class UDA(nn.Module):
         if self.method == "source-only":
             return {"src": seg_loss(head(backbone(src_img)), src_lbl)}
         if self.method == "ssr" and sam is None and self.ssr_context != "zeros":
-            raise ValueError("method 'ssr' needs the frozen SAM encoder: pass sam=sam_encoder.frozen_teacher(...).")
+            raise ValueError("method 'ssr' needs the frozen SAM encoder: pass sam=weights.frozen_sam(...).")
 
         ema_update(self.ema, self.student, it, self.ema_alpha)
         with torch.no_grad():  # the frozen networks run in the caller's autocast dtype
@@ -452,54 +448,7 @@ class UDA(nn.Module):
         return losses
 
 # ----------------------------------------------------------------------------------------------------------------
-# 5. Checkpoints of the deployed model
-
-FORMAT = "ssr-segmentor"  # metadata mark that tells our checkpoints from other safetensors files
-INSTEAD = ("pass the model.safetensors that train.py wrote, or convert a released DAFormer/MIC .pth with python "
-           "eval.py --convert-mmseg IN.pth OUT.safetensors")  # what every load error asks for
-
-
-def write_segmentor(model: Segmentor, path: str, **meta) -> None:
-    """Weights as safetensors, with the SegConfig and `meta` (JSON-serializable extras) in its metadata."""
-    metadata = {"format": FORMAT, "cfg": json.dumps(asdict(model.cfg)), "meta": json.dumps(meta)}
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, path, metadata=metadata)
-
-
-def save_segmentor(model: Segmentor, path: str, **meta) -> None:
-    """write_segmentor, atomically (files.save_atomic): an interrupted save never leaves a broken file."""
-    files.save_atomic(path, lambda tmp: write_segmentor(model, tmp, **meta))
-
-
-def load_segmentor(path: str, device="cpu") -> tuple[Segmentor, dict]:
-    """A checkpoint of save_segmentor -> (model in eval mode on `device`, dict(cfg=SegConfig, **meta)), strictly."""
-    if not os.path.isfile(path):
-        raise mit.WeightsError(f"checkpoint {path} does not exist; {INSTEAD}.")
-    try:
-        with safe_open(path, "pt") as f:
-            header = f.metadata() or {}
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise mit.WeightsError(f"{path} is not a safetensors file ({e}); {INSTEAD}.") from None
-    if header.get("format") != FORMAT or "cfg" not in header:
-        raise mit.WeightsError(f"{path} is a safetensors file but not a segmentor checkpoint of this project (no "
-                               f"'{FORMAT}' metadata; ImageNet MiT weights go to train.py --pretrained): {INSTEAD}.")
-    try:
-        cfg = SegConfig(**json.loads(header["cfg"]))
-    except (TypeError, json.JSONDecodeError) as e:
-        raise mit.WeightsError(f"{path}: unreadable segmentor metadata ({e}); re-save with save_segmentor.") from None
-    with torch.device("meta"):  # no time spent on random init: every tensor comes from the file
-        model = build_segmentor(cfg)
-    ours = model.state_dict()
-    bad = sorted(set(ours) ^ set(sd)) + sorted(f"{k} {tuple(sd[k].shape)} (model {tuple(ours[k].shape)})"
-                                               for k in set(ours) & set(sd) if sd[k].shape != ours[k].shape)
-    if bad:
-        raise mit.WeightsError(f"{path}: its tensors do not fit the segmentor its metadata describes ({cfg}), e.g. "
-                               f"{', '.join(bad[:3])}. The file was edited or mixed up; re-save with save_segmentor.")
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model.to(device).eval(), {"cfg": cfg, **json.loads(header.get("meta", "{}"))}
-
-# ----------------------------------------------------------------------------------------------------------------
-# 6. Speed, applied from outside the method: train.py --compile
+# 5. Speed, applied from outside the method: train.py --compile
 
 def compile_blocks(net: nn.Module | None, **compile_kwargs) -> None:
     """torch.compile a network in place, block by block: each MiT or SAM block and each DAFormer head on its own (a

@@ -36,7 +36,8 @@ import eval as ev
 import mit
 import sam_encoder
 import ssr
-from data import DatasetError
+import weights
+from files import DatasetError
 
 _ROOT = os.path.dirname(os.path.abspath(__file__))
 # The official checkpoints' key names and shapes (../shared/reference/official_keys.json, which a user's clone
@@ -138,30 +139,30 @@ def test_ssr_save_load_round_trip_and_errors(tmp_path):
     model = ssr.build_segmentor(_TINY)
     model.train()(torch.randn(2, 3, 64, 64))  # move the BatchNorm running statistics away from their init
     path = str(tmp_path / "model.safetensors")
-    ssr.save_segmentor(model, path, dataset="cityscapes", test_scale=[1024, 512], iters=7)
+    weights.save_segmentor(model, path, dataset="cityscapes", test_scale=[1024, 512], iters=7)
     assert not os.path.exists(path + ".tmp")
-    loaded, meta = ssr.load_segmentor(path)
+    loaded, meta = weights.load_segmentor(path)
     assert meta == {"cfg": _TINY, "dataset": "cityscapes", "test_scale": [1024, 512], "iters": 7}
     assert not loaded.training
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(loaded(x), model.eval()(x))
 
-    with pytest.raises(mit.WeightsError, match="missing.safetensors"):
-        ssr.load_segmentor(str(tmp_path / "missing.safetensors"))
+    with pytest.raises(files.WeightsError, match="missing.safetensors"):
+        weights.load_segmentor(str(tmp_path / "missing.safetensors"))
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file at all")
     with pytest.raises(ValueError, match="garbage.safetensors"):
-        ssr.load_segmentor(str(garbage))
+        weights.load_segmentor(str(garbage))
     backbone_only = str(tmp_path / "mit.safetensors")  # e.g. ImageNet MiT weights
     save_file({k: v.contiguous() for k, v in model.backbone.state_dict().items()}, backbone_only)
     with pytest.raises(ValueError, match="mit.safetensors.*not a segmentor"):
-        ssr.load_segmentor(backbone_only)
+        weights.load_segmentor(backbone_only)
     other = ssr.build_segmentor(ssr.SegConfig(**{**vars(_TINY), "num_classes": 5}))
     mixed = str(tmp_path / "mixed.safetensors")  # 5-class tensors under a 19-class configuration
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, mixed,
-              metadata={"format": ssr.FORMAT, "cfg": json.dumps(vars(_TINY)), "meta": "{}"})
+              metadata={"format": weights.FORMAT, "cfg": json.dumps(vars(_TINY)), "meta": "{}"})
     with pytest.raises(ValueError, match="mixed.safetensors.*conv_seg"):
-        ssr.load_segmentor(mixed)
+        weights.load_segmentor(mixed)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -464,7 +465,7 @@ def test_ssr_context_ablations_give_another_images_tokens_or_zeros():
 def test_train_records_the_ssr_context_in_the_checkpoint(_train_root, tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert _train_inprocess(monkeypatch, *_train_tiny(_train_root, out, "--iters", "1", "--ssr-context", "shuffled")) == ""
-    assert ssr.load_segmentor(str(out / "model.safetensors"))[1]["ssr_context"] == "shuffled"
+    assert weights.load_segmentor(str(out / "model.safetensors"))[1]["ssr_context"] == "shuffled"
     assert json.load(open(out / "config.json"))["ssr_context"] == "shuffled"
     msg = _train_inprocess(monkeypatch, "--resume", "--out", str(out), "--iters", "2", "--ssr-context", "zeros")
     assert "--ssr-context zeros (saved: shuffled)" in msg, msg
@@ -526,7 +527,7 @@ def _mit_hf_stages(model, x: torch.Tensor) -> list[torch.Tensor]:
 
 def _mit_assert_parity(ref: list[torch.Tensor], path: str, x: torch.Tensor) -> None:
     ours = mit.build_mit("mit_b0", **_MIT_TINY).eval()
-    mit.load_weights(ours, path)
+    weights.load_mit(ours, path)
     with torch.no_grad():
         out = ours(x)
     assert len(out) == len(ref) == 4
@@ -551,7 +552,7 @@ def test_mit_parity_hf_layout_and_nvlabs_layout(tmp_path, classifier):
     _mit_assert_parity(ref, hf_file, x)  # HF layout, read directly
     torch.save(keys, tmp_path / "pytorch_model.bin")  # the hub's .bin is this flat HF state dict
     nv_file = str(tmp_path / "nvlabs.safetensors")
-    mit.convert_checkpoint(str(tmp_path / "pytorch_model.bin"), nv_file)
+    weights.convert(str(tmp_path / "pytorch_model.bin"), nv_file)
     assert all(k.startswith(("patch_embed", "block", "norm")) for k in load_file(nv_file))
     _mit_assert_parity(ref, nv_file, x)  # NVlabs layout
 
@@ -586,16 +587,16 @@ def test_mit_wrong_size_nonsafetensors_and_missing_file_errors(tmp_path):
     with torch.device("meta"):
         b5 = mit.build_mit("mit_b5")
     with pytest.raises(ValueError, match=r"mit_b0.*but the model is mit_b5"):
-        mit.load_weights(b5, _mit_tiny_nvlabs_file(tmp_path, "mit_b0"))
+        weights.load_mit(b5, _mit_tiny_nvlabs_file(tmp_path, "mit_b0"))
 
     tiny = mit.build_mit("mit_b0", **_MIT_TINY)
     pth = tmp_path / "mit_b0.pth"
     torch.save(tiny.state_dict(), pth)
-    with pytest.raises(ValueError, match=r"mit_b0\.pth is not a safetensors file.*python mit.py convert"):
-        mit.load_weights(tiny, str(pth))
-    with pytest.raises(mit.WeightsError, match=r"nope\.safetensors does not exist.*Download: mit_b5.pth.*"
-                                               r"github.com/NVlabs/SegFormer.*huggingface.co/nvidia/mit-b5"):
-        mit.load_weights(tiny, str(tmp_path / "nope.safetensors"))
+    with pytest.raises(ValueError, match=r"mit_b0\.pth is not a safetensors file.*python weights.py convert"):
+        weights.load_mit(tiny, str(pth))
+    with pytest.raises(files.WeightsError, match=r"nope\.safetensors does not exist.*Download: mit_b5.pth.*"
+                                                 r"github.com/NVlabs/SegFormer.*huggingface.co/nvidia/mit-b5"):
+        weights.load_mit(tiny, str(tmp_path / "nope.safetensors"))
 
     sd = tiny.state_dict()
     sd.pop("block1.0.attn.kv.weight")
@@ -604,7 +605,7 @@ def test_mit_wrong_size_nonsafetensors_and_missing_file_errors(tmp_path):
     bad = str(tmp_path / "bad.safetensors")
     save_file(sd, bad)
     with pytest.raises(ValueError) as e:
-        mit.load_weights(tiny, bad)
+        weights.load_mit(tiny, bad)
     msg = str(e.value)
     assert "bad.safetensors (nvlabs layout)" in msg
     assert "1 missing keys (block1.0.attn.kv.weight)" in msg
@@ -619,27 +620,60 @@ def test_mit_convert_cli_nvlabs_pth_and_bad_input(tmp_path, monkeypatch):
     wrapped = {"state_dict": {**sd, "head.weight": torch.randn(1000, 64), "head.bias": torch.randn(1000)}}
     torch.save(wrapped, tmp_path / "mit_tiny.pth")
     out = tmp_path / "mit_tiny.safetensors"
-    run = subprocess.run([sys.executable, "mit.py", "convert", str(tmp_path / "mit_tiny.pth"), str(out)],
+    run = subprocess.run([sys.executable, "weights.py", "convert", str(tmp_path / "mit_tiny.pth"), str(out)],
                          cwd=_ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+    assert "a MiT encoder, a custom MiT (embed_dims=(16, 32, 40, 64), depths=(2, 1, 1, 2)), nvlabs layout" in run.stdout
+    assert run.stdout.strip().endswith(f"wrote {out}")
     assert load_file(out).keys() == sd.keys()
     other = mit.build_mit("mit_b0", **_MIT_TINY)
-    mit.load_weights(other, str(out))
+    weights.load_mit(other, str(out))
     assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), sd.values()))
 
     junk = tmp_path / "junk.pth"
     junk.write_text("not a checkpoint")
     # the CLI's __main__ in-process (a second interpreter would cost seconds): sys.exit(str) prints the string
     # alone to stderr and exits with status 1, so no traceback reaches the user
-    monkeypatch.setattr(sys, "argv", ["mit.py", "convert", str(junk), str(tmp_path / "o.safetensors")])
+    monkeypatch.setattr(sys, "argv", ["weights.py", "convert", str(junk), str(tmp_path / "o.safetensors")])
     with pytest.raises(SystemExit) as e:
-        runpy.run_path(os.path.join(_ROOT, "mit.py"), run_name="__main__")
+        runpy.run_path(os.path.join(_ROOT, "weights.py"), run_name="__main__")
     assert isinstance(e.value.code, str)
     assert e.value.code.startswith("error: ") and "junk.pth could not be read by torch.load" in e.value.code
     assert "\n" not in e.value.code  # one paragraph
     assert not (tmp_path / "o.safetensors").exists()
-    with pytest.raises(mit.WeightsError, match="missing.pth does not exist"):  # same path as the CLI, in-process
-        mit.convert_checkpoint(str(tmp_path / "missing.pth"), str(tmp_path / "o.safetensors"))
+    with pytest.raises(files.WeightsError, match="missing.pth does not exist"):  # same path as the CLI, in-process
+        weights.convert(str(tmp_path / "missing.pth"), str(tmp_path / "o.safetensors"))
+
+
+def test_convert_never_destroys_its_input(tmp_path, monkeypatch):
+    tiny = mit.build_mit("mit_b0", **_MIT_TINY)
+    src = tmp_path / "mit_tiny.pth"
+    torch.save(tiny.state_dict(), src)
+    before = src.read_bytes()
+    (tmp_path / "link.pth").symlink_to(src)
+    os.link(src, tmp_path / "hard.pth")
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path)
+    # the output is the input by any path, a folder, or in a missing folder: refused before anything is written
+    for dst, pattern in ((str(src), r"output .*mit_tiny.pth is the input mit_tiny.pth: writing it would destroy"),
+                         ("./mit_tiny.pth", r"is the input mit_tiny.pth: writing"),
+                         ("link.pth", "is the input mit_tiny.pth through a symlink"),
+                         ("hard.pth", "is the input mit_tiny.pth through a hard link"),
+                         ("out", r"the output out is a folder; name the .safetensors file to write, e.g. out.OUT"),
+                         ("nope/o.safetensors", "the folder of the output nope/o.safetensors does not exist; create")):
+        with pytest.raises(files.WeightsError, match=pattern) as e:
+            weights.convert("mit_tiny.pth", dst)
+        assert str(e.value).endswith("Nothing was written.") and "\n" not in str(e.value)
+    with pytest.raises(files.FlagError, match="--src synthia is recorded in a converted DAFormer/MIC segmentor, but "
+                                              "mit_tiny.pth holds a MiT encoder; leave --src out"):
+        weights.convert("mit_tiny.pth", "o.safetensors", source="synthia")
+    with monkeypatch.context() as m:  # a folder this user cannot write to (the tests may run as root)
+        m.setattr(weights.tempfile, "TemporaryFile", lambda dir: (_ for _ in ()).throw(PermissionError(13, "Denied")))
+        with pytest.raises(files.WeightsError, match=r"cannot write into .*, the folder of the output o.safetensors "
+                                                     r"\(Denied\); pass an output in a folder you can write to"):
+            weights.convert("mit_tiny.pth", "o.safetensors")
+    assert src.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["hard.pth", "link.pth", "mit_tiny.pth", "out"] and not os.listdir("out")
 
 
 def test_mit_grad_checkpoint_same_outputs_and_grads():
@@ -705,7 +739,7 @@ def test_sam_parity_with_segment_anything(tmp_path):
     ref = _sam_reference(256, **_SAM_TINY)
     _sam_save_official(ref, tmp_path / "sam.safetensors")
     ours = sam_encoder.build_sam_encoder("vit_b", 256, **_SAM_TINY).eval()
-    sam_encoder.load_weights(ours, str(tmp_path / "sam.safetensors"))
+    weights.load_sam(ours, str(tmp_path / "sam.safetensors"))
     x = torch.randn(2, 3, 256, 256)
     with torch.no_grad():
         expected, got = ref(x), ours(x)
@@ -723,7 +757,7 @@ def test_sam_parity_with_transformers(tmp_path):
     bench.randomize_(hf.vision_encoder)
     hf.save_pretrained(tmp_path)  # model.safetensors, as facebook/sam-vit-* on the hub
     ours = sam_encoder.build_sam_encoder("vit_b", 256, **_SAM_TINY).eval()
-    sam_encoder.load_weights(ours, str(tmp_path / "model.safetensors"))
+    weights.load_sam(ours, str(tmp_path / "model.safetensors"))
     x = torch.randn(2, 3, 256, 256)
     with torch.no_grad():
         expected, got = hf.vision_encoder(x).last_hidden_state, ours(x)
@@ -759,7 +793,7 @@ def test_sam_load_1024_weights_into_smaller_encoder(tmp_path):
     save_file({f"image_encoder.{k}": v for k, v in ref_1024.state_dict().items()}, str(tmp_path / "w.safetensors"))
     for size in (512, 256):
         ours = sam_encoder.build_sam_encoder("vit_b", size, **_SAM_TINY).eval()
-        sam_encoder.load_weights(ours, str(tmp_path / "w.safetensors"))
+        weights.load_sam(ours, str(tmp_path / "w.safetensors"))
         assert ours.pos_embed.shape == (1, size // 16, size // 16, 32)
         with torch.no_grad():
             out = ours(torch.randn(1, 3, size, size))
@@ -780,30 +814,30 @@ def test_sam_load_1024_weights_into_smaller_encoder(tmp_path):
 
 def test_sam_pos_embed_resize_keeps_a_constant():
     pos = torch.full((1, 64, 64, 4), 0.7)
-    assert torch.allclose(sam_encoder.resize_pos_embed(pos, 16), torch.full((1, 16, 16, 4), 0.7), atol=1e-6)
+    assert torch.allclose(weights.resize_pos_embed(pos, 16), torch.full((1, 16, 16, 4), 0.7), atol=1e-6)
 
 
 def test_sam_bad_inputs_give_clear_errors(tmp_path):
     model = sam_encoder.build_sam_encoder("vit_b", 64, **_SAM_TINY)
-    with pytest.raises(mit.WeightsError, match="nope.safetensors"):
-        sam_encoder.load_weights(model, str(tmp_path / "nope.safetensors"))
+    with pytest.raises(files.WeightsError, match="nope.safetensors"):
+        weights.load_sam(model, str(tmp_path / "nope.safetensors"))
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="not a safetensors file"):
-        sam_encoder.load_weights(model, str(tmp_path / "junk.safetensors"))
+        weights.load_sam(model, str(tmp_path / "junk.safetensors"))
 
     wider = sam_encoder.build_sam_encoder("vit_b", 64, **{**_SAM_TINY, "embed_dim": 64})
     save_file(wider.state_dict(), str(tmp_path / "wide.safetensors"))
     with pytest.raises(ValueError, match=r"embed_dim=64, depth=3.*model is .*embed_dim=32"):
-        sam_encoder.load_weights(model, str(tmp_path / "wide.safetensors"))
+        weights.load_sam(model, str(tmp_path / "wide.safetensors"))
 
     sd = {f"image_encoder.{k}": v for k, v in model.state_dict().items() if k != "blocks.1.attn.rel_pos_h"}
     save_file(sd, str(tmp_path / "partial.safetensors"))
     with pytest.raises(ValueError, match=r"partial.safetensors \(official layout.*missing keys.*blocks.1.attn.rel_pos_h"):
-        sam_encoder.load_weights(model, str(tmp_path / "partial.safetensors"))
+        weights.load_sam(model, str(tmp_path / "partial.safetensors"))
 
     save_file({"encoder.weight": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="does not match the SAM image encoder.*unexpected keys"):
-        sam_encoder.load_weights(model, str(tmp_path / "other.safetensors"))
+        weights.load_sam(model, str(tmp_path / "other.safetensors"))
 
     with pytest.raises(ValueError, match="img_size=64"):
         model(torch.randn(1, 3, 32, 32))
@@ -816,12 +850,12 @@ def test_sam_convert_cli(tmp_path):
     sd = {f"image_encoder.{k}": v for k, v in ref.state_dict().items()}
     sd["mask_decoder.iou_token.weight"] = torch.randn(1, 256)
     torch.save(sd, tmp_path / "sam_vit_tiny.pth")
-    script = pathlib.Path(sam_encoder.__file__)
+    script = pathlib.Path(weights.__file__)
     run = subprocess.run([sys.executable, str(script), "convert", str(tmp_path / "sam_vit_tiny.pth"),
                           str(tmp_path / "out.safetensors")], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     ours = sam_encoder.build_sam_encoder("vit_b", 64, **_SAM_TINY, window_size=3).eval()
-    sam_encoder.load_weights(ours, str(tmp_path / "out.safetensors"))
+    weights.load_sam(ours, str(tmp_path / "out.safetensors"))
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert (ours(x) - ref(x)).abs().max() < 1e-4
@@ -832,27 +866,27 @@ def test_sam_convert_cli(tmp_path):
     assert "Traceback" not in bad.stderr
     torch.save({"head.weight": torch.zeros(2)}, tmp_path / "not_sam.pth")  # what the CLI catches, in-process
     with pytest.raises(ValueError, match="not_sam.pth.*holds no SAM image encoder"):
-        sam_encoder.convert_checkpoint(str(tmp_path / "not_sam.pth"), str(tmp_path / "bad.safetensors"))
+        weights.convert(str(tmp_path / "not_sam.pth"), str(tmp_path / "bad.safetensors"))
     assert not (tmp_path / "bad.safetensors").exists()
-    with pytest.raises(mit.WeightsError, match="the folder of the output .*no_such_dir.* does not exist"):
-        sam_encoder.convert_checkpoint(str(tmp_path / "not_sam.pth"), str(tmp_path / "no_such_dir" / "o.safetensors"))
+    with pytest.raises(files.WeightsError, match="the folder of the output .*no_such_dir.* does not exist"):
+        weights.convert(str(tmp_path / "not_sam.pth"), str(tmp_path / "no_such_dir" / "o.safetensors"))
 
 
 def test_sam_missing_weights_say_where_to_download(tmp_path):
     for path in ("nope.safetensors", "nope.pth"):
-        with pytest.raises(mit.WeightsError, match=r"nope.* does not exist.*Download: .*dl.fbaipublicfiles.com/"
-                                                   r"segment_anything/sam_vit_b_01ec64.pth.*facebook/sam-vit-base"):
+        with pytest.raises(files.WeightsError, match=r"nope.* does not exist.*Download: .*dl.fbaipublicfiles.com/"
+                                                     r"segment_anything/sam_vit_b_01ec64.pth.*facebook/sam-vit-base"):
             if path.endswith("safetensors"):  # the two public readers: the loader and the converter
-                sam_encoder.load_weights(sam_encoder.build_sam_encoder("vit_b", 64, **_SAM_TINY), str(tmp_path / path))
+                weights.load_sam(sam_encoder.build_sam_encoder("vit_b", 64, **_SAM_TINY), str(tmp_path / path))
             else:
-                sam_encoder.convert_checkpoint(str(tmp_path / path), str(tmp_path / "out.safetensors"))
+                weights.convert(str(tmp_path / path), str(tmp_path / "out.safetensors"))
 
 
 def test_sam_frozen_teacher_is_frozen(tmp_path):
     model = sam_encoder.build_sam_encoder("vit_b", 64, **_SAM_TINY)
     save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
-    teacher = sam_encoder.frozen_teacher("vit_b", str(tmp_path / "w.safetensors"), img_size=64, dtype=torch.bfloat16,
-                                **_SAM_TINY)
+    teacher = weights.frozen_sam("vit_b", str(tmp_path / "w.safetensors"), img_size=64, dtype=torch.bfloat16,
+                                 **_SAM_TINY)
     assert not teacher.training and all(not m.training for m in teacher.modules())
     assert not any(p.requires_grad for p in teacher.parameters())
     assert torch.equal(teacher.pos_embed.float(), model.pos_embed.bfloat16().float())
@@ -1297,6 +1331,16 @@ def test_run_folder_lock_names_its_holder_and_a_failed_start_leaves_no_trace(tmp
     files.release_folder(lock, made)
 
 
+def test_save_atomic_replaces_whole_and_a_failed_rename_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "f.bin"
+    files.save_atomic(str(path), lambda tmp: pathlib.Path(tmp).write_bytes(b"new"))
+    assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["f.bin"]
+    (tmp_path / "folder").mkdir()  # a file cannot replace a folder: the rename fails after the whole write
+    with pytest.raises(IsADirectoryError):
+        files.save_atomic(str(tmp_path / "folder"), lambda tmp: pathlib.Path(tmp).write_bytes(b"x" * 4096))
+    assert sorted(os.listdir(tmp_path)) == ["f.bin", "folder"] and not os.listdir(tmp_path / "folder")
+
+
 # ==============================================================================================================
 # eval.py: the metric, the evaluator, released checkpoints
 # ==============================================================================================================
@@ -1486,11 +1530,12 @@ def test_convert_mmseg_round_trip(tmp_path):
     _eval_save_released(src, student)
     with pytest.raises(pickle.UnpicklingError):  # what the converter has to get around
         torch.load(src, weights_only=True)
-    cfg, skipped = ev.convert_mmseg(src, dst)
+    _, skipped = weights.convert(src, dst)
     assert f"{__name__}._EvalConfigDict" in skipped and any(s.endswith("multiarray._reconstruct") for s in skipped)
+    model, meta = weights.load_segmentor(dst)
+    cfg = meta["cfg"]
     assert (cfg.num_classes, cfg.channels, tuple(cfg.mit["embed_dims"]), tuple(cfg.mit["depths"])) == (
         19, 32, (16, 32, 40, 64), (1, 1, 1, 1))
-    model, meta = ssr.load_segmentor(dst)
     assert meta["dataset"] == "cityscapes" and list(meta["test_scale"]) == [1024, 512]
     ours, theirs = model.state_dict(), student.state_dict()
     assert ours.keys() == theirs.keys()
@@ -1501,7 +1546,7 @@ def test_convert_mmseg_round_trip(tmp_path):
 def test_convert_infers_the_preset(name):
     with torch.device("meta"):  # shapes only: nothing is allocated
         model = ssr.build_segmentor(ssr.SegConfig(backbone=name))
-    cfg = ev.config_from_state_dict(model.state_dict(), "test")
+    cfg = weights.config_from_state_dict(model.state_dict(), "test")
     assert (cfg.backbone, cfg.mit, cfg.num_classes, cfg.channels) == (name, {}, 19, 256)
 
 
@@ -1512,14 +1557,40 @@ def test_malicious_pickle_is_not_run(tmp_path):
     torch.load(bad, weights_only=False)  # the payload works when unpickled the unsafe way ...
     assert marker.exists()
     marker.unlink()
-    _, skipped = ev.convert_mmseg(bad, str(tmp_path / "out.safetensors"))  # ... and does not run here
+    _, skipped = weights.convert(bad, str(tmp_path / "out.safetensors"))  # ... and does not run here
     assert not marker.exists()
     assert f"{os.system.__module__}.system" in skipped
     # a payload in place of a weight is refused, and does not run either
     _eval_save_released(bad, _eval_tiny(), sd_extra={"model.backbone.evil": _EvalPayload(str(marker))})
     with pytest.raises(ValueError, match="model.backbone.evil|backbone.evil"):
-        ev.convert_mmseg(bad, str(tmp_path / "out2.safetensors"))
+        weights.convert(bad, str(tmp_path / "out2.safetensors"))
     assert not marker.exists()
+
+
+def test_convert_cli_records_the_source_and_bad_inputs_are_one_paragraph(tmp_path, monkeypatch, capsys):
+    def cli(*args) -> str:  # weights.py's __main__ in this process: the SystemExit message, '' when it succeeds
+        monkeypatch.setattr(sys, "argv", ["weights.py", "convert", *args])
+        try:
+            runpy.run_path(os.path.join(_ROOT, "weights.py"), run_name="__main__")
+        except SystemExit as e:
+            return str(e.code)
+        return ""
+
+    src, dst = str(tmp_path / "released.pth"), str(tmp_path / "ours.safetensors")
+    _eval_save_released(src, _eval_tiny())
+    assert cli(src, dst, "--src", "synthia") == ""
+    out = capsys.readouterr().out
+    assert f"{src}: a DAFormer/MIC segmentor, mit_b5 {{'embed_dims': (16, 32, 40, 64)" in out
+    assert "skipped non-tensor objects without running them: " in out and out.endswith(f"wrote {dst}\n")
+    assert weights.load_segmentor(dst)[1]["source"] == "synthia"  # eval.py reports mIoU16 and mIoU13
+    notmmseg = str(tmp_path / "plain.pth")
+    torch.save({"weights": torch.zeros(3)}, notmmseg)
+    for args, pattern in (((str(tmp_path / "nope.pth"), dst), r"nope.pth does not exist; pass one of: an NVlabs"),
+                          ((notmmseg, dst), r"plain.pth holds no .* DAFormer/MIC segmentor \(it holds weights\)"),
+                          ((notmmseg, str(tmp_path / "no" / "o.safetensors")), "does not exist; create it first"),
+                          ((str(tmp_path / "nope.pth"), str(tmp_path)), "is a folder")):
+        msg = cli(*args)
+        assert msg.startswith("error: ") and re.search(pattern, msg) and "\n" not in msg, (args, msg)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1539,7 +1610,7 @@ def _eval_cli(monkeypatch, *args) -> str:
 def test_cli_end_to_end(tmp_path):
     train = _eval_write_val(tmp_path)
     ckpt = str(tmp_path / "model.safetensors")
-    ssr.save_segmentor(_eval_forced(0), ckpt, dataset="cityscapes", test_scale=[64, 32])
+    weights.save_segmentor(_eval_forced(0), ckpt, dataset="cityscapes", test_scale=[64, 32])
     out = subprocess.run([sys.executable, _EVAL_FILE, "--ckpt", ckpt, "--data-root", str(tmp_path), "--workers", "0",
                           "--save-dir", str(tmp_path / "preds")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -1562,19 +1633,14 @@ def test_cli_bad_inputs(tmp_path, monkeypatch):
     _eval_write_val(tmp_path / "nolabels", labels=False)
     _eval_write_val(tmp_path / "ok")
     good, k16, foreign = (str(tmp_path / f) for f in ("good.safetensors", "k16.safetensors", "foreign.safetensors"))
-    ssr.save_segmentor(_eval_tiny(), good, dataset="cityscapes", test_scale=[64, 32])
-    ssr.save_segmentor(_eval_tiny(num_classes=16), k16, dataset="cityscapes", test_scale=[64, 32])
+    weights.save_segmentor(_eval_tiny(), good, dataset="cityscapes", test_scale=[64, 32])
+    weights.save_segmentor(_eval_tiny(num_classes=16), k16, dataset="cityscapes", test_scale=[64, 32])
     with open(foreign, "w") as f:
         f.write("not a checkpoint")
-    notmmseg = str(tmp_path / "plain.pth")
-    torch.save({"weights": torch.zeros(3)}, notmmseg)
     cases = [
         (["--ckpt", foreign], "foreign.safetensors"),
         (["--ckpt", k16, "--data-root", str(tmp_path / "ok")], "16 classes"),
         (["--ckpt", good, "--data-root", str(tmp_path / "nolabels")], "gtFine|label"),
-        (["--convert-mmseg", str(tmp_path / "nope.pth"), str(tmp_path / "o.safetensors")], "nope.pth"),
-        (["--convert-mmseg", notmmseg, str(tmp_path / "o.safetensors")], "plain.pth"),
-        (["--convert-mmseg", notmmseg, str(tmp_path / "no" / "o.safetensors")], "does not exist"),
     ]
     for args, pattern in cases:
         msg = _eval_cli(monkeypatch, *args, "--workers", "0")
@@ -1596,7 +1662,7 @@ def test_cli_synthia_checkpoint_reports_miou16_and_miou13(tmp_path, monkeypatch,
     ckpts = {}
     for source in ("synthia", None):
         ckpts[source] = str(tmp_path / f"{source}.safetensors")
-        ssr.save_segmentor(_eval_forced(0), ckpts[source], dataset="cityscapes", test_scale=[64, 32],
+        weights.save_segmentor(_eval_forced(0), ckpts[source], dataset="cityscapes", test_scale=[64, 32],
                            **({"source": source} if source else {}))
     for ckpt, extra in ((ckpts["synthia"], ()), (ckpts[None], ("--src", "synthia"))):
         assert _eval_cli(monkeypatch, "--ckpt", ckpt, "--data-root", str(tmp_path), "--workers", "0", *extra) == ""
@@ -1619,7 +1685,7 @@ def test_cli_predicts_a_folder_of_own_images(tmp_path, monkeypatch, capsys):
     (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (photos / "notes.txt").write_text("not an image: ignored")
     ckpt = str(tmp_path / "m.safetensors")
-    ssr.save_segmentor(_eval_forced(13), ckpt, dataset="cityscapes", test_scale=[64, 32])
+    weights.save_segmentor(_eval_forced(13), ckpt, dataset="cityscapes", test_scale=[64, 32])
     out = tmp_path / "preds"
     msg = _eval_cli(monkeypatch, "--ckpt", ckpt, "--images", str(photos), "--save-dir", str(out), "--side-by-side",
                     "--workers", "0")
@@ -1664,7 +1730,7 @@ def test_cli_own_images_refuse_a_save_dir_that_holds_the_photos(tmp_path, monkey
     os.makedirs(tmp_path / "out")
     os.symlink(photos / "street.png", tmp_path / "out" / "street.png")  # an output path that is one of the photos
     ckpt = str(tmp_path / "m.safetensors")
-    ssr.save_segmentor(_eval_forced(13), ckpt, dataset="cityscapes", test_scale=[64, 32])
+    weights.save_segmentor(_eval_forced(13), ckpt, dataset="cityscapes", test_scale=[64, 32])
     before = _eval_files(tmp_path)
     cases = [(photos, photos, r"photos is the --images folder"),  # street.png would be replaced by its prediction
              (photos, tmp_path / "link", r"link is the --images folder .*photos with symlinks followed"),
@@ -1696,7 +1762,7 @@ def test_cli_own_images_replace_their_own_predictions_and_nothing_else(tmp_path,
     ckpts = {}
     for cls in (13, 0):
         ckpts[cls] = str(tmp_path / f"m{cls}.safetensors")
-        ssr.save_segmentor(_eval_forced(cls), ckpts[cls], dataset="cityscapes", test_scale=[64, 32])
+        weights.save_segmentor(_eval_forced(cls), ckpts[cls], dataset="cityscapes", test_scale=[64, 32])
     run = lambda cls: _eval_cli(monkeypatch, "--ckpt", ckpts[cls], "--images", str(photos), "--save-dir", str(out),
                                 "--side-by-side", "--workers", "0")  # noqa: E731
     assert run(13) == ""
@@ -1722,7 +1788,7 @@ def test_cli_own_images_predicts_thin_images_and_goes_on(tmp_path, monkeypatch, 
     photos, out = tmp_path / "photos", tmp_path / "preds"
     _eval_photos(photos, {"1_tall.png": (1, 3000), "2_wide.png": (3000, 1), "3_street.png": (50, 30)})
     ckpt = str(tmp_path / "m.safetensors")
-    ssr.save_segmentor(_eval_forced(13), ckpt, dataset="cityscapes", test_scale=[64, 32])
+    weights.save_segmentor(_eval_forced(13), ckpt, dataset="cityscapes", test_scale=[64, 32])
     msg = _eval_cli(monkeypatch, "--ckpt", ckpt, "--images", str(photos), "--save-dir", str(out), "--side-by-side",
                     "--workers", "0")
     assert msg == ""
@@ -1764,15 +1830,12 @@ def test_cli_device_and_output_errors_come_before_any_slow_step(tmp_path, monkey
     for extra, pattern in cases:
         msg = _eval_cli(monkeypatch, "--ckpt", missing, "--workers", "0", *extra)
         assert msg.startswith("error:") and re.search(pattern, msg) and "\n" not in msg, (extra, msg)
-    for dst, pattern in ((tmp_path, "is a folder"), (tmp_path / "file" / "o.safetensors", "does not exist")):
-        msg = _eval_cli(monkeypatch, "--convert-mmseg", str(tmp_path / "nope.pth"), str(dst))
-        assert msg.startswith("error: --convert-mmseg") and pattern in msg, msg  # before reading the input
 
 
 def test_cli_keeps_the_traceback_of_a_bug(tmp_path, monkeypatch):
     _eval_write_val(tmp_path)
     ckpt = str(tmp_path / "m.safetensors")
-    ssr.save_segmentor(_eval_tiny(), ckpt, dataset="cityscapes", test_scale=[64, 32])
+    weights.save_segmentor(_eval_tiny(), ckpt, dataset="cityscapes", test_scale=[64, 32])
     monkeypatch.setattr(ev.F, "interpolate", lambda *a, **k: (_ for _ in ()).throw(ValueError("a bug")))
     with pytest.raises(ValueError, match="a bug"):  # not turned into an 'error:' line
         _eval_cli(monkeypatch, "--ckpt", ckpt, "--data-root", str(tmp_path), "--workers", "0")
@@ -1838,7 +1901,7 @@ def test_train_from_synthia_records_the_source(_train_root, tmp_path):
                               "--iters", "2", "--eval-every", "0"))
     assert r.returncode == 0, r.stderr
     assert "rare-class statistics of 6 labels" in r.stdout
-    assert ssr.load_segmentor(str(tmp_path / "run" / "model.safetensors"))[1]["source"] == "synthia"
+    assert weights.load_segmentor(str(tmp_path / "run" / "model.safetensors"))[1]["source"] == "synthia"
 
 
 def test_train_stops_cleanly_after_ten_nonfinite_losses(_train_root, tmp_path):
@@ -2165,7 +2228,7 @@ def test_train_refuses_a_state_of_another_run_and_resumes_a_moved_folder(_train_
     assert all((b / f).read_bytes() == v for f, v in before.items())
     assert _train_inprocess(monkeypatch, "--resume", "--out", str(tmp_path / "moved"), "--iters", "3") == ""
     assert _train_state(tmp_path / "moved")["iter"] == 3
-    assert ssr.load_segmentor(str(tmp_path / "moved" / "model.safetensors"))[1]["run_id"] == ids[1]
+    assert weights.load_segmentor(str(tmp_path / "moved" / "model.safetensors"))[1]["run_id"] == ids[1]
 
 
 def test_train_out_inside_a_dataset_folder_is_refused(_train_root, tmp_path, monkeypatch):
@@ -2203,7 +2266,7 @@ def test_train_full_disk_is_one_error_and_the_checkpoint_pair_stays_of_one_itera
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
         msg = next(line for line in r.stderr.splitlines() if line.startswith("error:"))
         assert f"the disk that holds {out} is full" in msg and "the checkpoint of iteration 2" in msg, msg
-        saved = ssr.load_segmentor(str(out / "model.safetensors"))[1]["iters"]
+        saved = weights.load_segmentor(str(out / "model.safetensors"))[1]["iters"]
         assert _train_state(out)["iter"] == saved == 2  # the pair of one iteration
         assert not [f for f in os.listdir(out) if f.endswith(".tmp")]  # nothing half-written left
     finally:
@@ -2433,7 +2496,7 @@ def test_demo_imagenet_pretraining_lowers_its_loss_and_saves_nvlabs_mit_weights(
     path = str(tmp_path / "mit.safetensors")
     demo.save_mit(encoder, path)
     loaded = demo.demo_mit(seed=1)
-    mit.load_weights(loaded, path)  # the layout --pretrained reads, strictly
+    weights.load_mit(loaded, path)  # the layout --pretrained reads, strictly
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), encoder.state_dict().values()))
     # the cache keys follow $SSR_CACHE and what determines each network
     monkeypatch.setenv("SSR_CACHE", str(tmp_path / "c"))
@@ -2459,7 +2522,7 @@ def test_demo_teacher_pretraining_lowers_its_loss_and_saves_a_sam_file(tmp_path)
     demo.save_teacher(encoder, path)
     assert all(k.startswith("image_encoder.") for k in load_file(path))  # the official SAM layout
     loaded = demo.teacher_encoder(seed=1)
-    sam_encoder.load_weights(loaded, path)
+    weights.load_sam(loaded, path)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), encoder.state_dict().values()))
 
 
@@ -2470,11 +2533,11 @@ def test_demo_train_takes_the_cached_teacher_for_ssr_and_none_gives_the_random_o
     class Stop(Exception):
         pass
 
-    def fake_teacher(name, weights, **kw):
-        seen.append(weights)
+    def fake_teacher(name, path, **kw):
+        seen.append(path)
         raise Stop
 
-    monkeypatch.setattr(sam_encoder, "frozen_teacher", fake_teacher)
+    monkeypatch.setattr(weights, "frozen_sam", fake_teacher)
     for i, extra in enumerate(([], ["--sam-weights", "none"])):
         monkeypatch.setattr(sys, "argv", ["train.py", "--demo", "--data-root", _train_root, "--method", "ssr",
                                           "--out", str(tmp_path / str(i)), "--workers", "0", *extra])

@@ -32,6 +32,7 @@ import files
 import mit
 import sam_encoder
 import ssr
+import weights
 from eval import debug_panel, evaluate, print_table, training_curves
 
 # -----------------------------------------------------------------------------
@@ -164,10 +165,11 @@ else:
 # Every flag is checked here, before anything slow or anything written.
 stages = tuple(int(s) for s in args.ssr_stages.split(",") if s.strip().isdigit())
 if args.pretrained is None:
-    raise files.FlagError(f"--pretrained is required: pass the ImageNet MiT weights ({mit.DOWNLOAD}; see README) or "
-                         f"--pretrained none for a random initialization (tests only: far from the paper's numbers).")
+    raise files.FlagError(f"--pretrained is required: pass the ImageNet MiT weights ({weights.MIT_DOWNLOAD}; see "
+                         f"README) or --pretrained none for a random initialization (tests only: far from the "
+                         f"paper's numbers).")
 if args.method == "ssr" and args.sam_weights is None:
-    raise files.FlagError(f"--method ssr needs the SAM teacher: pass --sam-weights PATH ({sam_encoder.DOWNLOAD}; see "
+    raise files.FlagError(f"--method ssr needs the SAM teacher: pass --sam-weights PATH ({weights.SAM_DOWNLOAD}; see "
                          f"README), or --sam-weights none for a random teacher (tests and demo only).")
 if args.method != "ssr" and args.sam_weights not in (None, "none"):
     raise files.FlagError(f"--sam-weights is only used by --method ssr, not by --method {args.method}: drop it.")
@@ -240,7 +242,7 @@ def stop_everywhere(error: Exception | None, saved: int = 0) -> None:
     if ddp:
         dist.all_gather_object(msgs, msgs[0], group=peers)
     note = f" The state at iteration {saved} is saved in {state_path}: fix this, then continue with --resume."
-    raise data.DatasetError(" ".join(dict.fromkeys(m for m in msgs if m)) + (note if saved else ""))
+    raise files.DatasetError(" ".join(dict.fromkeys(m for m in msgs if m)) + (note if saved else ""))
 
 
 # -----------------------------------------------------------------------------
@@ -257,7 +259,7 @@ def prepare() -> None:
     if state:  # the run id ties the state to the config.json and model.safetensors beside it
         files.check_one_run(out, {state_path: lambda: state.get("run_id"),
                                  config_path: lambda: json.loads(pathlib.Path(config_path).read_text()).get("run_id"),
-                                 model_path: lambda: ssr.load_segmentor(model_path)[1].get("run_id")})
+                                 model_path: lambda: weights.load_segmentor(model_path)[1].get("run_id")})
     print(f"run {out}: {args.method}{' + mic' if args.mic else ''}, {args.backbone}, {world} x {device.type}, {args.amp}")
     if args.demo:  # its domains, its toy ImageNet and its toy teacher, each made once
         demo.prepare(args.data_root, args.sam_weights, args.pretrained)
@@ -277,7 +279,7 @@ def save(it: int) -> None:
                     method=args.method, ssr_context=args.ssr_context, iters=it, run_id=run_id)
         state = dict(uda=uda.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter=it,
                      rng=rngs, args=json.dumps(vars(args)), run_id=run_id)
-        files.save_checkpoint(out, it, last_saved, (model_path, lambda tmp: ssr.write_segmentor(student, tmp, **meta)),
+        files.save_checkpoint(out, it, last_saved, (model_path, lambda tmp: weights.write_segmentor(student, tmp, **meta)),
                              (state_path, lambda tmp: torch.save(state, tmp)))
     last_saved = it
 
@@ -306,15 +308,15 @@ val_loader = data.make_val_loader(args.data_root, args.tgt, "val", scale=tgt_sca
 torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts them from rank 0)
 student = ssr.build_segmentor(ssr.SegConfig(backbone=args.backbone, **seg_sizes))
 if args.pretrained != "none":
-    mit.load_weights(student.backbone, args.pretrained)
+    weights.load_mit(student.backbone, args.pretrained)
 student.backbone.grad_checkpoint = args.grad_checkpoint
 uda = ssr.UDA(student, method=args.method, mic=args.mic, ssr_stages=stages, sam_img_size=args.sam_img_size,
               ignore_rows=ignore_rows, ema_alpha=args.ema_alpha, ssr_context=args.ssr_context).to(device)
 sam = None
 if args.method == "ssr" and args.ssr_context != "zeros":  # a zero context needs no SAM pass
-    sam = sam_encoder.frozen_teacher(args.sam, None if args.sam_weights == "none" else args.sam_weights,
-                                     img_size=args.sam_img_size, device=device, dtype=amp_dtype or torch.float32,
-                                     **sam_overrides)
+    sam = weights.frozen_sam(args.sam, None if args.sam_weights == "none" else args.sam_weights,
+                             img_size=args.sam_img_size, device=device, dtype=amp_dtype or torch.float32,
+                             **sam_overrides)
 if args.compile:  # speed, applied from outside the method: the same losses (tested)
     for net in (uda.student, uda.ema, uda.imnet, uda.ssr, sam):
         ssr.compile_blocks(net)
@@ -340,8 +342,8 @@ if state:
         uda.load_state_dict(state["uda"])
         optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError) as e:  # strict loading: a state of another model or version
-        raise mit.WeightsError(f"{state_path} does not fit this model: {str(e).splitlines()[0]} Start a new run in "
-                               f"another --out.") from None
+        raise files.WeightsError(f"{state_path} does not fit this model: {str(e).splitlines()[0]} Start a new run "
+                                 f"in another --out.") from None
     if scaler.is_enabled() and state["scaler"]:  # an fp16 run resumed in bf16/fp32 drops its loss scale
         scaler.load_state_dict(state["scaler"])
     if len(state["rng"]) == world:
@@ -356,11 +358,11 @@ if state:
     del state
 
 
-def next_batch() -> tuple[dict | None, data.DatasetError | None]:
+def next_batch() -> tuple[dict | None, files.DatasetError | None]:
     """This rank's next batch, or the error met reading it (which every rank must learn of: see the loop)."""
     try:
         return next(train_batches), None
-    except data.DatasetError as e:
+    except files.DatasetError as e:
         return None, e
 
 
@@ -452,7 +454,7 @@ while True:
                 files.log_line(log_path, dict(iter=it, miou=mious[-1][1]))
                 files.save_atomic(os.path.join(out, "curves.png"),
                                  lambda tmp: training_curves(files.read_log(log_path)).save(tmp, format="PNG"))
-            except data.DatasetError as e:
+            except files.DatasetError as e:
                 eval_error = e  # every rank learns of it at the next agreement
         if ddp:
             dist.barrier()  # the others wait for rank 0's evaluation on the patient default group
