@@ -343,8 +343,13 @@ def write_data(root: str, seed: int = 0, n_src: int = CONFIG["n_src"], n_tgt: in
     interrupted run leaves no half dataset that a later run would take for a whole one."""
     check_root(root)
     made_root = not os.path.exists(root)
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".ssr-demo-tmp-", dir=root)  # per process: two runs never share it
+    try:
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".ssr-demo-tmp-", dir=root)  # per process: two runs never share it
+    except OSError as e:  # the default data/demo in a read-only checkout
+        raise data.DatasetError(f"--data-root {root} cannot be written ({e.strerror or e}): the demo writes its "
+                                f"synthetic datasets there. Pass --data-root a folder you can write to, e.g. "
+                                f"--data-root ~/ssr-demo-data.") from None
     try:
         folders = [os.path.join(tmp, "gta5", d) for d in ("images", "labels")]
         folders += [os.path.join(tmp, "cityscapes", d, split, city) for d in ("leftImg8bit", "gtFine")

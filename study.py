@@ -6,7 +6,7 @@ table (with paired differences to dacs and their 95% intervals) and a chart.
 
 Each run is a train.py subprocess on one core, two at a time; a run whose folder holds its result is not run
 again, and one cut short continues (--resume), so a stopped study goes on where it stopped when run again. The
-data and the toy networks are made once before the first run (toys.prepare).
+data and the toy networks are made once before the first run (toys.prepare); --out is checked before that.
 """
 import argparse
 import json
@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +49,19 @@ def write_text(path: str, text: str) -> None:
         with open(tmp, "w") as f:
             f.write(text)
     files.save_atomic(path, write)
+
+
+def check_out(out: str) -> None:
+    """Fail before the first run, not after the data, the pretrainings and a first hour of runs, where --out cannot
+    hold the study's files (as the default runs/study in a read-only checkout)."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise files.FlagError(f"--out {out} cannot be written ({e.strerror or e}): the study keeps its runs, study.md "
+                              f"and study.png there. Pass --out a folder you can write to, e.g. --out ~/ssr-study; "
+                              f"nothing was run.") from None
 
 
 def parse_final_table(stdout: str) -> dict:
@@ -174,7 +188,7 @@ def main() -> None:
                                   f"comma-separated.")
         if args.seeds <= 0 or args.iters <= 0 or args.jobs <= 0:
             raise files.FlagError("--seeds, --iters and --jobs must be positive.")
-        os.makedirs(args.out, exist_ok=True)
+        check_out(args.out)
         study(list(range(args.seeds)), args.iters, args.out, args.data_root, settings, args.amp, args.jobs)
     except files.UserError as e:
         sys.exit(f"error: {e}")

@@ -2382,6 +2382,9 @@ def test_demo_never_deletes_or_overwrites_a_users_dataset(tmp_path, monkeypatch)
     (tmp_path / "afile").write_text("x")
     with pytest.raises(DatasetError, match="is a file, not a folder"):
         demo.write_data(str(tmp_path / "afile"), n_src=1, n_tgt=1, n_val=1)
+    # --data-root that cannot be made (as the default data/demo in a read-only checkout): one paragraph
+    with pytest.raises(DatasetError, match=r"--data-root .*afile/demo cannot be written \(.*Pass --data-root"):
+        demo.write_data(str(tmp_path / "afile" / "demo"), n_src=1, n_tgt=1, n_val=1)
 
 
 def test_demo_regenerates_only_the_folders_it_marked(tmp_path):
@@ -2525,6 +2528,24 @@ def test_study_reads_train_tables_and_writes_markdown_and_chart(capsys):
     chart = pictures.study_chart({study.TITLES[n]: [fake[n][s]["miou"] for s in range(3)] for n in fake})
     colors = np.unique(np.asarray(chart.convert("RGB")).reshape(-1, 3), axis=0)
     assert chart.size == (160 * 6 + 80, 420) and len(colors) > 3  # six bars, dots and text drawn
+
+
+def test_study_refuses_an_out_it_cannot_write_before_any_work(tmp_path, monkeypatch):
+    """A read-only checkout gave an OSError traceback for the default --out runs/study, after the data and the
+    pretrainings: now one paragraph naming --out, before anything is made."""
+    monkeypatch.setattr(toys, "prepare", lambda *a: pytest.fail("the data or a network was made before the check"))
+    (tmp_path / "afile").write_text("")  # a folder that cannot be made, even by root
+    outs = [tmp_path / "afile" / "study"]
+    if os.geteuid() != 0:  # root writes into a read-only folder anyway
+        (tmp_path / "ro").mkdir(0o500)
+        outs.append(tmp_path / "ro" / "study")
+    for out in outs:
+        monkeypatch.setattr(sys, "argv", ["study.py", "--out", str(out), "--data-root", str(tmp_path / "data")])
+        with pytest.raises(SystemExit) as e:
+            study.main()
+        msg = str(e.value.code)
+        assert msg.startswith(f"error: --out {out} cannot be written (") and "Pass --out a folder" in msg, msg
+        assert "\n" not in msg and not (tmp_path / "data").exists() and not out.exists()
 
 
 # ==============================================================================================================
