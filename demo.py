@@ -1,55 +1,31 @@
-"""The demo's toy world: a miniature of GTA5 -> Cityscapes, with its own ImageNet and its own SAM.
+"""The demo's world: a miniature of GTA5 -> Cityscapes, painted from shapes, and its two datasets written in the
+real layouts.
 
-    python train.py --demo           # adapt a tiny model from the GTA5-like to the Cityscapes-like domain
-    python demo.py pretrain          # the student's toy ImageNet pretraining (train.py --demo does it on first use)
-    python demo.py teacher           # the toy SAM teacher (likewise)
-    python demo.py probe             # linear probe of the teacher's frozen tokens: source vs target
-    python demo.py study             # 6 settings x 5 seeds; writes runs/study/study.md
+    python train.py --demo           # writes the two datasets to data/demo on first use, then adapts a tiny model
 
 The miniature, decided before the study's first number (README, "The demo"):
 - Two domains, fixed before any method ran on them and never changed: 200 labelled GTA5-like images, 200 unlabelled
   and 40 val Cityscapes-like ones, written in the datasets' real layouts so that --demo runs the real code path.
-- The student, as DAFormer's, starts from an ImageNet: `pretrain` trains the demo's MiT on scenes in random domains
-  (never the two demo styles) with an image-level task, which of 23 part kinds an object-centred crop shows
-  (IMAGENET: 800 scenes, 500 steps of 16 crops). It is the feature distance's ImageNet copy too.
-- The teacher, as SAM, saw every kind of image and no class: `teacher` trains the demo's SAM encoder on pixel-pair
-  affinity (same painted shape or not) over random and demo-styled domains (TEACHER: 600 scenes, 400 steps of 12).
-  It sees the crop upsampled 2x, as SAM sees a 512 crop at 1024: a 16x16 token grid, the student's stage-2 grid.
+- The student starts from a toy ImageNet and the teacher is a toy SAM, both pretrained on other scenes of this
+  world, never on a class label of the two demo domains (toys.py). study.py runs the study on top of train.py.
 - The schedule is DAFormer's scaled down (schedule()): 600 iterations, with every time constant the same fraction
   of the schedule as DAFormer's of 40k: warm-up 1500/40k -> 22, EMA horizon 1/(1 - alpha) 1000/40k -> 15
   (alpha 0.9333). The learning rate is 10x DAFormer's (6e-4): a tiny encoder, briefly pretrained.
 
 Read top to bottom: 1. the configuration; 2. the world (a scene is painted as shapes into a label map and a map of
 which shape owns each pixel; a domain and a palette turn the shapes into an image); 3. writing the datasets, with a
-marker file in every folder the demo writes (it only ever replaces its own folders); 4. the two pretrainings;
-5. the study: train.py run per setting and seed, a markdown table and a chart.
+marker file in every folder the demo writes (it only ever replaces its own folders).
 """
-import argparse
-import hashlib
-import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from PIL import Image, ImageDraw
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from PIL import Image
 
 import data
 import files
-import mit
-import sam_encoder
-import weights
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. configuration
@@ -80,8 +56,8 @@ def schedule(iters: int) -> dict:
 
 
 # train.py --demo sets these defaults (flags still override them). --pretrained and --sam-weights are left unset:
-# train.py then takes the toy ImageNet encoder (imagenet_path()) and, for --method ssr, the toy teacher
-# (teacher_path()); 'none' gives a random one. The learning rate is 10x DAFormer's: a tiny encoder, briefly
+# train.py then takes the toy ImageNet encoder (toys.imagenet_path()) and, for --method ssr, the toy teacher
+# (toys.teacher_path()); 'none' gives a random one. The learning rate is 10x DAFormer's: a tiny encoder, briefly
 # pretrained, in 600 iterations (chosen once, before any of the study's runs).
 FLAGS = dict(data_root="data/demo", backbone="mit_b0", sam_img_size=CONFIG["sam_img_size"], lr=6e-4,
              crop=CONFIG["crop"], eval_every=200, save_every=200, log_every=50, debug_every=200, **schedule(600))
@@ -117,6 +93,10 @@ COLORS = dict(
     paving=(140, 120, 104), slat=(84, 69, 48), ego=(40, 40, 45),
 )
 SKY_BANDS = 16  # the sky is painted in bands, lighter towards the horizon
+# the part each painted shape or texture is (Canvas.kinds), finer than the classes: the toy ImageNet's labels (toys.py)
+KINDS = ("sky", "building", "window", "trunk", "crown", "fence", "slat", "terrain", "sidewalk", "paving", "road",
+         "lane", "pole", "sign", "light box", "lamp", "car body", "car glass", "wheel", "legs", "clothes", "skin",
+         "ego car")
 # train ids used by the painter
 ROAD, SIDEWALK, BUILDING, FENCE, POLE, LIGHT, SIGN = 0, 1, 2, 4, 5, 6, 7
 VEGETATION, TERRAIN, SKY, PERSON, CAR = 8, 9, 10, 11, 13
@@ -261,7 +241,7 @@ def _textures(canvas: Canvas, domain: dict, palette: dict) -> None:
     canvas.recolor((label == FENCE) & (cols % domain.get("slats", 4) == 0), None, palette["slat"], kind="slat")
 
 
-def _camera(rng, canvas: Canvas, domain: dict) -> np.ndarray:
+def camera(rng, canvas: Canvas, domain: dict) -> np.ndarray:
     """The painted scene seen through the domain's camera and light: saturation and exposure act linearly on the
     colors, so on the list; then foliage shading, lens blur, sensor noise and a color cast. -> (H, W, 3) uint8."""
     h, w = canvas.label.shape
@@ -300,7 +280,7 @@ def street_scene(rng: np.random.Generator, h: int, w: int, domain: dict,
     segments depend on the random draws only, never on the palette's colors or on the class ids."""
     canvas = paint_scene(rng, h, w, domain, palette)
     segments = np.where(canvas.paint < SKY_BANDS, 0, canvas.paint).astype(np.uint8)
-    return _camera(rng, canvas, domain), canvas.label, segments
+    return camera(rng, canvas, domain), canvas.label, segments
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -338,7 +318,7 @@ def _write_item(job: tuple) -> None:
                                                       compress_level=1)
 
 
-def _check_root(root: str) -> bool:
+def check_root(root: str) -> bool:
     """True when root holds a complete demo; raises DatasetError where writing one could harm a user's files."""
     if os.path.exists(root) and not os.path.isdir(root):
         raise files.DatasetError(f"--data-root {root} is a file, not a folder; the demo writes its synthetic "
@@ -361,10 +341,15 @@ def write_data(root: str, seed: int = 0, n_src: int = CONFIG["n_src"], n_tgt: in
     fly), replacing earlier demo data but nothing else (see MARKER). The same seed writes the same pixels; scenes
     are drawn in parallel over the cores. Both folders are written aside in root and moved in at the end, so an
     interrupted run leaves no half dataset that a later run would take for a whole one."""
-    _check_root(root)
+    check_root(root)
     made_root = not os.path.exists(root)
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".ssr-demo-tmp-", dir=root)  # per process: two runs never share it
+    try:
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".ssr-demo-tmp-", dir=root)  # per process: two runs never share it
+    except OSError as e:  # the default data/demo in a read-only checkout
+        raise files.DatasetError(f"--data-root {root} cannot be written ({e.strerror or e}): the demo writes its "
+                                f"synthetic datasets there. Pass --data-root a folder you can write to, e.g. "
+                                f"--data-root ~/ssr-demo-data.") from None
     try:
         folders = [os.path.join(tmp, "gta5", d) for d in ("images", "labels")]
         folders += [os.path.join(tmp, "cityscapes", d, split, city) for d in ("leftImg8bit", "gtFine")
@@ -378,7 +363,7 @@ def write_data(root: str, seed: int = 0, n_src: int = CONFIG["n_src"], n_tgt: in
         jobs += [(tmp, seed, split, i, tgt_size) for split, n in (("train", n_tgt), ("val", n_val)) for i in range(n)]
         with files.worker_pool() as pool:
             pool.map(_write_item, jobs, chunksize=8)
-        _check_root(root)  # again: a user may have put a dataset there meanwhile
+        check_root(root)  # again: a user may have put a dataset there meanwhile
         for name in ("cityscapes", "gta5"):  # gta5 last: its presence marks a complete demo
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)  # only marked folders reach here
             os.replace(os.path.join(tmp, name), os.path.join(root, name))
@@ -387,634 +372,3 @@ def write_data(root: str, seed: int = 0, n_src: int = CONFIG["n_src"], n_tgt: in
         if made_root and not os.listdir(root):
             os.rmdir(root)
 
-
-def prepare(root: str, sam_weights: str | None = None, pretrained: str | None = None) -> None:
-    """What train.py --demo needs before it starts: the synthetic domains in root (written once) and, when the run
-    uses them, the toy ImageNet encoder and the toy teacher (each pretrained once, then cached). The cache folder
-    is checked first: no minute of pretraining is spent on a result that cannot be kept."""
-    to_make = [p for p, cached in ((pretrained, imagenet_path()), (sam_weights, teacher_path()))
-               if p == cached and not readable(p)]
-    if to_make:
-        files.check_cache_folder(os.path.dirname(to_make[0]))
-    if not _check_root(root):
-        print(f"writing the synthetic demo domains to {root} ...", flush=True)
-        write_data(root)
-    if pretrained == imagenet_path() and not readable(pretrained):
-        print(f"pretraining the demo's MiT on the toy ImageNet (once, about a minute on 2 cores; cached in "
-              f"{pretrained}) ...", flush=True)
-        pretrain_imagenet(pretrained)
-    if sam_weights == teacher_path() and not readable(sam_weights):
-        print(f"pretraining the toy SAM teacher (once, about a minute on 2 cores; cached in {sam_weights}) ...",
-              flush=True)
-        pretrain_teacher(sam_weights)
-
-
-def write_text(path: str, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    files.save_atomic(path, write)
-
-
-def readable(path: str) -> bool:
-    """A cached network that can be used: present and a whole safetensors file (a cut-short or empty one is made
-    again, not trusted)."""
-    try:
-        with safe_open(path, "pt") as f:
-            return len(list(f.keys())) > 0
-    except (OSError, SafetensorError):
-        return False
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 4. pretraining: the toy ImageNet (the student's starting point) and the toy SAM (the teacher)
-#
-# Two more worlds from the same painter. DAFormer's student starts from ImageNet: a broad image distribution that
-# is neither GTA nor Cityscapes, and an image-level task. SAM saw images of every kind and learnt class-agnostic
-# masks. Here:
-# - the toy ImageNet is scenes in random domains only (camera, light, noise, blur, textures, sizes: never the demo's
-#   two styles), with the world's colors of things, as ImageNet's cars are car-colored. Its task is image-level:
-#   which of the painter's 23 part kinds (wheel, lamp, car glass, legs, window, paving, ...) appear in an
-#   object-centred, randomly zoomed crop (object_crops), a multi-label classification from the mean of the last
-#   stage's tokens, like MiT's ImageNet head. Its labels are finer than the demo's 19 classes and say nothing
-#   about where a part is, so it is no segmentation task. (With random colors too, 300 steps learnt nothing
-#   beyond the labels' base rates: held-out AUC 0.49; with the world's colors 0.69.)
-# - the toy SAM's world is half random domains with random colors and a quarter of each demo style (SAM saw street
-#   scenes too); its task is pixel-pair affinity: whether two cells belong to the same painted shape, finer than
-#   the classes and blind to them. Neither sees a class label of either demo domain.
-
-KINDS = ("sky", "building", "window", "trunk", "crown", "fence", "slat", "terrain", "sidewalk", "paving", "road",
-         "lane", "pole", "sign", "light box", "lamp", "car body", "car glass", "wheel", "legs", "clothes", "skin",
-         "ego car")
-IMAGENET_VERSION = 1  # bump when the code changes what it learns: the cache key holds it
-IMAGENET = dict(n_scenes=800, n_held_out=100, steps=500, batch=16, lr=1e-3, weight_decay=0.05, warmup=40,
-                zoom=(0.25, 1.0),  # object_crops' squares: 32 to 128 px of a scene, resized to the 128 crop
-                min_fraction=0.02,  # a part is present from 2% of the square (a wheel or a lamp close up)
-                seed=0)
-TEACHER_VERSION = 2
-TEACHER = dict(n_scenes=600, n_held_out=100,  # scenes of the teacher's world, drawn once; training crops them
-               steps=400, batch=12, lr=1e-3, weight_decay=0.05, warmup=40,
-               points=96,  # 4x4-pixel cells of SAM's input per crop whose pairwise affinities are learned
-               embed=32,  # width of the throw-away decoder's pixel embeddings
-               seed=0)
-
-
-def random_palette(rng: np.random.Generator) -> dict:
-    """Every color of COLORS redrawn uniformly: cars, roads, skins and skies of any color."""
-    return {k: rng.uniform(0, 255, np.shape(v)).astype(np.float32) for k, v in COLORS.items()}
-
-
-def random_domain(rng: np.random.Generator) -> dict:
-    """A camera, light and city style drawn from ranges that hold both demo domains and reach well beyond them."""
-    return dict(sky=rng.uniform(20, 250, (2, 3)), window=tuple(rng.integers(3, 11, 2)),
-                car_size=rng.uniform(0.8, 1.5), person_size=rng.uniform(0.8, 1.5), light=rng.uniform(0.5, 1.3),
-                saturation=rng.uniform(0.1, 1.5), tint=rng.uniform(-25, 25, 3), noise=rng.uniform(0, 12),
-                blur=rng.random() < 0.5, ego=rng.random() < 0.3, paving=tuple(rng.integers(3, 14, 2)),
-                slats=int(rng.integers(2, 8)))
-
-
-def world_scene(job: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Scene i of a pretraining world, job = (seed, world, i), at the size and scale a training crop of its style
-    comes from. world 'imagenet': a random domain, with the world's colors of things; 'teacher': a quarter in the
-    source style, a quarter in the target style, half in a random domain with a random palette. -> (h, w, 3) uint8 image, (h, w) uint8 segment ids and
-    (h, w) uint8 part kinds (indices into KINDS), at the pipeline's scale. The class ids are never returned."""
-    seed, world, i = job
-    rng = np.random.default_rng([seed, 3 if world == "teacher" else 4, i])  # streams 0-2 are the datasets'
-    u = rng.random() if world == "teacher" else 1.0
-    if u < 0.5:
-        style = "source" if u < 0.25 else "target"
-        domain, palette = DOMAINS[style], COLORS
-    else:
-        style, domain = "target" if rng.random() < 0.5 else "source", random_domain(rng)
-        palette = random_palette(rng) if world == "teacher" else COLORS
-    (w, h), scale = (CONFIG["src_size"], CONFIG["src_scale"]) if style == "source" else (CONFIG["tgt_size"],
-                                                                                         CONFIG["tgt_scale"])
-    canvas = paint_scene(rng, h, w, domain, palette)
-    img = _camera(rng, canvas, domain)
-    segments = np.where(canvas.paint < SKY_BANDS, 0, canvas.paint).astype(np.uint8)
-    kinds = np.array([KINDS.index(k) for k in canvas.kinds], np.uint8)[canvas.paint]
-    size = data.rescale_size(w, h, scale)
-    return (data.resize_image(img, size).to(torch.uint8).permute(1, 2, 0).numpy(), data.resize_label(segments, size),
-            data.resize_label(kinds, size))
-
-
-def draw_scenes(seed: int, world: str, start: int, n: int) -> list:
-    with files.worker_pool() as pool:
-        return pool.map(world_scene, [(seed, world, i) for i in range(start, start + n)], chunksize=16)
-
-
-def random_crops(scenes: list, gen: torch.Generator, batch: int, crop: int) -> tuple[torch.Tensor, ...]:
-    """Random crops and flips of random scenes -> normalized images (B, 3, crop, crop) and their segments and part
-    kinds (B, crop, crop) each."""
-    imgs, segs, kinds = [], [], []
-    for j in torch.randint(len(scenes), (batch,), generator=gen).tolist():
-        img, seg, kind = scenes[j]
-        h, w = seg.shape
-        y = int(torch.randint(h - crop + 1, (), generator=gen))
-        x = int(torch.randint(w - crop + 1, (), generator=gen))
-        views = [torch.from_numpy(a[y:y + crop, x:x + crop]) for a in (img, seg, kind)]
-        if torch.rand((), generator=gen) < 0.5:
-            views = [v.flip(1) for v in views]
-        imgs.append(views[0].permute(2, 0, 1).float())
-        segs.append(views[1].long())
-        kinds.append(views[2].long())
-    return data.normalize(torch.stack(imgs)), torch.stack(segs), torch.stack(kinds)
-
-
-def object_crops(scenes: list, gen: torch.Generator, batch: int, crop: int, zoom=(0.25, 1.0),
-                 min_fraction: float = 0.02) -> tuple[torch.Tensor, torch.Tensor]:
-    """The toy ImageNet's images and labels. ImageNet's photos centre an object, and its RandomResizedCrop zooms in
-    at random: a square of side zoom * crop pixels around a pixel of a part kind drawn uniformly among those of a
-    random scene, resized to crop x crop and flipped at random -> normalized images (B, 3, crop, crop) and 0/1
-    part-presence targets (B, len(KINDS)): the parts that cover at least min_fraction of the square."""
-    imgs, targets = [], []
-    for j in torch.randint(len(scenes), (batch,), generator=gen).tolist():
-        img, _, kinds = scenes[j]
-        h, w = kinds.shape
-        present = np.unique(kinds)
-        ys, xs = np.nonzero(kinds == present[int(torch.randint(len(present), (), generator=gen))])
-        p = int(torch.randint(len(ys), (), generator=gen))
-        side = int(crop * (zoom[0] + (zoom[1] - zoom[0]) * torch.rand((), generator=gen).item()))
-        y0, x0 = int(np.clip(ys[p] - side // 2, 0, h - side)), int(np.clip(xs[p] - side // 2, 0, w - side))
-        view = torch.from_numpy(img[y0:y0 + side, x0:x0 + side]).permute(2, 0, 1).float()
-        view = F.interpolate(view[None], size=(crop, crop), mode="bilinear", align_corners=False)[0]
-        imgs.append(view.flip(-1) if torch.rand((), generator=gen) < 0.5 else view)
-        part = torch.from_numpy(kinds[y0:y0 + side, x0:x0 + side]).long().flatten()
-        targets.append((F.one_hot(part, len(KINDS)).float().mean(0) >= min_fraction).float())
-    return data.normalize(torch.stack(imgs)), torch.stack(targets)
-
-
-class PresenceHead(nn.Module):
-    """The toy ImageNet's classifier, thrown away after pretraining: the mean of the last stage's tokens, then a
-    linear layer, as MiT's ImageNet head (NVlabs' `head`)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.head = nn.Linear(dim, len(KINDS))
-
-    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:  # MiT's 4 maps -> (B, K) logits
-        return self.head(feats[-1].mean(dim=(2, 3)))
-
-
-def demo_mit(seed: int = IMAGENET["seed"]) -> mit.MixVisionTransformer:
-    """The demo's MiT (the preset and overrides train.py --demo builds), randomly initialized."""
-    torch.manual_seed(seed)
-    return mit.build_mit(FLAGS["backbone"], **CONFIG["mit"])
-
-
-def lr_at(step: int, steps: int, cfg: dict) -> float:
-    """Linear warm-up, then a cosine to 0: the pretrainings' schedule."""
-    return cfg["lr"] * min(1, (step + 1) / cfg["warmup"]) * 0.5 * (1 + math.cos(math.pi * step / steps))
-
-
-def fit(params: list, steps: int, cfg: dict, name: str, step_loss, log_every: int = 100) -> list[float]:
-    """The pretrainings' loop: AdamW on params under lr_at's schedule; step_loss(gen) draws a batch from the seeded
-    generator and returns its loss -> the loss of every step."""
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    gen = torch.Generator().manual_seed(cfg["seed"])
-    losses, t0 = [], time.time()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, cfg)
-        loss = step_loss(gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if log_every and (step + 1) % log_every == 0:
-            print(f"{name} step {step + 1}/{steps} loss {np.mean(losses[-log_every:]):.4f} ({time.time() - t0:.0f} s)",
-                  flush=True)
-    return losses
-
-
-def train_imagenet(scenes: list, steps: int, cfg: dict = IMAGENET, log_every: int = 100):
-    """Pretrain the demo's MiT with PresenceHead on random crops -> (encoder, head, loss per step)."""
-    encoder = demo_mit(cfg["seed"])
-    head = PresenceHead(encoder.cfg.embed_dims[-1])
-
-    def step_loss(gen):
-        img, target = object_crops(scenes, gen, cfg["batch"], CONFIG["crop"], cfg["zoom"], cfg["min_fraction"])
-        return F.binary_cross_entropy_with_logits(head(encoder(img)), target)
-
-    losses = fit([*encoder.parameters(), *head.parameters()], steps, cfg, "toy ImageNet", step_loss, log_every)
-    return encoder, head, losses
-
-
-@torch.no_grad()
-def presence_auc(encoder, head: PresenceHead, scenes: list, n: int = 256) -> float:
-    """The mean over part kinds of the ROC AUC of the presence logits on fixed crops of the given scenes: the
-    chance that a crop with the part scores above one without it (0.5 is chance)."""
-    img, target = object_crops(scenes, torch.Generator().manual_seed(1), n, CONFIG["crop"], IMAGENET["zoom"],
-                               IMAGENET["min_fraction"])
-    logits, aucs = head(encoder(img)), []
-    for k in range(len(KINDS)):
-        pos, neg = logits[target[:, k] > 0, k], logits[target[:, k] == 0, k]
-        if len(pos) and len(neg):
-            aucs.append((pos[:, None] > neg[None, :]).float().mean().item())
-    return float(np.mean(aucs))
-
-
-def cache_path(name: str, *what) -> str:
-    """A pretrained network's place in the cache (files.cache_folder()), under a hash of what determines it."""
-    key = json.dumps(what, sort_keys=True)
-    return os.path.join(files.cache_folder(), f"{name}_{hashlib.sha1(key.encode()).hexdigest()[:16]}.safetensors")
-
-
-def imagenet_path() -> str:
-    return cache_path("toy_imagenet_mit", IMAGENET, CONFIG["mit"], FLAGS["backbone"], IMAGENET_VERSION)
-
-
-def teacher_path() -> str:
-    return cache_path("toy_teacher", TEACHER, CONFIG["sam"], CONFIG["sam_img_size"], TEACHER_VERSION)
-
-
-def pretrain_imagenet(path: str) -> None:
-    """Draw the toy ImageNet, pretrain, report the held-out accuracy, save the encoder to path in the NVlabs MiT
-    layout, which --pretrained loads (the classifier is dropped, as weights.load_mit drops NVlabs' head)."""
-    t0 = time.time()
-    scenes = draw_scenes(IMAGENET["seed"], "imagenet", 0, IMAGENET["n_scenes"])
-    held_out = draw_scenes(IMAGENET["seed"], "imagenet", IMAGENET["n_scenes"], IMAGENET["n_held_out"])
-    encoder, head, losses = train_imagenet(scenes, IMAGENET["steps"])
-    auc = presence_auc(encoder.eval(), head, held_out)
-    print(f"toy ImageNet: part-presence AUC on held-out scenes {auc:.3f} (chance 0.5), loss "
-          f"{np.mean(losses[:20]):.3f} -> {np.mean(losses[-20:]):.3f}, {time.time() - t0:.0f} s in all", flush=True)
-    save_mit(encoder, path)
-
-
-def save_network(sd: dict, path: str, meta: dict) -> None:
-    """A pretrained network's tensors as safetensors, written atomically (its folder made if needed)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    files.save_atomic(path, lambda tmp: save_file(sd, tmp, metadata=meta))
-
-
-def save_mit(encoder: mit.MixVisionTransformer, path: str) -> None:
-    """The encoder alone, in the NVlabs MiT layout, written atomically: --pretrained loads it."""
-    meta = {"what": "the ssr demo's MiT pretrained on its toy ImageNet (demo.py pretrain)",
-            "config": json.dumps(IMAGENET), "version": str(IMAGENET_VERSION)}
-    save_network({k: v.detach().contiguous() for k, v in encoder.state_dict().items()}, path, meta)
-
-
-def sam_view(img: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Crops (B, 3, c, c) and segments (B, c, c) as the teacher sees them in training: resized to sam_img_size
-    (UDA.sam_tokens: bilinear), the segments by repetition."""
-    s = CONFIG["sam_img_size"]
-    k = s // img.shape[-1]
-    return (F.interpolate(img, size=(s, s), mode="bilinear", align_corners=False),
-            seg.repeat_interleave(k, 1).repeat_interleave(k, 2))
-
-
-class AffinityDecoder(nn.Module):
-    """The pretext head, thrown away after pretraining: each token's 256 features become pixel embeddings of its
-    4x4 cells of 4x4 pixels (a 1x1 conv, then pixel shuffle), so the encoder must describe what lies inside its
-    16-px patch, not only what the patch is. Two pixels' affinity logit is their scaled cosine."""
-
-    def __init__(self, embed: int):
-        super().__init__()
-        self.proj = nn.Conv2d(sam_encoder.SamConfig.out_chans, 16 * embed, 1)
-        self.scale = nn.Parameter(torch.tensor(10.0))
-        self.bias = nn.Parameter(torch.tensor(-5.0))
-
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:  # (B, 256, g, g) -> (B, E, 4g, 4g), unit length
-        return F.normalize(F.pixel_shuffle(self.proj(feats), 4), dim=1)
-
-
-def affinity_pairs(emb: torch.Tensor, segments: torch.Tensor, gen: torch.Generator, points: int):
-    """Sample `points` cells per image -> (their cosine similarities (B, P, P), same-segment targets (B, P, P)).
-    A cell's segment is the segment of its centre pixel in the full-resolution (B, H, W) segment map."""
-    B, E, h, w = emb.shape
-    cell = segments.shape[-1] // w
-    idx = torch.stack([torch.randperm(h * w, generator=gen)[:points] for _ in range(B)])  # (B, P)
-    e = emb.flatten(2).gather(2, idx[:, None].expand(B, E, points))  # (B, E, P)
-    centres = segments[:, cell // 2::cell, cell // 2::cell].flatten(1).gather(1, idx)  # (B, P)
-    return e.transpose(1, 2) @ e, (centres[:, :, None] == centres[:, None, :]).float()  # (B, P, P) each
-
-
-def affinity_loss(cos: torch.Tensor, same: torch.Tensor, dec: AffinityDecoder) -> torch.Tensor:
-    """Binary cross-entropy of same-segment, positives and negatives weighted equally (most pairs differ)."""
-    loss = F.binary_cross_entropy_with_logits(cos * dec.scale + dec.bias, same, reduction="none")
-    pos = (loss * same).sum() / same.sum().clamp(min=1)
-    neg = (loss * (1 - same)).sum() / (1 - same).sum().clamp(min=1)
-    return (pos + neg) / 2
-
-
-@torch.no_grad()
-def affinity_accuracy(encoder, dec: AffinityDecoder, scenes: list, seed: int = 1, batches: int = 8) -> float:
-    """Balanced accuracy (mean of the accuracies on same- and different-segment pairs; chance is 0.5) on fixed
-    crops of the given scenes."""
-    gen = torch.Generator().manual_seed(seed)
-    hits = torch.zeros(2)
-    for _ in range(batches):
-        img, seg = sam_view(*random_crops(scenes, gen, TEACHER["batch"], CONFIG["crop"])[:2])
-        cos, same = affinity_pairs(dec(encoder(img)), seg, gen, TEACHER["points"])
-        pred = (cos * dec.scale + dec.bias) > 0
-        hits += torch.stack([(pred & (same > 0)).sum() / same.sum(), (~pred & (same == 0)).sum() / (same == 0).sum()])
-    return (hits / batches).mean().item()
-
-
-def teacher_encoder(seed: int = TEACHER["seed"]) -> sam_encoder.SamEncoder:
-    """The demo's SAM encoder (the same code as the real one, the small preset of CONFIG), randomly initialized."""
-    torch.manual_seed(seed)
-    return sam_encoder.build_sam_encoder("vit_b", CONFIG["sam_img_size"], **CONFIG["sam"])
-
-
-def train_teacher(scenes: list, steps: int, freeze_encoder: bool = False, log_every: int = 100,
-                  cfg: dict = TEACHER) -> tuple[sam_encoder.SamEncoder, AffinityDecoder, list[float]]:
-    """Pretrain encoder and decoder on pixel-pair affinity -> (encoder, decoder, loss per step). With
-    freeze_encoder only the decoder learns, on the random encoder: what a random teacher's features allow."""
-    encoder, dec = teacher_encoder(cfg["seed"]), AffinityDecoder(cfg["embed"])
-    encoder.requires_grad_(not freeze_encoder)
-    params = [p for p in list(encoder.parameters()) + list(dec.parameters()) if p.requires_grad]
-
-    def step_loss(gen):
-        img, seg = sam_view(*random_crops(scenes, gen, cfg["batch"], CONFIG["crop"])[:2])
-        cos, same = affinity_pairs(dec(encoder(img)), seg, gen, cfg["points"])
-        return affinity_loss(cos, same, dec)
-
-    losses = fit(params, steps, cfg, "teacher", step_loss, log_every)
-    return encoder, dec, losses
-
-
-def save_teacher(encoder: sam_encoder.SamEncoder, path: str) -> None:
-    """The encoder alone, in the official SAM layout (image_encoder.*), written atomically: --sam-weights loads it."""
-    sd = {f"image_encoder.{k}": v.detach().contiguous() for k, v in encoder.state_dict().items()}
-    meta = {"what": "toy SAM teacher of the ssr demo (demo.py teacher)", "config": json.dumps(TEACHER),
-            "version": str(TEACHER_VERSION)}
-    save_network(sd, path, meta)
-
-
-def pretrain_teacher(path: str, probe_random: bool = False) -> None:
-    """Draw the teacher's world, pretrain, report the held-out pretext accuracy, save the encoder to path."""
-    t0 = time.time()
-    scenes = draw_scenes(TEACHER["seed"], "teacher", 0, TEACHER["n_scenes"])
-    held_out = draw_scenes(TEACHER["seed"], "teacher", TEACHER["n_scenes"], TEACHER["n_held_out"])
-    encoder, dec, losses = train_teacher(scenes, TEACHER["steps"], freeze_encoder=probe_random)
-    acc = affinity_accuracy(encoder.eval(), dec, held_out)
-    what = "random encoder, trained decoder" if probe_random else "pretrained teacher"
-    print(f"{what}: same-segment pair accuracy on held-out domains {100 * acc:.1f}% (balanced, chance 50%), "
-          f"loss {np.mean(losses[:20]):.3f} -> {np.mean(losses[-20:]):.3f}, {time.time() - t0:.0f} s in all",
-          flush=True)
-    if not probe_random:
-        save_teacher(encoder, path)
-
-
-def _probe_crops(style: str, n: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
-    """n centre crops of scenes of a demo domain -> normalized images (n, 3, crop, crop), train ids (n, crop, crop)."""
-    (w, h), scale = (CONFIG["src_size"], CONFIG["src_scale"]) if style == "source" else (CONFIG["tgt_size"],
-                                                                                         CONFIG["tgt_scale"])
-    size, c = data.rescale_size(w, h, scale), CONFIG["crop"]
-    y0, x0 = (size[1] - c) // 2, (size[0] - c) // 2
-    imgs, lbls = [], []
-    for i in range(n):
-        img, lbl, _ = street_scene(np.random.default_rng([seed, 5, i]), h, w, DOMAINS[style])
-        imgs.append(data.resize_image(img, size)[:, y0:y0 + c, x0:x0 + c])
-        lbls.append(data.resize_label(lbl, size)[y0:y0 + c, x0:x0 + c])
-    return data.normalize(torch.stack(imgs)), np.stack(lbls)
-
-
-@torch.no_grad()
-def _cells(encoder, imgs: torch.Tensor, lbls: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens upsampled 4x to cells, and the train id at each cell's centre; ignored cells dropped."""
-    s = CONFIG["sam_img_size"]
-    feats = encoder(F.interpolate(imgs, size=(s, s), mode="bilinear", align_corners=False))  # (N, 256, g, g)
-    x = F.interpolate(feats, scale_factor=4, mode="bilinear", align_corners=False)  # (N, 256, 4g, 4g)
-    x = x.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
-    cell = lbls.shape[-1] // (4 * feats.shape[-1])
-    y = torch.from_numpy(lbls[:, cell // 2::cell, cell // 2::cell].astype(np.int64)).reshape(-1)
-    return x[y != data.IGNORE], y[y != data.IGNORE]
-
-
-def transfer_probe(encoder, n: int = 48, steps: int = 300) -> dict:
-    """What the frozen teacher knows that survives the domain shift, apart from SSR: a linear classifier of the 19
-    classes on its tokens, fit on source crops, scored (mIoU over the classes present, %) on held-out source crops
-    and on target crops. The class ids judge the teacher here; its pretraining never sees them."""
-    src_x, src_y = _cells(encoder.eval(), *_probe_crops("source", n, seed=11))
-    held = _cells(encoder, *_probe_crops("source", n // 2, seed=12))
-    tgt = _cells(encoder, *_probe_crops("target", n // 2, seed=13))
-    mu, sd = src_x.mean(0), src_x.std(0) + 1e-5
-    torch.manual_seed(0)
-    linear = nn.Linear(src_x.shape[1], len(data.CLASSES))
-    opt = torch.optim.Adam(linear.parameters(), lr=0.05)
-    for _ in range(steps):  # full batch: a few thousand cells
-        loss = F.cross_entropy(linear((src_x - mu) / sd), src_y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    @torch.no_grad()
-    def miou(x, y):
-        pred = linear((x - mu) / sd).argmax(1)
-        return 100 * np.mean([((pred == c) & (y == c)).sum().item() / ((pred == c) | (y == c)).sum().item()
-                              for c in y.unique().tolist()])
-    return dict(source=miou(*held), target=miou(*tgt))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 5. the study: every setting trained by train.py itself, per seed
-
-SETTINGS = {  # name -> train.py flags on top of --demo
-    "source-only": ["--method", "source-only"],
-    "dacs": ["--method", "dacs"],
-    "ssr-random": ["--method", "ssr", "--sam-weights", "none"],
-    "ssr-toy": ["--method", "ssr"],  # the toy teacher: --demo's default for ssr
-    "ssr-shuffled": ["--method", "ssr", "--ssr-context", "shuffled"],
-    "ssr-zeros": ["--method", "ssr", "--ssr-context", "zeros"],
-}
-TITLES = {"source-only": "source only", "dacs": "dacs", "ssr-random": "ssr, random teacher",
-          "ssr-toy": "ssr, toy teacher", "ssr-shuffled": "ssr, shuffled tokens", "ssr-zeros": "ssr, zero context"}
-# Student's t, 97.5% quantile by degrees of freedom: the half-width of a 95% interval is t * sd / sqrt(n)
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 20: 2.086, 30: 2.042}
-
-
-def parse_final_table(stdout: str) -> dict:
-    """The last per-class table that train.py printed (eval.print_table) -> dict(miou, iou: 19 values or NaN)."""
-    lines = stdout.splitlines()
-    start = max(i for i, line in enumerate(lines) if line.split() == ["class", "IoU"])
-    iou = []
-    for line in lines[start + 1:start + 1 + len(data.CLASSES)]:
-        value = line.rsplit(None, 1)[-1]
-        iou.append(float("nan") if value == "n/a" else float(value))
-    miou = next(float(line.split()[1]) for line in lines[start:] if line.startswith("mIoU:"))
-    return dict(miou=miou, iou=iou)
-
-
-def run_setting(setting: str, seed: int, iters: int, out: str, data_root: str, amp: str | None) -> dict:
-    """Train one setting with train.py on one core (skipped when out holds its result already) ->
-    dict(miou, iou, seconds)."""
-    result_path = os.path.join(out, "study_result.json")
-    if os.path.isfile(result_path):
-        with open(result_path) as f:
-            return json.load(f)
-    sched = schedule(iters)
-    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--demo",
-           *SETTINGS[setting], "--seed", str(seed), "--iters", str(iters), "--warmup", str(sched["warmup"]),
-           "--ema-alpha", str(sched["ema_alpha"]), "--out", out, "--data-root", data_root, "--eval-every", "0",
-           "--save-every", str(iters), "--debug-every", "0", "--workers", "0"] + (["--amp", amp] if amp else [])
-    if os.path.exists(os.path.join(out, "train_state.pt")):  # a run cut short (a stop of the study): continue it
-        cmd.append("--resume")
-    t0 = time.time()
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # two runs at a time, one core each (study())
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if run.returncode:
-        raise files.UserError(f"{' '.join(cmd)} failed (exit status {run.returncode}): "
-                             f"{' '.join(run.stderr.split()[-60:])}")
-    result = dict(parse_final_table(run.stdout), seconds=time.time() - t0)
-    write_text(result_path, json.dumps(result))
-    return result
-
-
-def mean_sd_ci(xs: list[float]) -> tuple[float, float, float]:
-    """Mean, sample sd and the half-width of the 95% t-interval of the mean."""
-    n = len(xs)
-    sd = float(np.std(xs, ddof=1)) if n > 1 else 0.0
-    t = T975.get(n - 1, T975[max(k for k in T975 if k <= n - 1)] if n > 1 else float("nan"))
-    return float(np.mean(xs)), sd, t * sd / math.sqrt(n) if n > 1 else float("nan")
-
-
-def study_markdown(results: dict, seeds: list[int], note: str = "") -> str:
-    """results[setting][seed] = dict(miou, iou) -> the study's markdown: target mIoU per seed, mean, sd, the paired
-    difference to dacs with its 95% interval, and the per-class IoU of every setting (means over seeds)."""
-    names = list(results)
-    rows = ["| seed | " + " | ".join(TITLES.get(n, n) for n in names) + " |", "|---" * (len(names) + 1) + "|"]
-    rows += [f"| {s} | " + " | ".join(f"{results[n][s]['miou']:.2f}" for n in names) + " |" for s in seeds]
-    stats = {n: mean_sd_ci([results[n][s]["miou"] for s in seeds]) for n in names}
-    rows.append("| mean | " + " | ".join(f"**{stats[n][0]:.2f}**" for n in names) + " |")
-    rows.append("| sd | " + " | ".join(f"{stats[n][1]:.2f}" for n in names) + " |")
-    if "dacs" in results:
-        diffs = {n: mean_sd_ci([results[n][s]["miou"] - results["dacs"][s]["miou"] for s in seeds]) for n in names}
-        rows.append("| minus dacs, same seed: mean [95% interval] | " + " | ".join(
-            "-" if n == "dacs" else f"{diffs[n][0]:+.2f} [{diffs[n][0] - diffs[n][2]:+.2f}, "
-            f"{diffs[n][0] + diffs[n][2]:+.2f}]" for n in names) + " |")
-    lines = ([note, ""] if note else []) + ["Target mIoU (%) on the demo's Cityscapes-like val set:", ""] + rows
-    with warnings.catch_warnings():  # a class absent from the val labels and every prediction is NaN throughout
-        warnings.simplefilter("ignore", RuntimeWarning)
-        per_class = {n: np.nanmean([results[n][s]["iou"] for s in seeds], axis=0) for n in names}
-    lines += ["", "Per-class IoU (%), mean over seeds:", "",
-              "| class | " + " | ".join(TITLES.get(n, n) for n in names) + " |", "|---" * (len(names) + 1) + "|"]
-    for c, name in enumerate(data.CLASSES):
-        if not all(math.isnan(per_class[n][c]) for n in names):
-            lines.append(f"| {name} | " + " | ".join(f"{per_class[n][c]:.2f}" for n in names) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def study_chart(results: dict, seeds: list[int], path: str) -> None:
-    """Bars of the mean target mIoU per setting, each seed a dot on its bar; drawn with pillow."""
-    names = list(results)
-    values = [[results[n][s]["miou"] for s in seeds] for n in names]
-    lo = math.floor(min(min(v) for v in values) / 5) * 5 - 5
-    hi = math.ceil(max(max(v) for v in values) / 5) * 5
-    W, H, left, top, bottom = 160 * len(names) + 80, 420, 60, 30, 60
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    y_of = lambda v: top + (hi - v) / (hi - lo) * (H - top - bottom)  # noqa: E731
-    for tick in range(lo, hi + 1, 5):
-        d.line([(left, y_of(tick)), (W - 10, y_of(tick))], fill=(225, 225, 225))
-        d.text((10, y_of(tick) - 6), f"{tick}", fill="black")
-    d.text((10, 8), "target mIoU (%), bars: mean, dots: seeds", fill="black")
-    for i, (n, v) in enumerate(zip(names, values)):
-        x0 = left + 20 + i * 160
-        d.rectangle([x0, y_of(np.mean(v)), x0 + 110, y_of(lo)], fill=(120, 160, 210), outline=(60, 90, 140))
-        for j, m in enumerate(v):
-            cx, cy = x0 + 25 + j * 60 / max(len(v) - 1, 1), y_of(m)
-            d.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=(200, 50, 40))
-        d.text((x0, H - bottom + 10), TITLES.get(n, n), fill="black")
-        d.text((x0, H - bottom + 26), f"{np.mean(v):.2f}", fill="black")
-    img.save(path)
-
-
-def study(seeds: list[int], iters: int, out: str, data_root: str, settings: list[str], amp: str | None,
-          jobs: int = 2) -> str:
-    """Run every setting for every seed, `jobs` runs at a time on one core each (on 2 cores two one-core runs get
-    through 1.5x the iterations of one two-core run), write out/study.md and out/study.png, return the markdown."""
-    uses_teacher = any("--sam-weights" not in SETTINGS[n] and "zeros" not in SETTINGS[n] for n in settings
-                       if SETTINGS[n][1] == "ssr")
-    prepare(data_root, teacher_path() if uses_teacher else None, imagenet_path())  # once, before the runs
-    results, t0 = {n: {} for n in settings}, time.time()
-    todo = [(n, seed) for seed in seeds for n in settings]
-
-    def run(job):
-        n, seed = job
-        r = run_setting(n, seed, iters, os.path.join(out, f"{n}_seed{seed}"), data_root, amp)
-        print(f"{n} seed {seed}: target mIoU {r['miou']:.2f} ({r['seconds']:.0f} s)", flush=True)
-        return job, r
-
-    with ThreadPoolExecutor(jobs) as pool:
-        for (n, seed), r in pool.map(run, todo):
-            results[n][seed] = r
-    wall = time.time() - t0
-    note = (f"{len(seeds)} seeds, {iters} iterations, {amp or 'fp32'}, {jobs} runs at a time; `python demo.py study "
-            f"--seeds {len(seeds)} --iters {iters}" + (f" --amp {amp}" if amp else "") + (
-                f" --settings {','.join(settings)}" if settings != list(SETTINGS) else "") + f"`; {wall:.0f} s")
-    md = study_markdown(results, seeds, note)
-    write_text(os.path.join(out, "study.md"), md)
-    study_chart(results, seeds, os.path.join(out, "study.png"))
-    print(md + f"\nwrote {os.path.join(out, 'study.md')} and study.png; {wall:.0f} s", flush=True)
-    return md
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# command line
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    pt = sub.add_parser("pretrain", help="pretrain the demo's MiT on the toy ImageNet (train.py --demo does it on "
-                                         "first use)")
-    pt.add_argument("--out", help=f"safetensors file to write (default: the cache, {imagenet_path()})")
-    t = sub.add_parser("teacher", help="pretrain the toy SAM teacher (train.py --demo does it on first use)")
-    t.add_argument("--out", help=f"safetensors file to write (default: the cache, {teacher_path()})")
-    t.add_argument("--probe-random", action="store_true",
-                   help="train only the pretext decoder on the frozen random encoder and report its accuracy (a "
-                        "baseline for the teacher's); writes nothing")
-    pr = sub.add_parser("probe", help="linear probe of a teacher's frozen features: fit on source, score on target")
-    pr.add_argument("--weights", default=None, help="SAM weights to probe, or 'none' (default: the toy teacher)")
-    s = sub.add_parser("study", help="train the six settings of the study (README) for each seed")
-    s.add_argument("--seeds", type=int, default=5, help="seeds 0 .. N-1")
-    s.add_argument("--iters", type=int, default=FLAGS["iters"],
-                   help="training iterations per run; the warm-up and EMA horizon follow schedule()")
-    s.add_argument("--out", default="runs/study", help="folder for the runs, study.md and study.png")
-    s.add_argument("--data-root", default=FLAGS["data_root"], help="the demo data (written there if absent)")
-    s.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated among {', '.join(SETTINGS)}")
-    s.add_argument("--jobs", type=int, default=2, help="runs at a time, one core each")
-    s.add_argument("--amp", choices=["bf16", "fp16", "fp32"],
-                   help="train.py --amp for every run (default: train.py's, fp32 on a CPU)")
-    args = p.parse_args()
-    try:
-        if args.cmd == "pretrain":
-            out = args.out or imagenet_path()
-            files.check_cache_folder(os.path.dirname(os.path.abspath(out)))
-            pretrain_imagenet(out)
-            print(f"wrote {out}")
-        elif args.cmd == "teacher":
-            out = args.out or teacher_path()
-            if not args.probe_random:
-                files.check_cache_folder(os.path.dirname(os.path.abspath(out)))
-            pretrain_teacher(out, probe_random=args.probe_random)
-            if not args.probe_random:
-                print(f"wrote {out}")
-        elif args.cmd == "probe":
-            path = args.weights or teacher_path()
-            encoder = teacher_encoder()
-            if path != "none":
-                weights.load_sam(encoder, path)
-            r = transfer_probe(encoder)
-            print(f"{path}: linear probe of the 19 classes on frozen tokens, fit on the source domain: "
-                  f"mIoU {r['source']:.1f} on held-out source crops, {r['target']:.1f} on target crops")
-        else:
-            settings = [x for x in args.settings.split(",") if x]
-            if not settings or any(x not in SETTINGS for x in settings):
-                raise files.FlagError(f"--settings {args.settings!r}: choose among {', '.join(SETTINGS)}, "
-                                     f"comma-separated.")
-            if args.seeds <= 0 or args.iters <= 0 or args.jobs <= 0:
-                raise files.FlagError("--seeds, --iters and --jobs must be positive.")
-            os.makedirs(args.out, exist_ok=True)
-            study(list(range(args.seeds)), args.iters, args.out, args.data_root, settings, args.amp, args.jobs)
-    except files.UserError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("stopped; nothing half-written was left behind (a study continues where it stopped when run "
-                 "again)")
-
-
-if __name__ == "__main__":
-    main()

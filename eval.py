@@ -26,12 +26,13 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 import data
 import files
+import pictures
 import ssr
 import weights
 
@@ -112,59 +113,7 @@ def network_logits(model: Callable[[Tensor], Tensor], img: Tensor, mode: str, cr
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# pictures
-
-
-def colorize(label: np.ndarray) -> Image.Image:
-    """(H, W) train ids -> 'P' PNG image whose palette is the Cityscapes colors (255 and unknown ids: black)."""
-    im = Image.fromarray(label.astype(np.uint8), mode="P")
-    palette = np.zeros((256, 3), np.uint8)
-    palette[:len(data.PALETTE)] = data.PALETTE
-    im.putpalette(palette.ravel().tolist())
-    return im
-
-
-def picture(img: Tensor) -> Image.Image:
-    """Normalized (3, h, w) network input -> the RGB picture it came from."""
-    rgb = data.denormalize(img.float().cpu())
-    return Image.fromarray(rgb.round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
-
-
-def side_by_side(img: Tensor, *labels: np.ndarray) -> Image.Image:
-    """image | each label map, at the network's scale (img: normalized (3, h, w); labels: (H, W) train ids)."""
-    rgb = picture(img)
-    w, h = rgb.size
-    panels = [rgb] + [colorize(x).convert("RGB").resize((w, h), Image.NEAREST) for x in labels]
-    out = Image.new("RGB", (len(panels) * w, h))
-    for k, panel in enumerate(panels):
-        out.paste(panel, (k * w, 0))
-    return out
-
-
-LEGEND_CELL = (150, 16)  # one class's swatch and name (pixels): the longest name, 'traffic light', fits
-
-
-def legend(width: int) -> Image.Image:
-    """The 19 classes' colors and names in a grid `width` pixels wide, in Pillow's default font."""
-    cols = max(1, width // LEGEND_CELL[0])
-    rows = -(-len(data.CLASSES) // cols)
-    out = Image.new("RGB", (width, rows * LEGEND_CELL[1] + 4), (255, 255, 255))
-    draw, font = ImageDraw.Draw(out), ImageFont.load_default()
-    for i, (name, color) in enumerate(zip(data.CLASSES, data.PALETTE)):
-        x, y = (i % cols) * LEGEND_CELL[0] + 4, (i // cols) * LEGEND_CELL[1] + 4
-        draw.rectangle((x, y, x + 11, y + 11), fill=color, outline=(0, 0, 0))
-        draw.text((x + 16, y), name, fill=(0, 0, 0), font=font)
-    return out
-
-
-def compose_with_legend(img: Tensor, pred: np.ndarray) -> Image.Image:
-    """image | prediction at the network's scale, above the legend of the colors."""
-    top = side_by_side(img, pred)
-    key = legend(top.width)
-    out = Image.new("RGB", (top.width, top.height + key.height))
-    out.paste(top, (0, 0))
-    out.paste(key, (0, top.height))
-    return out
+# saved predictions
 
 
 def save_predictions(save_dir: str, batch: dict, pred: Tensor, with_side: bool) -> None:
@@ -172,85 +121,10 @@ def save_predictions(save_dir: str, batch: dict, pred: Tensor, with_side: bool) 
     preds, labels = pred.cpu().numpy(), batch["lbl"].numpy()
     for i, path in enumerate(batch["path"]):
         stem = os.path.basename(path).removesuffix(".png").removesuffix("_leftImg8bit")
-        colorize(preds[i]).save(os.path.join(save_dir, stem + ".png"))
+        pictures.colorize(preds[i]).save(os.path.join(save_dir, stem + ".png"))
         if with_side:
-            picture = side_by_side(batch["img"][i], labels[i], preds[i])  # image | ground truth | prediction
+            picture = pictures.side_by_side(batch["img"][i], labels[i], preds[i])  # image | ground truth | prediction
             picture.save(os.path.join(save_dir, "side_by_side", stem + ".png"))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# training pictures: train.py's debug panels and loss curves, drawn with pillow alone
-
-CAPTION = 12  # px of caption strip above each tile
-NOT_LOSSES = ("iter", "lr", "it_s", "elapsed_s", "skipped", "mem_gib")  # the other fields of a progress line
-
-
-def debug_panel(pictures: dict[str, Tensor]) -> Image.Image:
-    """DAFormer-style debug panel of the first image of a batch, from ssr.UDA's `pictures`: source image, label
-    and prediction (and, for SSR, the prediction from the SAM-enhanced features); target image, pseudo-label and
-    the teacher's confidence (black 0, white 1); mixed image and its label. Each tile at the crop's size."""
-    p = {k: v[0] for k, v in pictures.items()}
-    w, h = p["src_img"].shape[2], p["src_img"].shape[1]
-    ids = lambda t: colorize(t.cpu().numpy()).convert("RGB")  # noqa: E731
-    confidence = F.softmax(p["tgt_logits"].float(), dim=0).max(0).values
-    rows = [[("source", picture(p["src_img"])), ("source label", ids(p["src_lbl"])),
-             ("prediction", ids(p["src_logits"].argmax(0)))],
-            [("target", picture(p["tgt_img"])), ("pseudo-label", ids(p["plabel"])),
-             ("confidence", Image.fromarray((confidence * 255).round().byte().cpu().numpy()).convert("RGB"))],
-            [("mixed", picture(p["mix_img"])), ("mixed label", ids(p["mix_lbl"]))]]
-    if "ssr_logits" in p:
-        rows[0].append(("prediction, SAM-enhanced", ids(p["ssr_logits"].argmax(0))))
-    out = Image.new("RGB", (w * max(map(len, rows)), (h + CAPTION) * len(rows)), (255, 255, 255))
-    draw = ImageDraw.Draw(out)
-    for r, row in enumerate(rows):
-        for c, (caption, tile) in enumerate(row):
-            out.paste(tile.resize((w, h), Image.NEAREST), (c * w, r * (h + CAPTION) + CAPTION))
-            draw.text((c * w + 2, r * (h + CAPTION)), caption, fill=(0, 0, 0))
-    return out
-
-
-def training_curves(records: list[dict], size=(480, 320)) -> Image.Image:
-    """Two plots side by side, against the iteration: every loss term of the log.jsonl progress lines, and the
-    target mIoU of its evaluation lines. A later line of an iteration replaces an earlier one (after a resume)."""
-    progress, evals = {}, {}
-    for r in records:
-        if "miou" in r:
-            evals[r["iter"]] = {"mIoU": 100 * r["miou"]}
-        elif "iter" in r:
-            progress[r["iter"]] = {k: v for k, v in r.items() if k not in NOT_LOSSES}
-    out = Image.new("RGB", (2 * size[0], size[1]), (255, 255, 255))
-    for k, (title, series) in enumerate((("loss terms", progress), ("target mIoU", evals))):
-        _plot(ImageDraw.Draw(out), (k * size[0], 0, (k + 1) * size[0], size[1]), title, series)
-    return out
-
-
-_COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
-
-
-def _plot(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str, series: dict[int, dict]) -> None:
-    """One line per key of series' values, x = iteration, inside box; axis ends labelled, a legend at the top."""
-    x0, y0, x1, y1 = box[0] + 50, box[1] + 30, box[2] - 15, box[3] - 25
-    draw.rectangle((x0, y0, x1, y1), outline=(0, 0, 0))
-    draw.text((x0, box[1] + 4), title, fill=(0, 0, 0))
-    finite = [v for vals in series.values() for v in vals.values() if np.isfinite(v)]
-    if not finite:
-        return
-    its = sorted(series)
-    lo_x, hi_x = its[0], max(its[-1], its[0] + 1)
-    lo_y, hi_y = min(0.0, min(finite)), max(finite) * 1.15 or 1.0  # headroom for the legend
-    to_xy = lambda it, v: (x0 + (it - lo_x) / (hi_x - lo_x) * (x1 - x0), y1 - (v - lo_y) / (hi_y - lo_y) * (y1 - y0))  # noqa: E731
-    for text, xy in ((f"{lo_x}", (x0, y1 + 4)), (f"{hi_x}", (x1 - 30, y1 + 4)), (f"{hi_y:.3g}", (box[0] + 4, y0)),
-                     (f"{lo_y:.3g}", (box[0] + 4, y1 - 10))):
-        draw.text(xy, text, fill=(0, 0, 0))
-    keys = list(dict.fromkeys(k for it in its for k in series[it]))
-    for n, key in enumerate(keys):
-        color = _COLORS[n % len(_COLORS)]
-        points = [to_xy(it, series[it][key]) for it in its if np.isfinite(series[it].get(key, np.nan))]
-        if len(points) > 1:
-            draw.line(points, fill=color, width=2)
-        for x, y in points if len(points) <= 30 else ():  # dots where there are few, as the evaluations
-            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=color)
-        draw.text((x0 + 5 + 70 * n, y0 + 4), key, fill=color)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -426,11 +300,11 @@ def predict_images(model: ssr.Segmentor, folder: str, save_dir: str, *, device, 
             else:
                 out = os.path.join(save_dir, name)
                 os.makedirs(os.path.dirname(out), exist_ok=True)
-                colorize(pred).save(out, pnginfo=mark)
+                pictures.colorize(pred).save(out, pnginfo=mark)
                 if with_legend:
                     out = os.path.join(save_dir, "side_by_side", name)
                     os.makedirs(os.path.dirname(out), exist_ok=True)
-                    compose_with_legend(item["img"], pred).save(out, pnginfo=mark)
+                    pictures.compose_with_legend(item["img"], pred).save(out, pnginfo=mark)
                 written += 1
             if (k + 1) * 10 // len(paths) > k * 10 // len(paths):  # crossed a tenth
                 print(f"{k + 1}/{len(paths)} images", file=sys.stderr, flush=True)

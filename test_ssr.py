@@ -34,8 +34,11 @@ import demo
 import files
 import eval as ev
 import mit
+import pictures
 import sam_encoder
 import ssr
+import study
+import toys
 import weights
 from files import DatasetError
 
@@ -1701,7 +1704,7 @@ def test_cli_predicts_a_folder_of_own_images(tmp_path, monkeypatch, capsys):
         "alpha.png", "gray.png", "pal.png", "street.png"]
     side = Image.open(out / "side_by_side" / "street.png")
     w, h = data.rescale_size(50, 30, (64, 32))  # the network's scale: 53x32
-    legend_h = 19 * ev.LEGEND_CELL[1] + 4  # 2 * 53 px wide: one class per row
+    legend_h = 19 * pictures.LEGEND_CELL[1] + 4  # 2 * 53 px wide: one class per row
     assert side.size == (2 * w, h + legend_h)
     pixels = np.asarray(side)
     assert (pixels[:h, w:] == (0, 0, 142)).all()  # the prediction panel: car everywhere
@@ -1857,8 +1860,8 @@ def _train_root(tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("cache"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SSR_CACHE", cache)
-        demo.save_teacher(demo.teacher_encoder(), demo.teacher_path())
-        demo.save_mit(demo.demo_mit(), demo.imagenet_path())
+        toys.save_teacher(toys.teacher_encoder(), toys.teacher_path())
+        toys.save_mit(toys.demo_mit(), toys.imagenet_path())
         yield root
 
 
@@ -1959,7 +1962,7 @@ def test_train_resume_is_bit_identical(_train_root, tmp_path):
     # panels: source, label, prediction, SAM-enhanced prediction / target, pseudo-label, confidence / mixed, label
     panels = sorted(os.listdir(cut / "debug"))
     assert panels[0] == "iter_000001.png" and len(panels) == 10
-    assert Image.open(cut / "debug" / "iter_000010.png").size == (4 * 64, 3 * (64 + ev.CAPTION))
+    assert Image.open(cut / "debug" / "iter_000010.png").size == (4 * 64, 3 * (64 + pictures.CAPTION))
     assert not (ref / "debug").exists() and Image.open(cut / "curves.png").size == (960, 320)
     a, b = load_file(ref / "model.safetensors"), load_file(cut / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -2403,7 +2406,7 @@ def test_train_torchrun_error_is_printed_once_and_leaves_no_folder(tmp_path):
 
 
 # ==============================================================================================================
-# demo.py: the toy world, its data writer, the toy teacher, the study
+# demo.py, toys.py, study.py: the toy world and its data writer, the toy pretrainings, the study
 # ==============================================================================================================
 
 def test_demo_data_is_read_by_the_same_loaders(tmp_path):
@@ -2442,6 +2445,9 @@ def test_demo_never_deletes_or_overwrites_a_users_dataset(tmp_path, monkeypatch)
     (tmp_path / "afile").write_text("x")
     with pytest.raises(DatasetError, match="is a file, not a folder"):
         demo.write_data(str(tmp_path / "afile"), n_src=1, n_tgt=1, n_val=1)
+    # --data-root that cannot be made (as the default data/demo in a read-only checkout): one paragraph
+    with pytest.raises(DatasetError, match=r"--data-root .*afile/demo cannot be written \(.*Pass --data-root"):
+        demo.write_data(str(tmp_path / "afile" / "demo"), n_src=1, n_tgt=1, n_val=1)
 
 
 def test_demo_regenerates_only_the_folders_it_marked(tmp_path):
@@ -2462,11 +2468,11 @@ def test_demo_teacher_targets_never_depend_on_class_ids_or_colors():
     color a class has), and finer than the classes (every car, wheel, window texture is its own segment)."""
     rng = lambda: np.random.default_rng([5, 3, 1])  # noqa: E731
     img_a, lbl_a, seg_a = demo.street_scene(rng(), 128, 256, demo.DOMAINS["target"])
-    palette = demo.random_palette(np.random.default_rng(9))
+    palette = toys.random_palette(np.random.default_rng(9))
     img_b, lbl_b, seg_b = demo.street_scene(rng(), 128, 256, demo.DOMAINS["target"], palette)
     assert not np.array_equal(img_a, img_b) and np.array_equal(seg_a, seg_b) and np.array_equal(lbl_a, lbl_b)
     # what the pretrainings see: the image, segments and part kinds, never the class ids
-    img, seg, kinds = demo.world_scene((0, "teacher", 7))
+    img, seg, kinds = toys.world_scene((0, "teacher", 7))
     assert img.dtype == np.uint8 and img.shape[2] == 3 and seg.shape == kinds.shape == img.shape[:2]
     cars = np.unique(seg_a[lbl_a == demo.CAR])
     assert len(cars) > 1 and not set(cars) & set(np.unique(seg_a[lbl_a != demo.CAR]))  # segments within classes
@@ -2483,27 +2489,27 @@ def test_demo_part_kinds_are_finer_than_the_classes_and_crops_label_what_they_ho
     img = np.zeros((144, 256, 3), np.uint8)
     kind = np.full((144, 256), demo.KINDS.index("road"), np.uint8)
     kind[:1] = demo.KINDS.index("sky")
-    _, target = demo.object_crops([(img, kind, kind)], torch.Generator().manual_seed(0), 8, 64, zoom=(1.0, 1.0))
+    _, target = toys.object_crops([(img, kind, kind)], torch.Generator().manual_seed(0), 8, 64, zoom=(1.0, 1.0))
     assert target.shape == (8, len(demo.KINDS)) and (target[:, demo.KINDS.index("road")] == 1).all()
     assert target.sum(1).max() <= 2 and target[:, demo.KINDS.index("wheel")].sum() == 0
 
 
 def test_demo_imagenet_pretraining_lowers_its_loss_and_saves_nvlabs_mit_weights(tmp_path, monkeypatch):
-    scenes = [demo.world_scene((0, "imagenet", i)) for i in range(6)]
-    cfg = dict(demo.IMAGENET, batch=8, warmup=5)
-    encoder, head, losses = demo.train_imagenet(scenes, 30, cfg, log_every=0)
+    scenes = [toys.world_scene((0, "imagenet", i)) for i in range(6)]
+    cfg = dict(toys.IMAGENET, batch=8, warmup=5)
+    encoder, head, losses = toys.train_imagenet(scenes, 30, cfg, log_every=0)
     assert np.mean(losses[-6:]) < 0.8 * np.mean(losses[:6])
     path = str(tmp_path / "mit.safetensors")
-    demo.save_mit(encoder, path)
-    loaded = demo.demo_mit(seed=1)
+    toys.save_mit(encoder, path)
+    loaded = toys.demo_mit(seed=1)
     weights.load_mit(loaded, path)  # the layout --pretrained reads, strictly
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), encoder.state_dict().values()))
     # the cache keys follow $SSR_CACHE and what determines each network
     monkeypatch.setenv("SSR_CACHE", str(tmp_path / "c"))
-    assert demo.imagenet_path().startswith(str(tmp_path / "c")) and demo.imagenet_path() != demo.teacher_path()
-    key = demo.imagenet_path()
-    monkeypatch.setitem(demo.IMAGENET, "steps", 1)
-    assert demo.imagenet_path() != key
+    assert toys.imagenet_path().startswith(str(tmp_path / "c")) and toys.imagenet_path() != toys.teacher_path()
+    key = toys.imagenet_path()
+    monkeypatch.setitem(toys.IMAGENET, "steps", 1)
+    assert toys.imagenet_path() != key
 
 
 def test_demo_schedule_scales_daformers_time_constants():
@@ -2514,14 +2520,14 @@ def test_demo_schedule_scales_daformers_time_constants():
 
 def test_demo_teacher_pretraining_lowers_its_loss_and_saves_a_sam_file(tmp_path):
     torch.manual_seed(0)
-    scenes = [demo.world_scene((0, "teacher", i)) for i in range(6)]
-    cfg = dict(demo.TEACHER, batch=4, points=32, warmup=5, lr=2e-3)
-    encoder, dec, losses = demo.train_teacher(scenes, 40, log_every=0, cfg=cfg)
+    scenes = [toys.world_scene((0, "teacher", i)) for i in range(6)]
+    cfg = dict(toys.TEACHER, batch=4, points=32, warmup=5, lr=2e-3)
+    encoder, dec, losses = toys.train_teacher(scenes, 40, log_every=0, cfg=cfg)
     assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8])
     path = str(tmp_path / "teacher.safetensors")
-    demo.save_teacher(encoder, path)
+    toys.save_teacher(encoder, path)
     assert all(k.startswith("image_encoder.") for k in load_file(path))  # the official SAM layout
-    loaded = demo.teacher_encoder(seed=1)
+    loaded = toys.teacher_encoder(seed=1)
     weights.load_sam(loaded, path)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), encoder.state_dict().values()))
 
@@ -2543,49 +2549,66 @@ def test_demo_train_takes_the_cached_teacher_for_ssr_and_none_gives_the_random_o
                                           "--out", str(tmp_path / str(i)), "--workers", "0", *extra])
         with pytest.raises(Stop):
             runpy.run_path(os.path.join(_ROOT, "train.py"), run_name="__main__")
-    assert seen == [demo.teacher_path(), None] and seen[0].startswith(os.environ["SSR_CACHE"])
+    assert seen == [toys.teacher_path(), None] and seen[0].startswith(os.environ["SSR_CACHE"])
     assert os.path.isfile(seen[0])  # the fixture's stand-in: nothing was pretrained
 
 
 def test_demo_checks_the_cache_before_pretraining_and_remakes_a_broken_entry(_train_root, tmp_path, monkeypatch):
     made = []
-    monkeypatch.setattr(demo, "pretrain_teacher", lambda path: (made.append(path), demo.save_teacher(
-        demo.teacher_encoder(), path)))
-    monkeypatch.setattr(demo, "pretrain_imagenet", lambda path: (made.append(path), demo.save_mit(demo.demo_mit(), path)))
+    monkeypatch.setattr(toys, "pretrain_teacher", lambda path: (made.append(path), toys.save_teacher(
+        toys.teacher_encoder(), path)))
+    monkeypatch.setattr(toys, "pretrain_imagenet", lambda path: (made.append(path), toys.save_mit(toys.demo_mit(), path)))
     (tmp_path / "afile").write_text("")
     monkeypatch.setenv("SSR_CACHE", str(tmp_path / "afile" / "cache"))  # cannot be made, even by root
     msg = _train_inprocess(monkeypatch, *_train_tiny(_train_root, tmp_path / "run", "--iters", "1"))
     assert msg.startswith("error: the cache folder ") and "SSR_CACHE" in msg and not made, msg  # before any work
     monkeypatch.setenv("SSR_CACHE", str(tmp_path / "cache"))
     os.makedirs(tmp_path / "cache")
-    pathlib.Path(demo.teacher_path()).write_bytes(b"")  # an empty entry, and a cut-short one
-    demo.save_mit(demo.demo_mit(), demo.imagenet_path())
-    whole = pathlib.Path(demo.imagenet_path()).read_bytes()
-    pathlib.Path(demo.imagenet_path()).write_bytes(whole[: len(whole) // 2])
-    assert not demo.readable(demo.teacher_path()) and not demo.readable(demo.imagenet_path())
+    pathlib.Path(toys.teacher_path()).write_bytes(b"")  # an empty entry, and a cut-short one
+    toys.save_mit(toys.demo_mit(), toys.imagenet_path())
+    whole = pathlib.Path(toys.imagenet_path()).read_bytes()
+    pathlib.Path(toys.imagenet_path()).write_bytes(whole[: len(whole) // 2])
+    assert not toys.readable(toys.teacher_path()) and not toys.readable(toys.imagenet_path())
     assert _train_inprocess(monkeypatch, *_train_tiny(_train_root, tmp_path / "run", "--iters", "1")) == ""
-    assert sorted(made) == sorted([demo.teacher_path(), demo.imagenet_path()])  # made again, not trusted
-    assert demo.readable(demo.teacher_path()) and demo.readable(demo.imagenet_path())
+    assert sorted(made) == sorted([toys.teacher_path(), toys.imagenet_path()])  # made again, not trusted
+    assert toys.readable(toys.teacher_path()) and toys.readable(toys.imagenet_path())
 
 
-def test_demo_study_reads_train_tables_and_writes_markdown_and_chart(tmp_path, capsys):
+def test_study_reads_train_tables_and_writes_markdown_and_chart(capsys):
     result = dict(iou=[float("nan")] + [0.5] * 18, miou=0.5, images=4, images_per_s=1.0)
     ev.print_table(result, data.CLASSES)
-    parsed = demo.parse_final_table("iter 1\n" + capsys.readouterr().out + "done\n")
+    parsed = study.parse_final_table("iter 1\n" + capsys.readouterr().out + "done\n")
     assert parsed["miou"] == 50.0 and math.isnan(parsed["iou"][0]) and parsed["iou"][1:] == [50.0] * 18
     # setting k scores 40 + 2k + seed; ssr-toy also moves by (0, +1, -1) over the seeds
     fake = {n: {s: dict(miou=40 + 2 * k + s + (n == "ssr-toy") * (0, 1, -1)[s], iou=[30.0 + k] * 19)
-                for s in range(3)} for k, n in enumerate(demo.SETTINGS)}
-    md = demo.study_markdown(fake, [0, 1, 2])
+                for s in range(3)} for k, n in enumerate(study.SETTINGS)}
+    md = study.study_markdown(fake, [0, 1, 2])
     assert "| mean | **41.00** | **43.00** | **45.00** | **47.00** | **49.00** | **51.00** |" in md
     assert "| sd | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 |" in md
     # paired by seed: ssr-toy minus dacs is 4 + (0, 1, -1): sd 1, a 95% t-interval of 4.303 / sqrt(3) either side
     assert "| - | +2.00 [+2.00, +2.00] | +4.00 [+1.52, +6.48] |" in md
     assert "| road | 30.00 | 31.00 | 32.00 | 33.00 | 34.00 | 35.00 |" in md
-    demo.study_chart(fake, [0, 1, 2], str(tmp_path / "study.png"))
-    chart = Image.open(tmp_path / "study.png")
+    chart = pictures.study_chart({study.TITLES[n]: [fake[n][s]["miou"] for s in range(3)] for n in fake})
     colors = np.unique(np.asarray(chart.convert("RGB")).reshape(-1, 3), axis=0)
-    assert chart.size[0] > 400 and len(colors) > 3  # bars, dots and text drawn
+    assert chart.size == (160 * 6 + 80, 420) and len(colors) > 3  # six bars, dots and text drawn
+
+
+def test_study_refuses_an_out_it_cannot_write_before_any_work(tmp_path, monkeypatch):
+    """A read-only checkout gave an OSError traceback for the default --out runs/study, after the data and the
+    pretrainings: now one paragraph naming --out, before anything is made."""
+    monkeypatch.setattr(toys, "prepare", lambda *a: pytest.fail("the data or a network was made before the check"))
+    (tmp_path / "afile").write_text("")  # a folder that cannot be made, even by root
+    outs = [tmp_path / "afile" / "study"]
+    if os.geteuid() != 0:  # root writes into a read-only folder anyway
+        (tmp_path / "ro").mkdir(0o500)
+        outs.append(tmp_path / "ro" / "study")
+    for out in outs:
+        monkeypatch.setattr(sys, "argv", ["study.py", "--out", str(out), "--data-root", str(tmp_path / "data")])
+        with pytest.raises(SystemExit) as e:
+            study.main()
+        msg = str(e.value.code)
+        assert msg.startswith(f"error: --out {out} cannot be written (") and "Pass --out a folder" in msg, msg
+        assert "\n" not in msg and not (tmp_path / "data").exists() and not out.exists()
 
 
 # ==============================================================================================================

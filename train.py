@@ -32,8 +32,10 @@ import files
 import mit
 import sam_encoder
 import ssr
+import toys
 import weights
-from eval import debug_panel, evaluate, print_table, training_curves
+from eval import evaluate, print_table
+from pictures import debug_panel, training_curves
 
 # -----------------------------------------------------------------------------
 # arguments
@@ -83,16 +85,16 @@ p.add_argument("--debug-every", type=int, default=1000,
                help="write a debug panel to <out>/debug/iter_NNNNNN.png every N iterations (dacs, ssr; 0 = never)")
 p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt; flags not given take the saved run's values")
 p.add_argument("--demo", action="store_true",
-               help="train a tiny model on synthetic domains (generated if absent), pretrained on demo.py's toy "
+               help="train a tiny model on synthetic domains (generated if absent), pretrained on toys.py's toy "
                     "ImageNet, with its toy SAM teacher (both made on first use): minutes on a CPU; sets the defaults "
                     + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in demo.FLAGS.items()))
 if "--demo" in sys.argv[1:]:
     p.set_defaults(**demo.FLAGS)
 args = p.parse_args()
-if args.demo:  # demo.py's toy ImageNet and toy SAM teacher, made on first use (demo.prepare below)
-    args.pretrained = args.pretrained or demo.imagenet_path()
+if args.demo:  # toys.py's toy ImageNet and toy SAM teacher, made on first use (toys.prepare below)
+    args.pretrained = args.pretrained or toys.imagenet_path()
     if args.method == "ssr" and args.sam_weights is None:
-        args.sam_weights = demo.teacher_path()
+        args.sam_weights = toys.teacher_path()
 
 ddp = "RANK" in os.environ  # set by torchrun
 rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
@@ -262,7 +264,7 @@ def prepare() -> None:
                                  model_path: lambda: weights.load_segmentor(model_path)[1].get("run_id")})
     print(f"run {out}: {args.method}{' + mic' if args.mic else ''}, {args.backbone}, {world} x {device.type}, {args.amp}")
     if args.demo:  # its domains, its toy ImageNet and its toy teacher, each made once
-        demo.prepare(args.data_root, args.sam_weights, args.pretrained)
+        toys.prepare(args.data_root, args.sam_weights, args.pretrained)
     source = data.check_datasets(args.data_root, args.src, args.tgt)
     data.class_pixel_counts(source)  # the rare class statistics, computed and cached once, before other ranks
 

@@ -1,0 +1,201 @@
+"""The demo's study: each setting trained by train.py --demo itself, for several seeds, reported as a markdown
+table (with paired differences to dacs and their 95% intervals) and a chart.
+
+    python study.py                            # 6 settings x 5 seeds; writes runs/study/study.md and study.png
+    python study.py --seeds 2 --iters 200 --settings dacs,ssr-toy --out runs/quick
+
+Each run is a train.py subprocess on one core, two at a time; a run whose folder holds its result is not run
+again, and one cut short continues (--resume), so a stopped study goes on where it stopped when run again. The
+data and the toy networks are made once before the first run (toys.prepare); --out is checked before that.
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+import data
+import demo
+import files
+import pictures
+import toys
+
+
+SETTINGS = {  # name -> train.py flags on top of --demo
+    "source-only": ["--method", "source-only"],
+    "dacs": ["--method", "dacs"],
+    "ssr-random": ["--method", "ssr", "--sam-weights", "none"],
+    "ssr-toy": ["--method", "ssr"],  # the toy teacher: --demo's default for ssr
+    "ssr-shuffled": ["--method", "ssr", "--ssr-context", "shuffled"],
+    "ssr-zeros": ["--method", "ssr", "--ssr-context", "zeros"],
+}
+TITLES = {"source-only": "source only", "dacs": "dacs", "ssr-random": "ssr, random teacher",
+          "ssr-toy": "ssr, toy teacher", "ssr-shuffled": "ssr, shuffled tokens", "ssr-zeros": "ssr, zero context"}
+# Student's t, 97.5% quantile by degrees of freedom: the half-width of a 95% interval is t * sd / sqrt(n)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def write_text(path: str, text: str) -> None:
+    """Write path whole or not at all (files.save_atomic): a stopped study leaves no half result behind."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    files.save_atomic(path, write)
+
+
+def check_out(out: str) -> None:
+    """Fail before the first run, not after the data, the pretrainings and a first hour of runs, where --out cannot
+    hold the study's files (as the default runs/study in a read-only checkout)."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise files.FlagError(f"--out {out} cannot be written ({e.strerror or e}): the study keeps its runs, study.md "
+                              f"and study.png there. Pass --out a folder you can write to, e.g. --out ~/ssr-study; "
+                              f"nothing was run.") from None
+
+
+def parse_final_table(stdout: str) -> dict:
+    """The last per-class table that train.py printed (eval.print_table) -> dict(miou, iou: 19 values or NaN)."""
+    lines = stdout.splitlines()
+    start = max(i for i, line in enumerate(lines) if line.split() == ["class", "IoU"])
+    iou = []
+    for line in lines[start + 1:start + 1 + len(data.CLASSES)]:
+        value = line.rsplit(None, 1)[-1]
+        iou.append(float("nan") if value == "n/a" else float(value))
+    miou = next(float(line.split()[1]) for line in lines[start:] if line.startswith("mIoU:"))
+    return dict(miou=miou, iou=iou)
+
+
+def run_setting(setting: str, seed: int, iters: int, out: str, data_root: str, amp: str | None) -> dict:
+    """Train one setting with train.py on one core (skipped when out holds its result already) ->
+    dict(miou, iou, seconds)."""
+    result_path = os.path.join(out, "study_result.json")
+    if os.path.isfile(result_path):
+        with open(result_path) as f:
+            return json.load(f)
+    sched = demo.schedule(iters)
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--demo",
+           *SETTINGS[setting], "--seed", str(seed), "--iters", str(iters), "--warmup", str(sched["warmup"]),
+           "--ema-alpha", str(sched["ema_alpha"]), "--out", out, "--data-root", data_root, "--eval-every", "0",
+           "--save-every", str(iters), "--debug-every", "0", "--workers", "0"] + (["--amp", amp] if amp else [])
+    if os.path.exists(os.path.join(out, "train_state.pt")):  # a run cut short (a stop of the study): continue it
+        cmd.append("--resume")
+    t0 = time.time()
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # two runs at a time, one core each (study())
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if run.returncode:
+        raise files.UserError(f"{' '.join(cmd)} failed (exit status {run.returncode}): "
+                             f"{' '.join(run.stderr.split()[-60:])}")
+    result = dict(parse_final_table(run.stdout), seconds=time.time() - t0)
+    write_text(result_path, json.dumps(result))
+    return result
+
+
+def mean_sd_ci(xs: list[float]) -> tuple[float, float, float]:
+    """Mean, sample sd and the half-width of the 95% t-interval of the mean."""
+    n = len(xs)
+    sd = float(np.std(xs, ddof=1)) if n > 1 else 0.0
+    t = T975.get(n - 1, T975[max(k for k in T975 if k <= n - 1)] if n > 1 else float("nan"))
+    return float(np.mean(xs)), sd, t * sd / math.sqrt(n) if n > 1 else float("nan")
+
+
+def study_markdown(results: dict, seeds: list[int], note: str = "") -> str:
+    """results[setting][seed] = dict(miou, iou) -> the study's markdown: target mIoU per seed, mean, sd, the paired
+    difference to dacs with its 95% interval, and the per-class IoU of every setting (means over seeds)."""
+    names = list(results)
+    rows = ["| seed | " + " | ".join(TITLES.get(n, n) for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    rows += [f"| {s} | " + " | ".join(f"{results[n][s]['miou']:.2f}" for n in names) + " |" for s in seeds]
+    stats = {n: mean_sd_ci([results[n][s]["miou"] for s in seeds]) for n in names}
+    rows.append("| mean | " + " | ".join(f"**{stats[n][0]:.2f}**" for n in names) + " |")
+    rows.append("| sd | " + " | ".join(f"{stats[n][1]:.2f}" for n in names) + " |")
+    if "dacs" in results:
+        diffs = {n: mean_sd_ci([results[n][s]["miou"] - results["dacs"][s]["miou"] for s in seeds]) for n in names}
+        rows.append("| minus dacs, same seed: mean [95% interval] | " + " | ".join(
+            "-" if n == "dacs" else f"{diffs[n][0]:+.2f} [{diffs[n][0] - diffs[n][2]:+.2f}, "
+            f"{diffs[n][0] + diffs[n][2]:+.2f}]" for n in names) + " |")
+    lines = ([note, ""] if note else []) + ["Target mIoU (%) on the demo's Cityscapes-like val set:", ""] + rows
+    with warnings.catch_warnings():  # a class absent from the val labels and every prediction is NaN throughout
+        warnings.simplefilter("ignore", RuntimeWarning)
+        per_class = {n: np.nanmean([results[n][s]["iou"] for s in seeds], axis=0) for n in names}
+    lines += ["", "Per-class IoU (%), mean over seeds:", "",
+              "| class | " + " | ".join(TITLES.get(n, n) for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for c, name in enumerate(data.CLASSES):
+        if not all(math.isnan(per_class[n][c]) for n in names):
+            lines.append(f"| {name} | " + " | ".join(f"{per_class[n][c]:.2f}" for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def study(seeds: list[int], iters: int, out: str, data_root: str, settings: list[str], amp: str | None,
+          jobs: int = 2) -> str:
+    """Run every setting for every seed, `jobs` runs at a time on one core each (on 2 cores two one-core runs get
+    through 1.5x the iterations of one two-core run), write out/study.md and out/study.png, return the markdown."""
+    uses_teacher = any("--sam-weights" not in SETTINGS[n] and "zeros" not in SETTINGS[n] for n in settings
+                       if SETTINGS[n][1] == "ssr")
+    toys.prepare(data_root, toys.teacher_path() if uses_teacher else None, toys.imagenet_path())  # once, first
+    results, t0 = {n: {} for n in settings}, time.time()
+    todo = [(n, seed) for seed in seeds for n in settings]
+
+    def run(job):
+        n, seed = job
+        r = run_setting(n, seed, iters, os.path.join(out, f"{n}_seed{seed}"), data_root, amp)
+        print(f"{n} seed {seed}: target mIoU {r['miou']:.2f} ({r['seconds']:.0f} s)", flush=True)
+        return job, r
+
+    with ThreadPoolExecutor(jobs) as pool:
+        for (n, seed), r in pool.map(run, todo):
+            results[n][seed] = r
+    wall = time.time() - t0
+    note = (f"{len(seeds)} seeds, {iters} iterations, {amp or 'fp32'}, {jobs} runs at a time; `python study.py "
+            f"--seeds {len(seeds)} --iters {iters}" + (f" --amp {amp}" if amp else "") + (
+                f" --settings {','.join(settings)}" if settings != list(SETTINGS) else "") + f"`; {wall:.0f} s")
+    md = study_markdown(results, seeds, note)
+    write_text(os.path.join(out, "study.md"), md)
+    chart = pictures.study_chart({TITLES.get(n, n): [results[n][s]["miou"] for s in seeds] for n in results})
+    chart.save(os.path.join(out, "study.png"))
+    print(md + f"\nwrote {os.path.join(out, 'study.md')} and study.png; {wall:.0f} s", flush=True)
+    return md
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, default=5, help="seeds 0 .. N-1")
+    p.add_argument("--iters", type=int, default=demo.FLAGS["iters"],
+                   help="training iterations per run; the warm-up and EMA horizon follow demo.schedule()")
+    p.add_argument("--out", default="runs/study", help="folder for the runs, study.md and study.png")
+    p.add_argument("--data-root", default=demo.FLAGS["data_root"], help="the demo data (written there if absent)")
+    p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated among {', '.join(SETTINGS)}")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time, one core each")
+    p.add_argument("--amp", choices=["bf16", "fp16", "fp32"],
+                   help="train.py --amp for every run (default: train.py's, fp32 on a CPU)")
+    args = p.parse_args()
+    try:
+        settings = [x for x in args.settings.split(",") if x]
+        if not settings or any(x not in SETTINGS for x in settings):
+            raise files.FlagError(f"--settings {args.settings!r}: choose among {', '.join(SETTINGS)}, "
+                                  f"comma-separated.")
+        if args.seeds <= 0 or args.iters <= 0 or args.jobs <= 0:
+            raise files.FlagError("--seeds, --iters and --jobs must be positive.")
+        check_out(args.out)
+        study(list(range(args.seeds)), args.iters, args.out, args.data_root, settings, args.amp, args.jobs)
+    except files.UserError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("stopped; nothing half-written was left behind (a study continues where it stopped when run "
+                 "again)")
+
+
+if __name__ == "__main__":
+    main()
