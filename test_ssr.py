@@ -1121,6 +1121,51 @@ def test_bad_labels_give_clear_errors(tmp_path):
         next(iter(data.make_val_loader(str(tmp_path), workers=0)))
 
 
+def _data_pixels(mode: str, values: list, palette: list | None = None) -> Image.Image:
+    """A 1-row picture in `mode` whose pixels are `values`."""
+    im = Image.new(mode, (len(values), 1))
+    if palette:
+        im.putpalette(palette)
+    for x, v in enumerate(values):
+        im.putpixel((x, 0), v)
+    return im
+
+
+def test_rgb_pixels_reads_every_pillow_mode_with_known_values(tmp_path):
+    wide = [0, 257, 32768, 65535]  # 16 bits -> 0, 1, 128, 255: scaled, not clipped at 255 (a white photo)
+    cases = {  # mode: (pixels, the RGB values they show, tolerance)
+        "1": ([0, 1], [(0, 0, 0), (255, 255, 255)], 0),
+        "L": ([77], [(77, 77, 77)], 0),
+        "LA": ([(77, 0)], [(77, 77, 77)], 0),  # alpha dropped, the colour under it kept
+        "La": ([(100, 128)], [(199, 199, 199)], 0),  # premultiplied: 100 * 255 / 128
+        "P": ([2], [(200, 100, 50)], 0),
+        "PA": ([(2, 7)], [(200, 100, 50)], 0),
+        "RGB": ([(1, 2, 3)], [(1, 2, 3)], 0),
+        "RGBA": ([(1, 2, 3, 0)], [(1, 2, 3)], 0),
+        "RGBa": ([(100, 50, 20, 128)], [(199, 99, 39)], 0),
+        "RGBX": ([(1, 2, 3, 0)], [(1, 2, 3)], 0),
+        "CMYK": ([(0, 0, 0, 0), (255, 0, 0, 0), (128, 0, 0, 128)], [(255, 255, 255), (0, 255, 255), (63, 127, 127)], 0),
+        "YCbCr": ([(128, 128, 128), (76, 85, 255)], [(128, 128, 128), (255, 0, 0)], 1),  # JFIF: Y 76 ... is red
+        "LAB": ([(255, 128, 128), (128, 128, 128), (0, 128, 128)], [(255, 255, 255), (119, 119, 119), (0, 0, 0)], 1),
+        "HSV": ([(0, 255, 255), (85, 255, 255), (0, 0, 128)], [(255, 0, 0), (0, 255, 0), (128, 128, 128)], 0),
+        **{m: (wide, [(v,) * 3 for v in (0, 1, 128, 255)], 0) for m in ("I;16", "I;16B", "I;16L", "I;16N", "I")},
+        "F": ([0.0, 0.5, 1.0], [(0, 0, 0), (128, 128, 128), (255, 255, 255)], 0),
+    }
+    assert set(cases) == set(Image.MODES)  # every mode this Pillow has: a new one shows here
+    for mode, (pixels, shown, tol) in cases.items():
+        palette = [0, 0, 0, 10, 20, 30, 200, 100, 50] if mode in ("P", "PA") else None
+        rgb = data.rgb_pixels(_data_pixels(mode, pixels, palette), "x.png")
+        assert rgb.dtype == np.uint8 and rgb.shape == (1, len(pixels), 3) and rgb.flags.writeable, mode
+        assert np.abs(rgb[0].astype(int) - shown).max() <= tol, (mode, rgb[0].tolist())
+    for mode, pixels, shown in (("I", [-5, 70000], "-5 to 70000"), ("F", [0.0, 1.5], "0 to 1.5"),
+                                ("F", [0.0, float("nan")], "nan")):  # no range to read them in: refused by name
+        with pytest.raises(DatasetError, match=rf"x.png: a .* picture, mode {mode}, with values from .*{shown}"):
+            data.rgb_pixels(_data_pixels(mode, pixels), "x.png")
+    # the datasets' reader takes the same path: a 16-bit PNG reads as its scaled values
+    Image.fromarray(np.array([wide], np.uint16)).save(tmp_path / "gray16.png")
+    assert data.read_image(str(tmp_path / "gray16.png"))[0, :, 0].tolist() == [0, 1, 128, 255]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # SYNTHIA-RAND-CITYSCAPES: 16-bit RGB label PNGs
 
