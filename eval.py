@@ -377,7 +377,8 @@ def list_images(folder: str) -> Listing:
             real, rel = os.path.realpath(path), os.path.relpath(path, folder)
             if real in folders or (os.path.islink(path) and os.path.commonpath([real, root]) == root):
                 where = folders.get(real, os.path.relpath(real, root))
-                odd.append(f"{rel} (a symlink to the folder {where}, whose photos are read there)")
+                link = "a symlink to " if os.path.islink(path) else ""
+                odd.append(f"{rel} ({link}the folder {where}, whose photos are read there)")
             else:
                 folders[real] = rel
                 keep.append(s)
