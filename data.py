@@ -199,8 +199,35 @@ def _open(path: str, what: str) -> Image.Image:
                            f"re-extract it from the dataset archive.") from None
 
 
+def rgb_pixels(im: Image.Image, path: str) -> np.ndarray:
+    """(H, W, 3) uint8 of a picture in any mode Pillow opens one in (path: for the error), writable for
+    torch.from_numpy. An alpha channel is dropped, the colours under it kept.
+
+    Pillow's convert("RGB") is right for the 8-bit modes (1, L, LA, P, PA, RGB, RGBA, RGBa, RGBX, CMYK, YCbCr, LAB,
+    HSV) but clips the wider ones at 255, so a 16-bit photo would come out white. Those are scaled by their range:
+    I;16, I;16B, I;16L, I;16N (16-bit PNG and TIFF) and I (32-bit, which Pillow's PGM reader gives 16-bit values in)
+    from 0..65535, F (float TIFF) from 0..1. A value outside its range, or a mode not named here, is refused."""
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        values = np.asarray(im)  # (H, W): uint16 (either byte order), int32 or float32
+        top = 1.0 if mode == "F" else 65535
+        lo, hi = (values.min(), values.max()) if values.size else (0, 0)
+        if not 0 <= lo <= hi <= top:  # NaN fails too
+            raise DatasetError(f"{path}: a {'float' if mode == 'F' else '32-bit integer'} picture, mode {mode}, with "
+                               f"values from {lo:g} to {hi:g}, outside the range 0..{top:g} it is read in; save it as "
+                               f"an 8- or 16-bit PNG.")
+        gray = np.rint(values.astype(np.float32) * (255 / top)).astype(np.uint8)  # 65535 -> 255, 32768 -> 128
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode == "La":  # luminance with premultiplied alpha: Pillow converts it to RGB only through LA
+        im = im.convert("LA")
+    elif mode not in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
+        raise DatasetError(f"{path}: pixel mode {mode}, which is not read as a colour picture here; save it as an "
+                           f"RGB PNG or JPEG.")
+    return np.array(im.convert("RGB"))
+
+
 def read_image(path: str) -> np.ndarray:
-    return np.array(_open(path, "image").convert("RGB"))  # (H, W, 3) uint8, writable for torch.from_numpy
+    return rgb_pixels(_open(path, "image"), path)  # (H, W, 3) uint8
 
 
 def _label_values(path: str) -> np.ndarray:

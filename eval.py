@@ -16,7 +16,12 @@ wall, fence and pole), and its final `mIoU:` line is the 16-class mean.
 """
 import argparse
 import collections
+import dataclasses
+import errno
+import glob
 import os
+import signal
+import stat
 import sys
 import tempfile
 import time
@@ -26,7 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin, features
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -200,22 +205,82 @@ def print_table(result: dict, classes, source: str = "gta5") -> float:
 # ----------------------------------------------------------------------------------------------------------------
 # predictions on a user's own images (no labels)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# the photo formats read: Pillow reads each of them itself, and WebP where it was built with libwebp
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff") + ((".webp",) if features.check("webp") else ())
 # PNG text chunk in every file predict_images writes: a later run replaces a file at an output path only when it
 # carries this (check_outputs), so never a picture of the user's, while its own earlier predictions are replaced
 OWN_MARK = ("Software", "ssr eval.py --images")
+FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+              (stat.S_ISBLK, "a block device"))
 
 
-def list_images(folder: str) -> list[str]:
-    """JPEG and PNG files under folder and its subfolders, as sorted paths relative to folder."""
+@dataclasses.dataclass
+class Listing:
+    """What list_images found under an --images folder."""
+    paths: list[str]  # the photos, sorted, relative to the folder
+    folders: dict[str, str]  # every folder read, real path -> path relative to the folder ('.' first)
+    left_out: list[str]  # one line per kind of entry not read, naming them
+
+
+def _names(entries: list[str], most: int = 5) -> str:
+    return ", ".join(entries[:most]) + (f" and {len(entries) - most} more" if len(entries) > most else "")
+
+
+def list_images(folder: str) -> Listing:
+    """The photos under folder: regular files with a suffix of IMAGE_SUFFIXES (any case), in its subfolders too.
+
+    A symlinked subfolder is followed, once per real folder: one that leads to a folder read already (a loop, or
+    a second way to the same photos) or to a folder inside this one (read under its own path) is left out. Folders
+    are read before the symlinks beside them, so a photo keeps its real path where it has one. A FIFO, socket or
+    device named like a photo is left out, as reading it could wait forever; so is what cannot be listed."""
     if not os.path.isdir(folder):
         raise files.DatasetError(f"--images {folder} is not a folder; pass the folder that holds your images.")
-    found = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder)
-                   for f in files if f.lower().endswith(IMAGE_SUFFIXES))
+    root = os.path.realpath(folder)
+    found, folders, others, odd = [], {root: "."}, [], []
+
+    def unlisted(e: OSError) -> None:
+        odd.append(f"{os.path.relpath(e.filename, folder)} ({e.strerror})")
+
+    for d, subdirs, names in os.walk(folder, onerror=unlisted, followlinks=True):
+        keep = []
+        for s in sorted(subdirs, key=lambda s: (os.path.islink(os.path.join(d, s)), s)):
+            path = os.path.join(d, s)
+            real, rel = os.path.realpath(path), os.path.relpath(path, folder)
+            if real in folders or (os.path.islink(path) and os.path.commonpath([real, root]) == root):
+                where = folders.get(real, os.path.relpath(real, root))
+                link = "a symlink to " if os.path.islink(path) else ""
+                odd.append(f"{rel} ({link}the folder {where}, whose photos are read there)")
+            else:
+                folders[real] = rel
+                keep.append(s)
+        subdirs[:] = keep  # os.walk descends into these only
+        for name in names:
+            path = os.path.join(d, name)
+            rel = os.path.relpath(path, folder)
+            if not name.lower().endswith(IMAGE_SUFFIXES):
+                others.append(rel)
+                continue
+            try:
+                mode = os.stat(path).st_mode
+            except OSError as e:
+                odd.append(f"{rel} ({'a symlink to nothing' if os.path.islink(path) else e.strerror})")
+                continue
+            if stat.S_ISREG(mode):
+                found.append(rel)
+            else:
+                odd.append(f"{rel} ({next((k for is_kind, k in FILE_KINDS if is_kind(mode)), 'not a file')}, "
+                           f"not a regular file)")
+    left_out = []
+    if others:
+        left_out.append(f"left out {len(others)} file(s) that are not images ({'/'.join(IMAGE_SUFFIXES)}): "
+                        f"{_names(sorted(others))}")
+    if odd:
+        left_out.append(f"left out {len(odd)} more, not read as photos: {'; '.join(sorted(odd))}")
     if not found:
         raise files.DatasetError(f"--images {folder} holds no {'/'.join(IMAGE_SUFFIXES)} files (subfolders "
-                                 f"included); pass the folder that holds your images.")
-    return found
+                                 f"included){''.join('; ' + line for line in left_out)}. Pass the folder that holds "
+                                 f"your images.")
+    return Listing(sorted(found), folders, left_out)
 
 
 def output_names(paths: list[str]) -> list[str]:
@@ -240,12 +305,14 @@ class UserImages(Dataset):
         path = os.path.join(self.folder, self.paths[i])
         try:
             with Image.open(path) as im:
-                im = ImageOps.exif_transpose(im).convert("RGB")  # as viewers show it; L, RGBA, P, CMYK -> RGB
-            w, h = im.size
+                rgb = data.rgb_pixels(ImageOps.exif_transpose(im), path)  # as viewers show it: EXIF rotation
+            h, w = rgb.shape[:2]
             # mmcv's rescale_size rounds the thin side of a 1x3000 photo to 0 px at 1024x512 (3000x1 likewise);
             # 1 px keeps it, and resized_logits pads a side under MIN_SIDE for the network
             size = tuple(max(side, 1) for side in data.rescale_size(w, h, self.scale))
-            img = data.resize_image(np.array(im), size)
+            img = data.resize_image(rgb, size)
+        except files.UserError as e:  # a pixel mode or value range rgb_pixels refuses, saying why
+            return {"path": path, "error": str(e).removeprefix(f"{path}: ")}
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, MemoryError, RuntimeError) as e:
             return {"path": path, "error": f"{type(e).__name__}: {e}"}  # RuntimeError: torch out of memory
         return {"img": data.normalize(img), "size": (w, h), "path": path}
@@ -253,62 +320,90 @@ class UserImages(Dataset):
 
 def own_output(path: str) -> bool:
     """Whether path is a PNG that predict_images wrote (it carries OWN_MARK). False for any other file, a folder,
-    a dangling symlink and anything unreadable."""
+    a dangling symlink, a FIFO (which is never opened: that could wait forever) and anything unreadable."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
         with Image.open(path) as im:
             return im.format == "PNG" and im.info.get(OWN_MARK[0]) == OWN_MARK[1]
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return False
 
 
+class Stopped(KeyboardInterrupt):
+    """A Ctrl-C (or SIGTERM) while predict_images wrote; its message says what is written."""
+
+
 def predict_images(model: ssr.Segmentor, folder: str, save_dir: str, *, device, scale, amp_dtype=None,
                    mode: str = "whole", crop: int = 512, stride: int = 341, with_legend: bool = False,
-                   workers: int = 0) -> tuple[int, list[str]]:
+                   workers: int = 0) -> tuple[int, list[str], list[str]]:
     """Write save_dir/<relative path>.png, a Cityscapes-palette prediction at each image's own size, for every
-    JPEG/PNG under folder (and save_dir/side_by_side/... image | prediction above a legend with with_legend).
+    photo under folder (list_images), and save_dir/side_by_side/... image | prediction above a legend with
+    with_legend.
 
     Inference as the val protocol: resize to `scale` keeping the ratio, logits resized bilinearly back to the
     image's size, argmax. Returns (images written, messages for the files skipped because they cannot be read or
-    predicted). main() runs check_outputs first, so that no file of the user's is replaced."""
-    paths = list_images(folder)
-    names = output_names(paths)
+    predicted, list_images' lines on what it left out). main() runs check_outputs first, so that no file of the
+    user's is replaced. save_dir is held for the run (files.claim_folder): a second run into it fails at once,
+    naming this one. Each file is written aside and renamed (files.save_atomic), so a stop at any moment leaves
+    the earlier file or the new one, never half of one. A stop raises Stopped and a file that cannot be written a
+    files.UserError, each saying how many predictions are written."""
+    listing = list_images(folder)
+    paths, names = listing.paths, output_names(listing.paths)
+    held = files.claim_folder(save_dir, "--save-dir")
     loader = DataLoader(UserImages(folder, paths, scale), batch_size=None, num_workers=workers,
                         generator=torch.Generator())  # images differ in size: one at a time
     device, written, skipped = torch.device(device), 0, []
     mark = PngImagePlugin.PngInfo()
     mark.add_text(*OWN_MARK)
     model.eval()
-    with torch.inference_mode():
-        for k, (item, name) in enumerate(zip(loader, names)):
-            error = item.get("error")
-            if error is None:
-                w, h = item["size"]
-                try:
-                    img = item["img"][None].to(device)
-                    with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                        logits = network_logits(model, img, mode, crop, stride)
-                    pred = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).argmax(1)[0]
-                    pred = pred.cpu().numpy()
-                except RuntimeError as e:
-                    # torch's error for an input it cannot take (out of memory on the CPU or GPU for the logits
-                    # of a huge photo at full size, a size a kernel refuses) costs that photo, not the ones after
-                    # it; a bug fails every photo alike and shows in main's error
-                    error = f"{type(e).__name__} predicting it at {w}x{h} px: {(str(e).splitlines() or [''])[0]}"
-            if error is not None:
-                skipped.append(f"{item['path']} ({error})")
-                print(f"skipped {skipped[-1]}", file=sys.stderr, flush=True)
-            else:
-                out = os.path.join(save_dir, name)
-                os.makedirs(os.path.dirname(out), exist_ok=True)
-                pictures.colorize(pred).save(out, pnginfo=mark)
-                if with_legend:
-                    out = os.path.join(save_dir, "side_by_side", name)
-                    os.makedirs(os.path.dirname(out), exist_ok=True)
-                    pictures.compose_with_legend(item["img"], pred).save(out, pnginfo=mark)
-                written += 1
-            if (k + 1) * 10 // len(paths) > k * 10 // len(paths):  # crossed a tenth
-                print(f"{k + 1}/{len(paths)} images", file=sys.stderr, flush=True)
-    return written, skipped
+    try:
+        with torch.inference_mode():
+            for k, (item, name) in enumerate(zip(loader, names)):
+                error = item.get("error")
+                if error is None:
+                    w, h = item["size"]
+                    try:
+                        img = item["img"][None].to(device)
+                        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+                            logits = network_logits(model, img, mode, crop, stride)
+                        pred = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).argmax(1)[0]
+                        pred = pred.cpu().numpy()
+                    except RuntimeError as e:
+                        # torch's error for an input it cannot take (out of memory on the CPU or GPU for the logits
+                        # of a huge photo at full size, a size a kernel refuses) costs that photo, not the ones
+                        # after it; a bug fails every photo alike and shows in main's error
+                        error = f"{type(e).__name__} predicting it at {w}x{h} px: {(str(e).splitlines() or [''])[0]}"
+                if error is not None:
+                    skipped.append(f"{item['path']} ({error})")
+                    print(f"skipped {skipped[-1]}", file=sys.stderr, flush=True)
+                else:
+                    outputs = [(os.path.join(save_dir, name), pictures.colorize(pred))]
+                    if with_legend:
+                        outputs.append((os.path.join(save_dir, "side_by_side", name),
+                                        pictures.compose_with_legend(item["img"], pred)))
+                    for out, picture in outputs:
+                        try:
+                            os.makedirs(os.path.dirname(out), exist_ok=True)
+                            files.save_atomic(out, lambda tmp: picture.save(tmp, format="PNG", pnginfo=mark))
+                        except (files.DiskFull, OSError) as e:
+                            full = isinstance(e, files.DiskFull) or e.errno in (errno.ENOSPC, errno.EDQUOT)
+                            raise (files.DiskFull if full else files.FlagError)(
+                                (f"the disk that holds --save-dir {save_dir} is full" if full else
+                                 f"--save-dir: cannot write {out} ({e.strerror or e})")
+                                + f": {written} of {len(paths)} predictions are written there, each one whole, and "
+                                f"{out} is not (the earlier file there, if any, is untouched). "
+                                + ("Free some space there" if full else "Make that folder writable")
+                                + ", then run the same command again: it replaces its own predictions.") from None
+                    written += 1
+                if (k + 1) * 10 // len(paths) > k * 10 // len(paths):  # crossed a tenth
+                    print(f"{k + 1}/{len(paths)} images", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        raise Stopped(f"{written} of {len(paths)} predictions are written to {save_dir}, each one whole; the same "
+                      f"command again writes them all.") from None
+    finally:
+        files.release_folder(*held)
+    return written, skipped, listing.left_out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -352,20 +447,28 @@ def check_outputs(images: str, save_dir: str, with_legend: bool) -> None:
     anywhere under --images and predictions written anywhere under --save-dir, so where one folder holds the other
     some layout of files puts a prediction on a photo: photos/street.png on itself; photos/preds/a.png, a photo,
     as the prediction of photos/a.png; or, in the next run, which reads the last run's predictions as photos. A
-    nesting that happens to be safe for today's files is refused too, so that the rule stays one sentence.
+    nesting that happens to be safe for today's files is refused too, so that the rule stays one sentence. The
+    folders that symlinks under --images lead to are read too, so the rule holds for each of them as well.
     Disjoint folders are always fine, with two checks per output path (side_by_side/ ones included): a symlink must
     not make it one of the photos, and a file already there must be one that predict_images wrote (OWN_MARK), so
     that a re-run replaces its own predictions and nothing else."""
-    folder, out = os.path.realpath(images), os.path.realpath(save_dir)
-    if os.path.commonpath([folder, out]) in (folder, out):
-        how = "is" if folder == out else "is inside" if os.path.commonpath([folder, out]) == folder else "holds"
-        resolved = (out, folder) != (os.path.abspath(save_dir), os.path.abspath(images))
+    listing, out = list_images(images), os.path.realpath(save_dir)
+    for real, rel in listing.folders.items():  # the --images folder, then each one read through a symlink
+        common = os.path.commonpath([real, out])
+        if common not in (real, out):
+            continue
+        how = "is" if real == out else "is inside" if common == real else "holds"
+        hazard = "a prediction could replace one of your photos, or be read as one by the next run"
+        if rel != ".":
+            raise files.FlagError(f"--save-dir {save_dir} {how} {real}, the folder that the symlink "
+                                  f"{os.path.join(images, rel)} leads to, whose photos are read too: {hazard}; pass "
+                                  f"a --save-dir outside it, or remove the symlink.")
+        resolved = (out, real) != (os.path.abspath(save_dir), os.path.abspath(images))
         raise files.FlagError(f"--save-dir {save_dir} {how} the --images folder {images}"
-                        + (f" ({out} and {folder} with symlinks followed)" if resolved else "")
-                        + ": a prediction could replace one of your photos, or be read as one by the next run; pass "
-                          "a --save-dir that is neither inside the --images folder nor holds it, e.g. a new folder "
-                          "next to it.")
-    paths = list_images(images)
+                              + (f" ({out} and {real} with symlinks followed)" if resolved else "")
+                              + f": {hazard}; pass a --save-dir that is neither inside the --images folder nor "
+                                f"holds it, e.g. a new folder next to it.")
+    paths = listing.paths
     photos = {os.path.realpath(os.path.join(images, p)): p for p in paths}
     out_dirs = [save_dir, os.path.join(save_dir, "side_by_side")] if with_legend else [save_dir]
     for name in output_names(paths):
@@ -386,8 +489,9 @@ def main() -> None:
     p.add_argument("--data-root", help="folder holding cityscapes/ as downloaded (default: the checkpoint's, or data)")
     p.add_argument("--split", default="val", help="split of the target dataset; it must have labels")
     p.add_argument("--images", metavar="DIR",
-                   help="predict every .jpg/.jpeg/.png under DIR (subfolders too) instead of evaluating; no labels "
-                        "needed; the predictions go to --save-dir under the same relative paths")
+                   help=f"predict every {'/'.join(IMAGE_SUFFIXES)} under DIR (subfolders and symlinked folders too) "
+                        f"instead of evaluating; no labels needed; the predictions go to --save-dir under the same "
+                        f"relative paths")
     p.add_argument("--src", choices=list(data.SOURCES),
                    help="the source the model was trained from; synthia reports mIoU16 and mIoU13 (default: the "
                         "checkpoint's, else gta5)")
@@ -412,6 +516,11 @@ def main() -> None:
         raise files.FlagError("--images writes its predictions into --save-dir; pass --save-dir DIR as well.")
     if args.batch_size <= 0 or args.workers < 0:
         raise files.FlagError("--batch-size must be positive and --workers at least 0.")
+    if os.path.isdir(args.ckpt):
+        inside = sorted(glob.glob(os.path.join(glob.escape(args.ckpt), "*.safetensors")))
+        raise files.FlagError(f"--ckpt {args.ckpt} is a folder; pass the checkpoint in it: {' or '.join(inside)}."
+                              if inside else f"--ckpt {args.ckpt} is a folder and holds no .safetensors checkpoint; "
+                              f"pass the model.safetensors that train.py wrote (in its --out folder).")
     device = check_device(args.device)
     if args.images:
         check_outputs(args.images, args.save_dir, args.side_by_side)
@@ -425,14 +534,16 @@ def main() -> None:
                                  f"{len(data.CLASSES)} Cityscapes classes; pass a checkpoint of a 19-class model.")
     scale = tuple(meta.get("test_scale", data.TARGET_SCALE))
     if args.images:
-        written, skipped = predict_images(model, args.images, args.save_dir, device=device, scale=scale,
-                                          amp_dtype=amp_dtype, mode=args.mode, with_legend=args.side_by_side,
-                                          workers=args.workers)
+        written, skipped, left_out = predict_images(model, args.images, args.save_dir, device=device, scale=scale,
+                                                    amp_dtype=amp_dtype, mode=args.mode,
+                                                    with_legend=args.side_by_side, workers=args.workers)
         if not written:
             raise files.DatasetError(f"none of the images under {args.images} could be read and predicted: "
-                                     f"{'; '.join(skipped)}")
+                                     f"{'; '.join(skipped + left_out)}")
         print(f"wrote {written} predictions to {args.save_dir}"
               + (f"; skipped {len(skipped)}: {'; '.join(skipped)}" if skipped else ""))
+        for line in left_out:
+            print(line)
         return
     source = args.src or meta.get("source", "gta5")  # train.py records it; older and converted files may not
     loader = data.make_val_loader(args.data_root or meta.get("data_root") or "data", meta.get("dataset", "cityscapes"),
@@ -444,7 +555,12 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's stop acts as Ctrl-C: temp files go
     try:
         main()
     except files.UserError as e:  # user input; a bug keeps its traceback
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:  # one line and the status of a Ctrl-C, as train.py
+        print(f"stopped; {str(e) or 'no mIoU was printed, and predictions written to --save-dir, if any, are kept'}",
+              file=sys.stderr)
+        sys.exit(130)

@@ -166,11 +166,11 @@ def describe(pid: int) -> str:
         return f"pid {pid} (no longer running: the lock is held by a process it started)"
 
 
-def claim_folder(folder: str) -> tuple[IO, list[str]]:
-    """Create `folder` if needed and hold it: an exclusive flock on <folder>/.lock, which the OS releases when every
-    process holding it ends, however it ends. A second claim fails at once, saying which process holds it.
-    Returns the lock file and the paths this call created, deepest first (the lock file, then the folders above
-    it), for release_folder."""
+def claim_folder(folder: str, flag: str = "--out") -> tuple[IO, list[str]]:
+    """Create `folder` (given by `flag`) if needed and hold it: an exclusive flock on <folder>/.lock, which the OS
+    releases when every process holding it ends, however it ends. A second claim fails at once, saying which
+    process holds it. Returns the lock file and the paths this call created, deepest first (the lock file, then
+    the folders above it), for release_folder."""
     made = []
     d = os.path.abspath(folder)
     while not os.path.exists(d):
@@ -186,7 +186,8 @@ def claim_folder(folder: str) -> tuple[IO, list[str]]:
         for d in made:  # what makedirs got to make, all empty
             if os.path.isdir(d):
                 os.rmdir(d)
-        raise FlagError(f"--out {folder} cannot be written ({e.strerror}). Choose a folder you can write to.") from None
+        raise FlagError(f"{flag} {folder} cannot be written ({e.strerror}). Choose a folder you can write "
+                        f"to.") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -195,9 +196,9 @@ def claim_folder(folder: str) -> tuple[IO, list[str]]:
         pids = lock_holders(f) or ([int(written)] if written.isdigit() else [])
         f.close()
         who = "; ".join(describe(q) for q in pids) or "a process that could not be identified"
-        raise FlagError(f"{folder} is in use by another run: {who}. Wait for it to end, stop it (kill "
-                        f"{' '.join(map(str, pids)) or 'PID'}; a worker whose torchrun is gone is a leftover), or "
-                        f"choose another --out.") from None
+        raise FlagError(f"{flag} {folder} is in use by another run: {who}. Wait for it to end, stop it (kill "
+                        f"{' '.join(map(str, pids)) or 'PID'}; one whose parent is gone is a leftover), or choose "
+                        f"another {flag}.") from None
     f.truncate(0)
     f.write(f"{os.getpid()}\n")
     f.flush()

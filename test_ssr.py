@@ -4,7 +4,9 @@ small datasets in the original formats, and compare with the reference implement
 segment_anything) where those define the right answer."""
 import atexit
 import collections
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -1158,6 +1160,51 @@ def test_bad_labels_give_clear_errors(tmp_path):
         next(iter(data.make_val_loader(str(tmp_path), workers=0)))
 
 
+def _data_pixels(mode: str, values: list, palette: list | None = None) -> Image.Image:
+    """A 1-row picture in `mode` whose pixels are `values`."""
+    im = Image.new(mode, (len(values), 1))
+    if palette:
+        im.putpalette(palette)
+    for x, v in enumerate(values):
+        im.putpixel((x, 0), v)
+    return im
+
+
+def test_rgb_pixels_reads_every_pillow_mode_with_known_values(tmp_path):
+    wide = [0, 257, 32768, 65535]  # 16 bits -> 0, 1, 128, 255: scaled, not clipped at 255 (a white photo)
+    cases = {  # mode: (pixels, the RGB values they show, tolerance)
+        "1": ([0, 1], [(0, 0, 0), (255, 255, 255)], 0),
+        "L": ([77], [(77, 77, 77)], 0),
+        "LA": ([(77, 0)], [(77, 77, 77)], 0),  # alpha dropped, the colour under it kept
+        "La": ([(100, 128)], [(199, 199, 199)], 0),  # premultiplied: 100 * 255 / 128
+        "P": ([2], [(200, 100, 50)], 0),
+        "PA": ([(2, 7)], [(200, 100, 50)], 0),
+        "RGB": ([(1, 2, 3)], [(1, 2, 3)], 0),
+        "RGBA": ([(1, 2, 3, 0)], [(1, 2, 3)], 0),
+        "RGBa": ([(100, 50, 20, 128)], [(199, 99, 39)], 0),
+        "RGBX": ([(1, 2, 3, 0)], [(1, 2, 3)], 0),
+        "CMYK": ([(0, 0, 0, 0), (255, 0, 0, 0), (128, 0, 0, 128)], [(255, 255, 255), (0, 255, 255), (63, 127, 127)], 0),
+        "YCbCr": ([(128, 128, 128), (76, 85, 255)], [(128, 128, 128), (255, 0, 0)], 1),  # JFIF: Y 76 ... is red
+        "LAB": ([(255, 128, 128), (128, 128, 128), (0, 128, 128)], [(255, 255, 255), (119, 119, 119), (0, 0, 0)], 1),
+        "HSV": ([(0, 255, 255), (85, 255, 255), (0, 0, 128)], [(255, 0, 0), (0, 255, 0), (128, 128, 128)], 0),
+        **{m: (wide, [(v,) * 3 for v in (0, 1, 128, 255)], 0) for m in ("I;16", "I;16B", "I;16L", "I;16N", "I")},
+        "F": ([0.0, 0.5, 1.0], [(0, 0, 0), (128, 128, 128), (255, 255, 255)], 0),
+    }
+    assert set(cases) == set(Image.MODES)  # every mode this Pillow has: a new one shows here
+    for mode, (pixels, shown, tol) in cases.items():
+        palette = [0, 0, 0, 10, 20, 30, 200, 100, 50] if mode in ("P", "PA") else None
+        rgb = data.rgb_pixels(_data_pixels(mode, pixels, palette), "x.png")
+        assert rgb.dtype == np.uint8 and rgb.shape == (1, len(pixels), 3) and rgb.flags.writeable, mode
+        assert np.abs(rgb[0].astype(int) - shown).max() <= tol, (mode, rgb[0].tolist())
+    for mode, pixels, shown in (("I", [-5, 70000], "-5 to 70000"), ("F", [0.0, 1.5], "0 to 1.5"),
+                                ("F", [0.0, float("nan")], "nan")):  # no range to read them in: refused by name
+        with pytest.raises(DatasetError, match=rf"x.png: a .* picture, mode {mode}, with values from .*{shown}"):
+            data.rgb_pixels(_data_pixels(mode, pixels), "x.png")
+    # the datasets' reader takes the same path: a 16-bit PNG reads as its scaled values
+    Image.fromarray(np.array([wide], np.uint16)).save(tmp_path / "gray16.png")
+    assert data.read_image(str(tmp_path / "gray16.png"))[0, :, 0].tolist() == [0, 1, 128, 255]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # SYNTHIA-RAND-CITYSCAPES: 16-bit RGB label PNGs
 
@@ -1601,12 +1648,16 @@ def test_convert_cli_records_the_source_and_bad_inputs_are_one_paragraph(tmp_pat
 
 
 def _eval_cli(monkeypatch, *args) -> str:
-    """Run eval.py's __main__ in this process; return the SystemExit message ('' when it ends normally)."""
+    """Run eval.py's __main__ in this process; return the SystemExit message ('' when it ends normally). Its
+    SIGTERM handler is undone."""
     monkeypatch.setattr(sys, "argv", ["eval.py", *args])
+    handler = signal.getsignal(signal.SIGTERM)
     try:
         runpy.run_path(_EVAL_FILE, run_name="__main__")
     except SystemExit as e:
         return str(e.code)
+    finally:
+        signal.signal(signal.SIGTERM, handler)
     return ""
 
 
@@ -1640,8 +1691,14 @@ def test_cli_bad_inputs(tmp_path, monkeypatch):
     weights.save_segmentor(_eval_tiny(num_classes=16), k16, dataset="cityscapes", test_scale=[64, 32])
     with open(foreign, "w") as f:
         f.write("not a checkpoint")
+    run = tmp_path / "run"  # a train.py run folder, and one without a checkpoint
+    os.makedirs(run / "debug")
+    shutil.copy(good, run / "model.safetensors")
     cases = [
         (["--ckpt", foreign], "foreign.safetensors"),
+        (["--ckpt", str(run)], rf"^error: --ckpt {re.escape(str(run))} is a folder; pass the checkpoint in it: "
+                               rf"{re.escape(str(run / 'model.safetensors'))}\.$"),
+        (["--ckpt", str(run / "debug")], r"debug is a folder and holds no .safetensors checkpoint; pass"),
         (["--ckpt", k16, "--data-root", str(tmp_path / "ok")], "16 classes"),
         (["--ckpt", good, "--data-root", str(tmp_path / "nolabels")], "gtFine|label"),
     ]
@@ -1685,8 +1742,13 @@ def test_cli_predicts_a_folder_of_own_images(tmp_path, monkeypatch, capsys):
     Image.fromarray(rng.integers(0, 256, (41, 23), dtype=np.uint8)).save(photos / "gray.jpg")  # L, JPEG
     Image.fromarray(rng.integers(0, 256, (20, 70, 4), dtype=np.uint8)).save(photos / "trip" / "alpha.png")  # RGBA
     Image.fromarray(rng.integers(0, 8, (16, 16), dtype=np.uint8), mode="P").save(photos / "trip" / "pal.PNG")
+    Image.fromarray(np.full((40, 60), 40000, np.uint16)).save(photos / "gray16.png")  # I;16: 40000 / 257 -> 156
+    for suffix in ("webp", "bmp", "TIF", "tiff"):  # every format read; (lossless) WebP where Pillow has it
+        Image.fromarray(rng.integers(0, 256, (12, 34, 3), dtype=np.uint8)).save(
+            photos / f"fmt_{suffix}.{suffix}", **({"lossless": True} if suffix == "webp" else {}))
+    Image.fromarray(np.linspace(0, 1.5, 64, dtype=np.float32).reshape(8, 8)).save(photos / "hdr.tif")  # F, > 1
     (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    (photos / "notes.txt").write_text("not an image: ignored")
+    (photos / "notes.txt").write_text("not an image: left out, and named")
     ckpt = str(tmp_path / "m.safetensors")
     weights.save_segmentor(_eval_forced(13), ckpt, dataset="cityscapes", test_scale=[64, 32])
     out = tmp_path / "preds"
@@ -1694,14 +1756,24 @@ def test_cli_predicts_a_folder_of_own_images(tmp_path, monkeypatch, capsys):
                     "--workers", "0")
     assert msg == ""
     captured = capsys.readouterr()
-    assert re.search(r"skipped .*broken.jpg \(", captured.err) and "5/5 images" in captured.err
-    assert captured.out.startswith(f"wrote 4 predictions to {out}; skipped 1: ")
+    assert re.search(r"skipped .*broken.jpg \(", captured.err) and "11/11 images" in captured.err
+    lines = captured.out.splitlines()
+    assert lines[0].startswith(f"wrote 9 predictions to {out}; skipped 2: ")
+    assert f"{photos / 'hdr.tif'} (a float picture, mode F, with values from 0 to 1.5, outside the range 0..1" in lines[0]
+    assert lines[1:] == [f"left out 1 file(s) that are not images ({'/'.join(ev.IMAGE_SUFFIXES)}): notes.txt"]
+    assert ".webp" in ev.IMAGE_SUFFIXES  # this Pillow reads WebP (PIL.features.check("webp"))
     for name, size in (("street.png", (50, 30)), ("gray.png", (23, 41)), ("trip/alpha.png", (70, 20)),
-                       ("trip/pal.png", (16, 16))):
+                       ("trip/pal.png", (16, 16)), ("gray16.png", (60, 40)), ("fmt_webp.png", (34, 12)),
+                       ("fmt_bmp.png", (34, 12)), ("fmt_TIF.png", (34, 12)), ("fmt_tiff.png", (34, 12))):
         pred = Image.open(out / name)
         assert pred.mode == "P" and pred.size == size and (np.asarray(pred) == 13).all(), name  # the image's size
+        assert ev.own_output(str(out / name)), name  # written through save_atomic, OWN_MARK kept
     assert sorted(p.name for p in out.rglob("*.png") if "side_by_side" not in p.parts) == [
-        "alpha.png", "gray.png", "pal.png", "street.png"]
+        "alpha.png", "fmt_TIF.png", "fmt_bmp.png", "fmt_tiff.png", "fmt_webp.png", "gray.png", "gray16.png",
+        "pal.png", "street.png"]
+    w16, h16 = data.rescale_size(60, 40, (64, 32))
+    seen = np.asarray(Image.open(out / "side_by_side" / "gray16.png"))[:h16, :w16]  # the picture the network saw
+    assert np.abs(seen.astype(int) - 156).max() <= 1  # scaled from 16 bits, not clipped to white
     side = Image.open(out / "side_by_side" / "street.png")
     w, h = data.rescale_size(50, 30, (64, 32))  # the network's scale: 53x32
     legend_h = 19 * pictures.LEGEND_CELL[1] + 4  # 2 * 53 px wide: one class per row
@@ -1802,6 +1874,140 @@ def test_cli_own_images_predicts_thin_images_and_goes_on(tmp_path, monkeypatch, 
         assert (out / "side_by_side" / name).is_file()
 
 
+@contextlib.contextmanager
+def _eval_deadline(seconds: int):
+    """Fail, rather than hang, where the code inside waits forever (on a FIFO, say): SIGALRM interrupts the wait."""
+    def expire(*_):
+        pytest.fail(f"still running after {seconds} s")  # not an OSError, which the code under test may catch
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_cli_own_images_follow_symlinked_folders_once_and_leave_out_fifos(tmp_path, monkeypatch, capsys):
+    photos, ext, out = tmp_path / "photos", tmp_path / "elsewhere" / "ext", tmp_path / "preds"
+    _eval_photos(photos, {"a.png": (50, 30), "real/r.png": (20, 16)})
+    _eval_photos(ext, {"far.png": (24, 18)})
+    os.symlink(ext, photos / "ext")  # followed: its photos are predicted under photos/ext/
+    os.symlink(photos, photos / "loop")  # a loop: left out
+    os.symlink(photos / "real", photos / "again")  # a second way to real/: left out
+    os.symlink(tmp_path / "missing.png", photos / "dangling.png")
+    os.mkfifo(photos / "x.png")  # opening it would wait for a writer forever
+    ckpt = str(tmp_path / "m.safetensors")
+    ssr.save_segmentor(_eval_forced(13), ckpt, dataset="cityscapes", test_scale=[64, 32])
+    run = lambda save_dir, *extra: _eval_cli(monkeypatch, "--ckpt", ckpt, "--images", str(photos), "--save-dir",
+                                             str(save_dir), "--workers", "0", *extra)  # noqa: E731
+    with _eval_deadline(60):
+        assert run(out) == ""
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"wrote 3 predictions to {out}",
+                     "left out 4 more, not read as photos: again (a symlink to the folder real, whose photos are read "
+                     "there); dangling.png (a symlink to nothing); loop (a symlink to the folder ., whose photos are "
+                     "read there); x.png (a FIFO, not a regular file)"]
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == ["a.png", "ext/far.png", "real/r.png"]
+    # the folder a symlink leads to is held apart from --save-dir like the --images folder itself
+    os.makedirs(tmp_path / "o2" / "ext")
+    os.symlink(ext / "far.png", tmp_path / "o2" / "ext" / "far.png")  # an output path that is a photo via the link
+    cases = [(ext / "preds", r"is inside .*elsewhere.ext, the folder that the symlink .*photos.ext leads to"),
+             (tmp_path / "elsewhere", r"elsewhere holds .*elsewhere.ext, the folder that the symlink"),
+             (tmp_path / "o2", r"the output .*o2.ext.far.png is the photo .*photos.ext.far.png through a symlink")]
+    before = _eval_files(tmp_path / "elsewhere")
+    for save_dir, pattern in cases:
+        msg = run(save_dir)
+        assert msg.startswith("error: --save-dir") and re.search(pattern, msg) and "\n" not in msg, msg
+    assert _eval_files(tmp_path / "elsewhere") == before  # no photo replaced, nothing written beside them
+    # a FIFO at an output path is refused, not opened
+    (out / "a.png").unlink()
+    os.mkfifo(out / "a.png")
+    with _eval_deadline(60):
+        msg = run(out)
+    assert msg.startswith("error: --save-dir") and "a.png exists and is not a prediction" in msg, msg
+
+
+def test_cli_own_images_stop_or_full_disk_say_what_is_written_and_no_file_is_half(tmp_path, monkeypatch, capsys):
+    photos, out = tmp_path / "photos", tmp_path / "preds"
+    _eval_photos(photos, {"1.png": (50, 30), "2.png": (50, 30), "3.png": (50, 30)})
+    ckpts = {}
+    for cls in (13, 0):
+        ckpts[cls] = str(tmp_path / f"m{cls}.safetensors")
+        ssr.save_segmentor(_eval_forced(cls), ckpts[cls], dataset="cityscapes", test_scale=[64, 32])
+    run = lambda cls: _eval_cli(monkeypatch, "--ckpt", ckpts[cls], "--images", str(photos), "--save-dir", str(out),
+                                "--workers", "0")  # noqa: E731
+    assert run(13) == ""
+    capsys.readouterr()
+    firsts = _eval_files(out)
+    save = Image.Image.save
+
+    def fail_on_second(error):
+        """Image.save, which on the second prediction writes half a file, then raises `error`."""
+        calls = []
+
+        def fake(im, fp, *args, **kw):
+            calls.append(fp)
+            if len(calls) == 2:
+                with open(fp, "wb") as f:
+                    f.write(b"\x89PNG\r\n\x1a\n half of a file")
+                raise error
+            return save(im, fp, *args, **kw)
+        return fake
+
+    def classes():
+        return [int(np.asarray(Image.open(out / f"{i}.png"))[0, 0]) for i in (1, 2, 3)]
+
+    # Ctrl-C in the middle of a write: the earlier prediction stays whole, and one line says what is written
+    monkeypatch.setattr(Image.Image, "save", fail_on_second(KeyboardInterrupt()))
+    assert run(0) == "130"
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"stopped; 1 of 3 predictions are written to {out}, each one whole; the same command again writes them all.")
+    assert classes() == [0, 13, 13] and _eval_files(out)[out / "2.png"] == firsts[out / "2.png"]
+    # a full disk: one paragraph naming the folder and what is written
+    monkeypatch.setattr(Image.Image, "save", fail_on_second(OSError(errno.ENOSPC, "No space left on device")))
+    msg = run(0)
+    assert msg == (f"error: the disk that holds --save-dir {out} is full: 1 of 3 predictions are written there, each "
+                   f"one whole, and {out / '2.png'} is not (the earlier file there, if any, is untouched). Free some "
+                   f"space there, then run the same command again: it replaces its own predictions.")
+    assert classes() == [0, 13, 13] and _eval_files(out)[out / "2.png"] == firsts[out / "2.png"]
+    monkeypatch.setattr(Image.Image, "save", save)
+    # SIGTERM (a scheduler's stop) acts as Ctrl-C
+    resize_image, reads = data.resize_image, []
+
+    def term_on_second(*args):
+        reads.append(args)
+        if len(reads) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return resize_image(*args)
+
+    monkeypatch.setattr(data, "resize_image", term_on_second)
+    assert run(13) == "130"
+    assert "stopped; 1 of 3 predictions are written" in capsys.readouterr().err
+    assert classes() == [13, 13, 13] and sorted(os.listdir(out)) == [".lock", "1.png", "2.png", "3.png"]  # no tmp
+    # a stop of the evaluation (with labels) is one line too
+    _eval_write_val(tmp_path / "val")
+    monkeypatch.setattr(ev.F, "interpolate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert _eval_cli(monkeypatch, "--ckpt", ckpts[0], "--data-root", str(tmp_path / "val"), "--workers", "0") == "130"
+    err = capsys.readouterr().err
+    assert err.startswith("stopped; no mIoU was printed") and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_cli_own_images_second_run_on_the_same_save_dir_fails_at_once(tmp_path, monkeypatch):
+    photos, out = tmp_path / "photos", tmp_path / "preds"
+    _eval_photos(photos, {"street.png": (50, 30)})
+    ckpt = str(tmp_path / "m.safetensors")
+    ssr.save_segmentor(_eval_forced(13), ckpt, dataset="cityscapes", test_scale=[64, 32])
+    lock, made = files.claim_folder(str(out), "--save-dir")  # a run that holds the folder
+    msg = _eval_cli(monkeypatch, "--ckpt", ckpt, "--images", str(photos), "--save-dir", str(out), "--workers", "0")
+    assert msg.startswith(f"error: --save-dir {out} is in use by another run: pid {os.getpid()} (") and "\n" not in msg
+    assert msg.endswith("or choose another --save-dir.") and not (out / "street.png").exists()
+    files.release_folder(lock, made)
+    assert _eval_cli(monkeypatch, "--ckpt", ckpt, "--images", str(photos), "--save-dir", str(out),
+                     "--workers", "0") == ""  # free again; the run let it go at its end
+    assert (out / "street.png").is_file()
+
+
 def test_predict_images_names_and_skips_an_image_it_cannot_predict(tmp_path, monkeypatch, capsys):
     # out of memory for one photo (e.g. a huge one) costs that photo, not the ones after it
     photos, out = tmp_path / "photos", tmp_path / "preds"
@@ -1814,8 +2020,9 @@ def test_predict_images_names_and_skips_an_image_it_cannot_predict(tmp_path, mon
         return network_logits(net, img, *args)
 
     monkeypatch.setattr(ev, "network_logits", logits)
-    written, skipped = ev.predict_images(_eval_forced(13), str(photos), str(out), device="cpu", scale=(64, 32))
-    assert written == 1 and len(skipped) == 1
+    written, skipped, left_out = ev.predict_images(_eval_forced(13), str(photos), str(out), device="cpu",
+                                                   scale=(64, 32))
+    assert written == 1 and len(skipped) == 1 and left_out == []
     assert re.fullmatch(r".*a_huge.png \(OutOfMemoryError .*64x32.*: CUDA out of memory. Tried .*\)", skipped[0])
     assert f"skipped {skipped[0]}" in capsys.readouterr().err
     assert (np.asarray(Image.open(out / "b_street.png")) == 13).all() and not (out / "a_huge.png").exists()
