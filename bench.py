@@ -37,10 +37,10 @@ import ctypes
 import gc
 import glob
 import importlib.util
-import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -51,7 +51,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils import flop_counter
 
+import files
 import mit
 import sam_encoder
 import ssr
@@ -288,14 +290,62 @@ def train_iterations(s: Setup, method: str, compiled: bool = False):
     return fn
 
 
+def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """A convolution's backward: each gradient asked for (input, weight) costs what the forward costs. torch's own
+    formula (2.13) drops `groups` for the weight's gradient and so counts a depthwise conv's C times over: 28.96
+    instead of 11.06 TFLOP for the paper's ssr --mic iteration, whose head has three depthwise convs on 1024
+    channels."""
+    forward = flop_counter.conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
+    return forward * (bool(output_mask[0]) + bool(output_mask[1]))
+
+
+def cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """The CPU's fused attention, which torch's counter does not know, counted as its CUDA kernels are."""
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def count_flops(fn) -> int:
+    """FLOPs of one call of fn (matrix products, convolutions, attention; forward and backward) by
+    torch.utils.flop_counter, with the grouped convolution's backward counted right (conv_backward_flops) and the
+    CPU's attention counted too, so that a CPU and a GPU count the same step alike."""
+    aten = torch.ops.aten
+    counter = flop_counter.FlopCounterMode(display=False, custom_mapping={
+        aten.convolution_backward: conv_backward_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_attention_backward_flops})
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_rate(s: Setup, n: int = 8192, calls: int = 20) -> float:
+    """FLOP/s of a large bf16 matrix product on s's device: the ceiling the MFU is read against (the H200's
+    datasheet says about 990 TFLOP/s dense bf16; a measured rate is what this card gives)."""
+    a, b = (torch.randn(n, n, device=s.device, dtype=torch.bfloat16) for _ in range(2))
+    a @ b
+    t = timed(s, lambda: [a @ b for _ in range(calls)])
+    return 2 * n ** 3 * calls / t
+
+
 def bench_train(s: Setup) -> tuple:
-    r = {}
+    r, flops = {}, {}
     for method in ("dacs", "ssr"):  # one method's models at a time: both at once would double the memory at B5
         fn = train_iterations(s, method)
         r[method] = measure(s, {method: fn})[method]
+        flops[method] = count_flops(fn)
     if s.profile:
         profile(s, fn)
-    return f"3 {s.train_name()}", "ssr", "dacs", r["ssr"], r["dacs"], s.dtype
+    note = f"{s.dtype}; TFLOP per iteration: ssr {flops['ssr'] / 1e12:.4g}, dacs {flops['dacs'] / 1e12:.4g}"
+    if s.cuda and s.dtype == "bf16":  # the model FLOP utilization of the bare step
+        rate = matmul_rate(s)
+        note += (f"; bf16 matmul {rate / 1e12:.0f} TFLOP/s, so the bare ssr step uses "
+                 f"{100 * flops['ssr'] / r['ssr'][0] / rate:.1f}% of it")
+    return f"3 {s.train_name()}", "ssr", "dacs", r["ssr"], r["dacs"], note
 
 
 def profile(s: Setup, fn, n: int = 3) -> None:
@@ -310,6 +360,68 @@ def profile(s: Setup, fn, n: int = 3) -> None:
     busy = sum(getattr(e, key) for e in events) / n / 1e6
     print(events.table(sort_by=key, row_limit=15))
     print(f"profile: {wall * 1e3:.1f} ms per iteration, {'device' if s.cuda else 'cpu'} ops busy {busy * 1e3:.1f} ms")
+
+
+def profile_train(argv: list[str], start: int, n: int) -> str:
+    """train.py with argv, run in this process as a user runs it, with its iterations start .. start+n-1 under
+    torch.profiler; -> where their time went. The loader is wrapped (data.make_train_loader): each batch it hands
+    over marks an iteration, and the wait for it is recorded as such. Read from the profile, per iteration: the
+    wall time; the host waiting for data; on the device, the host-to-device copies and the busy time of the kernels
+    (their union), and its idle time; the host blocked in synchronizations (a .item(), a cudaStreamSynchronize)."""
+    import runpy
+
+    import data
+    from torch.profiler import ProfilerActivity, record_function, schedule
+
+    cuda = torch.cuda.is_available()
+    prof = torch.profiler.profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda,
+                                  schedule=schedule(wait=max(start - 1, 0), warmup=1, active=n, repeat=1))
+    make_loader = data.make_train_loader
+
+    def marked_loader(*args, **kwargs):
+        batches = make_loader(*args, **kwargs)
+        while True:
+            with record_function(WAIT):
+                batch = next(batches)
+            yield batch
+            prof.step()  # the loop asks for the next batch once per iteration
+
+    data.make_train_loader = marked_loader
+    sys.argv = ["train.py"] + argv + ["--iters", str(start + n + 2)]
+    prof.start()
+    try:
+        runpy.run_path("train.py", run_name="__main__")
+    except SystemExit as e:
+        if e.code:
+            raise
+    finally:
+        data.make_train_loader = make_loader
+    prof.stop()
+    return loop_split(prof.events(), n, cuda)
+
+
+WAIT = "waiting for the next batch"
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def loop_split(events, n: int, cuda: bool) -> str:
+    """The split of profile_train's events (a torch.profiler event list over n iterations), ms per iteration."""
+    ms = lambda us: f"{us / n / 1e3:.1f} ms"  # noqa: E731 (the events' times are in microseconds)
+    steps = [e for e in events if e.name.startswith("ProfilerStep")]
+    wall = sum(e.time_range.elapsed_us() for e in steps)
+    waits = sum(e.cpu_time_total for e in events if e.name == WAIT)
+    text = f"{ms(wall)} per iteration: waiting for data {ms(waits)}"
+    if not cuda:
+        return text + f", the rest on the CPU {ms(wall - waits)}"
+    device = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type.name == "CUDA")
+    busy, end = 0, 0  # the union of the device's intervals: overlapping kernels count once
+    for a, b in device:
+        busy += max(b - max(a, end), 0)
+        end = max(end, b)
+    copies = sum(e.time_range.elapsed_us() for e in events if e.device_type.name == "CUDA" and "HtoD" in e.name)
+    syncs = sum(e.cpu_time_total for e in events if e.name in SYNCS)
+    return text + (f", host-to-device copies {ms(copies)}, device busy {ms(busy)} (idle {ms(wall - busy)}), "
+                   f"host blocked in synchronizations {ms(syncs)}")
 
 
 def bench_eval(s: Setup) -> tuple:
@@ -380,16 +492,45 @@ def run_script(script: str, args: list[str], timeout: float, cwd: str = ".", env
 
 def run_loop(root: str, out: str, flags: list[str], iters: int, warm: int, timeout: float) -> str:
     """train.py for `iters` iterations; its steady rate from log.jsonl after iteration `warm` (start-up, cuDNN's
-    autotuning and compilation excluded)."""
+    autotuning and compilation excluded) and its peak memory."""
     args = ["--data-root", root, "--out", out, "--iters", str(iters), "--log-every", str(max(1, warm // 2))]
-    _, wall = run_script("train.py", args + flags, timeout, env={**os.environ, "SSR_CACHE": out + "_cache"})
-    with open(os.path.join(out, "log.jsonl")) as f:
-        rows = [r for r in map(json.loads, f) if "it_s" in r]
+    _, wall = run_script("train.py", args + flags, timeout, env=suite_env(out))
+    rows = [r for r in files.read_log(os.path.join(out, "log.jsonl")) if "it_s" in r]
     a, b = next(r for r in rows if r["iter"] >= warm), rows[-1]
-    mem = [r["mem_gib"] for r in rows if "mem_gib" in r]  # cuda only
-    return (f"{(b['iter'] - a['iter']) / (b['elapsed_s'] - a['elapsed_s']):.2f} it/s steady (iterations "
-            f"{a['iter']}-{b['iter']}){f', peak {max(mem):.1f} GiB' if mem else ''}, first {a['iter']} iterations "
-            f"{a['elapsed_s']:.0f} s, process {wall:.0f} s")
+    rate = (b["iter"] - a["iter"]) / (b["elapsed_s"] - a["elapsed_s"])
+    mem = [r["mem_gib"] for r in rows if "mem_gib" in r]  # cuda only: torch.cuda.max_memory_allocated
+    return (f"{rate:.2f} it/s steady (iterations {a['iter']}-{b['iter']}){f', peak {max(mem):.1f} GiB' if mem else ''}"
+            f", first {a['iter']} iterations {a['elapsed_s']:.0f} s, process {wall:.0f} s")
+
+
+def suite_env(out: str) -> dict:
+    return {**os.environ, "SSR_CACHE": out + "_cache"}  # the RCS statistics of the suite's own data
+
+
+def run_stop_resume(root: str, out: str, flags: list[str], timeout: float) -> str:
+    """A user's stop and --resume: SIGTERM to train.py after iteration 4 (it finishes the iteration, saves, exits
+    130), then --resume for 3 more; checked: the resume starts at the saved iteration, in the same run, and ends
+    where it should."""
+    args = ["train.py", "--data-root", root, "--out", out, "--iters", "1000", "--log-every", "1"] + flags
+    run = subprocess.Popen([sys.executable] + args, env=suite_env(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    t0 = time.perf_counter()
+    for line in run.stdout:
+        if line.startswith("iter 4/"):
+            run.send_signal(signal.SIGTERM)
+        if time.perf_counter() - t0 > timeout:
+            run.kill()
+            raise subprocess.TimeoutExpired(args, timeout)
+    if run.wait() != 130:
+        raise RuntimeError(f"the stopped run exited {run.returncode}, not 130")
+    saved = torch.load(os.path.join(out, "train_state.pt"), map_location="cpu", weights_only=True)
+    stdout, _ = run_script("train.py", ["--out", out, "--resume", "--iters", str(saved["iter"] + 3)],
+                           timeout - (time.perf_counter() - t0), env=suite_env(out))
+    final = torch.load(os.path.join(out, "train_state.pt"), map_location="cpu", weights_only=True)
+    ok = f"resuming {out} at iteration {saved['iter']}" in stdout and (final["iter"], final["run_id"]) == (
+        saved["iter"] + 3, saved["run_id"])
+    return (f"{'ok' if ok else 'WRONG'}: stopped by SIGTERM at iteration {saved['iter']} (exit 130), resumed there "
+            f"in run {saved['run_id']}, saved again at iteration {final['iter']}")
 
 
 def run_eval_files(root: str, ckpt: str, flags: list[str], timeout: float) -> str:
@@ -400,20 +541,45 @@ def run_eval_files(root: str, ckpt: str, flags: list[str], timeout: float) -> st
             f"with start-up and model loading")
 
 
-def run_bench(argv: list[str], timeout: float, cwd: str = ".") -> str:
+def run_bench(argv: list[str], timeout: float, cwd: str = ".", env: dict | None = None) -> str:
     """bench.py (this one or a baseline's) in a child process: its profile, if any, and its table."""
-    out = run_script("bench.py", argv, timeout, cwd=cwd)[0]
+    out = run_script("bench.py", argv, timeout, cwd=cwd, env=env)[0]
     return "\n    ".join(line for line in out.splitlines() if line.strip() and not line.startswith("device "))
 
 
+def summary(texts: dict[str, str]) -> str:
+    """The suite's answer in one line, from its figures' texts: ssr --mic's steady rate and what it makes of a 40k
+    run, ssr's cost over dacs --mic, the FLOPs of an iteration and the loop's model FLOP utilization."""
+    def find(key: str, pattern: str) -> float | None:
+        found = re.search(pattern, next((v for k, v in texts.items() if k.startswith(key)), ""))
+        return float(found[1]) if found else None
+
+    ssr_rate = find("train.py --method ssr --mic", r"([\d.]+) it/s steady")
+    dacs_rate = find("train.py --method dacs", r"([\d.]+) it/s steady")
+    flops = find("train iteration with mic", r"TFLOP per iteration: ssr ([\d.e+-]+)")
+    peak = find("train iteration with mic", r"bf16 matmul (\d+) TFLOP/s")
+    parts = [f"train.py --method ssr --mic {ssr_rate:.2f} it/s: 40,000 iterations in {40000 / ssr_rate / 3600:.1f} h"
+             ] if ssr_rate else []
+    if ssr_rate and dacs_rate:
+        parts.append(f"ssr costs {dacs_rate / ssr_rate:.2f}x dacs --mic ({dacs_rate:.2f} it/s)")
+    if ssr_rate and flops:
+        parts.append(f"{flops:.4g} TFLOP per iteration, so the loop runs {flops * ssr_rate:.3g} TFLOP/s"
+                     + (f", {100 * flops * ssr_rate / peak:.1f}% of the card's bf16 matmul rate ({peak:.0f} TFLOP/s)"
+                        if peak else ""))
+    return "summary: " + ("; ".join(parts) or "no steady rate was measured")
+
+
 def run_gpu_suite(s: Setup, budget: float, baseline: str | None) -> None:
-    """Each measurement in its own process (a hung compilation or a crash costs that figure only) under a time
-    limit, most important first: train.py --method ssr --mic as a user runs it (loader workers and all) on synthetic
-    files, from random weights; eval.py over 500 Cityscapes-sized files; item 3, bf16, --mic --profile, and the
-    baseline's; train.py --method dacs; cuda only: eval.py --amp bf16, train.py --compile, item 5, item 3 in fp32."""
+    """Everything one GPU window should answer, each measurement in its own process (a hung compilation or a crash
+    costs that figure only) under a time limit, most important first, as a user runs the programs (loader workers
+    and all) on files of the datasets' sizes from random weights: train.py --method ssr --mic and its steady rate,
+    peak memory and MFU; the profile of that loop; item 3 (the bare step, its FLOPs, the card's matmul rate); a stop
+    and --resume; eval.py on the saved model; train.py --method dacs --mic (ssr's cost) and --ssr-context shuffled;
+    cuda only: eval.py --amp bf16, train.py --compile, item 5, item 3 in fp32."""
     start, card, tiny = time.perf_counter(), s.device_name(), s.tiny
     dev = ["--device", str(s.device), "--repeats", str(s.repeats), "--warmup", str(s.warmup)] + ["--tiny"] * tiny
-    n_eval, iters, warm = (8, 4, 2) if tiny else (500, 110, 30)
+    n_eval, iters, warm = (8, 4, 2) if tiny else (200, 110, 30)
+    texts = {}
 
     def report(what: str, limit: float, fn) -> None:
         left = budget - (time.perf_counter() - start)
@@ -423,6 +589,7 @@ def run_gpu_suite(s: Setup, budget: float, baseline: str | None) -> None:
             result = f"TIMEOUT after {e.timeout:.0f} s"
         except Exception as e:  # a failing lever (e.g. a compile error) must not cost the rest of the suite
             result = f"FAILED {type(e).__name__}: {' '.join(str(e).split())[-600:]}"
+        texts[what] = result
         print(f"[{card}] {what} (at {time.perf_counter() - start:.0f} s):\n    {result}", flush=True)
 
     tmp = tempfile.mkdtemp(prefix="ssr-bench-")
@@ -434,15 +601,26 @@ def run_gpu_suite(s: Setup, budget: float, baseline: str | None) -> None:
         ssr_mic, ckpt = flags + ["--method", "ssr", "--mic", "--sam-weights", "none"], f"{tmp}/ssr/model.safetensors"
         report("train.py --method ssr --mic", 180, lambda t: run_loop(
             tmp, os.path.join(tmp, "ssr"), ssr_mic, iters, warm, t))
+        prof = ["--data-root", tmp, "--out", os.path.join(tmp, "profiled"), "--log-every", "0"] + ssr_mic
+        report(f"where the loop's time goes: train.py --method ssr --mic, iterations {warm}-{warm + 4} profiled", 150,
+               lambda t: next(line for line in run_script("bench.py", ["--profile-train", str(warm), "5"] + prof, t,
+                                                          env=suite_env(prof[3]))[0].splitlines()
+                              if line.startswith("profile of")))
+        report("train iteration with mic, eager bf16 (item 3: the bare step and its FLOPs)", 150, lambda t: run_bench(
+            dev + ["--items", "3", "--dtype", "bf16", "--mic"], t))
+        report("a stop and --resume (train.py --method ssr --mic)", 150, lambda t: run_stop_resume(
+            tmp, os.path.join(tmp, "resumed"), ssr_mic, t))
         report(f"eval.py, {n_eval} Cityscapes-sized files", 90, lambda t: run_eval_files(
             tmp, ckpt, ["--device", str(s.device)], t))
-        report("train iteration with mic, profiled, eager bf16 (item 3)", 150, lambda t: run_bench(
-            dev + ["--items", "3", "--dtype", "bf16", "--mic", "--profile"], t))
+        report("train.py --method dacs --mic", 120, lambda t: run_loop(
+            tmp, os.path.join(tmp, "dacs"), flags + ["--method", "dacs", "--mic"], iters, warm, t))
+        report("train.py --method ssr --ssr-context shuffled", 90, lambda t: run_loop(
+            tmp, os.path.join(tmp, "shuffled"), flags + ["--method", "ssr", "--sam-weights", "none", "--ssr-context",
+                                                         "shuffled"], iters, warm, t))
+        print(f"[{card}] {summary(texts)}", flush=True)
         if baseline:
             report(f"baseline {baseline}: train iteration, eager bf16 (item 3)", 120, lambda t: run_bench(
                 dev + ["--items", "3", "--dtype", "bf16"], t, cwd=baseline))
-        report("train.py --method dacs", 120, lambda t: run_loop(
-            tmp, os.path.join(tmp, "dacs"), flags + ["--method", "dacs"], iters, warm, t))
         if not s.cuda:
             print(f"[{card}] the compiled levers run on cuda only", flush=True)
             return
@@ -475,7 +653,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mic", action="store_true", help="items 3, 5: the step with masked image consistency")
     p.add_argument("--profile", action="store_true", help="item 3: print a torch.profiler table of the ssr iteration")
     p.add_argument("--tiny", action="store_true", help="tiny models and sizes for every item (seconds on a CPU)")
-    args = p.parse_args(argv)
+    p.add_argument("--profile-train", nargs=2, type=int, metavar=("START", "N"),
+                   help="instead of items: run train.py with the flags that follow (e.g. --method ssr --mic) and "
+                        "profile its real loop at iterations START..START+N-1: where an iteration's time goes")
+    args, train_flags = p.parse_known_args(argv)
+    if args.profile_train:
+        print(f"profile of iterations {args.profile_train[0]}-{sum(args.profile_train) - 1}: "
+              f"{profile_train(train_flags, *args.profile_train)}")
+        return
+    if train_flags:
+        p.error(f"unrecognized arguments: {' '.join(train_flags)}")
     items = args.items.split(",")
     if not set(items) <= set(BENCHES):
         sys.exit(f"error: --items {args.items}: choose among {','.join(BENCHES)} (comma-separated).")

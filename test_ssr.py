@@ -2578,10 +2578,28 @@ def test_bench_gpu_suite_runs_its_cpu_parts_with_tiny(tmp_path):
                if line.startswith("[cpu")}
     assert re.search(r"\d+\.\d\d it/s steady", run.stdout.split("--method ssr --mic")[1].splitlines()[1])
     assert re.search(r"8 images: evaluation \d+\.\d s \([\d.]+ images/s\), the command \d+\.\d s", run.stdout)
-    assert "train.py --method dacs" in figures and "the compiled levers run on cuda only" in figures, run.stdout
-    assert re.search(r"3 train iter MiT-tiny crop 64 b2 SAM 64 mic .* \d+\.\d\d ", run.stdout), run.stdout
-    assert re.search(r"profile: [\d.]+ ms per iteration, cpu ops busy [\d.]+ ms", run.stdout), run.stdout
+    assert "train.py --method dacs --mic" in figures and "the compiled levers run on cuda only" in figures, run.stdout
+    assert re.search(r"3 train iter MiT-tiny crop 64 b2 SAM 64 mic .* \d+\.\d\d .*TFLOP per iteration: ssr "
+                     r"0\.001\d+, dacs 0\.000\d+", run.stdout), run.stdout  # ~1.2 and ~0.74 GFLOP at the tiny sizes
+    assert re.search(r"profile of iterations 2-6: [\d.]+ ms per iteration: waiting for data [\d.]+ ms, the rest on "
+                     r"the CPU [\d.]+ ms", run.stdout), run.stdout  # the real loop, profiled
+    assert re.search(r"ok: stopped by SIGTERM at iteration \d+ \(exit 130\), resumed there in run \w+, saved again",
+                     run.stdout), run.stdout
+    assert "train.py --method ssr --ssr-context shuffled" in figures, run.stdout
+    assert re.search(r"summary: train.py --method ssr --mic [\d.]+ it/s: 40,000 iterations in [\d.]+ h; ssr costs "
+                     r"[\d.]+x dacs --mic .*TFLOP per iteration", run.stdout), run.stdout
     assert not [f for f in os.listdir(tmp_path) if f.startswith("ssr-bench-")], os.listdir(tmp_path)
+
+
+def test_bench_counts_a_depthwise_convs_backward_as_its_forward():
+    # torch's own formula drops `groups` for the weight's gradient: a depthwise conv's backward would count C times
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1, groups=64, bias=False)
+    x = torch.randn(2, 64, 16, 16, requires_grad=True)
+    forward = 2 * 2 * 64 * 16 * 16 * 9  # 2 FLOPs per multiply-add, per output value of each of the 64 channels
+    assert bench.count_flops(lambda: conv(x)) == forward
+    assert bench.count_flops(lambda: conv(x).sum().backward()) == 3 * forward  # input's and weight's gradients
+    q, k, v = (torch.randn(1, 2, 32, 16, requires_grad=True) for _ in range(3))  # the CPU's attention counts too
+    assert bench.count_flops(lambda: F.scaled_dot_product_attention(q, k, v)) == 2 * 2 * (2 * 32 * 32 * 16)
 
 
 def test_bench_suite_rejects_a_baseline_without_bench_py(tmp_path):
