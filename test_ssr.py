@@ -2566,12 +2566,12 @@ def test_bench_item_5_times_compiled_against_eager_with_the_compile_apart():
     assert re.search(r"fp32; first iterations \(compile\) \d+\.\d s, \d+\.\d s$", row), row
 
 
-def test_bench_gpu_suite_runs_its_cpu_parts_with_tiny(tmp_path):
+def test_suite_runs_its_cpu_parts_with_tiny(tmp_path):
     # train.py and eval.py as a user runs them (the demo's sizes with --tiny), then item 3 profiled; every figure
     # names the device; the data is removed at the end
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
-    run = subprocess.run([sys.executable, "bench.py", "--suite", "gpu", "--tiny", "--device", "cpu", "--repeats", "1",
-                          "--warmup", "0"], cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "suite.py", "--tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0"],
+                         cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert not any(word in run.stdout for word in ("FAILED", "not run", "TIMEOUT")), run.stdout
     figures = {line.split("]")[1].split("(at")[0].strip(" :"): line for line in run.stdout.splitlines()
@@ -2602,8 +2602,8 @@ def test_bench_counts_a_depthwise_convs_backward_as_its_forward():
     assert bench.count_flops(lambda: F.scaled_dot_product_attention(q, k, v)) == 2 * 2 * (2 * 32 * 32 * 16)
 
 
-def test_bench_suite_rejects_a_baseline_without_bench_py(tmp_path):
-    run = subprocess.run([sys.executable, "bench.py", "--suite", "gpu", "--tiny", "--baseline", str(tmp_path)],
+def test_suite_rejects_a_baseline_without_bench_py(tmp_path):
+    run = subprocess.run([sys.executable, "suite.py", "--tiny", "--baseline", str(tmp_path)],
                          cwd=_ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode != 0 and f"--baseline {tmp_path} holds no bench.py" in run.stderr
     assert "Traceback" not in run.stderr
