@@ -5,7 +5,6 @@ Speed and memory of ssr's models, measured side by side with the reference imple
     python bench.py --dtype bf16 --items 1,3 --mic    # GPU target: our bf16 SAM vs official fp32; SSR vs DACS
     python bench.py --items 3 --profile --dtype bf16  # where an iteration's time goes
     python bench.py --items 5 --dtype bf16            # what train.py --compile buys (compile time apart)
-    python bench.py --suite gpu --baseline ../old    # every GPU figure of the README in one call (~9 min)
     python bench.py --tiny --repeats 1 --warmup 0     # tiny configs, seconds (the smoke test)
 
 Items, ours / reference in the ratio columns:
@@ -17,8 +16,8 @@ Items, ours / reference in the ratio columns:
   4. Evaluation throughput of the deployable Segmentor (autocast forward, resize to the input, argmax), images/s.
   5. Item 3's ssr iteration with its networks compiled as train.py --compile does (ssr.compile_blocks) vs eager;
      the first two compiled iterations (the compilation) are timed apart.
---suite gpu takes every GPU figure of the README, each in its own process under a time limit (run_gpu_suite);
---baseline DIR adds item 3 of another checkout, for a before/after on one card. --tiny: its CPU parts, tiny.
+Item 3 also counts the FLOPs of each iteration (count_flops) and, in bf16 on a GPU, the card's matmul rate.
+suite.py runs the programs themselves at the paper's sizes and these items, for every GPU figure in one call.
 
 Time: the median of --repeats calls after --warmup calls; the two sides of a ratio are called in turn (ours,
 reference, ours, ...), so that load from other processes hits both alike. Memory, from one more call per model:
@@ -35,14 +34,9 @@ Time on an idle machine: OpenMP's threads spin while they wait, and beside anoth
 import argparse
 import ctypes
 import gc
-import glob
 import importlib.util
-import json
 import os
-import re
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +45,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils import flop_counter
 
 import mit
 import sam_encoder
@@ -289,14 +284,62 @@ def train_iterations(s: Setup, method: str, compiled: bool = False):
     return fn
 
 
+def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """A convolution's backward: each gradient asked for (input, weight) costs what the forward costs. torch's own
+    formula (2.13) drops `groups` for the weight's gradient and so counts a depthwise conv's C times over: 28.96
+    instead of 11.06 TFLOP for the paper's ssr --mic iteration, whose head has three depthwise convs on 1024
+    channels."""
+    forward = flop_counter.conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
+    return forward * (bool(output_mask[0]) + bool(output_mask[1]))
+
+
+def cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """The CPU's fused attention, which torch's counter does not know, counted as its CUDA kernels are."""
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def count_flops(fn) -> int:
+    """FLOPs of one call of fn (matrix products, convolutions, attention; forward and backward) by
+    torch.utils.flop_counter, with the grouped convolution's backward counted right (conv_backward_flops) and the
+    CPU's attention counted too, so that a CPU and a GPU count the same step alike."""
+    aten = torch.ops.aten
+    counter = flop_counter.FlopCounterMode(display=False, custom_mapping={
+        aten.convolution_backward: conv_backward_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_attention_backward_flops})
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_rate(s: Setup, n: int = 8192, calls: int = 20) -> float:
+    """FLOP/s of a large bf16 matrix product on s's device: the ceiling the MFU is read against (the H200's
+    datasheet says about 990 TFLOP/s dense bf16; a measured rate is what this card gives)."""
+    a, b = (torch.randn(n, n, device=s.device, dtype=torch.bfloat16) for _ in range(2))
+    a @ b
+    t = timed(s, lambda: [a @ b for _ in range(calls)])
+    return 2 * n ** 3 * calls / t
+
+
 def bench_train(s: Setup) -> tuple:
-    r = {}
+    r, flops = {}, {}
     for method in ("dacs", "ssr"):  # one method's models at a time: both at once would double the memory at B5
         fn = train_iterations(s, method)
         r[method] = measure(s, {method: fn})[method]
+        flops[method] = count_flops(fn)
     if s.profile:
         profile(s, fn)
-    return f"3 {s.train_name()}", "ssr", "dacs", r["ssr"], r["dacs"], s.dtype
+    note = f"{s.dtype}; TFLOP per iteration: ssr {flops['ssr'] / 1e12:.4g}, dacs {flops['dacs'] / 1e12:.4g}"
+    if s.cuda and s.dtype == "bf16":  # the model FLOP utilization of the bare step
+        rate = matmul_rate(s)
+        note += (f"; bf16 matmul {rate / 1e12:.0f} TFLOP/s, so the bare ssr step uses "
+                 f"{100 * flops['ssr'] / r['ssr'][0] / rate:.1f}% of it")
+    return f"3 {s.train_name()}", "ssr", "dacs", r["ssr"], r["dacs"], note
 
 
 def profile(s: Setup, fn, n: int = 3) -> None:
@@ -350,121 +393,9 @@ def run_items(s: Setup, items: list[str]) -> None:
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
-# ------------------------------------------------------------------------------------------------------------------
-# --suite gpu: train.py and eval.py as a user runs them, on files of the real datasets' sizes, and the items
-
-def loop_data(root: str, tiny: bool, n_eval: int) -> None:
-    """GTA5 and Cityscapes trees in root, of 24 scenes each at the datasets' sizes (the demo's with tiny), drawn by
-    demo.py (street scenes: they compress and decode like photos, ~3 MB a PNG); Cityscapes' val split holds 8 drawn
-    scenes and copies of them up to n_eval images (drawing is slow; decoding a copy costs the same)."""
-    import demo
-    sizes = {} if tiny else dict(src_size=(1914, 1052), tgt_size=(2048, 1024))  # GTA5's and Cityscapes' (W, H)
-    demo.write_data(root, n_src=24, n_tgt=24, n_val=8, **sizes)
-    val = sorted(glob.glob(os.path.join(root, "cityscapes", "leftImg8bit", "val", "*", "*_leftImg8bit.png")))
-    for i in range(n_eval - len(val)):
-        stem = val[i % len(val)][: -len("_leftImg8bit.png")]
-        for kind, suffix in (("leftImg8bit", "_leftImg8bit.png"), ("gtFine", "_gtFine_labelIds.png")):
-            src = stem.replace(f"{os.sep}leftImg8bit{os.sep}", f"{os.sep}{kind}{os.sep}") + suffix
-            shutil.copy(src, src.replace(suffix, f"_copy{i}{suffix}"))
-
-
-def run_script(script: str, args: list[str], timeout: float, cwd: str = ".", env: dict | None = None
-               ) -> tuple[str, float]:
-    """python `script` with `args` in a child process: (its output, the seconds it ran); a failure raises."""
-    t0 = time.perf_counter()
-    run = subprocess.run([sys.executable, script] + args, cwd=cwd, env=env, capture_output=True, text=True,
-                         timeout=timeout)
-    if run.returncode:
-        raise RuntimeError(f"{script} failed: {(run.stderr or run.stdout).strip()[-600:]}")
-    return run.stdout, time.perf_counter() - t0
-
-
-def run_loop(root: str, out: str, flags: list[str], iters: int, warm: int, timeout: float) -> str:
-    """train.py for `iters` iterations; its steady rate from log.jsonl after iteration `warm` (start-up, cuDNN's
-    autotuning and compilation excluded)."""
-    args = ["--data-root", root, "--out", out, "--iters", str(iters), "--log-every", str(max(1, warm // 2))]
-    _, wall = run_script("train.py", args + flags, timeout, env={**os.environ, "SSR_CACHE": out + "_cache"})
-    with open(os.path.join(out, "log.jsonl")) as f:
-        rows = [r for r in map(json.loads, f) if "it_s" in r]
-    a, b = next(r for r in rows if r["iter"] >= warm), rows[-1]
-    mem = [r["mem_gib"] for r in rows if "mem_gib" in r]  # cuda only
-    return (f"{(b['iter'] - a['iter']) / (b['elapsed_s'] - a['elapsed_s']):.2f} it/s steady (iterations "
-            f"{a['iter']}-{b['iter']}){f', peak {max(mem):.1f} GiB' if mem else ''}, first {a['iter']} iterations "
-            f"{a['elapsed_s']:.0f} s, process {wall:.0f} s")
-
-
-def run_eval_files(root: str, ckpt: str, flags: list[str], timeout: float) -> str:
-    """eval.py over root's val split: its own rate (loading included) and the command's time (start-up too)."""
-    out, wall = run_script("eval.py", ["--ckpt", ckpt, "--data-root", root] + flags, timeout)
-    n, rate = re.search(r"(\d+) images, ([\d.]+) images/s", out).groups()
-    return (f"{n} images: evaluation {int(n) / float(rate):.1f} s ({rate} images/s), the command {wall:.1f} s "
-            f"with start-up and model loading")
-
-
-def run_bench(argv: list[str], timeout: float, cwd: str = ".") -> str:
-    """bench.py (this one or a baseline's) in a child process: its profile, if any, and its table."""
-    out = run_script("bench.py", argv, timeout, cwd=cwd)[0]
-    return "\n    ".join(line for line in out.splitlines() if line.strip() and not line.startswith("device "))
-
-
-def run_gpu_suite(s: Setup, budget: float, baseline: str | None) -> None:
-    """Each measurement in its own process (a hung compilation or a crash costs that figure only) under a time
-    limit, most important first: train.py --method ssr --mic as a user runs it (loader workers and all) on synthetic
-    files, from random weights; eval.py over 500 Cityscapes-sized files; item 3, bf16, --mic --profile, and the
-    baseline's; train.py --method dacs; cuda only: eval.py --amp bf16, train.py --compile, item 5, item 3 in fp32."""
-    start, card, tiny = time.perf_counter(), s.device_name(), s.tiny
-    dev = ["--device", str(s.device), "--repeats", str(s.repeats), "--warmup", str(s.warmup)] + ["--tiny"] * tiny
-    n_eval, iters, warm = (8, 4, 2) if tiny else (500, 110, 30)
-
-    def report(what: str, limit: float, fn) -> None:
-        left = budget - (time.perf_counter() - start)
-        try:
-            result = fn(min(limit, left)) if left >= 20 else f"not run ({budget:.0f} s budget spent)"
-        except subprocess.TimeoutExpired as e:
-            result = f"TIMEOUT after {e.timeout:.0f} s"
-        except Exception as e:  # a failing lever (e.g. a compile error) must not cost the rest of the suite
-            result = f"FAILED {type(e).__name__}: {' '.join(str(e).split())[-600:]}"
-        print(f"[{card}] {what} (at {time.perf_counter() - start:.0f} s):\n    {result}", flush=True)
-
-    tmp = tempfile.mkdtemp(prefix="ssr-bench-")
-    try:
-        loop_data(tmp, tiny, n_eval)
-        print(f"[{card}] synthetic data written in {time.perf_counter() - start:.0f} s", flush=True)
-        flags = ["--pretrained", "none", "--eval-every", "0", "--save-every", "0", "--debug-every", "0"]
-        flags += ["--demo"] * tiny  # the demo's sizes
-        ssr_mic, ckpt = flags + ["--method", "ssr", "--mic", "--sam-weights", "none"], f"{tmp}/ssr/model.safetensors"
-        report("train.py --method ssr --mic", 180, lambda t: run_loop(
-            tmp, os.path.join(tmp, "ssr"), ssr_mic, iters, warm, t))
-        report(f"eval.py, {n_eval} Cityscapes-sized files", 90, lambda t: run_eval_files(
-            tmp, ckpt, ["--device", str(s.device)], t))
-        report("train iteration with mic, profiled, eager bf16 (item 3)", 150, lambda t: run_bench(
-            dev + ["--items", "3", "--dtype", "bf16", "--mic", "--profile"], t))
-        if baseline:
-            report(f"baseline {baseline}: train iteration, eager bf16 (item 3)", 120, lambda t: run_bench(
-                dev + ["--items", "3", "--dtype", "bf16"], t, cwd=baseline))
-        report("train.py --method dacs", 120, lambda t: run_loop(
-            tmp, os.path.join(tmp, "dacs"), flags + ["--method", "dacs"], iters, warm, t))
-        if not s.cuda:
-            print(f"[{card}] the compiled levers run on cuda only", flush=True)
-            return
-        report(f"eval.py --amp bf16, {n_eval} Cityscapes-sized files", 90, lambda t: run_eval_files(
-            tmp, ckpt, ["--device", "cuda", "--amp", "bf16"], t))
-        # compilation (the first iterations) is read apart from the steady rate after it
-        report("train.py --method ssr --mic --compile", 400, lambda t: run_loop(
-            tmp, os.path.join(tmp, "ssr_compiled"), ssr_mic + ["--compile"], iters + 100, warm + 100, t))
-        report("ssr iteration compiled vs eager, bf16 (item 5)", 240, lambda t: run_bench(
-            dev + ["--items", "5", "--dtype", "bf16"], t))
-        report("train iteration, eager fp32 (item 3)", 90, lambda t: run_bench(dev + ["--items", "3"], t))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # ~2 GB of images and checkpoints at the paper's sizes
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", default="1,2,3,4", help="comma-separated items to run (see above)")
-    p.add_argument("--suite", choices=["gpu"], help="run the GPU suite (see above) instead of --items")
-    p.add_argument("--budget", type=float, default=540, help="--suite gpu: no measurement starts after it (s)")
-    p.add_argument("--baseline", help="--suite gpu: another checkout (git worktree add DIR COMMIT) whose item 3 runs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="the items' precision (see above)")
     p.add_argument("--repeats", type=int, help="timed calls per model (default 10, 3 on cpu)")
@@ -480,17 +411,12 @@ def main(argv: list[str] | None = None) -> None:
     items = args.items.split(",")
     if not set(items) <= set(BENCHES):
         sys.exit(f"error: --items {args.items}: choose among {','.join(BENCHES)} (comma-separated).")
-    if args.baseline and not os.path.isfile(os.path.join(args.baseline, "bench.py")):
-        sys.exit(f"error: --baseline {args.baseline} holds no bench.py; give a checkout of this project, e.g. made "
-                 f"with git worktree add {args.baseline} COMMIT.")
     s = Setup(torch.device(args.device), args.dtype, args.repeats, args.warmup, args.tiny, args.crop, args.batch_size,
               args.sam_size, args.grad_checkpoint, args.mic, args.profile)
-    if args.suite == "gpu" and not s.cuda and not args.tiny:
-        sys.exit("error: --suite gpu needs a CUDA device (or --tiny, which runs its CPU-runnable parts at tiny sizes).")
     print(f"device {s.device} ({s.device_name()}), torch {torch.__version__}, dtype {s.dtype}, median of {s.repeats} "
           f"after {s.warmup} warm-up", flush=True)
     try:
-        run_gpu_suite(s, args.budget, args.baseline) if args.suite == "gpu" else run_items(s, sorted(items))
+        run_items(s, sorted(items))
     except ImportError as e:
         sys.exit(f"error: {e}; bench.py compares against the reference implementations: "
                  f"pip install -r requirements-dev.txt")

@@ -2859,26 +2859,44 @@ def test_bench_item_5_times_compiled_against_eager_with_the_compile_apart():
     assert re.search(r"fp32; first iterations \(compile\) \d+\.\d s, \d+\.\d s$", row), row
 
 
-def test_bench_gpu_suite_runs_its_cpu_parts_with_tiny(tmp_path):
+def test_suite_runs_its_cpu_parts_with_tiny(tmp_path):
     # train.py and eval.py as a user runs them (the demo's sizes with --tiny), then item 3 profiled; every figure
     # names the device; the data is removed at the end
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
-    run = subprocess.run([sys.executable, "bench.py", "--suite", "gpu", "--tiny", "--device", "cpu", "--repeats", "1",
-                          "--warmup", "0"], cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "suite.py", "--tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0"],
+                         cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert not any(word in run.stdout for word in ("FAILED", "not run", "TIMEOUT")), run.stdout
     figures = {line.split("]")[1].split("(at")[0].strip(" :"): line for line in run.stdout.splitlines()
                if line.startswith("[cpu")}
     assert re.search(r"\d+\.\d\d it/s steady", run.stdout.split("--method ssr --mic")[1].splitlines()[1])
     assert re.search(r"8 images: evaluation \d+\.\d s \([\d.]+ images/s\), the command \d+\.\d s", run.stdout)
-    assert "train.py --method dacs" in figures and "the compiled levers run on cuda only" in figures, run.stdout
-    assert re.search(r"3 train iter MiT-tiny crop 64 b2 SAM 64 mic .* \d+\.\d\d ", run.stdout), run.stdout
-    assert re.search(r"profile: [\d.]+ ms per iteration, cpu ops busy [\d.]+ ms", run.stdout), run.stdout
+    assert "train.py --method dacs --mic" in figures and "the compiled levers run on cuda only" in figures, run.stdout
+    assert re.search(r"3 train iter MiT-tiny crop 64 b2 SAM 64 mic .* \d+\.\d\d .*TFLOP per iteration: ssr "
+                     r"0\.001\d+, dacs 0\.000\d+", run.stdout), run.stdout  # ~1.2 and ~0.74 GFLOP at the tiny sizes
+    assert re.search(r"profile of iterations 2-6: [\d.]+ ms per iteration: waiting for data [\d.]+ ms, the rest on "
+                     r"the CPU [\d.]+ ms", run.stdout), run.stdout  # the real loop, profiled
+    assert re.search(r"ok: stopped by SIGTERM at iteration \d+ \(exit 130\), resumed there in run \w+, saved again",
+                     run.stdout), run.stdout
+    assert "train.py --method ssr --ssr-context shuffled" in figures, run.stdout
+    assert re.search(r"summary: train.py --method ssr --mic [\d.]+ it/s: 40,000 iterations in [\d.]+ h; ssr costs "
+                     r"[\d.]+x dacs --mic .*TFLOP per iteration", run.stdout), run.stdout
     assert not [f for f in os.listdir(tmp_path) if f.startswith("ssr-bench-")], os.listdir(tmp_path)
 
 
-def test_bench_suite_rejects_a_baseline_without_bench_py(tmp_path):
-    run = subprocess.run([sys.executable, "bench.py", "--suite", "gpu", "--tiny", "--baseline", str(tmp_path)],
+def test_bench_counts_a_depthwise_convs_backward_as_its_forward():
+    # torch's own formula drops `groups` for the weight's gradient: a depthwise conv's backward would count C times
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1, groups=64, bias=False)
+    x = torch.randn(2, 64, 16, 16, requires_grad=True)
+    forward = 2 * 2 * 64 * 16 * 16 * 9  # 2 FLOPs per multiply-add, per output value of each of the 64 channels
+    assert bench.count_flops(lambda: conv(x)) == forward
+    assert bench.count_flops(lambda: conv(x).sum().backward()) == 3 * forward  # input's and weight's gradients
+    q, k, v = (torch.randn(1, 2, 32, 16, requires_grad=True) for _ in range(3))  # the CPU's attention counts too
+    assert bench.count_flops(lambda: F.scaled_dot_product_attention(q, k, v)) == 2 * 2 * (2 * 32 * 32 * 16)
+
+
+def test_suite_rejects_a_baseline_without_bench_py(tmp_path):
+    run = subprocess.run([sys.executable, "suite.py", "--tiny", "--baseline", str(tmp_path)],
                          cwd=_ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode != 0 and f"--baseline {tmp_path} holds no bench.py" in run.stderr
     assert "Traceback" not in run.stderr
