@@ -1898,7 +1898,7 @@ def test_cli_own_images_follow_symlinked_folders_once_and_leave_out_fifos(tmp_pa
     os.symlink(tmp_path / "missing.png", photos / "dangling.png")
     os.mkfifo(photos / "x.png")  # opening it would wait for a writer forever
     ckpt = str(tmp_path / "m.safetensors")
-    ssr.save_segmentor(_eval_forced(13), ckpt, dataset="cityscapes", test_scale=[64, 32])
+    weights.save_segmentor(_eval_forced(13), ckpt, dataset="cityscapes", test_scale=[64, 32])
     run = lambda save_dir, *extra: _eval_cli(monkeypatch, "--ckpt", ckpt, "--images", str(photos), "--save-dir",
                                              str(save_dir), "--workers", "0", *extra)  # noqa: E731
     with _eval_deadline(60):
@@ -1934,7 +1934,7 @@ def test_cli_own_images_stop_or_full_disk_say_what_is_written_and_no_file_is_hal
     ckpts = {}
     for cls in (13, 0):
         ckpts[cls] = str(tmp_path / f"m{cls}.safetensors")
-        ssr.save_segmentor(_eval_forced(cls), ckpts[cls], dataset="cityscapes", test_scale=[64, 32])
+        weights.save_segmentor(_eval_forced(cls), ckpts[cls], dataset="cityscapes", test_scale=[64, 32])
     run = lambda cls: _eval_cli(monkeypatch, "--ckpt", ckpts[cls], "--images", str(photos), "--save-dir", str(out),
                                 "--workers", "0")  # noqa: E731
     assert run(13) == ""
@@ -1997,7 +1997,7 @@ def test_cli_own_images_second_run_on_the_same_save_dir_fails_at_once(tmp_path, 
     photos, out = tmp_path / "photos", tmp_path / "preds"
     _eval_photos(photos, {"street.png": (50, 30)})
     ckpt = str(tmp_path / "m.safetensors")
-    ssr.save_segmentor(_eval_forced(13), ckpt, dataset="cityscapes", test_scale=[64, 32])
+    weights.save_segmentor(_eval_forced(13), ckpt, dataset="cityscapes", test_scale=[64, 32])
     lock, made = files.claim_folder(str(out), "--save-dir")  # a run that holds the folder
     msg = _eval_cli(monkeypatch, "--ckpt", ckpt, "--images", str(photos), "--save-dir", str(out), "--workers", "0")
     assert msg.startswith(f"error: --save-dir {out} is in use by another run: pid {os.getpid()} (") and "\n" not in msg
