@@ -340,12 +340,12 @@ def _write_item(job: tuple) -> None:
 def _check_root(root: str) -> bool:
     """True when root holds a complete demo; raises DatasetError where writing one could harm a user's files."""
     if os.path.exists(root) and not os.path.isdir(root):
-        raise data.DatasetError(f"--data-root {root} is a file, not a folder; the demo writes its synthetic "
-                                f"datasets into a folder. Point --data-root at a new folder (default data/demo).")
+        raise files.DatasetError(f"--data-root {root} is a file, not a folder; the demo writes its synthetic "
+                                 f"datasets into a folder. Point --data-root at a new folder (default data/demo).")
     for name in ("gta5", "cityscapes"):
         folder = os.path.join(root, name)
         if os.path.lexists(folder) and not os.path.isfile(os.path.join(folder, MARKER)):
-            raise data.DatasetError(
+            raise files.DatasetError(
                 f"{folder} exists but was not written by the demo (it has no {MARKER} file), so the demo will "
                 f"neither use nor replace it: it never deletes or overwrites data it did not create. Point "
                 f"--data-root at another folder (default data/demo); if {folder} is the demo data of an older "

@@ -28,6 +28,10 @@ class FlagError(UserError):
     """A command-line flag that cannot work (an output that cannot be written, a folder in use, ...)."""
 
 
+class DatasetError(UserError):
+    """Bad or missing data."""
+
+
 class DiskFull(UserError):
     """A file could not be written because its disk is full; the file it would have replaced is intact."""
 
