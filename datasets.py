@@ -23,9 +23,11 @@ SOURCES = {"gta5": dict(scale=(1280, 720), rcs_min_pixels=3000),
            "synthia": dict(scale=(1280, 760), rcs_min_pixels=3000),
            "cityscapes": dict(scale=(1024, 512), rcs_min_pixels=3000)}
 # A target's scale, for training and test alike (the same configs: 1024x512 for Cityscapes' 2048x1024 images,
-# 960x540 for ACDC's and Dark Zurich's 1920x1080 ones), and what its test server takes: the zip's folders, each
-# with one PNG per test image named as the image, holding 'label_ids' (Cityscapes label ids), 'train_ids' (0-18) or
-# 'confidence' (16 bits, 65535 = 1). The sources' sources: README, "Test-split submissions".
+# 960x540 for ACDC's and Dark Zurich's 1920x1080 ones), and what its test server takes (eval.py --submit): the zip's
+# folders, each with one PNG per test image named as the image, at its size, holding 'label_ids' (Cityscapes label
+# ids: cityscapesScripts' evalPixelLevelSemanticLabeling matches <city>_<seq>_<frame>*.png), 'train_ids' (0-18:
+# ACDC's labelTrainIds/, as DAFormer's tools/test.py --format-only writes them) or 'confidence' (Dark Zurich's
+# UIoU also reads labelTrainIds_invalid/ and 16-bit confidence/, 65535 = 1).
 # The other settings are DAFormer's for every benchmark: 512 crops, 40k iterations, and the pseudo-labels' top 15
 # and bottom 120 rows ignored (ssr.IGNORE_ROWS; DAFormer's experiments.py, exp 8, sets them for cs2acdc and
 # cs2darkzurich too; HRDA and MIC, with 1024 crops, ignore none there, as these targets lack Cityscapes' border).
@@ -39,6 +41,18 @@ TARGETS = {"cityscapes": dict(scale=(1024, 512), submission={".": "label_ids"},
 ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
 FOLDERS = {"gta5": "gta5", "synthia": "synthia", "cityscapes": "cityscapes", "acdc": "acdc",
            "darkzurich": "dark_zurich"}  # each dataset's folder under --data-root
+
+
+def parse_conditions(text: str) -> tuple[str, ...]:
+    """--acdc-conditions 'fog,night' -> ('fog', 'night'), or a files.FlagError naming what is wrong."""
+    conditions = tuple(c.strip() for c in text.split(","))
+    unknown = [c for c in conditions if c not in ACDC_CONDITIONS]
+    if unknown or len(set(conditions)) < len(conditions):
+        why = f"{unknown[0]!r} is none of them" if unknown else "one is given twice"
+        raise FlagError(f"--acdc-conditions {text}: give distinct ACDC conditions among {','.join(ACDC_CONDITIONS)}, "
+                        f"separated by commas, e.g. night or fog,night ({why}).")
+    return conditions
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # finding the files
@@ -272,13 +286,3 @@ def check_datasets(root: str, src: str, tgt: str, conditions=ACDC_CONDITIONS) ->
     check_samples(list_dataset(root, tgt, "val", conditions=conditions), "val")
     return source
 
-
-def parse_conditions(text: str) -> tuple[str, ...]:
-    """--acdc-conditions 'fog,night' -> ('fog', 'night'), or a files.FlagError naming what is wrong."""
-    conditions = tuple(c.strip() for c in text.split(","))
-    unknown = [c for c in conditions if c not in ACDC_CONDITIONS]
-    if unknown or len(set(conditions)) < len(conditions):
-        raise FlagError(f"--acdc-conditions {text}: give distinct ACDC conditions among {','.join(ACDC_CONDITIONS)}"
-                        f" separated by commas, e.g. night or fog,night" + (f" ({unknown[0]!r} is none)." if unknown
-                                                                            else "."))
-    return conditions

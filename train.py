@@ -41,8 +41,8 @@ from eval import debug_panel, evaluate, print_table, training_curves
 # arguments
 
 # On --resume these must equal the saved run's: its weights, batches and random streams depend on them.
-RUN_FLAGS = ("demo", "src", "tgt", "acdc_conditions", "method", "mic", "backbone", "sam", "sam_img_size", "ssr_stages", "ssr_context",
-             "crop", "batch_size", "seed", "ema_alpha")
+RUN_FLAGS = ("demo", "src", "tgt", "acdc_conditions", "method", "mic", "backbone", "sam", "sam_img_size", "ssr_stages",
+             "ssr_context", "crop", "batch_size", "seed", "ema_alpha")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -316,8 +316,9 @@ train_batches = data.make_train_loader(
     args.data_root, args.src, args.tgt, crop=args.crop, batch_size=args.batch_size, seed=args.seed, start_iter=start,
     workers=args.workers, rank=rank, world_size=world, src_scale=src_scale, tgt_scale=tgt_scale,
     rcs_min_pixels=rcs_min_pixels, pin_memory=device.type == "cuda", conditions=conditions)
-val_loader = data.make_val_loader(args.data_root, args.tgt, "val", scale=tgt_scale, batch_size=1, workers=args.workers,
-                                  pin_memory=device.type == "cuda", conditions=conditions) if master else None
+val_loader = data.make_val_loader(args.data_root, args.tgt, "val", scale=tgt_scale, batch_size=1,
+                                  workers=args.workers, pin_memory=device.type == "cuda",
+                                  conditions=conditions) if master else None
 
 # the student segmentor, the UDA wrapper (EMA teacher, ImageNet copy, SSR branch), the SAM teacher
 torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts them from rank 0)
