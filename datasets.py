@@ -189,8 +189,8 @@ def list_acdc(root: str, split: str, need_labels: bool, conditions=ACDC_CONDITIO
         if not os.path.isdir(os.path.join(base, "rgb_anon", condition)):
             raise DatasetError(f"ACDC condition '{condition}' not found: missing folder "
                                f"{os.path.join(base, 'rgb_anon', condition)}. Unzip rgb_anon_trainvaltest.zip and "
-                               f"gt_trainval.zip into {base}, or leave the condition out with --acdc-conditions (now "
-                               f"{','.join(conditions)}). Expected the layout {LAYOUTS['acdc'].replace('<root>', root)}")
+                               f"gt_trainval.zip into {base}, or leave the condition out with --acdc-conditions. Expected "
+                               f"the layout {LAYOUTS['acdc'].replace('<root>', root)}")
         samples += _list_by_group(os.path.join(base, "rgb_anon", condition, split),
                                   os.path.join(base, "gt", condition, split), "_rgb_anon.png", "_gt", need_labels,
                                   f"ACDC {condition} split '{split}'", "acdc", root, "gt_trainval.zip")
