@@ -1,8 +1,9 @@
-"""GTA5 / SYNTHIA -> Cityscapes data, read straight from the official downloads, with DAFormer's training pipeline.
+"""DAFormer's data pipeline on the datasets that datasets.py lists: reading the pixels, the transforms, rare class
+sampling and the loaders.
 
-No preparation step: GTA5 palette labels, SYNTHIA's 16-bit label PNGs and Cityscapes `_labelIds` are mapped to the
-19 train ids on the fly, and the rare-class statistics are computed on first use and cached outside the dataset folder.
-Every random choice of the training sample at global position k comes from np.random.default_rng([seed, k]),
+No preparation step: GTA5 palette labels, SYNTHIA's 16-bit label PNGs and Cityscapes-style `_labelIds` are mapped to
+the 19 train ids on the fly, and the rare-class statistics are computed on first use and cached outside the dataset
+folder. Every random choice of the training sample at global position k comes from np.random.default_rng([seed, k]),
 so a batch is a function of (seed, iteration, rank) alone: resuming or changing the worker count changes nothing.
 demo.py writes its two synthetic domains in the very same layouts, so the demo runs the real code path.
 The files it writes (the statistics' cache) go through files.py.
@@ -11,7 +12,6 @@ import hashlib
 import itertools
 import os
 import struct
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from datasets import ACDC_CONDITIONS, PNG_SIGNATURE, SOURCES, TARGETS, Sample, check_label_fits, list_dataset
 from files import DatasetError, cache_folder, check_cache_folder, save_atomic, worker_pool
 
 CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
@@ -36,7 +37,7 @@ LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 3
 ID_TO_TRAIN = np.full(256, IGNORE, np.uint8)
 ID_TO_TRAIN[list(LABEL_IDS)] = np.arange(19)
 TRAIN_TO_TRAIN = np.full(256, IGNORE, np.uint8)
-TRAIN_TO_TRAIN[:19] = np.arange(19)  # a `_labelTrainIds.png` is used as is; stray values become IGNORE
+TRAIN_TO_TRAIN[:19] = np.arange(19)  # a `_labelTrainIds.png` is used as is (other values: see _raw_label)
 # SYNTHIA class id of train id i, as DAFormer's tools/convert_datasets/synthia.py (from SYNTHIA's README.txt);
 # 16 (terrain), 18 (truck) and 20 (train) never occur in SYNTHIA-RAND-CITYSCAPES. The ids are 16-bit values.
 SYNTHIA_IDS = (3, 4, 2, 21, 5, 7, 15, 9, 6, 16, 1, 10, 17, 8, 18, 19, 20, 12, 11)
@@ -48,142 +49,6 @@ SYNTHIA_CLASSES_13 = tuple(i for i in SYNTHIA_CLASSES if CLASSES[i] not in ("wal
 RCS_TEMPERATURE = 0.01  # DAFormer: p_c ∝ exp((1 - f_c) / T)
 RCS_MIN_CROP_RATIO = 0.5  # the crop must keep > min_crop_ratio * min_pixels pixels of the sampled class
 CAT_MAX_RATIO = 0.75  # mmseg RandomCrop: no class may cover 75% of a source crop
-SIZE_TOLERANCE = 0.05  # a label whose aspect ratio is this close to its image's is resized onto it
-# DAFormer's per-source pipeline (configs/_base_/datasets/uda_{gta,synthia}_to_cityscapes_512x512.py): the scale
-# the source is resized to, and RCS's min_pixels (uda/dacs configs: 3000 for both); the target: 1024x512
-SOURCES = {"gta5": dict(scale=(1280, 720), rcs_min_pixels=3000),
-           "synthia": dict(scale=(1280, 760), rcs_min_pixels=3000)}
-TARGET_SCALE = (1024, 512)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# finding the files
-
-LAYOUTS = {
-    "gta5": ("<root>/gta5/images/00001.png ...  and  <root>/gta5/labels/00001.png ... (palette PNGs of Cityscapes "
-             "label ids, as in the download). Download images and labels from "
-             "https://download.visinf.tu-darmstadt.de/data/from_games/ and unzip them into <root>/gta5/."),
-    "cityscapes": ("<root>/cityscapes/leftImg8bit/{train,val}/<city>/<stem>_leftImg8bit.png  and  "
-                   "<root>/cityscapes/gtFine/{train,val}/<city>/<stem>_gtFine_labelIds.png. Download "
-                   "leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from https://www.cityscapes-dataset.com/ "
-                   "and unzip both into <root>/cityscapes/."),
-    "synthia": ("<root>/synthia/RGB/0000000.png ...  and  <root>/synthia/GT/LABELS/0000000.png ... (16-bit PNGs, "
-                "SYNTHIA class id in the first channel), as in SYNTHIA-RAND-CITYSCAPES. Download "
-                "SYNTHIA-RAND-CITYSCAPES (CVPR16) from https://synthia-dataset.net/downloads/ and move the contents "
-                "of its RAND_CITYSCAPES folder (RGB/, GT/, Depth/) into <root>/synthia/."),
-}
-
-
-@dataclass(frozen=True)
-class Sample:
-    img: str
-    lbl: str | None  # None: an unlabelled target image
-    train_ids: bool = False  # True: the label already holds train ids (`_labelTrainIds.png`)
-    synthia: bool = False  # True: a SYNTHIA label, 16-bit RGB with the class id in the first channel
-
-
-def _require_dir(path: str, name: str, root: str) -> None:
-    if not os.path.isdir(path):
-        raise DatasetError(f"{name} not found: missing folder {path}. Expected the layout "
-                           f"{LAYOUTS[name].replace('<root>', root)}")
-
-
-def _pair_by_name(images: str, labels: str, names: list[str], dataset: str, archive: str,
-                  **kind) -> list[Sample]:
-    """images/NAME with labels/NAME for every NAME (GTA5 and SYNTHIA name a label as its image); a missing label is
-    an error naming both files. `kind`: the Sample fields of this dataset's labels."""
-    samples = []
-    for name in names:
-        lbl = os.path.join(labels, name)
-        if not os.path.isfile(lbl):
-            raise DatasetError(f"{dataset} image {os.path.join(images, name)} has no label: expected {lbl}. Re-extract "
-                               f"{archive}, or delete the image if it is not part of the dataset.")
-        samples.append(Sample(os.path.join(images, name), lbl, **kind))
-    return samples
-
-
-def list_gta5(root: str) -> list[Sample]:
-    """All GTA5 pairs, images/NNNNN.png with labels/NNNNN.png (the whole set is the training split)."""
-    images, labels = os.path.join(root, "gta5", "images"), os.path.join(root, "gta5", "labels")
-    _require_dir(images, "gta5", root)
-    _require_dir(labels, "gta5", root)
-    names = sorted(f for f in os.listdir(images) if f.endswith(".png"))
-    return _pair_by_name(images, labels, names, "GTA5", "the labels archive")
-
-
-def list_cityscapes(root: str, split: str, need_labels: bool) -> list[Sample]:
-    """Images of one split paired by stem with `_gtFine_labelTrainIds.png` if present, else `_gtFine_labelIds.png`.
-
-    The `_color.png`, `_instanceIds.png` and `_polygons.json` neighbours in gtFine are never looked at."""
-    img_dir, gt_dir = (os.path.join(root, "cityscapes", d, split) for d in ("leftImg8bit", "gtFine"))
-    _require_dir(img_dir, "cityscapes", root)
-    if need_labels:
-        _require_dir(gt_dir, "cityscapes", root)
-    samples = []
-    cities = sorted(c for c in os.listdir(img_dir) if os.path.isdir(os.path.join(img_dir, c)))
-    for city in cities:
-        for name in sorted(os.listdir(os.path.join(img_dir, city))):
-            if not name.endswith("_leftImg8bit.png"):
-                continue
-            img = os.path.join(img_dir, city, name)
-            stem = os.path.join(gt_dir, city, name[: -len("_leftImg8bit.png")])
-            if os.path.isfile(stem + "_gtFine_labelTrainIds.png"):
-                samples.append(Sample(img, stem + "_gtFine_labelTrainIds.png", train_ids=True))
-            elif os.path.isfile(stem + "_gtFine_labelIds.png"):
-                samples.append(Sample(img, stem + "_gtFine_labelIds.png"))
-            elif need_labels:
-                raise DatasetError(f"Cityscapes image {img} has no label: expected {stem}_gtFine_labelIds.png "
-                                   f"(or _gtFine_labelTrainIds.png). Unzip gtFine_trainvaltest.zip into "
-                                   f"{os.path.join(root, 'cityscapes')}.")
-            else:
-                samples.append(Sample(img, None))
-    return samples
-
-
-def _synthia_layout_error(base: str, root: str) -> DatasetError:
-    """The clearest message for a synthia/ folder without RGB/ and GT/LABELS/ side by side."""
-    expected = f"Expected the layout {LAYOUTS['synthia'].replace('<root>', root)}"
-    entries = sorted(os.listdir(base)) if os.path.isdir(base) else []
-    seqs = [e for e in entries if e.upper().startswith("SYNTHIA-SEQS") or e in ("Stereo_Left", "Stereo_Right")]
-    if seqs or os.path.isdir(os.path.join(base, "RGB", "Stereo_Left")):
-        return DatasetError(f"{base} holds the SYNTHIA video sequences ({(seqs or ['RGB/Stereo_Left'])[0]}); the "
-                            f"benchmark uses SYNTHIA-RAND-CITYSCAPES, a different download. {expected}")
-    if os.path.isdir(os.path.join(base, "RAND_CITYSCAPES")):
-        return DatasetError(f"{base} holds RAND_CITYSCAPES/ one level too deep: move its contents (RGB/, GT/) up "
-                            f"into {base}. {expected}")
-    if os.path.isdir(os.path.join(base, "RGB")):
-        return DatasetError(f"synthia labels not found: missing folder {os.path.join(base, 'GT', 'LABELS')} (the "
-                            f"16-bit label PNGs; GT/COLOR holds only pictures of them). {expected}")
-    return DatasetError(f"synthia not found: missing folder {os.path.join(base, 'RGB')}. {expected}")
-
-
-def list_synthia(root: str) -> list[Sample]:
-    """All SYNTHIA-RAND-CITYSCAPES pairs, RGB/NNNNNNN.png with GT/LABELS/NNNNNNN.png (all of it is training data)."""
-    base = os.path.join(root, "synthia")
-    images, labels = os.path.join(base, "RGB"), os.path.join(base, "GT", "LABELS")
-    names = sorted(f for f in os.listdir(images) if f.endswith(".png")) if os.path.isdir(images) else []
-    if not (names and os.path.isdir(labels)):
-        raise _synthia_layout_error(base, root)
-    return _pair_by_name(images, labels, names, "SYNTHIA", "SYNTHIA-RAND-CITYSCAPES", synthia=True)
-
-
-def list_dataset(root: str, name: str, split: str, need_labels: bool = True) -> list[Sample]:
-    if not os.path.isdir(root):
-        raise DatasetError(f"data root {root} does not exist. Pass --data-root pointing to a folder holding "
-                           f"gta5/ (or synthia/) and cityscapes/ as in: {LAYOUTS['gta5']} {LAYOUTS['cityscapes']}")
-    if name == "gta5":
-        samples = list_gta5(root)
-    elif name == "synthia":
-        samples = list_synthia(root)
-    elif name == "cityscapes":
-        samples = list_cityscapes(root, split, need_labels)
-    else:
-        raise DatasetError(f"unknown dataset '{name}': expected 'gta5', 'synthia' or 'cityscapes'.")
-    if not samples:
-        where = name if name != "cityscapes" else f"cityscapes split '{split}'"
-        raise DatasetError(f"no images found for {where} under {root}. Expected the layout "
-                           f"{LAYOUTS[name].replace('<root>', root)}")
-    return samples
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -239,9 +104,6 @@ def _label_values(path: str) -> np.ndarray:
     return np.asarray(im)
 
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
 def read_png16_rgb(path: str) -> np.ndarray:
     """(H, W, 3) uint16 values of a 16-bit RGB PNG (colour type 2, not interlaced), as SYNTHIA's labels are.
 
@@ -288,7 +150,18 @@ def _raw_label(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
     """(H, W) raw values of the label file and the lookup table that maps them to train ids."""
     if sample.synthia:
         return read_png16_rgb(sample.lbl)[..., 0], SYNTHIA_TO_TRAIN  # channels 1, 2: instance ids, unused
-    return _label_values(sample.lbl), TRAIN_TO_TRAIN if sample.train_ids else ID_TO_TRAIN
+    values = _label_values(sample.lbl)
+    if not sample.train_ids:
+        return values, ID_TO_TRAIN
+    # A train-id file holds 0-18 and 255 only. Label ids saved under its name show values 19-254 (vegetation 21,
+    # sky 23, car 26, ...) in almost any street scene, so they are caught; one whose ids all lie in 0-18 is not.
+    stray = np.unique(values[(values > 18) & (values != IGNORE)])
+    if stray.size:
+        raise DatasetError(f"label {sample.lbl} holds the values {', '.join(map(str, stray[:5]))}, which are no train "
+                           f"ids (0-18, and 255 for ignored pixels): it looks like a file of label ids saved as "
+                           f"_labelTrainIds.png. Replace it with the _labelTrainIds.png of the dataset's archive, or "
+                           f"delete it so that the _labelIds.png beside it is read and mapped.")
+    return values, TRAIN_TO_TRAIN
 
 
 def read_label(sample: Sample) -> np.ndarray:
@@ -309,54 +182,6 @@ def read_pair(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
         check_label_fits(sample, (w, h), (lw, lh), exact=False)
         lbl = resize_label(lbl, (w, h))
     return img, lbl
-
-
-def check_label_fits(sample: Sample, size: tuple[int, int], label_size: tuple[int, int], exact: bool) -> None:
-    """The label of `sample`, label_size (w, h), against its image's size (w, h). exact (evaluation, ValSamples):
-    the same size; else (training, read_pair) the same aspect ratio within SIZE_TOLERANCE."""
-    (w, h), (lw, lh) = size, label_size
-    if exact and (lw, lh) != (w, h):
-        raise DatasetError(f"label {sample.lbl} is {lw}x{lh} but its image {sample.img} is {w}x{h}; evaluation needs "
-                           f"the label at the image's resolution. Replace the label with the one from the archive.")
-    if not exact and abs(lw * h / (lh * w) - 1) > SIZE_TOLERANCE:
-        raise DatasetError(f"label {sample.lbl} is {lw}x{lh} but its image {sample.img} is {w}x{h}: the aspect "
-                           f"ratios differ, so they cannot be aligned. Replace or remove this pair.")
-
-
-def _png_size(path: str, what: str) -> tuple[int, int]:
-    """(w, h) from a PNG's IHDR chunk, the first 24 bytes: 15-21 us a file against 67 us for PIL's lazy
-    Image.open (600 demo files, warm cache, 2 busy cores), so checking GTA5's 49,932 files takes about a second."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(24)
-    except OSError as e:
-        raise DatasetError(f"cannot read {what} {path} ({e.strerror}). Re-extract it from the dataset "
-                           f"archive.") from None
-    w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-    if len(head) < 24 or head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR" or not w or not h:
-        raise DatasetError(f"{what} {path} is not a PNG (or is truncated before its header); re-extract it from "
-                           f"the dataset archive.")
-    return w, h
-
-
-def check_samples(samples: list[Sample], what: str) -> None:
-    """Check, from the PNG headers alone, what reading would find only later: every file exists and is a PNG, and
-    every label fits its image as the loaders require (check_label_fits: what='val' exactly, 'train' in aspect)."""
-    for s in samples:
-        w, h = _png_size(s.img, "image")
-        if s.lbl is None:
-            continue
-        check_label_fits(s, (w, h), _png_size(s.lbl, "label"), exact=what == "val")
-
-
-def check_datasets(root: str, src: str, tgt: str) -> list[Sample]:
-    """check_samples on the source's and the target's training images and the target's val set, before training
-    (a bad file is found now, not in hour 5). Returns the source's samples."""
-    source = list_dataset(root, src, "train")
-    check_samples(source, "train")
-    check_samples(list_dataset(root, tgt, "train", need_labels=False), "train")
-    check_samples(list_dataset(root, tgt, "val"), "val")
-    return source
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -550,7 +375,8 @@ class TrainSamples(Dataset):
 
 
 class ValSamples(Dataset):
-    """Cityscapes-style evaluation: image resized to `scale` keeping its ratio, label at full resolution."""
+    """Cityscapes-style evaluation: image resized to `scale` keeping its ratio, label at full resolution; an
+    unlabelled (test) sample gives its image's full size (w, h) instead, the size its prediction is written at."""
 
     def __init__(self, samples: list[Sample], scale):
         self.samples, self.scale = samples, scale
@@ -561,12 +387,15 @@ class ValSamples(Dataset):
     def __getitem__(self, i: int):
         s = self.samples[i]
         try:
-            img, lbl = read_image(s.img), read_label(s)
-            check_label_fits(s, img.shape[1::-1], lbl.shape[::-1], exact=True)
-            img = resize_image(img, rescale_size(img.shape[1], img.shape[0], self.scale))
+            img = read_image(s.img)
+            (h, w), scaled = img.shape[:2], resize_image(img, rescale_size(img.shape[1], img.shape[0], self.scale))
+            if s.lbl is None:
+                return {"img": normalize(scaled), "size": torch.tensor((w, h)), "path": s.img}
+            lbl = read_label(s)
+            check_label_fits(s, (w, h), lbl.shape[::-1], exact=True)
             # uint8 (train ids and 255): a 2048x1024 label is 2 MB to pass from a worker and copy to the GPU,
             # not 16 MB as int64; the evaluator widens it on the device
-            return {"img": normalize(img), "lbl": torch.from_numpy(lbl.astype(np.uint8)), "path": s.img}
+            return {"img": normalize(scaled), "lbl": torch.from_numpy(lbl.astype(np.uint8)), "path": s.img}
         except DatasetError as e:
             return e
 
@@ -587,10 +416,11 @@ def _collate(items: list):
     errors = [e for e in items if isinstance(e, DatasetError)]
     if errors:
         return errors[0]
-    if "lbl" in items[0] and len({tuple(it["lbl"].shape) for it in items}) > 1:
-        sizes = ", ".join(f"{it['path']}: {tuple(it['lbl'].shape)}" for it in items)
-        return DatasetError(f"validation labels of one batch differ in size ({sizes}); full-resolution labels "
-                            f"only batch when they share a size. Use batch_size=1.")
+    key = "lbl" if "lbl" in items[0] else "img"  # evaluation's full-size labels, or test images at the test scale
+    if "path" in items[0] and len({tuple(it[key].shape) for it in items}) > 1:
+        sizes = ", ".join(f"{it['path']}: {tuple(it[key].shape)}" for it in items)
+        return DatasetError(f"the images of one evaluation batch differ in size ({sizes}); they only batch when "
+                            f"they share a size. Use --batch-size 1.")
     return default_collate(items)
 
 
@@ -615,16 +445,18 @@ class CleanLoader(DataLoader):
 
 def make_train_loader(data_root: str, src: str = "gta5", tgt: str = "cityscapes", *, crop: int = 512,
                       batch_size: int = 2, seed: int = 0, start_iter: int = 0, workers: int = 2, rank: int = 0,
-                      world_size: int = 1, src_scale=None, tgt_scale=TARGET_SCALE, rcs: bool = True,
-                      cache_dir: str | None = None, pin_memory: bool = False,
-                      rcs_min_pixels: int | None = None) -> Iterator[dict]:
+                      world_size: int = 1, src_scale=None, tgt_scale=None, rcs: bool = True,
+                      cache_dir: str | None = None, pin_memory: bool = False, rcs_min_pixels: int | None = None,
+                      conditions=ACDC_CONDITIONS) -> Iterator[dict]:
     """Infinite iterator of training batches; the k-th batch is iteration start_iter + k.
 
     Batches: src_img float32 (B, 3, crop, crop) normalized, src_lbl int64 (B, crop, crop) train ids / 255,
-    tgt_img float32 (B, 3, crop, crop). src_scale and rcs_min_pixels default to DAFormer's, SOURCES[src]."""
+    tgt_img float32 (B, 3, crop, crop). The scales and rcs_min_pixels default to DAFormer's, datasets.SOURCES[src]
+    and TARGETS[tgt]; `conditions`: ACDC's to train on."""
     source = list_dataset(data_root, src, "train")
     src_scale, rcs_min_pixels = src_scale or SOURCES[src]["scale"], rcs_min_pixels or SOURCES[src]["rcs_min_pixels"]
-    target = list_dataset(data_root, tgt, "train", need_labels=False)
+    tgt_scale = tgt_scale or TARGETS[tgt]["scale"]
+    target = list_dataset(data_root, tgt, "train", need_labels=False, conditions=conditions)
     tables = rcs_tables(class_pixel_counts(source, cache_dir), rcs_min_pixels) if rcs else None
     dataset = TrainSamples(source, target, crop=crop, seed=seed, src_scale=src_scale, tgt_scale=tgt_scale,
                            rcs=tables, rcs_min_pixels=rcs_min_pixels)
@@ -634,9 +466,12 @@ def make_train_loader(data_root: str, src: str = "gta5", tgt: str = "cityscapes"
     return iter(loader)
 
 
-def make_val_loader(data_root: str, tgt: str = "cityscapes", split: str = "val", *, scale=TARGET_SCALE,
-                    batch_size: int = 1, workers: int = 2, pin_memory: bool = False) -> DataLoader:
-    """Batches {'img': (B, 3, h, w) normalized at `scale`, 'lbl': uint8 (B, H, W) full resolution, 'path'}."""
-    samples = list_dataset(data_root, tgt, split)
+def make_val_loader(data_root: str, tgt: str = "cityscapes", split: str = "val", *, scale=None,
+                    batch_size: int = 1, workers: int = 2, pin_memory: bool = False,
+                    conditions=ACDC_CONDITIONS) -> DataLoader:
+    """Batches {'img': (B, 3, h, w) normalized at `scale` (default: TARGETS[tgt]'s), 'lbl': uint8 (B, H, W) full
+    resolution, 'path'}; of the test split, whose labels are the servers', {'img', 'size': (B, 2) (w, h), 'path'}."""
+    samples = list_dataset(data_root, tgt, split, need_labels=split != "test", conditions=conditions)
+    scale = scale or TARGETS[tgt]["scale"]
     return CleanLoader(ValSamples(samples, scale), batch_size=batch_size, shuffle=False, num_workers=workers,
                        collate_fn=_collate, generator=torch.Generator(), pin_memory=pin_memory)

@@ -1,14 +1,17 @@
 """
-Evaluate a segmentor on the target validation set in the protocol of mmsegmentation/DAFormer.
+Evaluate a segmentor on the target validation set in the protocol of mmsegmentation/DAFormer, and write the
+test split's predictions for the benchmarks' servers.
 
     python eval.py --ckpt runs/demo_seed0/model.safetensors                             # table, images/s, mIoU
     python eval.py --ckpt model.safetensors --save-dir preds --side-by-side          # also colored predictions
+    python eval.py --ckpt model.safetensors --split test --submit acdc_test          # for the ACDC server
     python eval.py --ckpt model.safetensors --images photos/ --save-dir preds        # your own images, no labels
     python weights.py convert gta2cs_daformer.pth daformer.safetensors               # a released DAFormer/MIC model
 
-The protocol: each image is resized to the test scale (1024x512 for Cityscapes), the network's logits are resized
-bilinearly back to the label's full resolution (2048x1024), the argmax is compared with the label, and one
-confusion histogram is accumulated over the whole dataset with bincount (pixels labelled 255 are ignored).
+The protocol: each image is resized to the target's test scale (1024x512 for Cityscapes, 960x540 for ACDC and Dark
+Zurich), the network's logits are resized bilinearly back to the label's full resolution (2048x1024, 1920x1080),
+the argmax is compared with the label, and one confusion histogram is accumulated over the whole dataset with
+bincount (pixels labelled 255 are ignored); ACDC's conditions are also reported one by one.
 IoU per class = intersection / union over the dataset; mIoU = their mean over the classes whose union is non-zero.
 There is no per-image averaging: a small image counts as many pixels as it has. A model trained from SYNTHIA is
 reported as the papers do: mIoU16 (without terrain, truck and train, which SYNTHIA lacks) and mIoU13 (also without
@@ -20,6 +23,7 @@ import dataclasses
 import errno
 import glob
 import os
+import shlex
 import signal
 import stat
 import sys
@@ -36,6 +40,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 import data
+import datasets
 import files
 import pictures
 import ssr
@@ -185,6 +190,15 @@ def evaluate(model: ssr.Segmentor, loader, *, device, amp_dtype: torch.dtype | N
     return dict(iou=iou.tolist(), miou=miou, hist=hist, images=n, images_per_s=n / max(seconds, 1e-9))
 
 
+def merge_results(results: list[dict]) -> dict:
+    """evaluate()'s results of disjoint image sets (ACDC's conditions) -> the result of all of them: one histogram,
+    the sum of theirs, so the mean is over all pixels, as if evaluated at once."""
+    hist = sum(r["hist"] for r in results)
+    iou, miou = iou_from_confusion(hist)
+    images, seconds = sum(r["images"] for r in results), sum(r["images"] / r["images_per_s"] for r in results)
+    return dict(iou=iou.tolist(), miou=miou, hist=hist, images=images, images_per_s=images / max(seconds, 1e-9))
+
+
 def print_table(result: dict, classes, source: str = "gta5") -> float:
     """Per-class IoU in percent, the speed, the means of reported_means, then `mIoU: NN.NN` as the last line: the
     headline mean (for a SYNTHIA-trained model the 16-class one), which is returned (0..1)."""
@@ -200,6 +214,99 @@ def print_table(result: dict, classes, source: str = "gta5") -> float:
     headline = next(iter(means.values()))
     print(f"mIoU: {100 * headline:.2f}")
     return headline
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the test split: predictions for the benchmarks' servers (their labels are not public)
+
+# in every PNG write_submission writes (as OWN_MARK for --images): a later run replaces only files that carry it
+SUBMIT_MARK = ("Software", "ssr eval.py --submit")
+
+
+def check_submission_folder(folder: str) -> None:
+    """Fail, before anything is written, where --submit could replace a file eval.py --submit did not write: the
+    folder may hold only the PNGs of an earlier submission (they are replaced, and those of images not predicted
+    again removed, so that the folder zips into exactly this run's predictions)."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise files.FlagError(f"--submit {folder} is a file; pass a folder (new or empty) for the predictions.")
+    for d, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(d, name)
+            if os.path.islink(path) or not own_output(path, SUBMIT_MARK):
+                raise files.FlagError(f"--submit: {folder} holds {path}, which eval.py --submit did not write, and "
+                                      f"the folder must zip into the predictions alone; it is left as it is. Pass a "
+                                      f"new or empty folder.")
+
+
+SUBMISSION_KINDS = {"label_ids": "Cityscapes label ids", "train_ids": "train ids (0-18)",
+                    "confidence": "16-bit confidences (65535 = 1)"}  # what datasets.TARGETS' `submission` names
+
+
+def submission_png(kind: str, pred: Tensor, conf: Tensor) -> Image.Image:
+    """A server's image for one test image (datasets.TARGETS' `submission` kinds): pred (H, W) train ids and conf
+    (H, W) the softmax probability of that class -> 'label_ids' (Cityscapes label ids), 'train_ids', or 'confidence'
+    (16-bit, 65535 = 1, as Dark Zurich's server reads it)."""
+    if kind == "confidence":
+        return Image.fromarray((conf * 65535).round().cpu().numpy().astype(np.uint16))
+    ids = pred.cpu().numpy().astype(np.uint8)
+    return Image.fromarray(np.array(data.LABEL_IDS, np.uint8)[ids] if kind == "label_ids" else ids)
+
+
+def write_submission(model: ssr.Segmentor, loader, target: str, folder: str, *, device, amp_dtype=None,
+                     mode: str = "whole", crop: int = 512, stride: int = 341) -> int:
+    """Predict every image of `loader` (data.make_val_loader's test split) as the val protocol does (test scale,
+    logits back to the image's full size) and write folder/<sub>/<image file name> for each folder <sub> of
+    datasets.TARGETS[target]['submission']; returns the number of images. main() runs check_submission_folder
+    first; the earlier submission's PNGs that this run did not rewrite are removed at the end."""
+    kinds, written, mark = datasets.TARGETS[target]["submission"], set(), PngImagePlugin.PngInfo()
+    mark.add_text(*SUBMIT_MARK)
+    for sub in kinds:
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+    model.eval()
+    device = torch.device(device)
+    with torch.inference_mode():
+        for batch in loader:
+            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+                logits = network_logits(model, batch["img"].to(device), mode, crop, stride)
+            for i, path in enumerate(batch["path"]):
+                w, h = batch["size"][i].tolist()
+                full = F.interpolate(logits[i:i + 1], size=(h, w), mode="bilinear", align_corners=False)
+                conf, pred = full[0].softmax(0).max(0)
+                for sub, kind in kinds.items():
+                    out = os.path.normpath(os.path.join(folder, sub, os.path.basename(path)))
+                    submission_png(kind, pred, conf).save(out, pnginfo=mark)
+                    written.add(out)
+            n, total = len(written) // len(kinds), len(loader.dataset)
+            if n * 10 // total > (n - len(batch["path"])) * 10 // total:  # crossed a tenth
+                print(f"{n}/{total} images", file=sys.stderr, flush=True)
+    for d, _, names in os.walk(folder):
+        for path in (os.path.normpath(os.path.join(d, n)) for n in names):
+            if path not in written and own_output(path, SUBMIT_MARK):
+                os.remove(path)
+    return len(written) // len(kinds)
+
+
+def print_submission(model: ssr.Segmentor, loader, target: str, folder: str, conditions: tuple[str, ...],
+                     **predict) -> None:
+    """write_submission (with `predict`: device, amp_dtype, mode), then what it wrote, where to submit it, and, as
+    the last line, the command that zips the folder."""
+    names = collections.Counter(os.path.basename(s.img) for s in loader.dataset.samples)
+    twice = [name for name, k in names.items() if k > 1]
+    if twice:
+        raise files.DatasetError(f"{names[twice[0]]} test images of {target} are named {twice[0]}, and a server reads "
+                                 f"one prediction per name; remove the copies from the dataset folder.")
+    n = write_submission(model, loader, target, folder, **predict)
+    kinds = datasets.TARGETS[target]["submission"]
+    print(f"wrote the predictions of the {n} {target} test images into {folder}: "
+          + "; ".join(f"{'' if sub == '.' else sub + '/: '}{SUBMISSION_KINDS[kind]}" for sub, kind in kinds.items())
+          + "; one PNG per image, named as the image, at its size.")
+    if target == "acdc" and conditions != datasets.ACDC_CONDITIONS:
+        print(f"note: only {','.join(conditions)}; ACDC's server expects every condition's test images "
+              f"(--acdc-conditions {','.join(datasets.ACDC_CONDITIONS)}).")
+    print(f"The papers' numbers for this benchmark are test-split numbers, which only its server computes: upload the "
+          f"zip at {datasets.TARGETS[target]['server']}. Zip it with:")
+    path = os.path.abspath(folder).rstrip(os.sep)
+    print(f"rm -f {shlex.quote(path + '.zip')} && cd {shlex.quote(path)} && zip -qr {shlex.quote(path + '.zip')} .")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -318,14 +425,15 @@ class UserImages(Dataset):
         return {"img": data.normalize(img), "size": (w, h), "path": path}
 
 
-def own_output(path: str) -> bool:
-    """Whether path is a PNG that predict_images wrote (it carries OWN_MARK). False for any other file, a folder,
-    a dangling symlink, a FIFO (which is never opened: that could wait forever) and anything unreadable."""
+def own_output(path: str, mark: tuple[str, str] = OWN_MARK) -> bool:
+    """Whether path is a PNG that predict_images wrote (it carries OWN_MARK; write_submission's: SUBMIT_MARK). False
+    for any other file, a folder, a dangling symlink, a FIFO (which is never opened: that could wait forever) and
+    anything unreadable."""
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             return False
         with Image.open(path) as im:
-            return im.format == "PNG" and im.info.get(OWN_MARK[0]) == OWN_MARK[1]
+            return im.format == "PNG" and im.info.get(mark[0]) == mark[1]
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return False
 
@@ -486,13 +594,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True,
                    help="checkpoint written by train.py or weights.py convert (.safetensors)")
-    p.add_argument("--data-root", help="folder holding cityscapes/ as downloaded (default: the checkpoint's, or data)")
-    p.add_argument("--split", default="val", help="split of the target dataset; it must have labels")
+    p.add_argument("--data-root", help="folder holding the datasets as downloaded (default: the checkpoint's, or data)")
+    p.add_argument("--tgt", choices=list(datasets.TARGETS),
+                   help="the dataset to evaluate on (default: the one the checkpoint was trained for)")
+    p.add_argument("--acdc-conditions", default=",".join(datasets.ACDC_CONDITIONS),
+                   help="ACDC's conditions to evaluate or predict, each reported apart and then together")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"],
+                   help="split of the target dataset; test has no public labels: it needs --submit")
+    p.add_argument("--submit", metavar="DIR",
+                   help="with --split test: write the predictions into DIR in the format the target's server "
+                        "takes (a new or empty folder, or an earlier --submit's), and print the line that zips it")
     p.add_argument("--images", metavar="DIR",
                    help=f"predict every {'/'.join(IMAGE_SUFFIXES)} under DIR (subfolders and symlinked folders too) "
                         f"instead of evaluating; no labels needed; the predictions go to --save-dir under the same "
                         f"relative paths")
-    p.add_argument("--src", choices=list(data.SOURCES),
+    p.add_argument("--src", choices=list(datasets.SOURCES),
                    help="the source the model was trained from; synthia reports mIoU16 and mIoU13 (default: the "
                         "checkpoint's, else gta5)")
     p.add_argument("--mode", default="whole", choices=["whole", "slide"],
@@ -514,6 +630,10 @@ def main() -> None:
         raise files.FlagError("--side-by-side writes pictures into --save-dir; pass --save-dir DIR as well.")
     if args.images and not args.save_dir:
         raise files.FlagError("--images writes its predictions into --save-dir; pass --save-dir DIR as well.")
+    if (args.split == "test") != bool(args.submit) or (args.submit and (args.images or args.save_dir)):
+        raise files.FlagError("--split test and --submit DIR go together, and without --images and --save-dir: the "
+                              "test split's labels are not public, so its predictions are written for the "
+                              "benchmark's server and scored there.")
     if args.batch_size <= 0 or args.workers < 0:
         raise files.FlagError("--batch-size must be positive and --workers at least 0.")
     if os.path.isdir(args.ckpt):
@@ -521,18 +641,31 @@ def main() -> None:
         raise files.FlagError(f"--ckpt {args.ckpt} is a folder; pass the checkpoint in it: {' or '.join(inside)}."
                               if inside else f"--ckpt {args.ckpt} is a folder and holds no .safetensors checkpoint; "
                               f"pass the model.safetensors that train.py wrote (in its --out folder).")
+    conditions = datasets.parse_conditions(args.acdc_conditions)
     device = check_device(args.device)
     if args.images:
         check_outputs(args.images, args.save_dir, args.side_by_side)
     if args.save_dir:
         check_writable(args.save_dir, "--save-dir")
+    if args.submit:
+        check_submission_folder(args.submit)
+        check_writable(args.submit, "--submit")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.amp]
 
     model, meta = weights.load_segmentor(args.ckpt, device)
     if model.cfg.num_classes != len(data.CLASSES):
         raise files.WeightsError(f"{args.ckpt} predicts {model.cfg.num_classes} classes but the evaluation uses the "
                                  f"{len(data.CLASSES)} Cityscapes classes; pass a checkpoint of a 19-class model.")
-    scale = tuple(meta.get("test_scale", data.TARGET_SCALE))
+    trained_for = meta.get("dataset", "cityscapes")  # train.py records its --tgt; converted files their --tgt
+    target = args.tgt or trained_for
+    if target not in datasets.TARGETS:
+        raise files.FlagError(f"{args.ckpt} was trained for '{target}', which eval.py does not know; pass --tgt "
+                              f"with one of {', '.join(datasets.TARGETS)}.")
+    if target != "acdc" and args.acdc_conditions != p.get_default("acdc_conditions"):
+        raise files.FlagError(f"--acdc-conditions only applies to ACDC, and this evaluation is on {target}; drop it.")
+    # the checkpoint's test scale is the benchmark's, or the demo's for its own world
+    scale = tuple(meta["test_scale"]) if "test_scale" in meta and target == trained_for else (
+        datasets.TARGETS[target]["scale"])
     if args.images:
         written, skipped, left_out = predict_images(model, args.images, args.save_dir, device=device, scale=scale,
                                                     amp_dtype=amp_dtype, mode=args.mode,
@@ -546,12 +679,25 @@ def main() -> None:
             print(line)
         return
     source = args.src or meta.get("source", "gta5")  # train.py records it; older and converted files may not
-    loader = data.make_val_loader(args.data_root or meta.get("data_root") or "data", meta.get("dataset", "cityscapes"),
-                                  args.split, scale=scale, batch_size=args.batch_size, workers=args.workers,
-                                  pin_memory=device.type == "cuda")
-    result = evaluate(model, loader, device=device, amp_dtype=amp_dtype, mode=args.mode, save_dir=args.save_dir,
-                      side_by_side=args.side_by_side, progress=True)
-    print_table(result, data.CLASSES, source if source in data.SOURCES else "gta5")
+    root = args.data_root or meta.get("data_root") or "data"
+    # ACDC: one loader per condition, each reported, then all in one histogram; every one is listed (and a missing
+    # folder found) before the first image is predicted
+    groups = [(c,) for c in conditions] if target == "acdc" and not args.submit else [conditions]
+    loaders = [data.make_val_loader(root, target, args.split, scale=scale, batch_size=args.batch_size,
+                                    workers=args.workers, pin_memory=device.type == "cuda", conditions=group)
+               for group in groups]
+    if args.submit:
+        print_submission(model, loaders[0], target, args.submit, conditions, device=device, amp_dtype=amp_dtype,
+                         mode=args.mode)
+        return
+    results = [evaluate(model, loader, device=device, amp_dtype=amp_dtype, mode=args.mode, save_dir=args.save_dir,
+                        side_by_side=args.side_by_side, progress=True) for loader in loaders]
+    source = source if source in datasets.SOURCES else "gta5"
+    if len(results) > 1:
+        for group, r in zip(groups, results):
+            print(f"{group[0]}: mIoU {100 * next(iter(reported_means(r['iou'], source).values())):.2f} "
+                  f"({r['images']} images)")
+    print_table(merge_results(results), data.CLASSES, source)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import collections
 import contextlib
 import dataclasses
 import errno
+import fnmatch
 import hashlib
 import json
 import math
@@ -21,6 +22,7 @@ import struct
 import subprocess
 import sys
 import time
+import zipfile
 import zlib
 
 import numpy as np
@@ -32,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 import bench
 import data
+import datasets
 import demo
 import files
 import eval as ev
@@ -955,6 +958,68 @@ def _data_cityscapes(root, split="train", n=4, h=32, w=64, train_ids=False) -> N
         (gt_dir / f"{stem}_gtFine_polygons.json").write_text("{}")
 
 
+# ACDC's and Dark Zurich's real sequence names; their images are 1920x1080, these 96x54
+_DATA_SEQUENCES = {"fog": "GOPR0475", "night": "GOPR0351", "rain": "GP010400", "snow": "GOPR0122"}
+
+
+def _data_write_labels(stem: str, train: np.ndarray) -> None:
+    """stem + _labelTrainIds.png and the _labelIds.png of the same content, with the neighbours that must be
+    ignored (a color picture, ACDC's invalid-region mask)."""
+    to_id = np.zeros(256, np.uint8)
+    to_id[:19] = list(_DATA_ID_TO_TRAIN)
+    Image.fromarray(train).save(stem + "_labelTrainIds.png")
+    Image.fromarray(to_id[train]).save(stem + "_labelIds.png")
+    Image.fromarray(np.zeros((*train.shape, 3), np.uint8)).save(stem + "_labelColor.png")
+    Image.fromarray(np.zeros(train.shape, np.uint8)).save(stem + "_invIds.png")
+
+
+def _data_frames(folder, seq: str, n: int, w: int, h: int, seed: int, suffix: str = "_rgb_anon.png") -> list[str]:
+    os.makedirs(folder, exist_ok=True)
+    names = [f"{seq}_frame_{i * 40 + 41:06d}" for i in range(n)]
+    for i, name in enumerate(names):
+        _data_image(os.path.join(folder, name + suffix), h, w, seed=seed + i)
+    return names
+
+
+def _data_acdc(root, split="val", conditions=datasets.ACDC_CONDITIONS, n=1, w=96, h=54, labels=True) -> dict:
+    """ACDC as rgb_anon_trainvaltest.zip and gt_trainval.zip unzip: rgb_anon/<condition>/<split>/<sequence>/
+    <name>_rgb_anon.png, with the <split>_ref folder of clear-weather references beside it (never read), and
+    gt/<condition>/<split>/<sequence>/<name>_gt_label{TrainIds,Ids}.png. Returns {condition: (n, h, w) train ids},
+    classes 0..5 and a band of 255 on top, a different mix per condition."""
+    truth = {}
+    for k, cond in enumerate(conditions):
+        seq = _DATA_SEQUENCES[cond]
+        names = _data_frames(os.path.join(root, "acdc", "rgb_anon", cond, split, seq), seq, n, w, h, seed=10 * k)
+        _data_frames(os.path.join(root, "acdc", "rgb_anon", cond, split + "_ref", seq + "_ref"), seq, n, w, h,
+                     seed=99, suffix="_rgb_ref_anon.png")
+        train = np.random.default_rng(k).integers(0, 6 - k, (n, h, w)).astype(np.uint8)
+        train[:, : h // 6] = 255
+        truth[cond] = train
+        if labels:
+            os.makedirs(os.path.join(root, "acdc", "gt", cond, split, seq), exist_ok=True)
+            for name, t in zip(names, train):
+                _data_write_labels(os.path.join(root, "acdc", "gt", cond, split, seq, name + "_gt"), t)
+    return truth
+
+
+def _data_dark_zurich(root, split="val", n=1, w=96, h=54, labels=True) -> np.ndarray:
+    """Dark Zurich as its archives unzip: rgb_anon/<split>/night/<sequence>/<name>_rgb_anon.png (the training
+    split's day/ and twilight/ and the val_ref/ references are not the benchmark's, and never read) and, for val,
+    gt/val/night/<sequence>/<name>_gt_label{TrainIds,Ids}.png. Returns the (n, h, w) train ids."""
+    base = os.path.join(root, "dark_zurich")
+    names = _data_frames(os.path.join(base, "rgb_anon", split, "night", "GOPR0356"), "GOPR0356", n, w, h, seed=50)
+    for other in ("day", "twilight") if split == "train" else ():
+        _data_frames(os.path.join(base, "rgb_anon", split, other, "GOPR0348"), "GOPR0348", 1, w, h, seed=60)
+    _data_frames(os.path.join(base, "rgb_anon", split + "_ref", "day", "GOPR0356_ref"), "GOPR0356", 1, w, h, seed=70,
+                 suffix="_ref_rgb_anon.png")
+    train = np.random.default_rng(9).integers(0, 4, (n, h, w)).astype(np.uint8)
+    if labels:
+        os.makedirs(os.path.join(base, "gt", split, "night", "GOPR0356"), exist_ok=True)
+        for name, t in zip(names, train):
+            _data_write_labels(os.path.join(base, "gt", split, "night", "GOPR0356", name + "_gt"), t)
+    return train
+
+
 def _data_root(tmp_path):
     _data_gta(tmp_path)
     _data_cityscapes(tmp_path, "train")
@@ -971,12 +1036,15 @@ def _data_batches(root, n, **kw):
 def test_label_tables_match_the_official_mapping_pixel_for_pixel(tmp_path):
     ids = np.arange(256, dtype=np.uint8).reshape(16, 16)  # every possible palette index once
     _data_palette_png(tmp_path / "l.png", ids)
-    got = data.read_label(data.Sample("unused", str(tmp_path / "l.png")))
+    got = data.read_label(datasets.Sample("unused", str(tmp_path / "l.png")))
     want = np.array([_DATA_ID_TO_TRAIN.get(int(i), 255) for i in ids.ravel()]).reshape(16, 16)
     assert np.array_equal(got, want)
-    Image.fromarray(ids).save(tmp_path / "t.png")  # a labelTrainIds file: 0..18 kept, the rest ignored
-    got = data.read_label(data.Sample("unused", str(tmp_path / "t.png"), train_ids=True))
-    assert np.array_equal(got, np.where(ids < 19, ids, 255))
+    train = np.where(ids < 19, ids, 255)  # a labelTrainIds file: 0..18 and 255, used as they are
+    Image.fromarray(train).save(tmp_path / "t.png")
+    assert np.array_equal(data.read_label(datasets.Sample("unused", str(tmp_path / "t.png"), train_ids=True)), train)
+    Image.fromarray(ids).save(tmp_path / "t.png")  # any other value: label ids under a train-id name
+    with pytest.raises(DatasetError, match=r"t.png holds the values 19, 20, 21, 22, 23, which are no train ids"):
+        data.read_label(datasets.Sample("unused", str(tmp_path / "t.png"), train_ids=True))
     assert len(data.CLASSES) == len(data.PALETTE) == 19 and data.PALETTE[0] == (128, 64, 128)
 
 
@@ -1009,12 +1077,12 @@ def test_gta_label_of_another_size_is_aligned_or_rejected(tmp_path):
     ids = np.zeros((24, 32), np.uint8)
     ids[:, 16:] = 26  # car on the right half
     _data_palette_png(tmp_path / "gta5/labels/00001.png", ids)  # half size, same aspect ratio
-    img, lbl = data.read_pair(data.list_gta5(str(tmp_path))[0])
+    img, lbl = data.read_pair(datasets.list_gta5(str(tmp_path))[0])
     assert lbl.shape == img.shape[:2] == (48, 64)
     assert (lbl[:, :32] == 255).all() and (lbl[:, 32:] == 13).all()
     _data_palette_png(tmp_path / "gta5/labels/00001.png", np.zeros((64, 48), np.uint8))  # transposed
     with pytest.raises(DatasetError, match=r"48x64 but its image .* is 64x48.*aspect"):
-        data.read_pair(data.list_gta5(str(tmp_path))[0])
+        data.read_pair(datasets.list_gta5(str(tmp_path))[0])
 
 
 def test_crops_respect_cat_max_ratio():
@@ -1068,7 +1136,7 @@ def test_rcs_prefers_rare_classes(tmp_path):
 
 def test_rcs_statistics_are_cached_outside_the_dataset_and_refreshed_on_change(tmp_path, monkeypatch, capsys):
     root = _data_root(tmp_path)
-    samples = data.list_gta5(str(root))
+    samples = datasets.list_gta5(str(root))
     cache = tmp_path / "cache"
     counts = data.class_pixel_counts(samples, str(cache))
     assert "computing" in capsys.readouterr().out
@@ -1119,7 +1187,7 @@ def test_missing_or_empty_datasets_explain_the_layout(tmp_path):
     with pytest.raises(DatasetError, match="does not exist.*download.visinf.*cityscapes-dataset.com"):
         data.make_train_loader(str(tmp_path / "nowhere"))
     _data_gta(tmp_path, n=1)
-    with pytest.raises(DatasetError, match=r"cityscapes not found.*leftImg8bit.*gtFine_trainvaltest.zip"):
+    with pytest.raises(DatasetError, match=r"cityscapes split 'train' not found.*leftImg8bit.*gtFine_trainvaltest.zip"):
         data.make_train_loader(str(tmp_path), cache_dir=str(tmp_path / "cache"))
     os.makedirs(tmp_path / "cityscapes/leftImg8bit/val")
     os.makedirs(tmp_path / "cityscapes/gtFine/val")
@@ -1131,7 +1199,7 @@ def test_image_without_label_is_named(tmp_path):
     _data_gta(tmp_path, n=2)
     os.remove(tmp_path / "gta5/labels/00002.png")
     with pytest.raises(DatasetError, match=r"00002.png has no label: expected .*labels.00002.png"):
-        data.list_gta5(str(tmp_path))
+        datasets.list_gta5(str(tmp_path))
     _data_cityscapes(tmp_path, "val", n=2)
     os.remove(tmp_path / "cityscapes/gtFine/val/bremen/bremen_000001_000019_gtFine_labelIds.png")
     with pytest.raises(DatasetError, match=r"bremen_000001_000019_leftImg8bit.png has no label"):
@@ -1205,6 +1273,67 @@ def test_rgb_pixels_reads_every_pillow_mode_with_known_values(tmp_path):
     assert data.read_image(str(tmp_path / "gray16.png"))[0, :, 0].tolist() == [0, 1, 128, 255]
 
 
+def test_cityscapes_as_source_reads_gtfine_train_ids_else_label_ids(tmp_path):
+    _data_cityscapes(tmp_path, "train", n=2, h=64, w=128)
+    Image.fromarray(np.full((64, 64 * 2), 5, np.uint8)).save(  # the second image also has a train-id file: it wins
+        tmp_path / "cityscapes/gtFine/train/bremen/bremen_000001_000019_gtFine_labelTrainIds.png")
+    _data_acdc(tmp_path, "train", n=2, labels=False)
+    first, second = datasets.list_dataset(str(tmp_path), "cityscapes", "train")
+    assert first.lbl.endswith("_gtFine_labelIds.png") and not first.train_ids
+    assert second.lbl.endswith("_gtFine_labelTrainIds.png") and second.train_ids
+    batches = _data_batches(tmp_path, 4, src="cityscapes", tgt="acdc", src_scale=(128, 64), tgt_scale=(96, 54),
+                            rcs=False)
+    labels = set(torch.cat([b["src_lbl"].unique() for b in batches]).tolist())
+    assert labels <= {0, 2, 5, 10, 255} and 5 in labels and labels & {0, 2, 10}  # both id spaces, as train ids
+    assert batches[0]["tgt_img"].shape == (2, 3, 32, 32)
+
+
+def test_acdc_is_read_as_it_unzips_by_condition_without_the_reference_images(tmp_path):
+    _data_acdc(tmp_path, "train", n=2, labels=False)
+    truth = _data_acdc(tmp_path, "val")
+    train = datasets.list_dataset(str(tmp_path), "acdc", "train", need_labels=False)
+    assert [pathlib.Path(s.img).parts[-4:-2] for s in train] == [(c, "train") for c in datasets.ACDC_CONDITIONS
+                                                                 for _ in range(2)]
+    assert all(s.img.endswith("_rgb_anon.png") and "_ref" not in s.img and s.lbl is None for s in train)
+    night = datasets.list_dataset(str(tmp_path), "acdc", "train", need_labels=False, conditions=("night",))
+    assert [os.path.basename(s.img) for s in night] == ["GOPR0351_frame_000041_rgb_anon.png",
+                                                        "GOPR0351_frame_000081_rgb_anon.png"]
+    val = datasets.list_dataset(str(tmp_path), "acdc", "val")
+    assert [s.lbl.endswith("_gt_labelTrainIds.png") and s.train_ids for s in val] == [True] * 4
+    for s, cond in zip(val, datasets.ACDC_CONDITIONS):
+        assert np.array_equal(data.read_label(s), truth[cond][0])
+    os.remove(val[1].lbl)  # gt_labelIds.png alone: Cityscapes label ids, mapped on reading
+    relisted = datasets.list_dataset(str(tmp_path), "acdc", "val")[1]
+    assert relisted.lbl.endswith("_gt_labelIds.png") and np.array_equal(data.read_label(relisted), truth["night"][0])
+    shutil.rmtree(tmp_path / "acdc/rgb_anon/snow")
+    with pytest.raises(DatasetError, match=r"ACDC condition 'snow' not found: missing folder .*rgb_anon.snow\. "
+                                           r"Unzip rgb_anon_trainvaltest.zip.*leave the condition out with --acdc-conditions\."):
+        datasets.list_dataset(str(tmp_path), "acdc", "val", conditions=("fog", "snow"))
+
+
+def test_dark_zurich_is_read_as_it_unzips_night_only(tmp_path):
+    _data_dark_zurich(tmp_path, "train", n=3, labels=False)
+    truth = _data_dark_zurich(tmp_path, "val", n=2)
+    train = datasets.list_dataset(str(tmp_path), "darkzurich", "train", need_labels=False)
+    assert [os.path.basename(s.img) for s in train] == [f"GOPR0356_frame_{f:06d}_rgb_anon.png" for f in (41, 81, 121)]
+    val = datasets.list_dataset(str(tmp_path), "darkzurich", "val")
+    assert [np.array_equal(data.read_label(s), t) for s, t in zip(val, truth)] == [True, True]
+    with pytest.raises(DatasetError, match=r"Dark Zurich split 'test' not found: missing folder .*rgb_anon.test.night"
+                                           r".*Dark_Zurich_test_anon_withoutGt.zip"):
+        datasets.list_dataset(str(tmp_path), "darkzurich", "test", need_labels=False)
+
+
+def test_label_ids_in_a_train_id_file_are_named(tmp_path):
+    """What is detectable: a _gt_labelTrainIds.png that holds label ids (road 7, sky 23, car 26 ...) shows values
+    19-254, which no train-id file holds; one whose ids all lie in 0..18 cannot be told apart."""
+    _data_acdc(tmp_path, "val", conditions=("rain",))
+    label = next((tmp_path / "acdc/gt/rain/val").rglob("*_gt_labelTrainIds.png"))
+    Image.fromarray(_data_scene_ids(54, 96)).save(label)  # road 7, building 11, sky 23
+    with pytest.raises(DatasetError, match=re.escape(str(label)) + r" holds the values 23, which are no train ids.*"
+                                           r"label ids saved as _labelTrainIds.png"):
+        next(iter(data.make_val_loader(str(tmp_path), "acdc", scale=(48, 27), workers=0, conditions=("rain",))))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # SYNTHIA-RAND-CITYSCAPES: 16-bit RGB label PNGs
 
@@ -1237,7 +1366,7 @@ def _data_png16(path, values: np.ndarray, filters=(0,), depth=16, colour=2) -> N
     z = zlib.compress(b"".join(rows))
     ihdr = struct.pack(">IIBBBBB", values.shape[1], h, depth, colour, 0, 0, 0)
     idat = _data_png_chunk(b"IDAT", z[:len(z) // 2]) + _data_png_chunk(b"IDAT", z[len(z) // 2:])
-    pathlib.Path(path).write_bytes(data.PNG_SIGNATURE + _data_png_chunk(b"IHDR", ihdr) + idat
+    pathlib.Path(path).write_bytes(datasets.PNG_SIGNATURE + _data_png_chunk(b"IHDR", ihdr) + idat
                                    + _data_png_chunk(b"IEND", b""))
 
 
@@ -1296,7 +1425,7 @@ def test_synthia_labels_map_every_id_as_daformer_and_pillow_alone_would_lose_the
     ids = np.arange(16 * 20, dtype=np.uint16).reshape(16, 20)  # ids 0..319: every SYNTHIA id, and beyond 255
     _data_png16(tmp_path / "synthia/GT/LABELS/0000001.png", _data_synthia_label(ids), filters=(0, 4, 3))
     _data_image(tmp_path / "synthia/RGB/0000001.png", 16, 20)
-    samples = data.list_dataset(str(tmp_path), "synthia", "train")
+    samples = datasets.list_dataset(str(tmp_path), "synthia", "train")
     assert [os.path.basename(s.img) for s in samples] == ["0000000.png", "0000001.png"]
     assert all(s.synthia and s.lbl.endswith(os.path.join("GT", "LABELS", os.path.basename(s.img))) for s in samples)
     want = np.vectorize(lambda i: _DATA_SYNTHIA_TO_TRAIN.get(int(i), 255))(ids)
@@ -1336,7 +1465,7 @@ def test_synthia_pipeline_resizes_to_1280x760_and_crops_aligned(tmp_path):
 def test_synthia_rcs_counts_and_prefers_rare_classes(tmp_path):
     _data_synthia(tmp_path)  # one of six labels holds a 12x12 bus patch
     _data_cityscapes(tmp_path, "train")
-    counts = data.class_pixel_counts(data.list_dataset(str(tmp_path), "synthia", "train"), str(tmp_path / "c"))
+    counts = data.class_pixel_counts(datasets.list_dataset(str(tmp_path), "synthia", "train"), str(tmp_path / "c"))
     assert counts.shape == (6, 19) and counts[0, 15] == 144 and counts[1:, 15].sum() == 0
     building = (19 - 9) * 21  # rows 9..18, columns 0..20
     assert counts[0].sum() == 38 * 64 and counts[1, 2] == building and counts[1, 10] == 19 * 64 - building
@@ -1348,17 +1477,17 @@ def test_synthia_in_another_layout_is_explained(tmp_path):
     os.makedirs(tmp_path / "synthia/SYNTHIA-SEQS-01-SPRING/RGB/Stereo_Left/Omni_F")
     with pytest.raises(DatasetError, match=r"video sequences \(SYNTHIA-SEQS-01-SPRING\).*RAND-CITYSCAPES.*"
                                            r"synthia.RGB.0000000.png.*synthia-dataset.net"):
-        data.list_dataset(str(tmp_path), "synthia", "train")
+        datasets.list_dataset(str(tmp_path), "synthia", "train")
     shutil.rmtree(tmp_path / "synthia")
     _data_synthia(tmp_path, n=1)
     os.makedirs(tmp_path / "x/synthia/RAND_CITYSCAPES/RGB")
     with pytest.raises(DatasetError, match="RAND_CITYSCAPES/ one level too deep"):
-        data.list_dataset(str(tmp_path / "x"), "synthia", "train")
+        datasets.list_dataset(str(tmp_path / "x"), "synthia", "train")
     shutil.rmtree(tmp_path / "synthia/GT/LABELS")
     with pytest.raises(DatasetError, match=r"synthia labels not found: missing folder .*GT.LABELS"):
-        data.list_dataset(str(tmp_path), "synthia", "train")
+        datasets.list_dataset(str(tmp_path), "synthia", "train")
     with pytest.raises(DatasetError, match=r"synthia not found: missing folder .*RGB"):
-        data.list_dataset(str(tmp_path / "x/synthia/RAND_CITYSCAPES"), "synthia", "train")
+        datasets.list_dataset(str(tmp_path / "x/synthia/RAND_CITYSCAPES"), "synthia", "train")
 
 
 def test_run_folder_lock_names_its_holder_and_a_failed_start_leaves_no_trace(tmp_path):
@@ -1732,6 +1861,96 @@ def test_cli_synthia_checkpoint_reports_miou16_and_miou13(tmp_path, monkeypatch,
     assert _eval_cli(monkeypatch, "--ckpt", ckpts[None], "--data-root", str(tmp_path), "--workers", "0") == ""
     lines = capsys.readouterr().out.strip().splitlines()  # no source recorded: GTA5's report, the 19-class mean
     assert lines[-1] == f"mIoU: {100 * want['all19']:.2f}" and not any("mIoU16" in l for l in lines)
+
+
+@pytest.mark.parametrize("target", ["acdc", "darkzurich"])
+def test_cli_acdc_and_dark_zurich_val_report_each_condition_then_all(tmp_path, monkeypatch, capsys, target):
+    truth = _data_acdc(tmp_path) if target == "acdc" else {"night": _data_dark_zurich(tmp_path, n=2)}
+    ckpt = str(tmp_path / "model.safetensors")  # the dataset train.py records, and a (small) test scale
+    weights.save_segmentor(_eval_forced(0), ckpt, dataset=target, test_scale=[48, 27])
+    assert _eval_cli(monkeypatch, "--ckpt", ckpt, "--data-root", str(tmp_path), "--workers", "0") == ""
+    lines = capsys.readouterr().out.strip().splitlines()
+    overall = _eval_expected(np.concatenate([t.ravel() for t in truth.values()]), 0)[1]  # one histogram of all
+    assert lines[-1] == f"mIoU: {100 * overall:.2f}" and f"{sum(map(len, truth.values()))} images," in lines[-2]
+    if target == "acdc":  # each condition alone first; the conditions' means are not what the overall mean averages
+        assert lines[:4] == [f"{c}: mIoU {100 * _eval_expected(truth[c], 0)[1]:.2f} (1 images)" for c in truth]
+        assert _eval_cli(monkeypatch, "--ckpt", ckpt, "--data-root", str(tmp_path), "--workers", "0",
+                         "--acdc-conditions", "night") == ""
+        assert capsys.readouterr().out.strip().splitlines()[-1] == f"mIoU: {100 * _eval_expected(truth['night'], 0)[1]:.2f}"
+
+
+def _eval_test_split(root, target) -> list[pathlib.Path]:
+    """The test split as downloaded (no labels; Cityscapes' gtFine/test holds placeholders, never read); its
+    images."""
+    if target == "cityscapes":
+        _data_cityscapes(root, "test", n=2, h=32, w=64)
+        return sorted(root.glob("cityscapes/leftImg8bit/test/*/*_leftImg8bit.png"))
+    if target == "acdc":
+        _data_acdc(root, "test", labels=False)
+        return sorted(root.glob("acdc/rgb_anon/*/test/*/*_rgb_anon.png"))
+    _data_dark_zurich(root, "test", n=2, labels=False)
+    return sorted(root.glob("dark_zurich/rgb_anon/test/night/*/*_rgb_anon.png"))
+
+
+@pytest.mark.parametrize("target", ["cityscapes", "acdc", "darkzurich"])
+def test_cli_test_split_is_written_as_each_server_reads_it(tmp_path, monkeypatch, capsys, target):
+    images = _eval_test_split(tmp_path / "data", target)
+    ckpt, out = str(tmp_path / "model.safetensors"), tmp_path / "submit"
+    weights.save_segmentor(_eval_forced(13), ckpt, dataset=target, test_scale=[48, 27])  # car everywhere
+    cli = ("--ckpt", ckpt, "--data-root", str(tmp_path / "data"), "--workers", "0", "--split", "test",
+           "--submit", str(out))
+    assert _eval_cli(monkeypatch, *cli) == ""
+    # Cityscapes: label ids at the top (its evaluation script walks every folder); ACDC: train ids in
+    # labelTrainIds/; Dark Zurich: also labelTrainIds_invalid/ and 16-bit confidence/
+    folders = {"cityscapes": ["."], "acdc": ["labelTrainIds"],
+               "darkzurich": ["confidence", "labelTrainIds", "labelTrainIds_invalid"]}[target]
+    written = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert written == sorted(pathlib.Path(f, img.name) for f in folders for img in images)
+    car = round(65535 * math.e / (math.e + 18))  # softmax of the one-hot logits: the forced class's probability
+    for path in written:
+        im = Image.open(out / path)
+        image = next(img for img in images if img.name == path.name)
+        assert im.size == Image.open(image).size  # each image's full size (ACDC's, Dark Zurich's: 1920x1080)
+        values = np.unique(np.asarray(im)).tolist()
+        if path.parts[0] == "confidence":
+            assert im.mode.startswith("I") and len(values) == 1 and abs(values[0] - car) <= 1
+        else:
+            assert im.mode == "L" and values == [26 if target == "cityscapes" else 13]  # car: label id 26, train id 13
+    for folder in folders:  # what the servers match: <city>_<seq>_<frame>*.png, <sequence>_frame_<frame>*.png
+        for img in images:
+            pattern = "_".join(img.name.split("_")[:3]) + "*.png"
+            assert len([p for p in written if p.parent == pathlib.Path(folder) and fnmatch.fnmatch(p.name, pattern)]) == 1
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert datasets.TARGETS[target]["server"] in printed[-2] and "test-split numbers" in printed[-2]
+    if shutil.which("zip"):  # the printed line, run: the zip holds the predictions alone, at its top level
+        subprocess.run(printed[-1], shell=True, check=True)
+        with zipfile.ZipFile(str(out) + ".zip") as z:
+            assert sorted(pathlib.Path(n) for n in z.namelist() if not n.endswith("/")) == written
+    stale = out / folders[-1] / "GOPR9999_frame_000001_rgb_anon.png"  # an earlier run's image no longer predicted
+    shutil.copy(out / written[-1], stale)
+    assert _eval_cli(monkeypatch, *cli) == ""  # a second run replaces its own predictions, and removes the stale one
+    assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()) == written
+
+
+def test_cli_test_split_bad_input(tmp_path, monkeypatch):
+    _data_dark_zurich(tmp_path / "data", "val")  # no test/: it is a download of its own
+    ckpt = str(tmp_path / "model.safetensors")
+    weights.save_segmentor(_eval_forced(0), ckpt, dataset="darkzurich", test_scale=[48, 27])
+    os.makedirs(tmp_path / "full")
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    submit = ("--split", "test", "--submit")
+    cases = [
+        (["--split", "test"], r"--split test and --submit DIR go together"),
+        (["--submit", str(tmp_path / "s")], r"--split test and --submit DIR go together"),
+        ([*submit, str(tmp_path / "s")], r"Dark Zurich split 'test' not found.*Dark_Zurich_test_anon_withoutGt.zip"),
+        ([*submit, str(tmp_path / "full")], r"holds .*full.notes.txt, which eval.py --submit did not write"),
+        (["--acdc-conditions", "night"], r"--acdc-conditions only applies to ACDC, and this evaluation is on darkzurich"),
+        (["--tgt", "acdc", "--acdc-conditions", "fog,haze"], r"--acdc-conditions fog,haze: give distinct ACDC"),
+    ]
+    for args, pattern in cases:
+        msg = _eval_cli(monkeypatch, "--ckpt", ckpt, "--data-root", str(tmp_path / "data"), "--workers", "0", *args)
+        assert msg.startswith("error:") and re.search(pattern, msg) and "\n" not in msg.strip(), (args, msg)
+    assert os.listdir(tmp_path / "full") == ["notes.txt"] and (tmp_path / "full" / "notes.txt").read_text() == "mine"
 
 
 def test_cli_predicts_a_folder_of_own_images(tmp_path, monkeypatch, capsys):
@@ -2114,6 +2333,45 @@ def test_train_from_synthia_records_the_source(_train_root, tmp_path):
     assert weights.load_segmentor(str(tmp_path / "run" / "model.safetensors"))[1]["source"] == "synthia"
 
 
+@pytest.fixture(scope="module")
+def _benchmark_root(tmp_path_factory):
+    """Cityscapes train (gtFine label ids), ACDC train and val (all four conditions) and Dark Zurich train and val,
+    each in the layout its archives unzip to."""
+    root = tmp_path_factory.mktemp("benchmarks")
+    _data_cityscapes(root, "train", n=4, h=64, w=128)
+    _data_acdc(root, "train", labels=False)
+    _data_acdc(root, "val")
+    _data_dark_zurich(root, "train", n=2, labels=False)
+    _data_dark_zurich(root, "val")
+    return root
+
+
+@pytest.mark.parametrize("tgt, method, extra, val_images", [
+    ("acdc", "ssr", ["--mic"], 4), ("darkzurich", "ssr", ["--mic"], 1),  # ssr runs every piece of dacs too
+    ("acdc", "source-only", ["--acdc-conditions", "fog,night"], 2)])
+def test_train_cityscapes_to_acdc_and_dark_zurich_end_to_end(_benchmark_root, tmp_path, monkeypatch, capsys, tgt,
+                                                              method, extra, val_images):
+    # the benchmark's scales made small (the tables are the one place train.py reads them from); the listing, the
+    # header checks, the loaders, the model and the final evaluation on the target's val set are a real run's
+    monkeypatch.setitem(datasets.SOURCES, "cityscapes", dict(datasets.SOURCES["cityscapes"], scale=(128, 64)))
+    monkeypatch.setitem(datasets.TARGETS, tgt, dict(datasets.TARGETS[tgt], scale=(128, 72)))
+    monkeypatch.setenv("SSR_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    msg = _train_inprocess(monkeypatch, "--src", "cityscapes", "--tgt", tgt, "--method", method, "--pretrained", "none",
+                           "--sam-weights", "none", "--backbone", "mit_b0", "--crop", "64", "--sam-img-size", "64",
+                           "--workers", "0", "--iters", "2", "--batch-size", "1", "--eval-every", "0",
+                           "--data-root", str(_benchmark_root),
+                           "--out", str(out), *extra)
+    assert msg == ""
+    printed = capsys.readouterr().out
+    assert "rare-class statistics of 4 labels" in printed and f"\n{val_images} images, " in printed
+    meta = weights.load_segmentor(str(out / "model.safetensors"))[1]
+    assert (meta["dataset"], meta["source"], meta["test_scale"]) == (tgt, "cityscapes", [128, 72])
+    conditions = extra[1].split(",") if "--acdc-conditions" in extra else list(datasets.ACDC_CONDITIONS)
+    assert meta.get("acdc_conditions") == (conditions if tgt == "acdc" else None)
+    assert any(k.startswith("ssr.") for k in _train_state(out)["uda"]) == (method == "ssr")
+
+
 def test_train_stops_cleanly_after_ten_nonfinite_losses(_train_root, tmp_path):
     # a learning rate that blows the weights up in the first step: every later loss is inf or nan
     r = _train_run(_train_cmd(_train_root, tmp_path, "--method", "dacs", "--iters", "30", "--eval-every", "0",
@@ -2251,6 +2509,9 @@ def test_train_bad_input_is_one_clear_error(_train_root, tmp_path, monkeypatch, 
     (["--log-every", "-1"], "cannot be negative"),
     (["--save-every", "-5"], "cannot be negative"),
     (["--data-root", "{tmp}/afile"], "--data-root {tmp}/afile is a file"),
+    (["--src", "cityscapes"], "--src and --tgt are both cityscapes"),
+    (["--acdc-conditions", "night"], "--acdc-conditions only applies to --tgt acdc, not to --tgt cityscapes"),
+    (["--tgt", "acdc", "--acdc-conditions", "fog,haze"], "--acdc-conditions fog,haze: give distinct ACDC conditions"),
 ])
 def test_train_every_flag_is_checked_before_anything_is_written(tmp_path, monkeypatch, flags, expect):
     # the demo would write its data under --data-root and the run folder under runs/: neither may appear
@@ -2340,19 +2601,19 @@ def test_train_checks_every_file_from_its_header_before_training(_train_root, tm
     msg = _train_inprocess(monkeypatch, *_train_tiny(root, tmp_path / "run", "--iters", "2"))
     assert msg.startswith("error: label ") and str(lbl) in msg and "aspect" in msg, msg
     assert not built and not (tmp_path / "run").exists()  # found before any model was built; no folder left
-    # the header check itself: exact sizes for val, the aspect within data.SIZE_TOLERANCE for train, PNGs only
-    val = data.list_dataset(root, "cityscapes", "val")
-    data.check_samples(val, "val")
+    # the header check itself: exact sizes for val, the aspect within datasets.SIZE_TOLERANCE for train, PNGs only
+    val = datasets.list_dataset(root, "cityscapes", "val")
+    datasets.check_samples(val, "val")
     Image.new("L", (256, 128)).save(val[1].lbl)  # the val image's aspect, but not its size
     with pytest.raises(DatasetError, match=re.escape(val[1].lbl)):
-        data.check_samples(val, "val")
-    data.check_samples([data.Sample(val[1].img, val[1].lbl)], "train")
+        datasets.check_samples(val, "val")
+    datasets.check_samples([datasets.Sample(val[1].img, val[1].lbl)], "train")
     pathlib.Path(val[2].img).write_bytes(b"GIF89a" + bytes(30))
     with pytest.raises(DatasetError, match="not a PNG"):
-        data.check_samples(val[2:], "val")
+        datasets.check_samples(val[2:], "val")
     os.remove(val[3].img)
     with pytest.raises(DatasetError, match=re.escape(val[3].img)):
-        data.check_samples(val[3:], "val")
+        datasets.check_samples(val[3:], "val")
 
 
 @pytest.mark.parametrize("where", ["train", "eval"])
@@ -2362,8 +2623,8 @@ def test_train_data_error_mid_run_saves_the_state_first(_train_root, tmp_path, m
     --resume continues once the file is repaired."""
     root = _train_copy_root(_train_root, tmp_path / "data")
     out = tmp_path / "run"
-    check, read_image = data.check_samples, data.read_image
-    val_label = data.list_dataset(root, "cityscapes", "val")[0].lbl
+    check, read_image = datasets.check_samples, data.read_image
+    val_label = datasets.list_dataset(root, "cityscapes", "val")[0].lbl
     original = {}
 
     def truncate(path):
@@ -2371,7 +2632,7 @@ def test_train_data_error_mid_run_saves_the_state_first(_train_root, tmp_path, m
         pathlib.Path(path).write_bytes(original[path][:100])
 
     if where == "eval":  # truncated right after the up-front check of the val set
-        monkeypatch.setattr(data, "check_samples", lambda s, what: (check(s, what), what == "val" and truncate(val_label)))
+        monkeypatch.setattr(datasets, "check_samples", lambda s, what: (check(s, what), what == "val" and truncate(val_label)))
     else:  # each batch of 2 reads 4 images; the 13th read is the fourth batch's, fetched during iteration 3
         calls = []
 
@@ -2630,7 +2891,7 @@ def test_demo_data_is_read_by_the_same_loaders(tmp_path):
     assert batch["src_img"].shape == batch["tgt_img"].shape == (2, 3, 128, 128)
     val = list(data.make_val_loader(str(tmp_path), scale=demo.CONFIG["tgt_scale"], batch_size=2, workers=0))
     assert len(val) == 2 and val[0]["img"].shape == (2, 3, 128, 256) and val[0]["lbl"].shape == (2, 256, 512)
-    present = set(np.unique(data.class_pixel_counts(data.list_gta5(str(tmp_path)), str(tmp_path / "c")).nonzero()[1]))
+    present = set(np.unique(data.class_pixel_counts(datasets.list_gta5(str(tmp_path)), str(tmp_path / "c")).nonzero()[1]))
     assert len(present) >= 10 and {0, 2, 5, 8, 10, 11, 13} <= present
     assert (val[0]["lbl"] == 255).any()  # the ego car's label id maps to ignore
     img, lbl, _ = demo.street_scene(np.random.default_rng([0, 0, 0]), 216, 384, demo.DOMAINS["source"])

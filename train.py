@@ -1,8 +1,10 @@
 """
-Train a segmentor for unsupervised domain adaptation, GTA5 -> Cityscapes, with SSR, DAFormer or source only.
+Train a segmentor for unsupervised domain adaptation (GTA5 or SYNTHIA -> Cityscapes, Cityscapes -> ACDC or Dark
+Zurich) with SSR, DAFormer or source only.
 
     python train.py --demo                                  # synthetic domains, tiny model, minutes on a CPU
     python train.py --src gta5 --tgt cityscapes --pretrained mit_b5.safetensors --sam-weights sam_vit_b.safetensors
+    python train.py --src cityscapes --tgt acdc --pretrained mit_b5.safetensors --sam-weights sam_vit_b.safetensors
     torchrun --nproc_per_node=4 train.py ...               # DistributedDataParallel, one process per GPU
     python train.py --demo --resume                         # continue a stopped run (its flags are the defaults)
 
@@ -27,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import datasets
 import demo
 import files
 import mit
@@ -41,8 +44,8 @@ from pictures import debug_panel, training_curves
 # arguments
 
 # On --resume these must equal the saved run's: its weights, batches and random streams depend on them.
-RUN_FLAGS = ("demo", "src", "tgt", "method", "mic", "backbone", "sam", "sam_img_size", "ssr_stages", "ssr_context",
-             "crop", "batch_size", "seed", "ema_alpha")
+RUN_FLAGS = ("demo", "src", "tgt", "acdc_conditions", "method", "mic", "backbone", "sam", "sam_img_size", "ssr_stages",
+             "ssr_context", "crop", "batch_size", "seed", "ema_alpha")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -50,9 +53,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-p.add_argument("--src", default="gta5", choices=list(data.SOURCES), help="labelled source domain (folder under --data-root)")
-p.add_argument("--tgt", default="cityscapes", choices=["cityscapes"], help="unlabelled target domain (folder under --data-root)")
-p.add_argument("--data-root", default="data", help="folder holding gta5/ and cityscapes/ as downloaded")
+p.add_argument("--src", default="gta5", choices=list(datasets.SOURCES), help="labelled source domain (folder under --data-root)")
+p.add_argument("--tgt", default="cityscapes", choices=list(datasets.TARGETS),
+               help="unlabelled target domain (folder under --data-root; darkzurich: dark_zurich/); the benchmark's "
+                    "scales are the defaults (README, Data)")
+p.add_argument("--acdc-conditions", default=",".join(datasets.ACDC_CONDITIONS),
+               help="with --tgt acdc: the conditions to adapt to and evaluate on, e.g. night or fog,night")
+p.add_argument("--data-root", default="data", help="folder holding the datasets as downloaded (gta5/, cityscapes/, ...)")
 p.add_argument("--method", default="ssr", choices=ssr.METHODS,
                help="ssr: DAFormer + SAM regularization; dacs: DAFormer (DACS + FD + RCS); source-only: no adaptation")
 p.add_argument("--mic", action="store_true", help="add masked image consistency (MIC) on top of the method")
@@ -124,7 +131,9 @@ sys.excepthook = report_errors
 # pretraining) is cleaned up on the way out. The loop then finishes its iteration and saves instead.
 signal.signal(signal.SIGTERM, signal.default_int_handler)
 
-out = args.out or os.path.join("runs", f"{'demo' if args.demo else f'{args.src}2{args.tgt}_{args.method}'}"
+tgt_name = args.tgt if args.acdc_conditions == p.get_default("acdc_conditions") else (
+    f"{args.tgt}-{args.acdc_conditions.replace(',', '-')}")  # acdc-night: a subset never shares a folder with all
+out = args.out or os.path.join("runs", f"{'demo' if args.demo else f'{args.src}2{tgt_name}_{args.method}'}"
                                        f"{'_mic' if args.mic else ''}{'' if args.demo else '_' + args.backbone}"
                                        f"_seed{args.seed}")  # two seeds never share a folder
 state_path, model_path = os.path.join(out, "train_state.pt"), os.path.join(out, "model.safetensors")
@@ -154,18 +163,25 @@ def get_lr(it: int) -> float:
     return lr
 
 
-# The sizes: the demo's (demo.CONFIG), or the paper's, each taken from the file that owns it
+# The sizes: the demo's (demo.CONFIG), or the benchmark's (datasets.SOURCES, TARGETS: DAFormer's configs), each
+# taken from the file that owns it
 if args.demo:
     c = demo.CONFIG
     seg_sizes, sam_overrides, ignore_rows = dict(mit=c["mit"], channels=c["channels"]), c["sam"], c["ignore_rows"]
     src_scale, tgt_scale, rcs_min_pixels = c["src_scale"], c["tgt_scale"], c["rcs_min_pixels"]
 else:
-    c = data.SOURCES[args.src]
+    c = datasets.SOURCES[args.src]
     seg_sizes, sam_overrides, ignore_rows = {}, {}, ssr.IGNORE_ROWS  # SegConfig's, SAM's presets, DAFormer's rows
-    src_scale, tgt_scale, rcs_min_pixels = c["scale"], data.TARGET_SCALE, c["rcs_min_pixels"]
+    src_scale, tgt_scale, rcs_min_pixels = c["scale"], datasets.TARGETS[args.tgt]["scale"], c["rcs_min_pixels"]
 
 # Every flag is checked here, before anything slow or anything written.
 stages = tuple(int(s) for s in args.ssr_stages.split(",") if s.strip().isdigit())
+conditions = datasets.parse_conditions(args.acdc_conditions)
+if args.src == args.tgt:
+    raise files.FlagError(f"--src and --tgt are both {args.src}: adaptation needs two domains, e.g. --src cityscapes "
+                          f"--tgt acdc.")
+if args.tgt != "acdc" and args.acdc_conditions != p.get_default("acdc_conditions"):
+    raise files.FlagError(f"--acdc-conditions only applies to --tgt acdc, not to --tgt {args.tgt}: drop it.")
 if args.pretrained is None:
     raise files.FlagError(f"--pretrained is required: pass the ImageNet MiT weights ({weights.MIT_DOWNLOAD}; see "
                          f"README) or --pretrained none for a random initialization (tests only: far from the "
@@ -193,7 +209,7 @@ if min(args.log_every, args.eval_every, args.save_every, args.debug_every, args.
 if os.path.exists(args.data_root) and not os.path.isdir(args.data_root):
     raise files.FlagError(f"--data-root {args.data_root} is a file; give the folder that holds gta5/ and cityscapes/"
                          f"{' (the demo writes them there)' if args.demo else ''}.")
-files.check_outside(out, [os.path.join(args.data_root, name) for name in (args.src, args.tgt)])
+files.check_outside(out, [os.path.join(args.data_root, datasets.FOLDERS[name]) for name in (args.src, args.tgt)])
 
 # -----------------------------------------------------------------------------
 # set-up: processes, device, precision
@@ -265,7 +281,7 @@ def prepare() -> None:
     print(f"run {out}: {args.method}{' + mic' if args.mic else ''}, {args.backbone}, {world} x {device.type}, {args.amp}")
     if args.demo:  # its domains, its toy ImageNet and its toy teacher, each made once
         toys.prepare(args.data_root, args.sam_weights, args.pretrained)
-    source = data.check_datasets(args.data_root, args.src, args.tgt)
+    source = datasets.check_datasets(args.data_root, args.src, args.tgt, conditions)
     data.class_pixel_counts(source)  # the rare class statistics, computed and cached once, before other ranks
 
 
@@ -278,7 +294,8 @@ def save(it: int) -> None:
         dist.all_gather_object(rngs, rngs[0], group=peers)
     if master:
         meta = dict(dataset=args.tgt, source=args.src, test_scale=list(tgt_scale), data_root=args.data_root,
-                    method=args.method, ssr_context=args.ssr_context, iters=it, run_id=run_id)
+                    method=args.method, ssr_context=args.ssr_context, iters=it, run_id=run_id,
+                    **({"acdc_conditions": list(conditions)} if args.tgt == "acdc" else {}))
         state = dict(uda=uda.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter=it,
                      rng=rngs, args=json.dumps(vars(args)), run_id=run_id)
         files.save_checkpoint(out, it, last_saved, (model_path, lambda tmp: weights.write_segmentor(student, tmp, **meta)),
@@ -302,9 +319,10 @@ start = last_saved = state["iter"] if state else 0  # last_saved: the iteration 
 train_batches = data.make_train_loader(
     args.data_root, args.src, args.tgt, crop=args.crop, batch_size=args.batch_size, seed=args.seed, start_iter=start,
     workers=args.workers, rank=rank, world_size=world, src_scale=src_scale, tgt_scale=tgt_scale,
-    rcs_min_pixels=rcs_min_pixels, pin_memory=device.type == "cuda")
+    rcs_min_pixels=rcs_min_pixels, pin_memory=device.type == "cuda", conditions=conditions)
 val_loader = data.make_val_loader(args.data_root, args.tgt, "val", scale=tgt_scale, batch_size=1,
-                                  workers=args.workers, pin_memory=device.type == "cuda") if master else None
+                                  workers=args.workers, pin_memory=device.type == "cuda",
+                                  conditions=conditions) if master else None
 
 # the student segmentor, the UDA wrapper (EMA teacher, ImageNet copy, SSR branch), the SAM teacher
 torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts them from rank 0)

@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-import data
+import datasets
 import files
 import mit
 import sam_encoder
@@ -521,10 +521,11 @@ def kind_of(sd: object) -> str | None:
     return "mit" if mit_layout(sd) != "unknown" else None
 
 
-def convert(src: str, dst: str, source: str | None = None) -> tuple[str, set[str]]:
+def convert(src: str, dst: str, source: str | None = None, target: str | None = None) -> tuple[str, set[str]]:
     """Convert the checkpoint `src` to `dst` after recognizing it: a MiT encoder (NVlabs or HF) -> NVlabs-layout
     safetensors; a SAM checkpoint -> the image encoder alone; a released DAFormer/MIC model -> our segmentor
-    checkpoint (`source`, 'gta5' or 'synthia', recorded for eval.py's report; None records nothing). Returns what
+    checkpoint (`source`, 'gta5', 'synthia' or 'cityscapes', recorded for eval.py's report; None records nothing;
+    `target`, the dataset it adapted to, recorded with that benchmark's test scale; None: cityscapes). Returns what
     it recognized and wrote, and the non-tensor globals it skipped without running them."""
     check_output(src, dst)
     ckpt, skipped = read_checkpoint(src, ACCEPTS)
@@ -536,12 +537,14 @@ def convert(src: str, dst: str, source: str | None = None) -> tuple[str, set[str
         keys = _few([str(k) for k in ckpt], 4) if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
         raise WeightsError(f"{src} holds no SAM image encoder, MiT encoder or DAFormer/MIC segmentor (it holds "
                            f"{keys or 'an empty dict'}), so it does not convert. Pass {ACCEPTS}.")
-    if source is not None and kind != "mmseg":
-        raise files.FlagError(f"--src {source} is recorded in a converted DAFormer/MIC segmentor, but {src} holds a "
-                              f"{'MiT' if kind == 'mit' else 'SAM'} encoder; leave --src out.")
+    for flag, value in (("--src", source), ("--tgt", target)):
+        if value is not None and kind != "mmseg":
+            raise files.FlagError(f"{flag} {value} is recorded in a converted DAFormer/MIC segmentor, but {src} holds "
+                                  f"a {'MiT' if kind == 'mit' else 'SAM'} encoder; leave {flag} out.")
     if kind == "mmseg":
         model, what = segmentor_from_mmseg(ckpt, src)
-        save_segmentor(model, dst, dataset="cityscapes", test_scale=list(data.TARGET_SCALE),
+        target = target or "cityscapes"
+        save_segmentor(model, dst, dataset=target, test_scale=list(datasets.TARGETS[target]["scale"]),
                        converted_from=os.path.basename(src), **({"source": source} if source else {}))
         return what, skipped
     bad = sorted(k for k, v in ckpt.items() if not isinstance(v, Tensor))
@@ -560,10 +563,12 @@ def main() -> None:
     c.add_argument("input", metavar="IN", help="NVlabs mit_b*.pth, Hugging Face pytorch_model.bin of a MiT, official "
                                                "sam_vit_*.pth, or a released DAFormer/MIC .pth")
     c.add_argument("output", metavar="OUT.safetensors", help="the file to write (a new file, in an existing folder)")
-    c.add_argument("--src", choices=list(data.SOURCES), help="a DAFormer/MIC model's source dataset, recorded in the "
-                   "checkpoint: eval.py reports mIoU16 and mIoU13 for synthia (default: nothing recorded; gta5)")
+    c.add_argument("--src", choices=list(datasets.SOURCES), help="a DAFormer/MIC model's source dataset, recorded in "
+                   "the checkpoint: eval.py reports mIoU16 and mIoU13 for synthia (default: nothing recorded; gta5)")
+    c.add_argument("--tgt", choices=list(datasets.TARGETS), help="a DAFormer/MIC model's target dataset, recorded "
+                   "with its benchmark's test scale (default cityscapes)")
     args = p.parse_args()
-    what, skipped = convert(args.input, args.output, args.src)
+    what, skipped = convert(args.input, args.output, args.src, args.tgt)
     print(f"{args.input}: {what}")
     if skipped:
         print(f"skipped non-tensor objects without running them: {', '.join(sorted(skipped))}")
