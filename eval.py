@@ -653,6 +653,7 @@ def main() -> None:
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.amp]
 
     model, meta = weights.load_segmentor(args.ckpt, device)
+    files.note_model_behind(args.ckpt, meta.get("iters"))  # a train.py run stopped between its two renames
     if model.cfg.num_classes != len(data.CLASSES):
         raise files.WeightsError(f"{args.ckpt} predicts {model.cfg.num_classes} classes but the evaluation uses the "
                                  f"{len(data.CLASSES)} Cityscapes classes; pass a checkpoint of a 19-class model.")

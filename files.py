@@ -9,7 +9,9 @@ import fcntl
 import json
 import os
 import signal
+import sys
 import tempfile
+import time
 from multiprocessing import Pool
 from typing import IO, Callable
 
@@ -62,7 +64,7 @@ def check_cache_folder(folder: str | None = None) -> None:
                         f"folder you can write to.") from None
 
 
-STOPS = {signal.SIGINT, signal.SIGTERM}
+STOPS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}  # Ctrl-C, a scheduler's stop, a closed terminal
 
 
 def _pool_worker() -> None:
@@ -166,6 +168,42 @@ def describe(pid: int) -> str:
         return f"pid {pid} (no longer running: the lock is held by a process it started)"
 
 
+def launcher_gone(pid: int) -> bool:
+    """Whether pid is a torchrun worker whose torchrun is gone: torchrun put TORCHELASTIC_RUN_ID in its environment,
+    and its parent runs no torchrun any more (a dead parent's children pass to pid 1 or a subreaper). Such a worker
+    ends by itself: train.py finishes the iteration, saves and exits when its launcher dies (processes.py)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            worker = any(v.startswith(b"TORCHELASTIC_RUN_ID=") for v in f.read().split(b"\0"))
+        with open(f"/proc/{pid}/stat") as f:
+            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        with open(f"/proc/{ppid}/cmdline", "rb") as f:
+            parent = f.read()
+    except (OSError, ValueError, IndexError):
+        return False
+    return worker and b"torchrun" not in parent and b"torch.distributed.run" not in parent
+
+
+def wait_for_leftovers(folder: str, say: bool, most_s: float = 120) -> None:
+    """When the lock of a run folder is held only by workers whose torchrun is gone (a kill of torchrun: they finish
+    the iteration and save), wait for them to end, at most most_s seconds, saying so in one line (if `say`): a
+    --resume right after such a kill continues from their last save. A live run is left to claim_folder to refuse.
+    The holders are read from /proc/locks: the lock is never taken here, so a claim meanwhile never fails on it."""
+    try:
+        lock = open(os.path.join(folder, ".lock"))
+    except OSError:
+        return
+    with lock:
+        deadline = time.monotonic() + most_s
+        pids = lock_holders(lock)
+        if pids and all(launcher_gone(q) for q in pids) and say:
+            print(f"waiting for {', '.join(describe(q) for q in pids)}, which holds {folder} and whose torchrun is "
+                  f"gone, to save and end (at most {most_s / 60:.0f} minutes)", flush=True)
+        while pids and all(launcher_gone(q) for q in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            pids = lock_holders(lock)
+
+
 def claim_folder(folder: str, flag: str = "--out") -> tuple[IO, list[str]]:
     """Create `folder` (given by `flag`) if needed and hold it: an exclusive flock on <folder>/.lock, which the OS
     releases when every process holding it ends, however it ends. A second claim fails at once, saying which
@@ -248,15 +286,19 @@ def read_state(path: str) -> dict:
 def check_one_run(folder: str, run_ids: dict[str, Callable[[], str | None]]) -> None:
     """The files of a run folder (run_ids: path -> a function that reads the run id the file records) must come
     from one run: a train_state.pt copied in from another run would otherwise continue that run and overwrite
-    this one's files. A missing file is left out, an unreadable one counts as "unreadable". Paths play no part:
-    a folder moved or copied whole still resumes."""
+    this one's files. A missing file is left out; an unreadable one is an error of its own, saying why. Paths play
+    no part: a folder moved or copied whole still resumes."""
     ids = {}
     for path, read in run_ids.items():
         if os.path.exists(path):
             try:
+                if os.path.isdir(path):
+                    raise IsADirectoryError(errno.EISDIR, "a folder, not a file")
                 ids[path] = read()
-            except (OSError, ValueError, AttributeError):  # UserError (WeightsError too) is a ValueError
-                ids[path] = "unreadable"
+            except (OSError, ValueError, AttributeError) as e:  # UserError (WeightsError too) is a ValueError
+                why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [""])[0]
+                raise FlagError(f"--resume: {path} cannot be read ({why}), so nothing tells whether it belongs to "
+                                f"this run. Move it out of {folder} (the run writes it anew) and resume again.") from None
     if len(set(ids.values())) > 1:
         raise FlagError(f"--resume: the files in {folder} come from different runs: "
                         + ", ".join(f"{os.path.basename(k)} of run {v}" for k, v in ids.items())
@@ -267,8 +309,9 @@ def check_one_run(folder: str, run_ids: dict[str, Callable[[], str | None]]) -> 
 def save_checkpoint(folder: str, it: int, last_saved: int, model: tuple[str, Callable[[str], None]],
                     state: tuple[str, Callable[[str], None]]) -> None:
     """The checkpoint pair of iteration `it`, each (path, write): both are written beside their files first
-    (write_aside, the model first) and renamed only when both are whole, so the pair on disk is always of one
-    iteration. A full disk leaves the pair of iteration `last_saved` (0: none yet) as it was."""
+    (write_aside, the model first) and renamed only when both are whole, so the pair on disk is of one iteration,
+    but for a kill between the two renames: the model is then one save behind, which train.py --resume repairs
+    and eval.py notes (note_model_behind). A full disk leaves the pair of iteration `last_saved` (0: none yet)."""
     tmps = []
     try:
         for path, write in (model, state):
@@ -282,6 +325,24 @@ def save_checkpoint(folder: str, it: int, last_saved: int, model: tuple[str, Cal
                        f"written; {kept}.") from None
     os.replace(tmps[1], state[0])  # state first: a kill between the two renames leaves a state to resume from
     os.replace(tmps[0], model[0])
+
+
+def note_model_behind(model_path: str, iters: int | None) -> None:
+    """eval.py: a model of iteration `iters` (its metadata's) one save behind the train_state.pt beside it (see
+    save_checkpoint) is used as it is, with one line on stderr. Only the state's iteration is read (mapped, not
+    loaded)."""
+    state_path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "train_state.pt")
+    if iters is None or not os.path.isfile(state_path):
+        return
+    try:
+        newer = torch.load(state_path, map_location="cpu", weights_only=True, mmap=True)["iter"]
+    except Exception:  # not a training state (see read_state): nothing to compare with
+        return
+    if newer > iters:
+        print(f"note: {model_path} is of iteration {iters} but {state_path} of iteration {newer}: the run was stopped "
+              f"between writing the two. This evaluates the older model; python train.py --resume --out "
+              f"{os.path.dirname(state_path)} writes it again from the state (and goes on training if the run is not "
+              f"finished).", file=sys.stderr)
 
 
 def log_line(path: str, record: dict) -> None:

@@ -2293,7 +2293,9 @@ def _train_root(tmp_path_factory):
 
 def _train_cmd(root, out, *extra, torchrun=None):
     """train.py on the demo path with a smaller crop and SAM input, so that one iteration takes a fraction of a second."""
-    launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}"] if torchrun else [sys.executable]
+    # --standalone: a free port of its own, where the default one (29500) is shared by every torchrun on the machine
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] \
+        if torchrun else [sys.executable]
     return launch + [os.path.join(_ROOT, "train.py"), "--demo", "--data-root", root, "--out", str(out), "--crop", "64",
                      "--sam-img-size", "64", "--workers", "0", "--log-every", "1", *extra]
 
@@ -2449,7 +2451,7 @@ def _train_inprocess(monkeypatch, *argv) -> str:
     normally. The exit functions it registers (the lock's release) run at its end, as at a real exit, and its
     signal handlers and excepthook are undone."""
     monkeypatch.setattr(sys, "argv", ["train.py", *argv])
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     at_exit = []
     monkeypatch.setattr(atexit, "register", lambda fn, *a, **k: at_exit.append(lambda: fn(*a, **k)))
     hook = sys.excepthook
@@ -2862,7 +2864,7 @@ def test_train_torchrun_one_worker_killed_is_one_error_and_the_last_checkpoint_s
 
 def test_train_torchrun_error_is_printed_once_and_leaves_no_folder(tmp_path):
     # a data root without the datasets: found by rank 0 after the process group and the run folder were set up
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", os.path.join(_ROOT, "train.py"),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(_ROOT, "train.py"),
            "--pretrained", "none", "--backbone", "mit_b0", "--method", "dacs", "--workers", "0",
            "--data-root", str(tmp_path / "no-data"), "--out", str(tmp_path / "run")]
     r = _train_run(cmd)

@@ -9,30 +9,28 @@ Zurich) with SSR, DAFormer or source only.
     python train.py --demo --resume                         # continue a stopped run (its flags are the defaults)
 
 Reads top to bottom: arguments, set-up, the run folder, data, models, optimizer, one loop. The method itself (what
-one step computes) lives in ssr.py; this file owns the optimizer, mixed precision, logging, checkpoints and resume.
+one step computes) lives in ssr.py; how several processes act as one run, in processes.py; this file owns the
+optimizer, mixed precision, logging, checkpoints and resume.
 """
 import argparse
 import atexit
-import ctypes
 import json
 import os
 import pathlib
-import signal
 import sys
 import time
 import uuid
 import warnings
-from contextlib import nullcontext
-from datetime import timedelta
+from contextlib import contextmanager, nullcontext
 
 import torch
-import torch.distributed as dist
 
 import data
 import datasets
 import demo
 import files
 import mit
+import processes
 import sam_encoder
 import ssr
 import toys
@@ -103,34 +101,6 @@ if args.demo:  # toys.py's toy ImageNet and toy SAM teacher, made on first use (
     if args.method == "ssr" and args.sam_weights is None:
         args.sam_weights = toys.teacher_path()
 
-ddp = "RANK" in os.environ  # set by torchrun
-rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-master = rank == 0
-
-
-def report_errors(kind, error, tb) -> None:
-    """The one handler of what stops a run: a user error (files.UserError: a flag, a file, a full disk) prints as one
-    `error:` paragraph, once under torchrun; a peer that stopped answering (a timeout or a closed connection, which
-    gloo's and NCCL's errors report inside DDP's backward as RuntimeError) as one paragraph on every rank that saw
-    it; a stop before the loop as one line (exit status 130, as Python's for Ctrl-C); a bug keeps its traceback."""
-    peer_lost = ddp and (issubclass(kind, dist.DistBackendError) or (
-        issubclass(kind, RuntimeError) and any(w in str(error) for w in ("gloo", "NCCL", "Connection"))))
-    if peer_lost:
-        kept = f"The last checkpoint, {state_path}, is intact." if os.path.exists(state_path) else "Nothing was saved."
-        print(f"error: another process of this run stopped answering ({kind.__name__}), so rank {rank} stops too. "
-              f"{kept} Continue with --resume.", file=sys.stderr)
-    elif not issubclass(kind, (files.UserError, KeyboardInterrupt)):
-        sys.__excepthook__(kind, error, tb)
-    elif master:
-        print("stopped before training began; nothing was saved" if issubclass(kind, KeyboardInterrupt) else
-              f"error: {error}", file=sys.stderr)
-
-
-sys.excepthook = report_errors
-# Until the loop starts, SIGTERM (a scheduler's stop) acts as Ctrl-C: whatever is being made (the demo's data, a
-# pretraining) is cleaned up on the way out. The loop then finishes its iteration and saves instead.
-signal.signal(signal.SIGTERM, signal.default_int_handler)
-
 tgt_name = args.tgt if args.acdc_conditions == p.get_default("acdc_conditions") else (
     f"{args.tgt}-{args.acdc_conditions.replace(',', '-')}")  # acdc-night: a subset never shares a folder with all
 out = args.out or os.path.join("runs", f"{'demo' if args.demo else f'{args.src}2{tgt_name}_{args.method}'}"
@@ -138,6 +108,8 @@ out = args.out or os.path.join("runs", f"{'demo' if args.demo else f'{args.src}2
                                        f"_seed{args.seed}")  # two seeds never share a folder
 state_path, model_path = os.path.join(out, "train_state.pt"), os.path.join(out, "model.safetensors")
 config_path, log_path = os.path.join(out, "config.json"), os.path.join(out, "log.jsonl")
+world = processes.start(checkpoint=state_path)  # under torchrun: one process per GPU, each of one rank
+files.wait_for_leftovers(out, say=world.master)  # the workers of a killed torchrun, saving their last iteration
 state = files.read_state(state_path) if args.resume else None
 if state:  # the saved run's flags become the defaults; flags given now override those that fit the state
     saved = json.loads(state["args"])
@@ -148,9 +120,6 @@ if state:  # the saved run's flags become the defaults; flags given now override
     if differ:
         raise files.FlagError(f"--resume: {', '.join(differ)} contradict the run saved in {out}. Drop these flags "
                              f"(on --resume the saved run's flags are the defaults), or start a new run in another --out.")
-    if state["iter"] >= args.iters:
-        raise files.FlagError(f"the run in {out} finished already ({state['iter']} of {args.iters} iterations); pass "
-                             f"a larger --iters to train further.")
 args.out = out  # resolved, for config.json and the saved flags
 run_id = state.get("run_id") if state else uuid.uuid4().hex[:12]  # tells this run's files from another run's
 
@@ -212,24 +181,9 @@ if os.path.exists(args.data_root) and not os.path.isdir(args.data_root):
 files.check_outside(out, [os.path.join(args.data_root, datasets.FOLDERS[name]) for name in (args.src, args.tgt)])
 
 # -----------------------------------------------------------------------------
-# set-up: processes, device, precision
+# set-up: device, precision
 
-if ddp:
-    # The launcher's death (a kill of torchrun, the OOM killer) reaches the workers, in sessions of their own, as
-    # SIGTERM: they finish the iteration, save and exit. prctl is Linux's; the loop also checks the parent's pid.
-    launcher = os.getppid()
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    # The default group waits long enough for rank 0's set-up (data checks, RCS statistics, the demo's pretrainings)
-    # and evaluations; the loop talks in `peers`: a rank whose peer died gives up in a minute, not gloo/NCCL's 30.
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=60))
-    peers = dist.new_group(timeout=timedelta(seconds=60))
-    sys.excepthook = report_errors  # init_process_group wraps the hook to prefix every line with the rank
-device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+device = world.device
 # Fixed shapes: cuDNN times its convolution algorithms once and keeps the fastest, as mmseg's configs
 # (cudnn_benchmark = True); this only reorders arithmetic on the GPU.
 torch.backends.cudnn.benchmark = True
@@ -239,32 +193,33 @@ amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.a
 ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
 for warn, what in ((args.pretrained == "none", "--pretrained none: the MiT starts from random weights"),
                    (args.method == "ssr" and args.sam_weights == "none", "--sam-weights none: the SAM teacher is random")):
-    if warn and master and not args.demo:
+    if warn and world.master and not args.demo:
         warnings.warn(f"{what}; fine for tests, but this run will not reproduce the paper.", stacklevel=1)
-
-
-def agree(*flags, group=None) -> list[bool]:
-    """Each flag, true on every rank if it is true on any rank (one small all-reduce), so that the ranks skip the
-    same steps and stop at the same point (a peer that stopped answering raises DistBackendError: report_errors)."""
-    if not ddp:
-        return [bool(f) for f in flags]
-    t = torch.tensor([float(bool(f)) for f in flags], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group or peers)
-    return [bool(v) for v in t.tolist()]
-
-
-def stop_everywhere(error: Exception | None, saved: int = 0) -> None:
-    """Every rank raises the user errors met on any rank (found by agree), and where the state of iteration `saved`
-    lies (if one was saved); rank 0 prints them once."""
-    msgs = [str(error) if error else None] * world
-    if ddp:
-        dist.all_gather_object(msgs, msgs[0], group=peers)
-    note = f" The state at iteration {saved} is saved in {state_path}: fix this, then continue with --resume."
-    raise files.DatasetError(" ".join(dict.fromkeys(m for m in msgs if m)) + (note if saved else ""))
 
 
 # -----------------------------------------------------------------------------
 # the run folder: lock, checkpoint pair, log, resume (the file machinery is files.py's)
+
+def model_meta(it: int) -> dict:
+    """What model.safetensors records beside its weights: enough for eval.py to evaluate it as trained."""
+    return dict(dataset=args.tgt, source=args.src, test_scale=list(tgt_scale), data_root=args.data_root,
+                method=args.method, ssr_context=args.ssr_context, iters=it, run_id=run_id,
+                **({"acdc_conditions": list(conditions)} if args.tgt == "acdc" else {}))
+
+
+def catch_up_model() -> None:
+    """A kill between the two renames of a save (files.save_checkpoint) leaves model.safetensors one save behind
+    train_state.pt: the model is written again from the state's student."""
+    behind = not os.path.exists(model_path) or weights.load_segmentor(model_path)[1].get("iters", 0) < state["iter"]
+    if behind:
+        with torch.device("meta"):  # every tensor comes from the state
+            seg = ssr.build_segmentor(ssr.SegConfig(backbone=args.backbone, **seg_sizes))
+        seg.load_state_dict({k.removeprefix("student."): v for k, v in state["uda"].items()
+                             if k.startswith("student.")}, strict=True, assign=True)
+        files.save_atomic(model_path, lambda tmp: weights.write_segmentor(seg, tmp, **model_meta(state["iter"])))
+        print(f"{model_path} was one save behind {state_path} (a stop between their two renames): written again "
+              f"from the state, of iteration {state['iter']}")
+
 
 def prepare() -> None:
     """Rank 0, while the others wait: hold --out for the run's whole life (at exit, what a failed start made is
@@ -278,39 +233,37 @@ def prepare() -> None:
         files.check_one_run(out, {state_path: lambda: state.get("run_id"),
                                  config_path: lambda: json.loads(pathlib.Path(config_path).read_text()).get("run_id"),
                                  model_path: lambda: weights.load_segmentor(model_path)[1].get("run_id")})
-    print(f"run {out}: {args.method}{' + mic' if args.mic else ''}, {args.backbone}, {world} x {device.type}, {args.amp}")
+        catch_up_model()
+        if state["iter"] >= args.iters:
+            raise files.FlagError(f"the run in {out} finished already ({state['iter']} of {args.iters} iterations); "
+                                 f"pass a larger --iters to train further.")
+    print(f"run {out}: {args.method}{' + mic' if args.mic else ''}, {args.backbone}, {world.size} x {device.type}, "
+          f"{args.amp}")
     if args.demo:  # its domains, its toy ImageNet and its toy teacher, each made once
         toys.prepare(args.data_root, args.sam_weights, args.pretrained)
     source = datasets.check_datasets(args.data_root, args.src, args.tgt, conditions)
     data.class_pixel_counts(source)  # the rare class statistics, computed and cached once, before other ranks
 
 
-def save(it: int) -> None:
+def save(it: int, last_saved: int) -> None:
     """Every rank: its random state is gathered; rank 0 writes the deployable model and the full training state,
-    a pair always of one iteration (files.save_checkpoint)."""
-    global last_saved
-    rngs = [dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None)] * world
-    if ddp:
-        dist.all_gather_object(rngs, rngs[0], group=peers)
-    if master:
-        meta = dict(dataset=args.tgt, source=args.src, test_scale=list(tgt_scale), data_root=args.data_root,
-                    method=args.method, ssr_context=args.ssr_context, iters=it, run_id=run_id,
-                    **({"acdc_conditions": list(conditions)} if args.tgt == "acdc" else {}))
+    renamed into place together (files.save_checkpoint). Every rank returns once both are on disk."""
+    rngs = processes.gather_rng(world)
+    if world.master:
         state = dict(uda=uda.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter=it,
                      rng=rngs, args=json.dumps(vars(args)), run_id=run_id)
-        files.save_checkpoint(out, it, last_saved, (model_path, lambda tmp: weights.write_segmentor(student, tmp, **meta)),
+        files.save_checkpoint(out, it, last_saved, (model_path, lambda tmp: weights.write_segmentor(student, tmp, **model_meta(it))),
                              (state_path, lambda tmp: torch.save(state, tmp)))
-    last_saved = it
+    processes.agree(world, patient=True)  # on a stop, no rank exits while rank 0 still writes (torchrun would end it)
 
 
-error = None
-if master:
-    try:
-        prepare()
-    except files.UserError as e:
-        error = e
-if agree(error is not None, group=dist.group.WORLD if ddp else None)[0]:  # the patient default group
-    stop_everywhere(error)
+def kept(last_saved: int) -> str:
+    """What a stop in the loop leaves, for its paragraph."""
+    return f"The last checkpoint, of iteration {last_saved}, is {state_path}." if last_saved else \
+        "No checkpoint was written yet."
+
+
+processes.on_master(world, prepare)
 start = last_saved = state["iter"] if state else 0  # last_saved: the iteration whose checkpoint is on disk, or 0
 
 # -----------------------------------------------------------------------------
@@ -318,11 +271,11 @@ start = last_saved = state["iter"] if state else 0  # last_saved: the iteration 
 
 train_batches = data.make_train_loader(
     args.data_root, args.src, args.tgt, crop=args.crop, batch_size=args.batch_size, seed=args.seed, start_iter=start,
-    workers=args.workers, rank=rank, world_size=world, src_scale=src_scale, tgt_scale=tgt_scale,
+    workers=args.workers, rank=world.rank, world_size=world.size, src_scale=src_scale, tgt_scale=tgt_scale,
     rcs_min_pixels=rcs_min_pixels, pin_memory=device.type == "cuda", conditions=conditions)
 val_loader = data.make_val_loader(args.data_root, args.tgt, "val", scale=tgt_scale, batch_size=1,
                                   workers=args.workers, pin_memory=device.type == "cuda",
-                                  conditions=conditions) if master else None
+                                  conditions=conditions) if world.master else None
 
 # the student segmentor, the UDA wrapper (EMA teacher, ImageNet copy, SSR branch), the SAM teacher
 torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts them from rank 0)
@@ -340,8 +293,7 @@ if args.method == "ssr" and args.ssr_context != "zeros":  # a zero context needs
 if args.compile:  # speed, applied from outside the method: the same losses (tested)
     for net in (uda.student, uda.ema, uda.imnet, uda.ssr, sam):
         ssr.compile_blocks(net)
-model = torch.nn.parallel.DistributedDataParallel(
-    uda, device_ids=[device.index] if device.type == "cuda" else None, process_group=peers) if ddp else uda
+model = processes.wrap(world, uda)  # under torchrun DistributedDataParallel, which averages the gradients
 
 # AdamW as the paper's config. mmcv's paramwise_cfg matches names: 'head' -> lr x10, 'norm' -> no weight decay
 # (so the head's BatchNorms do decay, as in DAFormer). SSR modules: base lr.
@@ -356,24 +308,21 @@ optimizer = torch.optim.AdamW([dict(params=v, lr_mult=k[0], weight_decay=k[1]) f
 scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
 # resume: weights, optimizer, and each rank's own random stream (mixing, jitter, drop path)
-torch.manual_seed(args.seed + rank)
+torch.manual_seed(args.seed + world.rank)
 if state:
     try:
         uda.load_state_dict(state["uda"])
         optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError) as e:  # strict loading: a state of another model or version
-        raise files.WeightsError(f"{state_path} does not fit this model: {str(e).splitlines()[0]} Start a new run "
-                                 f"in another --out.") from None
+        raise files.FlagError(f"--resume: {state_path} does not fit this model: {str(e).splitlines()[0]} Start a "
+                             f"new run in another --out.") from None
     if scaler.is_enabled() and state["scaler"]:  # an fp16 run resumed in bf16/fp32 drops its loss scale
         scaler.load_state_dict(state["scaler"])
-    if len(state["rng"]) == world:
-        torch.set_rng_state(state["rng"][rank]["cpu"])
-        if device.type == "cuda" and state["rng"][rank]["cuda"] is not None:
-            torch.cuda.set_rng_state(state["rng"][rank]["cuda"])
-    elif master:  # the batches still follow (seed, iteration, rank); only the augmentation streams restart
-        print(f"note: the run was saved by {len(state['rng'])} processes and continues on {world}: each process's "
-              f"random stream restarts from --seed + rank, so it will not match an uninterrupted run.")
-    if master:
+    if not processes.restore_rng(world, state["rng"]) and world.master:
+        # the batches still follow (seed, iteration, rank); only the augmentation streams restart
+        print(f"note: the run was saved by {len(state['rng'])} processes and continues on {world.size}: each "
+              f"process's random stream restarts from --seed + rank, so it will not match an uninterrupted run.")
+    if world.master:
         print(f"resuming {out} at iteration {start}")
     del state
 
@@ -386,57 +335,70 @@ def next_batch() -> tuple[dict | None, files.DatasetError | None]:
         return None, e
 
 
+@contextmanager
+def out_of_memory_explained(it: int, last_saved: int):
+    """The device's (torch.OutOfMemoryError) or the CPU's allocator failing in the step, as one paragraph."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
+        raise processes.met_alone(files.UserError(
+            f"out of memory on {device} in the step of iteration {it + 1}: lower --batch-size (now "
+            f"{args.batch_size}), --crop ({args.crop}) or --sam-img-size ({args.sam_img_size}) in a new run (another "
+            f"--out), or continue this one with --resume --grad-checkpoint (MiT's activations recomputed in the "
+            f"backward pass: less memory, slower). {kept(last_saved)}")) from None
+
+
+def evaluate_and_log(it: int) -> None:
+    """The student on the target's val set: its mIoU logged, the training curves drawn."""
+    result = evaluate(student, val_loader, device=device, amp_dtype=amp_dtype)
+    mious.append((it, print_table(result, data.CLASSES, args.src)))  # mIoU16 for SYNTHIA
+    files.log_line(log_path, dict(iter=it, miou=mious[-1][1]))
+    files.save_atomic(os.path.join(out, "curves.png"),
+                     lambda tmp: training_curves(files.read_log(log_path)).save(tmp, format="PNG"))
+
+
 # -----------------------------------------------------------------------------
 # the loop
 
 batch, data_error = next_batch()
-if agree(data_error is not None)[0]:
-    stop_everywhere(data_error)
-if master:  # every flag's value, defaults included, and the run's id
+if processes.agree(world, data_error)[0]:
+    processes.raise_everywhere(world, data_error)
+if world.master:  # every flag's value, defaults included, and the run's id
     config = json.dumps(dict(vars(args), run_id=run_id), indent=1)
     files.save_atomic(config_path, lambda tmp: pathlib.Path(tmp).write_text(config))
     if start:
         files.log_line(log_path, dict(resume=start))  # the lines of later iterations that follow replace these
-# From here SIGINT and SIGTERM finish the current iteration, save, and exit; a second Ctrl-C stops at once. A
-# second SIGTERM changes nothing: under torchrun each worker can receive two when its launcher dies.
-stop = []
-signal.signal(signal.SIGINT, lambda s, f: (stop.append(s), signal.signal(s, signal.SIG_DFL)))
-signal.signal(signal.SIGTERM, lambda s, f: stop.append(s))
-mious, bad, skipped, t0, it, eval_error = [], 0, 0, time.time(), start, None
+stop = processes.catch_stops()  # from here a stop finishes the iteration, saves, and exits
+mious, bad, skipped, t0, it = [], 0, 0, time.time(), start
 totals, counted = {}, 0  # loss sums over the logging interval, on the device (no sync per iteration)
 uda.train()  # once: evaluate() puts the student back in training mode itself
-while True:
-    last = it == args.iters  # the last pass only learns whether the final evaluation failed
-    if not last:
-        src_img, src_lbl, tgt_img = (batch[k].to(device, non_blocking=True) for k in ("src_img", "src_lbl", "tgt_img"))
-        for g in optimizer.param_groups:
-            g["lr"] = get_lr(it) * g["lr_mult"]
-        drawing = master and args.method != "source-only" and args.debug_every and (it + 1) % args.debug_every == 0
-        uda.keep_pictures = bool(drawing)  # the forward keeps its tensors for a debug panel
+while it < args.iters:
+    src_img, src_lbl, tgt_img = (batch[k].to(device, non_blocking=True) for k in ("src_img", "src_lbl", "tgt_img"))
+    for g in optimizer.param_groups:
+        g["lr"] = get_lr(it) * g["lr_mult"]
+    drawing = world.master and args.method != "source-only" and args.debug_every and (it + 1) % args.debug_every == 0
+    uda.keep_pictures = bool(drawing)  # the forward keeps its tensors for a debug panel
+    with out_of_memory_explained(it, last_saved):
         with ctx:
-            losses = model(src_img, src_lbl, tgt_img, it, sam=sam)
+            losses = model(src_img, src_lbl, tgt_img, it, sam=sam)  # the EMA teacher's update included
         loss = sum(losses.values())
         scaler.scale(loss).backward()  # always, so that DDP ranks stay in step even when one loss is bad
-        batch, data_error = next_batch() if it + 1 < args.iters else (None, None)
-    if ddp and os.getppid() != launcher:
-        stop.append(signal.SIGTERM)
-    # The one agreement of the iteration: did any rank see a bad loss, a stop signal, an unreadable next batch, or
-    # a failed evaluation (rank 0's, at the end of the previous iteration)? All ranks act alike on each.
-    nonfinite, stopping, data_failed, eval_failed = agree(
-        not last and not torch.isfinite(loss.detach()).item(), stop, data_error, eval_error)
-    if eval_failed:  # the state of `it` was saved before that evaluation; this iteration's step is not taken
-        stop_everywhere(eval_error, saved=it)
-    if last:
-        break
+    batch, data_error = next_batch() if it + 1 < args.iters else (None, None)
+    # The one agreement of the iteration: did any rank see a bad loss, a stop signal (or its launcher's death), or
+    # an unreadable next batch? All ranks act alike on each.
+    nonfinite, stopping, data_failed = processes.agree(
+        world, not torch.isfinite(loss.detach()).item(), stop or processes.launcher_gone(world), data_error)
     if nonfinite:
         bad, skipped = bad + 1, skipped + 1
         if bad >= 10:
-            kept = f"The last checkpoint is {state_path}." if last_saved else "No checkpoint was written yet."
             raise files.UserError(f"the loss was not finite for 10 iterations in a row (at iteration {it}); lower "
-                                 f"--lr, or use --amp bf16/fp32 instead of fp16. {kept}")
+                                 f"--lr, or use --amp bf16/fp32 instead of fp16. {kept(last_saved)}")
     else:
         bad = 0
-        scaler.step(optimizer)
+        with out_of_memory_explained(it, last_saved):  # AdamW makes its moments at the first step
+            scaler.step(optimizer)
         scaler.update()
         totals, counted = {k: totals.get(k, 0) + v.detach() for k, v in losses.items()}, counted + 1
     optimizer.zero_grad(set_to_none=True)
@@ -446,7 +408,7 @@ while True:
         files.save_atomic(os.path.join(out, "debug", f"iter_{it:06d}.png"),
                          lambda tmp: debug_panel(uda.pictures).save(tmp, format="PNG"))
         uda.keep_pictures, uda.pictures = False, None
-    if master and ((args.log_every and it % args.log_every == 0) or it == args.iters):
+    if world.master and ((args.log_every and it % args.log_every == 0) or it == args.iters):
         # the losses averaged over the interval's (finite) iterations, as mmseg logs them
         vals = {k: (v / counted).item() for k, v in totals.items()} if counted else {
             k: v.item() for k, v in losses.items()}
@@ -463,38 +425,23 @@ while True:
               + "".join(f" mem {v:.1f} GiB" for v in mem.values()), flush=True)
     evaluating = (args.eval_every and it % args.eval_every == 0) or it == args.iters
     if (args.save_every and it % args.save_every == 0) or evaluating or stopping or data_failed:
-        save(it)  # before evaluating: an evaluation that fails loses nothing
+        save(it, last_saved)  # before evaluating: an evaluation that fails loses nothing
+        last_saved = it
     if data_failed:
-        stop_everywhere(data_error, saved=it)
+        processes.raise_everywhere(world, data_error, saved=it)
     if evaluating:
-        if master:
-            try:
-                result = evaluate(student, val_loader, device=device, amp_dtype=amp_dtype)
-                mious.append((it, print_table(result, data.CLASSES, args.src)))  # mIoU16 for SYNTHIA
-                files.log_line(log_path, dict(iter=it, miou=mious[-1][1]))
-                files.save_atomic(os.path.join(out, "curves.png"),
-                                 lambda tmp: training_curves(files.read_log(log_path)).save(tmp, format="PNG"))
-            except files.DatasetError as e:
-                eval_error = e  # every rank learns of it at the next agreement
-        if ddp:
-            dist.barrier()  # the others wait for rank 0's evaluation on the patient default group
+        processes.on_master(world, lambda: evaluate_and_log(it), saved=it)
     if stopping:
-        if master:
+        if world.master:
             print(f"stopped at iteration {it}; the state is saved in {out}: continue with --resume")
         sys.exit(130)
 
-if master:
+if world.master:
     (first_it, first), (final_it, final) = mious[0], mious[-1]
     print(f"done: {model_path}")
     print(f"target mIoU: {100 * final:.2f} at iteration {final_it} (first evaluation: {100 * first:.2f} at "
           f"iteration {first_it})")
-if ddp:
-    # Every rank holds a full copy of the weights: they must agree, or the gradient averaging went wrong.
-    flat = torch.cat([q.detach().double().flatten() for q in student.parameters()])
-    sums = [torch.zeros(2, dtype=torch.float64, device=device) for _ in range(world)]
-    dist.all_gather(sums, torch.stack([flat.sum(), flat.square().sum()]))
-    if master:
-        print(f"ranks agree on the weights: {all(torch.equal(s, sums[0]) for s in sums)}")
-    dist.barrier()  # no rank tears the process group down while another still talks to it
-    del model  # DDP's reducer holds the group: free it before the group is destroyed
-    dist.destroy_process_group()
+if world.size > 1:
+    same = processes.weights_agree(world, student)
+    if world.master:
+        print(f"ranks agree on the weights: {same}")
