@@ -197,8 +197,8 @@ def wait_for_leftovers(folder: str, say: bool, most_s: float = 120) -> None:
         deadline = time.monotonic() + most_s
         pids = lock_holders(lock)
         if pids and all(launcher_gone(q) for q in pids) and say:
-            print(f"waiting for {', '.join(describe(q) for q in pids)}, which holds {folder} and whose torchrun is "
-                  f"gone, to save and end (at most {most_s / 60:.0f} minutes)", flush=True)
+            print(f"{folder} is held by pid {', '.join(map(str, pids))}, a worker of a torchrun that is gone: waiting "
+                  f"for it to save its last iteration and end (at most {most_s / 60:.0f} minutes)", flush=True)
         while pids and all(launcher_gone(q) for q in pids) and time.monotonic() < deadline:
             time.sleep(0.2)
             pids = lock_holders(lock)

@@ -85,15 +85,18 @@ def wrap(world: World, module: torch.nn.Module) -> torch.nn.Module:
 
 
 def end(world: World) -> None:
-    """Tear the process groups down, at exit, however the run ends (start registers it). Without it a C++ thread
-    of the groups can run into the interpreter's shutdown and abort the process ("terminate called without an
-    active exception", SIGABRT). DDP's reducer holds the loop's group, so it goes first. SIGTERM is ignored from
-    here: torchrun sends it to the processes still running once one has exited, and a process that is ending
-    anyway must end with its own status, not as killed by a signal."""
+    """Tear the process groups down, at exit, however the run ends (start registers it). A group's threads free
+    the work of its last collectives, which takes the interpreter's lock: if the interpreter is shutting down by
+    then, that thread is ended mid-way and the process aborts ("terminate called without an active exception",
+    SIGABRT). So every reference to the groups is dropped here (DDP holds the loop's twice), and each group,
+    destroyed, joins its threads while the interpreter still runs. SIGTERM is ignored from here: torchrun sends it
+    to the processes still running once one has exited, and a process that is ending anyway must end with its own
+    status, not as killed by a signal."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if world.ddp is not None:
-        del world.ddp.reducer
+        del world.ddp.reducer, world.ddp.process_group
     dist.destroy_process_group()
+    world.group = None
 
 
 # ----------------------------------------------------------------------------------------------------------------

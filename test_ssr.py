@@ -40,6 +40,7 @@ import files
 import eval as ev
 import mit
 import pictures
+import processes
 import sam_encoder
 import ssr
 import study
@@ -1520,6 +1521,37 @@ def test_save_atomic_replaces_whole_and_a_failed_rename_leaves_no_temporary_file
     assert sorted(os.listdir(tmp_path)) == ["f.bin", "folder"] and not os.listdir(tmp_path / "folder")
 
 
+def test_run_folder_waits_for_the_leftovers_of_a_killed_torchrun_only(tmp_path, capsys):
+    """A holder of the lock that is a torchrun worker (TORCHELASTIC_RUN_ID in its environment) whose parent is no
+    torchrun is a leftover of a killed torchrun, which saves and ends by itself: it is waited for, saying so in one
+    line. Any other holder (a live run) is not: claim_folder refuses it at once."""
+    out = tmp_path / "run"
+    out.mkdir()
+    hold = ("import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); print(flush=True); "
+            "time.sleep(float(sys.argv[2]))")
+    for env, seconds in ((dict(os.environ, TORCHELASTIC_RUN_ID="x"), "1.5"), (dict(os.environ), "60")):
+        holder = subprocess.Popen([sys.executable, "-c", hold, str(out / ".lock"), seconds], env=env,
+                                  stdout=subprocess.PIPE, text=True)
+        holder.stdout.readline()  # the lock is held
+        try:
+            leftover = "TORCHELASTIC_RUN_ID" in env
+            assert files.launcher_gone(holder.pid) == leftover
+            t = time.monotonic()
+            files.wait_for_leftovers(str(out), say=True)
+            said = capsys.readouterr().out
+            if leftover:  # waited until it ended, not the 2 minutes
+                assert holder.poll() is not None and time.monotonic() - t < 60
+                assert said == (f"{out} is held by pid {holder.pid}, a worker of a torchrun that is gone: waiting for it "
+                                f"to save its last iteration and end (at most 2 minutes)\n")
+            else:
+                assert holder.poll() is None and said == ""
+                with pytest.raises(files.FlagError, match=f"in use by another run: pid {holder.pid}"):
+                    files.claim_folder(str(out))
+        finally:
+            holder.kill()
+            holder.wait()
+
+
 # ==============================================================================================================
 # eval.py: the metric, the evaluator, released checkpoints
 # ==============================================================================================================
@@ -2403,8 +2435,9 @@ def test_train_mixed_precision_path_runs_on_cpu(_train_root, tmp_path, amp):
 
 
 def test_train_resume_is_bit_identical(_train_root, tmp_path):
-    """A run stopped by SIGTERM somewhere in the middle and resumed ends with exactly the weights of a run that
-    was never stopped. Where it stops does not matter, so the race of the signal with the loop is harmless."""
+    """A run stopped by SIGHUP (its terminal closed; SIGTERM is torchrun's test) somewhere in the middle and
+    resumed ends with exactly the weights of a run that was never stopped. Where it stops does not matter, so the
+    race of the signal with the loop is harmless."""
     common = ["--method", "ssr", "--iters", "10", "--eval-every", "0", "--save-every", "100"]
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     assert _train_run(_train_cmd(_train_root, ref, *common)).returncode == 0
@@ -2415,7 +2448,7 @@ def test_train_resume_is_bit_identical(_train_root, tmp_path):
                             stderr=subprocess.PIPE, text=True, env=env, cwd=_ROOT)
     for line in proc.stdout:
         if line.startswith("iter 2/"):
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGHUP)
             break
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
@@ -2702,6 +2735,13 @@ def test_train_refuses_a_state_of_another_run_and_resumes_a_moved_folder(_train_
     assert _train_inprocess(monkeypatch, "--resume", "--out", str(tmp_path / "moved"), "--iters", "3") == ""
     assert _train_state(tmp_path / "moved")["iter"] == 3
     assert weights.load_segmentor(str(tmp_path / "moved" / "model.safetensors"))[1]["run_id"] == ids[1]
+    # a file that cannot be read is said to be so, and why, not "of another run"
+    (tmp_path / "moved" / "config.json").unlink()
+    (tmp_path / "moved" / "config.json").mkdir()
+    msg = _train_inprocess(monkeypatch, "--resume", "--out", str(tmp_path / "moved"), "--iters", "4")
+    assert msg == (f"error: --resume: {tmp_path / 'moved' / 'config.json'} cannot be read (a folder, not a file), so "
+                   f"nothing tells whether it belongs to this run. Move it out of {tmp_path / 'moved'} (the run writes "
+                   f"it anew) and resume again."), msg
 
 
 def test_train_out_inside_a_dataset_folder_is_refused(_train_root, tmp_path, monkeypatch):
@@ -2726,6 +2766,56 @@ def test_train_a_deleted_log_does_not_stop_the_run(_train_root, tmp_path):
     assert logged[-1] == {"iter": 6, "miou": logged[-1]["miou"]} and (out / "curves.png").is_file()
 
 
+def test_train_a_model_one_save_behind_its_state_is_noted_and_written_again(_train_root, tmp_path, monkeypatch,
+                                                                           capsys):
+    """A kill between the two renames of a save (the state's first) leaves model.safetensors one save behind
+    train_state.pt: eval.py evaluates it with a one-line note, --resume writes it again from the state, even for a
+    finished run (which it then refuses to continue)."""
+    out = tmp_path / "run"
+    assert _train_inprocess(monkeypatch, *_train_tiny(_train_root, out, "--method", "source-only", "--iters", "1")) == ""
+    behind = (out / "model.safetensors").read_bytes()
+    assert _train_inprocess(monkeypatch, "--resume", "--out", str(out), "--iters", "2") == ""
+    model, meta = weights.load_segmentor(str(out / "model.safetensors"))
+    current = {k: v.clone() for k, v in model.state_dict().items()}  # a copy: the file is mapped, then rewritten
+    (out / "model.safetensors").write_bytes(behind)  # the state of iteration 2 beside the model of iteration 1
+    capsys.readouterr()
+    assert _eval_cli(monkeypatch, "--ckpt", str(out / "model.safetensors"), "--workers", "0") == ""
+    note, = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]  # one line
+    assert note.startswith(f"note: {out / 'model.safetensors'} is of iteration 1 but {out / 'train_state.pt'} of "
+                           f"iteration 2") and "--resume" in note, note
+    msg = _train_inprocess(monkeypatch, "--resume", "--out", str(out))
+    assert "finished already (2 of 2 iterations)" in msg, msg
+    again, again_meta = weights.load_segmentor(str(out / "model.safetensors"))  # as the save of iteration 2 wrote it
+    assert again_meta == meta and meta["iters"] == 2 and all(torch.equal(v, current[k]) for k, v in again.state_dict().items())
+    capsys.readouterr()
+    _eval_cli(monkeypatch, "--ckpt", str(out / "model.safetensors"), "--workers", "0")
+    assert "note:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_train_out_of_memory_in_the_step_is_one_paragraph(_train_root, tmp_path, monkeypatch, device):
+    """The device's allocator failing in the step (injected at the forward of iteration 4; a GPU raises
+    torch.OutOfMemoryError, the CPU's allocator a RuntimeError): one paragraph naming what to lower, and nothing
+    lost but the work since the last checkpoint."""
+    forward, calls = ssr.UDA.forward, []
+
+    def exhausted(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB") if device == "cuda" else \
+                RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                             "you tried to allocate 2147483648 bytes. Error code 12 (Cannot allocate memory)")
+        return forward(self, *a, **k)
+    monkeypatch.setattr(ssr.UDA, "forward", exhausted)
+    out = tmp_path / "run"
+    msg = _train_inprocess(monkeypatch, *_train_tiny(_train_root, out, "--method", "source-only", "--iters", "6",
+                                                     "--save-every", "2"))
+    assert msg.startswith("error: out of memory on cpu in the step of iteration 4: lower --batch-size (now 2), "
+                          "--crop (64) or --sam-img-size (64)") and "--grad-checkpoint" in msg, msg
+    assert f"The last checkpoint, of iteration 2, is {out / 'train_state.pt'}." in msg and "\n" not in msg
+    assert _train_state(out)["iter"] == 2
+
+
 def test_train_full_disk_is_one_error_and_the_checkpoint_pair_stays_of_one_iteration(_train_root, tmp_path):
     """A 60 MB tmpfs holds the first checkpoint (model and state, about 40 MB) but not a second one beside it."""
     disk = tmp_path / "disk"
@@ -2746,7 +2836,7 @@ def test_train_full_disk_is_one_error_and_the_checkpoint_pair_stays_of_one_itera
         subprocess.run(["umount", str(disk)])
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGHUP", "Ctrl-C"])
 def test_train_stop_before_the_loop_leaves_nothing_and_says_one_line(tmp_path, how):
     """A stop while the demo writes its data: no traceback (nor the pool workers'), no half dataset folder, no run
     folder; the exit status is Ctrl-C's."""
@@ -2759,8 +2849,8 @@ def test_train_stop_before_the_loop_leaves_nothing_and_says_one_line(tmp_path, h
     for line in proc.stdout:
         if line.startswith("writing the synthetic demo domains"):
             time.sleep(1)  # the pool is drawing scenes
-            if how == "SIGTERM":
-                proc.send_signal(signal.SIGTERM)
+            if how in ("SIGTERM", "SIGHUP"):
+                proc.send_signal(getattr(signal, how))
             else:  # a terminal sends SIGINT to the whole foreground group, pool workers included
                 os.killpg(proc.pid, signal.SIGINT)
             break
@@ -2776,6 +2866,14 @@ def test_train_bug_keeps_its_traceback(_train_root, tmp_path, monkeypatch):
     monkeypatch.setattr(ssr.UDA, "forward", broken)
     with pytest.raises(ValueError, match="a bug in the step"):
         _train_inprocess(monkeypatch, *_train_tiny(_train_root, tmp_path / "run", "--iters", "2"))
+
+
+def test_train_an_error_raised_on_every_rank_keeps_its_type_and_says_what_is_saved(tmp_path):
+    world = processes.World(0, 1, torch.device("cpu"), str(tmp_path / "train_state.pt"))
+    with pytest.raises(DatasetError, match=r"^cannot read x\. The state at iteration 3 is saved in .*train_state\.pt"):
+        processes.raise_everywhere(world, DatasetError("cannot read x."), saved=3)
+    with pytest.raises(files.DiskFull, match=r"^full\.$"):
+        processes.raise_everywhere(world, files.DiskFull("full."))
 
 
 _TORCHRUN_COMMON = ["--method", "ssr", "--iters", "8", "--eval-every", "0", "--save-every", "2"]
@@ -2795,9 +2893,10 @@ def test_train_torchrun_launcher_killed_or_stopped_resumes_bit_identical(_train_
                                                                        sig):
     """Two gloo processes; the signal goes to the torchrun process alone, after a save. torch starts each worker
     in its own session, so a SIGKILL of torchrun never reaches them: they learn of it from the kernel (the death
-    signal) and, like after a SIGTERM that torchrun forwards, finish the iteration, save and exit. Within 90 s no
-    worker is left, the folder is free, and the resumed run ends bit-identical to the uninterrupted one, each rank
-    with its own random stream back."""
+    signal) and, like after a SIGTERM that torchrun forwards, finish the iteration, save and exit. After the SIGKILL
+    the run is resumed at once, as a user would: it waits for those leftovers to save and end. Within 90 s no
+    worker is left, and the resumed run ends bit-identical to the uninterrupted one, each rank with its own random
+    stream back."""
     cut = tmp_path / "cut"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(_train_cmd(_train_root, cut, *_TORCHRUN_COMMON, torchrun=2), stdout=subprocess.PIPE,
@@ -2807,6 +2906,10 @@ def test_train_torchrun_launcher_killed_or_stopped_resumes_bit_identical(_train_
             workers = [int(p) for p in pathlib.Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
             proc.send_signal(sig)
             break
+    resume = _train_cmd(_train_root, cut, *_TORCHRUN_COMMON, "--resume", torchrun=2)
+    if sig == signal.SIGKILL:  # while the orphans still finish their iteration and save
+        resumed = subprocess.Popen(resume, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=_ROOT)
+
     def running(pid):  # a zombie (ended, not yet reaped by its new parent) runs nothing and holds no lock
         try:
             return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -2826,9 +2929,14 @@ def test_train_torchrun_launcher_killed_or_stopped_resumes_bit_identical(_train_
     assert "stopped at iteration" in rest  # the stop was saved, not lost
     stopped = _train_state(cut)["iter"]
     assert 3 <= stopped < 8
-    r = _train_run(_train_cmd(_train_root, cut, *_TORCHRUN_COMMON, "--resume", torchrun=2))
-    assert r.returncode == 0, r.stderr
-    assert f"resuming {cut} at iteration {stopped}" in r.stdout
+    if sig == signal.SIGKILL:
+        out, err = resumed.communicate(timeout=300)
+        assert resumed.returncode == 0, err
+    else:
+        r = _train_run(resume)
+        out, err = r.stdout, r.stderr
+        assert r.returncode == 0, err
+    assert f"resuming {cut} at iteration {stopped}" in out  # the leftovers' last save, not the one before
     sa, sb = _torchrun_reference, _train_state(cut)
     assert len(sb["rng"]) == 2 and not torch.equal(sb["rng"][0]["cpu"], sb["rng"][1]["cpu"])
     assert sa["uda"].keys() == sb["uda"].keys() and all(torch.equal(sa["uda"][k], sb["uda"][k]) for k in sa["uda"])
@@ -2862,17 +2970,39 @@ def test_train_torchrun_one_worker_killed_is_one_error_and_the_last_checkpoint_s
     assert _train_state(out)["iter"] >= 2
 
 
-def test_train_torchrun_error_is_printed_once_and_leaves_no_folder(tmp_path):
-    # a data root without the datasets: found by rank 0 after the process group and the run folder were set up
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(_ROOT, "train.py"),
-           "--pretrained", "none", "--backbone", "mit_b0", "--method", "dacs", "--workers", "0",
-           "--data-root", str(tmp_path / "no-data"), "--out", str(tmp_path / "run")]
-    r = _train_run(cmd)
-    assert r.returncode != 0
+@pytest.mark.parametrize("case", ["no data", "folder in use", "loss not finite"])
+def test_train_torchrun_user_error_is_one_paragraph_and_every_rank_exits_with_1(_train_root, tmp_path, case):
+    """A user error under torchrun, before the loop (rank 0's set-up: no datasets; the run folder held by a live
+    run) or inside it (the 10th non-finite loss, on every rank): the paragraph once, no traceback from a worker, and
+    every rank leaves with status 1, none killed by a signal (an abort at exit, or torchrun's SIGTERM to a
+    straggler)."""
+    out = tmp_path / "run"
+    if case == "no data":  # found by rank 0 after the process group and the run folder were set up
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(_ROOT, "train.py"), "--pretrained", "none", "--backbone", "mit_b0", "--method", "dacs",
+               "--workers", "0", "--data-root", str(tmp_path / "no-data"), "--out", str(out)]
+    else:
+        extra = ["--lr", "1e38", "--iters", "30"] if case == "loss not finite" else []
+        cmd = _train_cmd(_train_root, out, "--method", "dacs", "--eval-every", "0", *extra, torchrun=2)
+    holder = None
+    if case == "folder in use":
+        out.mkdir()
+        holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                                   "fcntl.flock(f, fcntl.LOCK_EX); print(flush=True); time.sleep(60)", str(out / ".lock")],
+                                  stdout=subprocess.PIPE, text=True)
+        holder.stdout.readline()
+    try:
+        r = _train_run(cmd)
+    finally:
+        if holder:
+            holder.kill()
+            holder.wait()
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "gta5" in errors[0], r.stderr
+    expect = {"no data": "gta5", "folder in use": "is in use by another run", "loss not finite": "not finite"}[case]
+    assert r.returncode == 1 and len(errors) == 1 and expect in errors[0], r.stderr
     assert 'train.py", line' not in r.stderr  # no traceback from a worker (torchrun prints its own summary)
-    assert not (tmp_path / "run").exists()
+    assert re.findall(r"^ +exitcode +: (-?\d+)", r.stderr, re.M) == ["1", "1"], r.stderr  # torchrun's summary
+    assert os.path.exists(out) == (case != "no data")  # a failed start leaves no folder
 
 
 # ==============================================================================================================
