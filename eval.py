@@ -27,7 +27,6 @@ import shlex
 import signal
 import stat
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from typing import Callable
@@ -538,13 +537,9 @@ def check_device(name: str) -> torch.device:
 
 def check_writable(folder: str, flag: str) -> None:
     """Fail now, not after the slow steps, when no file can be written in folder (made first)."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise files.FlagError(f"{flag}: cannot write into {folder} ({e.strerror or e}); pass a folder you can "
-                        f"write to.") from None
+    why = files.cannot_write(folder)
+    if why:
+        raise files.FlagError(f"{flag}: cannot write into {folder} ({why}); pass a folder you can write to.")
 
 
 def check_outputs(images: str, save_dir: str, with_legend: bool) -> None:

@@ -52,16 +52,25 @@ def cache_folder() -> str:
     return os.environ.get("SSR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ssr")
 
 
-def check_cache_folder(folder: str | None = None) -> None:
-    """Fail now, before the slow work whose result it would hold, if the cache folder cannot be written."""
-    folder = folder or cache_folder()
+def cannot_write(folder: str) -> str | None:
+    """Why no file can be written in `folder` (made first if missing), or None when one can: checked before slow
+    work whose result would go there, each caller saying in its own words what to do."""
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise FlagError(f"the cache folder {folder} cannot be written ({e.strerror or e}); set SSR_CACHE to a "
-                        f"folder you can write to.") from None
+        return str(e.strerror or e)
+    return None
+
+
+def check_cache_folder(folder: str | None = None) -> None:
+    """Fail now, before the slow work whose result it would hold, if the cache folder cannot be written."""
+    folder = folder or cache_folder()
+    why = cannot_write(folder)
+    if why:
+        raise FlagError(f"the cache folder {folder} cannot be written ({why}); set SSR_CACHE to a folder you can "
+                        f"write to.")
 
 
 STOPS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}  # Ctrl-C, a scheduler's stop, a closed terminal

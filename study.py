@@ -14,7 +14,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -54,14 +53,10 @@ def write_text(path: str, text: str) -> None:
 def check_out(out: str) -> None:
     """Fail before the first run, not after the data, the pretrainings and a first hour of runs, where --out cannot
     hold the study's files (as the default runs/study in a read-only checkout)."""
-    try:
-        os.makedirs(out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise files.FlagError(f"--out {out} cannot be written ({e.strerror or e}): the study keeps its runs, study.md "
-                              f"and study.png there. Pass --out a folder you can write to, e.g. --out ~/ssr-study; "
-                              f"nothing was run.") from None
+    why = files.cannot_write(out)
+    if why:
+        raise files.FlagError(f"--out {out} cannot be written ({why}): the study keeps its runs, study.md and study.png "
+                              f"there. Pass --out a folder you can write to, e.g. --out ~/ssr-study; nothing was run.")
 
 
 def parse_final_table(stdout: str) -> dict:
