@@ -29,17 +29,22 @@ import toys
 
 SETTINGS = {  # name -> train.py flags on top of --demo
     "source-only": ["--method", "source-only"],
+    "oracle": ["--method", "source-only", "--src", "cityscapes"],  # trained on the target's own train labels
     "dacs": ["--method", "dacs"],
     "ssr-random": ["--method", "ssr", "--sam-weights", "none"],
     "ssr-toy": ["--method", "ssr"],  # the toy teacher: --demo's default for ssr
     "ssr-shuffled": ["--method", "ssr", "--ssr-context", "shuffled"],
     "ssr-zeros": ["--method", "ssr", "--ssr-context", "zeros"],
 }
-TITLES = {"source-only": "source only", "dacs": "dacs", "ssr-random": "ssr, random teacher",
+TITLES = {"source-only": "source only", "oracle": "target oracle", "dacs": "dacs", "ssr-random": "ssr, random teacher",
           "ssr-toy": "ssr, toy teacher", "ssr-shuffled": "ssr, shuffled tokens", "ssr-zeros": "ssr, zero context"}
 # Student's t, 97.5% quantile by degrees of freedom: the half-width of a 95% interval is t * sd / sqrt(n)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 20: 2.086, 30: 2.042}
+# ... and its 80% quantile: a true difference of (t975 + t80) * sd / sqrt(n) shows (its 95% interval excludes 0) in
+# 80% of studies, the usual power
+T80 = {1: 1.376, 2: 1.061, 3: 0.978, 4: 0.941, 5: 0.920, 6: 0.906, 7: 0.896, 8: 0.889, 9: 0.883, 10: 0.879,
+       11: 0.876, 12: 0.873, 13: 0.870, 14: 0.868, 15: 0.866, 20: 0.860, 30: 0.854}
 
 
 def write_text(path: str, text: str) -> None:
@@ -96,28 +101,62 @@ def run_setting(setting: str, seed: int, iters: int, out: str, data_root: str, a
     return result
 
 
+def t_quantile(table: dict, df: int) -> float:
+    """The t quantile for df degrees of freedom from one of the tables above (the next lower df where it has none:
+    a slightly wider interval, never a narrower one)."""
+    return table[max(k for k in table if k <= df)] if df >= 1 else float("nan")
+
+
 def mean_sd_ci(xs: list[float]) -> tuple[float, float, float]:
     """Mean, sample sd and the half-width of the 95% t-interval of the mean."""
     n = len(xs)
     sd = float(np.std(xs, ddof=1)) if n > 1 else 0.0
-    t = T975.get(n - 1, T975[max(k for k in T975 if k <= n - 1)] if n > 1 else float("nan"))
-    return float(np.mean(xs)), sd, t * sd / math.sqrt(n) if n > 1 else float("nan")
+    return float(np.mean(xs)), sd, t_quantile(T975, n - 1) * sd / math.sqrt(n) if n > 1 else float("nan")
+
+
+def detectable(sd: float, n: int) -> float:
+    """The smallest true mean difference that n paired seeds with differences of this sd detect at 95% confidence
+    with 80% power."""
+    return (t_quantile(T975, n - 1) + t_quantile(T80, n - 1)) * sd / math.sqrt(n)
+
+
+def seeds_needed(sd: float, difference: float) -> int:
+    """The fewest seeds whose study detects a true difference of this size (detectable) at this sd of paired
+    differences: the study's size, chosen before it runs."""
+    return next(n for n in range(2, 31) if detectable(sd, n) <= difference)
+
+
+def gap_closed(results: dict, name: str, seeds: list[int]) -> list[float]:
+    """Per seed, the fraction of the domain gap that a setting closes: (setting - source only) / (oracle - source
+    only), in %; 0 is source only, 100 the target oracle."""
+    so, oracle = results["source-only"], results["oracle"]
+    return [100 * (results[name][s]["miou"] - so[s]["miou"]) / (oracle[s]["miou"] - so[s]["miou"]) for s in seeds]
 
 
 def study_markdown(results: dict, seeds: list[int], note: str = "") -> str:
-    """results[setting][seed] = dict(miou, iou) -> the study's markdown: target mIoU per seed, mean, sd, the paired
-    difference to dacs with its 95% interval, and the per-class IoU of every setting (means over seeds)."""
+    """results[setting][seed] = dict(miou, iou) -> the study's markdown: target mIoU per seed, mean, sd, the gap
+    closed, the paired differences to source only and to dacs with their 95% intervals and the smallest difference
+    the study could detect, and the per-class IoU of every setting (means over seeds)."""
     names = list(results)
     rows = ["| seed | " + " | ".join(TITLES.get(n, n) for n in names) + " |", "|---" * (len(names) + 1) + "|"]
     rows += [f"| {s} | " + " | ".join(f"{results[n][s]['miou']:.2f}" for n in names) + " |" for s in seeds]
     stats = {n: mean_sd_ci([results[n][s]["miou"] for s in seeds]) for n in names}
     rows.append("| mean | " + " | ".join(f"**{stats[n][0]:.2f}**" for n in names) + " |")
     rows.append("| sd | " + " | ".join(f"{stats[n][1]:.2f}" for n in names) + " |")
-    if "dacs" in results:
-        diffs = {n: mean_sd_ci([results[n][s]["miou"] - results["dacs"][s]["miou"] for s in seeds]) for n in names}
-        rows.append("| minus dacs, same seed: mean [95% interval] | " + " | ".join(
-            "-" if n == "dacs" else f"{diffs[n][0]:+.2f} [{diffs[n][0] - diffs[n][2]:+.2f}, "
-            f"{diffs[n][0] + diffs[n][2]:+.2f}]" for n in names) + " |")
+    def interval(m, _, half):
+        return f"{m:+.2f} [{m - half:+.2f}, {m + half:+.2f}]"
+
+    if "source-only" in results and "oracle" in results:
+        gaps = {n: mean_sd_ci(gap_closed(results, n, seeds)) for n in names}
+        rows.append("| gap closed (%), same seed: mean [95% interval] | " + " | ".join(
+            "-" if n in ("source-only", "oracle") else interval(*gaps[n]) for n in names) + " |")
+    for base in ("source-only", "dacs"):
+        if base in results:
+            diffs = {n: [results[n][s]["miou"] - results[base][s]["miou"] for s in seeds] for n in names}
+            rows.append(f"| minus {TITLES[base]}, same seed: mean [95% interval] | " + " | ".join(
+                "-" if n == base else interval(*mean_sd_ci(diffs[n])) for n in names) + " |")
+            rows.append(f"| smallest difference to {TITLES[base]} this study detects (95%, power 80%) | " + " | ".join(
+                "-" if n == base else f"{detectable(mean_sd_ci(diffs[n])[1], len(seeds)):.2f}" for n in names) + " |")
     lines = ([note, ""] if note else []) + ["Target mIoU (%) on the demo's Cityscapes-like val set:", ""] + rows
     with warnings.catch_warnings():  # a class absent from the val labels and every prediction is NaN throughout
         warnings.simplefilter("ignore", RuntimeWarning)

@@ -2558,6 +2558,17 @@ def test_train_every_flag_is_checked_before_anything_is_written(tmp_path, monkey
     assert sorted(os.listdir(tmp_path)) == ["afile"]
 
 
+def test_train_target_oracle_is_source_only_on_the_targets_own_labels(_train_root, tmp_path, monkeypatch, capsys):
+    """--src cityscapes --method source-only: the target oracle, UDA's upper bound (the demo's study runs it); it
+    reads the target's train labels at the target's scale, and is evaluated on the target's val set."""
+    out = tmp_path / "oracle"
+    assert _train_inprocess(monkeypatch, *_train_tiny(_train_root, out, "--method", "source-only", "--src",
+                                                       "cityscapes", "--iters", "2")) == ""
+    config = json.loads((out / "config.json").read_text())
+    assert config["src"] == config["tgt"] == "cityscapes" and config["method"] == "source-only"
+    assert "target mIoU" in capsys.readouterr().out
+
+
 def test_train_zero_intervals_mean_at_the_end(_train_root, tmp_path, monkeypatch):
     # --log-every 0 and --save-every 0, like --eval-every 0: only at the end; and the state and the model follow
     # the user's umask, both of them (safetensors alone would write the model 0600)
@@ -3063,6 +3074,18 @@ def test_demo_regenerates_only_the_folders_it_marked(tmp_path):
     assert not (root / "gta5" / demo.MARKER).exists() and sorted(os.listdir(root)) == ["cityscapes", "gta5"]
 
 
+def test_demo_data_and_toy_networks_of_another_world_are_made_again(tmp_path, monkeypatch):
+    """The marker and the cache keys hold the world's hash: after a change of the world (as the demo-gap issue made)
+    the old data and the old toy networks are not taken for this world's."""
+    root = tmp_path / "d"
+    demo.write_data(str(root), n_src=2, n_tgt=2, n_val=2)
+    assert demo.check_root(str(root))
+    paths = toys.imagenet_path(), toys.teacher_path()
+    monkeypatch.setitem(demo.DOMAINS, "target", dict(demo.DOMAINS["target"], light=0.5))
+    assert not demo.check_root(str(root))  # another world: written again (its folders are the demo's own)
+    assert toys.imagenet_path() != paths[0] and toys.teacher_path() != paths[1]
+
+
 def test_demo_teacher_targets_never_depend_on_class_ids_or_colors():
     """The teacher's pretext target is which painted shape owns a pixel: the same whatever the palette (so whatever
     color a class has), and finer than the classes (every car, wheel, window texture is its own segment)."""
@@ -3179,18 +3202,28 @@ def test_study_reads_train_tables_and_writes_markdown_and_chart(capsys):
     ev.print_table(result, data.CLASSES)
     parsed = study.parse_final_table("iter 1\n" + capsys.readouterr().out + "done\n")
     assert parsed["miou"] == 50.0 and math.isnan(parsed["iou"][0]) and parsed["iou"][1:] == [50.0] * 18
-    # setting k scores 40 + 2k + seed; ssr-toy also moves by (0, +1, -1) over the seeds
-    fake = {n: {s: dict(miou=40 + 2 * k + s + (n == "ssr-toy") * (0, 1, -1)[s], iou=[30.0 + k] * 19)
+    # each setting scores its base + seed; ssr-toy also moves by (0, +1, -1) over the seeds
+    base = {"source-only": 40, "oracle": 60, "dacs": 50, "ssr-random": 51, "ssr-toy": 52, "ssr-shuffled": 53,
+            "ssr-zeros": 54}
+    assert list(base) == list(study.SETTINGS)
+    fake = {n: {s: dict(miou=base[n] + s + (n == "ssr-toy") * (0, 1, -1)[s], iou=[30.0 + k] * 19)
                 for s in range(3)} for k, n in enumerate(study.SETTINGS)}
     md = study.study_markdown(fake, [0, 1, 2])
-    assert "| mean | **41.00** | **43.00** | **45.00** | **47.00** | **49.00** | **51.00** |" in md
-    assert "| sd | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 |" in md
-    # paired by seed: ssr-toy minus dacs is 4 + (0, 1, -1): sd 1, a 95% t-interval of 4.303 / sqrt(3) either side
-    assert "| - | +2.00 [+2.00, +2.00] | +4.00 [+1.52, +6.48] |" in md
-    assert "| road | 30.00 | 31.00 | 32.00 | 33.00 | 34.00 | 35.00 |" in md
+    assert "| mean | **41.00** | **61.00** | **51.00** | **52.00** | **53.00** | **54.00** | **55.00** |" in md
+    assert "| sd | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 |" in md
+    # the gap closed, per seed (setting - source only) / (oracle - source only): dacs 50% on every seed; ssr-toy
+    # 60, 65, 55%: sd 5, a 95% t-interval of 4.303 * 5 / sqrt(3) either side
+    assert "| gap closed (%), same seed: mean [95% interval] | - | - | +50.00 [+50.00, +50.00] | +55.00 [+55.00, " \
+           "+55.00] | +60.00 [+47.58, +72.42] |" in md
+    # paired by seed: ssr-toy minus dacs is 2 + (0, 1, -1): sd 1, a 95% t-interval of 4.303 / sqrt(3) either side;
+    # what 3 seeds detect at that sd: (4.303 + 1.061) / sqrt(3)
+    assert "| - | +1.00 [+1.00, +1.00] | +2.00 [-0.48, +4.48] |" in md
+    assert "| smallest difference to dacs this study detects (95%, power 80%) | 0.00 | 0.00 | - | 0.00 | 3.10 |" in md
+    assert study.seeds_needed(1.0, 3.1) == 3 and study.seeds_needed(1.0, 3.0) == 4
+    assert "| road | 30.00 | 31.00 | 32.00 | 33.00 | 34.00 | 35.00 | 36.00 |" in md
     chart = pictures.study_chart({study.TITLES[n]: [fake[n][s]["miou"] for s in range(3)] for n in fake})
     colors = np.unique(np.asarray(chart.convert("RGB")).reshape(-1, 3), axis=0)
-    assert chart.size == (160 * 6 + 80, 420) and len(colors) > 3  # six bars, dots and text drawn
+    assert chart.size == (160 * 7 + 80, 420) and len(colors) > 3  # seven bars, dots and text drawn
 
 
 def test_study_refuses_an_out_it_cannot_write_before_any_work(tmp_path, monkeypatch):

@@ -423,11 +423,11 @@ def cache_path(name: str, *what) -> str:
 
 
 def imagenet_path() -> str:
-    return cache_path("toy_imagenet_mit", IMAGENET, demo.CONFIG["mit"], demo.FLAGS["backbone"], IMAGENET_VERSION)
+    return cache_path("toy_imagenet_mit", IMAGENET, demo.world_key(), demo.FLAGS["backbone"], IMAGENET_VERSION)
 
 
 def teacher_path() -> str:
-    return cache_path("toy_teacher", TEACHER, demo.CONFIG["sam"], demo.CONFIG["sam_img_size"], TEACHER_VERSION)
+    return cache_path("toy_teacher", TEACHER, demo.world_key(), TEACHER_VERSION)
 
 
 def readable(path: str) -> bool:

@@ -138,6 +138,8 @@ if args.demo:
     c = demo.CONFIG
     seg_sizes, sam_overrides, ignore_rows = dict(mit=c["mit"], channels=c["channels"]), c["sam"], c["ignore_rows"]
     src_scale, tgt_scale, rcs_min_pixels = c["src_scale"], c["tgt_scale"], c["rcs_min_pixels"]
+    if args.src == "cityscapes":  # the target oracle: the target's own train images and labels
+        src_scale, rcs_min_pixels = tgt_scale, c["oracle_rcs_min_pixels"]
 else:
     c = datasets.SOURCES[args.src]
     seg_sizes, sam_overrides, ignore_rows = {}, {}, ssr.IGNORE_ROWS  # SegConfig's, SAM's presets, DAFormer's rows
@@ -146,9 +148,9 @@ else:
 # Every flag is checked here, before anything slow or anything written.
 stages = tuple(int(s) for s in args.ssr_stages.split(",") if s.strip().isdigit())
 conditions = datasets.parse_conditions(args.acdc_conditions)
-if args.src == args.tgt:
+if args.src == args.tgt and args.method != "source-only":  # source only on the target's labels: the oracle
     raise files.FlagError(f"--src and --tgt are both {args.src}: adaptation needs two domains, e.g. --src cityscapes "
-                          f"--tgt acdc.")
+                          f"--tgt acdc (or --method source-only, for the target oracle: UDA's upper bound).")
 if args.tgt != "acdc" and args.acdc_conditions != p.get_default("acdc_conditions"):
     raise files.FlagError(f"--acdc-conditions only applies to --tgt acdc, not to --tgt {args.tgt}: drop it.")
 if args.pretrained is None:
@@ -441,6 +443,8 @@ if world.master:
     print(f"done: {model_path}")
     print(f"target mIoU: {100 * final:.2f} at iteration {final_it} (first evaluation: {100 * first:.2f} at "
           f"iteration {first_it})")
+    if args.demo and args.src == "gta5" and args.iters == demo.FLAGS["iters"]:  # the study's flags: its gap applies
+        print(demo.gap_closed_line(100 * final))
 if world.size > 1:
     same = processes.weights_agree(world, student)
     if world.master:
