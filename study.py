@@ -186,8 +186,12 @@ def study(seeds: list[int], iters: int, out: str, data_root: str, settings: list
         return job, r
 
     with ThreadPoolExecutor(jobs) as pool:
-        for (n, seed), r in pool.map(run, todo):
-            results[n][seed] = r
+        try:
+            for (n, seed), r in pool.map(run, todo):
+                results[n][seed] = r
+        except BaseException:  # a failed or stopped run: start no queued one (the running one ends on its own)
+            pool.shutdown(cancel_futures=True)
+            raise
     wall = time.time() - t0
     note = (f"{len(seeds)} seeds, {iters} iterations, {amp or 'fp32'}, {jobs} runs at a time; `python study.py "
             f"--seeds {len(seeds)} --iters {iters}" + (f" --amp {amp}" if amp else "") + (
