@@ -145,21 +145,8 @@ else:
 
 # Every flag is checked here, before anything slow or anything written.
 stages = tuple(int(s) for s in args.ssr_stages.split(",") if s.strip().isdigit())
-conditions = datasets.parse_conditions(args.acdc_conditions)
-if args.src == args.tgt:
-    raise files.FlagError(f"--src and --tgt are both {args.src}: adaptation needs two domains, e.g. --src cityscapes "
-                          f"--tgt acdc.")
-if args.tgt != "acdc" and args.acdc_conditions != p.get_default("acdc_conditions"):
-    raise files.FlagError(f"--acdc-conditions only applies to --tgt acdc, not to --tgt {args.tgt}: drop it.")
-if args.pretrained is None:
-    raise files.FlagError(f"--pretrained is required: pass the ImageNet MiT weights ({weights.MIT_DOWNLOAD}; see "
-                         f"README) or --pretrained none for a random initialization (tests only: far from the "
-                         f"paper's numbers).")
-if args.method == "ssr" and args.sam_weights is None:
-    raise files.FlagError(f"--method ssr needs the SAM teacher: pass --sam-weights PATH ({weights.SAM_DOWNLOAD}; see "
-                         f"README), or --sam-weights none for a random teacher (tests and demo only).")
-if args.method != "ssr" and args.sam_weights not in (None, "none"):
-    raise files.FlagError(f"--sam-weights is only used by --method ssr, not by --method {args.method}: drop it.")
+conditions = datasets.check_pair(args.src, args.tgt, args.acdc_conditions)
+weights.check_weight_flags(args.method, args.pretrained, args.sam_weights)
 if len(stages) != len(args.ssr_stages.split(",")) or not set(stages) <= {0, 1, 2, 3} or len(set(stages)) < len(stages):
     raise files.FlagError(f"--ssr-stages {args.ssr_stages!r}: give distinct MiT stages among 0,1,2,3, e.g. 0,1,2,3.")
 if args.ssr_context == "shuffled" and args.batch_size < 2:
@@ -175,10 +162,7 @@ if args.iters <= 0 or args.batch_size <= 0 or not 0 <= args.ema_alpha < 1:
 if min(args.log_every, args.eval_every, args.save_every, args.debug_every, args.workers) < 0:
     raise files.FlagError("--log-every, --eval-every, --save-every, --debug-every and --workers cannot be negative "
                          "(0 = at the end, or for --debug-every never, or for --workers, load in the main process).")
-if os.path.exists(args.data_root) and not os.path.isdir(args.data_root):
-    raise files.FlagError(f"--data-root {args.data_root} is a file; give the folder that holds gta5/ and cityscapes/"
-                         f"{' (the demo writes them there)' if args.demo else ''}.")
-files.check_outside(out, [os.path.join(args.data_root, datasets.FOLDERS[name]) for name in (args.src, args.tgt)])
+datasets.check_data_root(args.data_root, [args.src, args.tgt], out, demo=args.demo)
 
 # -----------------------------------------------------------------------------
 # set-up: device, precision

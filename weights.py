@@ -384,6 +384,20 @@ def frozen_sam(name: str, path: str | None, img_size: int = 1024, device="cpu", 
     return model.eval().requires_grad_(False).to(device, dtype)
 
 
+def check_weight_flags(method: str, pretrained: str | None, sam_weights: str | None) -> None:
+    """train.py's --pretrained and --sam-weights: the ImageNet MiT always (or 'none'), the SAM teacher for --method
+    ssr and for it only."""
+    if pretrained is None:
+        raise files.FlagError(f"--pretrained is required: pass the ImageNet MiT weights ({MIT_DOWNLOAD}; see README) "
+                              f"or --pretrained none for a random initialization (tests only: far from the paper's "
+                              f"numbers).")
+    if method == "ssr" and sam_weights is None:
+        raise files.FlagError(f"--method ssr needs the SAM teacher: pass --sam-weights PATH ({SAM_DOWNLOAD}; see "
+                              f"README), or --sam-weights none for a random teacher (tests and demo only).")
+    if method != "ssr" and sam_weights not in (None, "none"):
+        raise files.FlagError(f"--sam-weights is only used by --method ssr, not by --method {method}: drop it.")
+
+
 def sam_from_checkpoint(sd: dict[str, Tensor], src: str) -> tuple[dict[str, Tensor], str]:
     """A .pth SAM state dict (official or HF layout) -> (the image encoder alone under our names, what it is). The
     prompt encoder and mask decoder are dropped; load_sam checks the rest strictly against the model it loads
