@@ -176,15 +176,17 @@ def gather_rng(world: World) -> list[dict]:
     return states
 
 
-def restore_rng(world: World, states: list[dict]) -> bool:
-    """This rank's random state from a checkpoint's gather_rng; False (nothing restored) when another number of
-    processes saved it."""
+def restore_rng(world: World, states: list[dict]) -> None:
+    """This rank's random state from a checkpoint's gather_rng. Where another number of processes saved it, nothing
+    is restored (each stream stays as --seed + rank set it), and rank 0 says so."""
     if len(states) != world.size:
-        return False
+        if world.master:  # the batches still follow (seed, iteration, rank); only the augmentation streams restart
+            print(f"note: the run was saved by {len(states)} processes and continues on {world.size}: each "
+                  f"process's random stream restarts from --seed + rank, so it will not match an uninterrupted run.")
+        return
     torch.set_rng_state(states[world.rank]["cpu"])
     if world.device.type == "cuda" and states[world.rank]["cuda"] is not None:
         torch.cuda.set_rng_state(states[world.rank]["cuda"])
-    return True
 
 
 # ----------------------------------------------------------------------------------------------------------------

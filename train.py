@@ -13,7 +13,6 @@ one step computes) lives in ssr.py; how several processes act as one run, in pro
 optimizer, mixed precision, logging, checkpoints and resume.
 """
 import argparse
-import atexit
 import json
 import os
 import pathlib
@@ -112,14 +111,7 @@ world = processes.start(checkpoint=state_path)  # under torchrun: one process pe
 files.wait_for_leftovers(out, say=world.master)  # the workers of a killed torchrun, saving their last iteration
 state = files.read_state(state_path) if args.resume else None
 if state:  # the saved run's flags become the defaults; flags given now override those that fit the state
-    saved = json.loads(state["args"])
-    p.set_defaults(**{k: v for k, v in saved.items() if k not in ("out", "resume")})
-    args = p.parse_args()
-    differ = [f"--{k.replace('_', '-')} {getattr(args, k)} (saved: {saved.get(k)})" for k in RUN_FLAGS
-              if getattr(args, k) != saved.get(k, p.get_default(k))]
-    if differ:
-        raise files.FlagError(f"--resume: {', '.join(differ)} contradict the run saved in {out}. Drop these flags "
-                             f"(on --resume the saved run's flags are the defaults), or start a new run in another --out.")
+    args = files.resumed_args(p, state, RUN_FLAGS, out)
 args.out = out  # resolved, for config.json and the saved flags
 run_id = state.get("run_id") if state else uuid.uuid4().hex[:12]  # tells this run's files from another run's
 
@@ -191,33 +183,17 @@ def model_meta(it: int) -> dict:
                 **({"acdc_conditions": list(conditions)} if args.tgt == "acdc" else {}))
 
 
-def catch_up_model() -> None:
-    """A kill between the two renames of a save (files.save_checkpoint) leaves model.safetensors one save behind
-    train_state.pt: the model is written again from the state's student."""
-    behind = not os.path.exists(model_path) or weights.load_segmentor(model_path)[1].get("iters", 0) < state["iter"]
-    if behind:
-        with torch.device("meta"):  # every tensor comes from the state
-            seg = ssr.build_segmentor(ssr.SegConfig(backbone=args.backbone, **seg_sizes))
-        seg.load_state_dict({k.removeprefix("student."): v for k, v in state["uda"].items()
-                             if k.startswith("student.")}, strict=True, assign=True)
-        files.save_atomic(model_path, lambda tmp: weights.write_segmentor(seg, tmp, **model_meta(state["iter"])))
-        print(f"{model_path} was one save behind {state_path} (a stop between their two renames): written again "
-              f"from the state, of iteration {state['iter']}")
-
-
 def prepare() -> None:
     """Rank 0, while the others wait: hold --out for the run's whole life (at exit, what a failed start made is
     removed again), refuse another run's files, make the demo's, and check every data file from its header (a bad
     file is found now, not in hour 5)."""
-    atexit.register(files.release_folder, *files.claim_folder(out))
-    if not args.resume and os.path.exists(state_path):  # checked holding the lock: a running run says so first
-        raise files.FlagError(f"{out} already holds a run (train_state.pt). Continue it with --resume, or choose "
-                             f"another --out.")
+    files.claim_run(out, state_path, args.resume)
     if state:  # the run id ties the state to the config.json and model.safetensors beside it
         files.check_one_run(out, {state_path: lambda: state.get("run_id"),
                                  config_path: lambda: json.loads(pathlib.Path(config_path).read_text()).get("run_id"),
                                  model_path: lambda: weights.load_segmentor(model_path)[1].get("run_id")})
-        catch_up_model()
+        weights.catch_up_model(model_path, state_path, state, ssr.SegConfig(backbone=args.backbone, **seg_sizes),
+                               **model_meta(state["iter"]))
         if state["iter"] >= args.iters:
             raise files.FlagError(f"the run in {out} finished already ({state['iter']} of {args.iters} iterations); "
                                  f"pass a larger --iters to train further.")
@@ -294,18 +270,8 @@ scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 # resume: weights, optimizer, and each rank's own random stream (mixing, jitter, drop path)
 torch.manual_seed(args.seed + world.rank)
 if state:
-    try:
-        uda.load_state_dict(state["uda"])
-        optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError) as e:  # strict loading: a state of another model or version
-        raise files.FlagError(f"--resume: {state_path} does not fit this model: {str(e).splitlines()[0]} Start a "
-                             f"new run in another --out.") from None
-    if scaler.is_enabled() and state["scaler"]:  # an fp16 run resumed in bf16/fp32 drops its loss scale
-        scaler.load_state_dict(state["scaler"])
-    if not processes.restore_rng(world, state["rng"]) and world.master:
-        # the batches still follow (seed, iteration, rank); only the augmentation streams restart
-        print(f"note: the run was saved by {len(state['rng'])} processes and continues on {world.size}: each "
-              f"process's random stream restarts from --seed + rank, so it will not match an uninterrupted run.")
+    files.load_state(state_path, state, uda, optimizer, scaler)
+    processes.restore_rng(world, state["rng"])
     if world.master:
         print(f"resuming {out} at iteration {start}")
     del state

@@ -454,6 +454,21 @@ def load_segmentor(path: str, device="cpu") -> tuple[ssr.Segmentor, dict]:
     model.load_state_dict(sd, strict=True, assign=True)
     return model.to(device).eval(), {"cfg": cfg, **json.loads(header.get("meta", "{}"))}
 
+
+def catch_up_model(model_path: str, state_path: str, state: dict, cfg: ssr.SegConfig, **meta) -> None:
+    """A kill between the two renames of a save (files.save_checkpoint) leaves train.py's model.safetensors one save
+    behind its train_state.pt (`state`): the model is written again from the state's student, of SegConfig cfg,
+    with `meta`."""
+    behind = not os.path.exists(model_path) or load_segmentor(model_path)[1].get("iters", 0) < state["iter"]
+    if behind:
+        with torch.device("meta"):  # every tensor comes from the state
+            seg = ssr.build_segmentor(cfg)
+        seg.load_state_dict({k.removeprefix("student."): v for k, v in state["uda"].items()
+                             if k.startswith("student.")}, strict=True, assign=True)
+        files.save_atomic(model_path, lambda tmp: write_segmentor(seg, tmp, **meta))
+        print(f"{model_path} was one save behind {state_path} (a stop between their two renames): written again "
+              f"from the state, of iteration {state['iter']}")
+
 # ----------------------------------------------------------------------------------------------------------------
 # 5. Released mmseg checkpoints (DAFormer, MIC): torch.save'd dicts whose 'state_dict' holds the student under
 # 'model.', the EMA teacher under 'ema_model.' and the frozen ImageNet copy (for the feature distance) under
