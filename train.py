@@ -255,16 +255,9 @@ if args.compile:  # speed, applied from outside the method: the same losses (tes
         ssr.compile_blocks(net)
 model = processes.wrap(world, uda)  # under torchrun DistributedDataParallel, which averages the gradients
 
-# AdamW as the paper's config. mmcv's paramwise_cfg matches names: 'head' -> lr x10, 'norm' -> no weight decay
-# (so the head's BatchNorms do decay, as in DAFormer). SSR modules: base lr.
-groups = {}
-for n, prm in uda.named_parameters():
-    if not prm.requires_grad:
-        continue  # the EMA teacher and the ImageNet copy are not trained
-    lr_mult, wd = (10.0, 0.01) if "decode_head" in n else (1.0, 0.0 if "norm" in n else 0.01)
-    groups.setdefault((lr_mult, wd), []).append(prm)
-optimizer = torch.optim.AdamW([dict(params=v, lr_mult=k[0], weight_decay=k[1]) for k, v in groups.items()],
-                              lr=args.lr, betas=(0.9, 0.999), fused=True)  # fused: one kernel for all tensors
+# AdamW as the paper's config, the head at 10x the rate (ssr.param_groups: which parameters, at which rate and decay)
+optimizer = torch.optim.AdamW(ssr.param_groups(uda), lr=args.lr, betas=(0.9, 0.999),
+                              fused=True)  # fused: one kernel for all tensors
 scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
 # resume: weights, optimizer, and each rank's own random stream (mixing, jitter, drop path)
