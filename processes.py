@@ -127,17 +127,19 @@ def raise_everywhere(world: World, error: files.UserError | None, saved: int = 0
     raise kind(" ".join(dict.fromkeys(str(e) for e in met)) + (note if saved else "")) from None
 
 
-def on_master(world: World, work: Callable[[], None], saved: int = 0) -> None:
-    """Rank 0 does `work` (the run's set-up, an evaluation) while the others wait on the patient default group; a
-    user error it raises stops every rank (raise_everywhere; saved as there)."""
-    error = None
+def on_master(world: World, work: Callable[[], object], saved: int = 0) -> object:
+    """Rank 0 does `work` (the run's set-up, an evaluation) while the others wait on the patient default group, and
+    returns what it returns (None on the other ranks); a user error it raises stops every rank (raise_everywhere;
+    saved as there)."""
+    error = result = None
     if world.master:
         try:
-            work()
+            result = work()
         except files.UserError as e:
             error = e
     if agree(world, error, patient=True)[0]:
         raise_everywhere(world, error, saved)
+    return result
 
 
 def met_alone(error: files.UserError) -> files.UserError:

@@ -293,13 +293,34 @@ def out_of_memory_explained(it: int, last_saved: int):
             f"backward pass: less memory, slower). {kept(last_saved)}")) from None
 
 
-def evaluate_and_log(it: int) -> None:
-    """The student on the target's val set: its mIoU logged, the training curves drawn."""
-    result = evaluate(student, val_loader, device=device, amp_dtype=amp_dtype)
-    mious.append((it, print_table(result, data.CLASSES, args.src)))  # mIoU16 for SYNTHIA
-    files.log_line(log_path, dict(iter=it, miou=mious[-1][1]))
+def log_progress(it: int, means: dict[str, float], skipped: int, elapsed: float) -> None:
+    """One progress line: the interval's mean losses, the rate, the peak memory so far on a GPU. It is logged before
+    it is printed: a line on the screen is on disk too."""
+    speed = (it - start) / elapsed
+    mem = {"mem_gib": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}
+    files.log_line(log_path, dict(iter=it, **means, lr=get_lr(it - 1), it_s=speed, elapsed_s=elapsed,
+                                 skipped=skipped, **mem))
+    print(f"iter {it}/{args.iters} " + " ".join(f"{k} {v:.4g}" for k, v in means.items())
+          + f" lr {get_lr(it - 1):.2e} {speed:.2f} it/s elapsed {elapsed / 60:.1f} min"
+          + f" eta {(args.iters - it) / speed / 60:.0f} min" + (f" skipped {skipped}" if skipped else "")
+          + "".join(f" mem {v:.1f} GiB" for v in mem.values()), flush=True)
+
+
+def save_debug_panel(it: int) -> None:
+    """<out>/debug/iter_NNNNNN.png from the tensors that the step's forward kept (uda.keep_pictures), then let go."""
+    os.makedirs(os.path.join(out, "debug"), exist_ok=True)
+    files.save_atomic(os.path.join(out, "debug", f"iter_{it:06d}.png"),
+                     lambda tmp: debug_panel(uda.pictures).save(tmp, format="PNG"))
+    uda.keep_pictures, uda.pictures = False, None
+
+
+def evaluate_and_log(it: int) -> float:
+    """The student's mIoU on the target's val set (mIoU16 for SYNTHIA), logged; the training curves drawn."""
+    miou = print_table(evaluate(student, val_loader, device=device, amp_dtype=amp_dtype), data.CLASSES, args.src)
+    files.log_line(log_path, dict(iter=it, miou=miou))
     files.save_atomic(os.path.join(out, "curves.png"),
                      lambda tmp: training_curves(files.read_log(log_path)).save(tmp, format="PNG"))
+    return miou
 
 
 # -----------------------------------------------------------------------------
@@ -347,25 +368,13 @@ while it < args.iters:
     optimizer.zero_grad(set_to_none=True)
     it += 1
     if uda.keep_pictures:
-        os.makedirs(os.path.join(out, "debug"), exist_ok=True)
-        files.save_atomic(os.path.join(out, "debug", f"iter_{it:06d}.png"),
-                         lambda tmp: debug_panel(uda.pictures).save(tmp, format="PNG"))
-        uda.keep_pictures, uda.pictures = False, None
+        save_debug_panel(it)
     if world.master and ((args.log_every and it % args.log_every == 0) or it == args.iters):
         # the losses averaged over the interval's (finite) iterations, as mmseg logs them
-        vals = {k: (v / counted).item() for k, v in totals.items()} if counted else {
+        means = {k: (v / counted).item() for k, v in totals.items()} if counted else {
             k: v.item() for k, v in losses.items()}
         totals, counted = {}, 0
-        elapsed = time.time() - t0  # of this process: a resumed run counts from its resume
-        speed = (it - start) / elapsed
-        mem = {"mem_gib": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}  # peak so far
-        # logged before it is printed: a line on the screen is on disk too
-        files.log_line(log_path, dict(iter=it, **vals, lr=get_lr(it - 1), it_s=speed, elapsed_s=elapsed,
-                                     skipped=skipped, **mem))
-        print(f"iter {it}/{args.iters} " + " ".join(f"{k} {v:.4g}" for k, v in vals.items())
-              + f" lr {get_lr(it - 1):.2e} {speed:.2f} it/s elapsed {elapsed / 60:.1f} min"
-              + f" eta {(args.iters - it) / speed / 60:.0f} min" + (f" skipped {skipped}" if skipped else "")
-              + "".join(f" mem {v:.1f} GiB" for v in mem.values()), flush=True)
+        log_progress(it, means, skipped, elapsed=time.time() - t0)  # of this process: a resume counts from itself
     evaluating = (args.eval_every and it % args.eval_every == 0) or it == args.iters
     if (args.save_every and it % args.save_every == 0) or evaluating or stopping or data_failed:
         save(it, last_saved)  # before evaluating: an evaluation that fails loses nothing
@@ -373,7 +382,7 @@ while it < args.iters:
     if data_failed:
         processes.raise_everywhere(world, data_error, saved=it)
     if evaluating:
-        processes.on_master(world, lambda: evaluate_and_log(it), saved=it)
+        mious.append((it, processes.on_master(world, lambda: evaluate_and_log(it), saved=it)))  # None off rank 0
     if stopping:
         if world.master:
             print(f"stopped at iteration {it}; the state is saved in {out}: continue with --resume")
