@@ -9,8 +9,9 @@ Zurich) with SSR, DAFormer or source only.
     python train.py --demo --resume                         # continue a stopped run (its flags are the defaults)
 
 Reads top to bottom: arguments, set-up, the run folder, data, models, optimizer, one loop. The method itself (what
-one step computes) lives in ssr.py; how several processes act as one run, in processes.py; this file owns the
-optimizer, mixed precision, logging, checkpoints and resume.
+one step computes) lives in ssr.py; how several processes act as one run, in processes.py; the run folder's file
+machinery (its lock, the checkpoint pair, a state read back), in files.py. This file owns the optimizer, mixed
+precision, logging, and what a checkpoint holds.
 """
 import argparse
 import json
@@ -293,9 +294,12 @@ def out_of_memory_explained(it: int, last_saved: int):
             f"backward pass: less memory, slower). {kept(last_saved)}")) from None
 
 
-def log_progress(it: int, means: dict[str, float], skipped: int, elapsed: float) -> None:
-    """One progress line: the interval's mean losses, the rate, the peak memory so far on a GPU. It is logged before
-    it is printed: a line on the screen is on disk too."""
+def log_progress(it: int, totals: dict, counted: int, losses: dict, skipped: int, elapsed: float) -> None:
+    """One progress line: the losses averaged over the interval's `counted` finite iterations (their `totals`; with
+    none, this iteration's `losses`), as mmseg logs them, the rate, the peak memory so far on a GPU. It is logged
+    before it is printed: a line on the screen is on disk too."""
+    means = {k: (v / counted).item() for k, v in totals.items()} if counted else {
+        k: v.item() for k, v in losses.items()}
     speed = (it - start) / elapsed
     mem = {"mem_gib": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}
     files.log_line(log_path, dict(iter=it, **means, lr=get_lr(it - 1), it_s=speed, elapsed_s=elapsed,
@@ -335,7 +339,7 @@ if world.master:  # every flag's value, defaults included, and the run's id
     if start:
         files.log_line(log_path, dict(resume=start))  # the lines of later iterations that follow replace these
 stop = processes.catch_stops()  # from here a stop finishes the iteration, saves, and exits
-mious, bad, skipped, t0, it = [], 0, 0, time.time(), start
+mious, bad, skipped, t0, it = [], 0, 0, time.time(), start  # t0 of this process: a resumed run counts from its resume
 totals, counted = {}, 0  # loss sums over the logging interval, on the device (no sync per iteration)
 uda.train()  # once: evaluate() puts the student back in training mode itself
 while it < args.iters:
@@ -370,11 +374,8 @@ while it < args.iters:
     if uda.keep_pictures:
         save_debug_panel(it)
     if world.master and ((args.log_every and it % args.log_every == 0) or it == args.iters):
-        # the losses averaged over the interval's (finite) iterations, as mmseg logs them
-        means = {k: (v / counted).item() for k, v in totals.items()} if counted else {
-            k: v.item() for k, v in losses.items()}
+        log_progress(it, totals, counted, losses, skipped, elapsed=time.time() - t0)
         totals, counted = {}, 0
-        log_progress(it, means, skipped, elapsed=time.time() - t0)  # of this process: a resume counts from itself
     evaluating = (args.eval_every and it % args.eval_every == 0) or it == args.iters
     if (args.save_every and it % args.save_every == 0) or evaluating or stopping or data_failed:
         save(it, last_saved)  # before evaluating: an evaluation that fails loses nothing
