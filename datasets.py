@@ -11,7 +11,7 @@ archive that holds it.
 import os
 from dataclasses import dataclass
 
-from files import DatasetError, FlagError
+from files import DatasetError, FlagError, check_outside
 
 # ----------------------------------------------------------------------------------------------------------------
 # the benchmarks: DAFormer's settings for each dataset (the README's table)
@@ -52,6 +52,28 @@ def parse_conditions(text: str) -> tuple[str, ...]:
         raise FlagError(f"--acdc-conditions {text}: give distinct ACDC conditions among {','.join(ACDC_CONDITIONS)}, "
                         f"separated by commas, e.g. night or fog,night ({why}).")
     return conditions
+
+
+def check_pair(src: str, tgt: str, acdc_conditions: str, method: str) -> tuple[str, ...]:
+    """train.py's --src, --tgt and --acdc-conditions: two different domains (one only for the target oracle,
+    source only on the target's own labels), and conditions only for ACDC. Returns the conditions, parsed
+    (parse_conditions)."""
+    conditions = parse_conditions(acdc_conditions)
+    if src == tgt and method != "source-only":
+        raise FlagError(f"--src and --tgt are both {src}: adaptation needs two domains, e.g. --src cityscapes "
+                        f"--tgt acdc (or --method source-only, for the target oracle: UDA's upper bound).")
+    if tgt != "acdc" and acdc_conditions != ",".join(ACDC_CONDITIONS):
+        raise FlagError(f"--acdc-conditions only applies to --tgt acdc, not to --tgt {tgt}: drop it.")
+    return conditions
+
+
+def check_data_root(root: str, names: list[str], out: str, demo: bool = False) -> None:
+    """--data-root is a folder (or not made yet), and train.py's --out lies outside the folders of the datasets
+    `names` (files.check_outside)."""
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise FlagError(f"--data-root {root} is a file; give the folder that holds gta5/ and cityscapes/"
+                        f"{' (the demo writes them there)' if demo else ''}.")
+    check_outside(out, [os.path.join(root, FOLDERS[name]) for name in names])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ moment leaves the old file or the new one; the cache; process pools that stop qu
 
 Read top to bottom: 1. the errors; 2. the cache, pools and atomic writes; 3. a run's folder (train.py's --out).
 """
+import argparse
+import atexit
 import errno
 import fcntl
 import json
@@ -265,6 +267,16 @@ def release_folder(lock: IO, made: list[str]) -> None:
     lock.close()
 
 
+def claim_run(folder: str, state_path: str, resume: bool) -> None:
+    """train.py's --out, held for the run's whole life (claim_folder; at exit, what a failed start made is removed
+    again). A folder that holds a run (its train_state.pt) is refused unless it is resumed; checked holding the
+    lock, so that a running run says so first."""
+    atexit.register(release_folder, *claim_folder(folder))
+    if not resume and os.path.exists(state_path):
+        raise FlagError(f"{folder} already holds a run (train_state.pt). Continue it with --resume, or choose "
+                        f"another --out.")
+
+
 def check_outside(out: str, datasets: list[str]) -> None:
     """A run folder inside a dataset folder would be read as data by the next run: refused."""
     for folder in datasets:
@@ -290,6 +302,36 @@ def read_state(path: str) -> dict:
         raise FlagError(f"--resume: {path} is not a train_state.pt written by this train.py (it lacks the training "
                         f"state). Start a new run in another --out.")
     return state
+
+
+def resumed_args(parser: argparse.ArgumentParser, state: dict, run_flags: tuple[str, ...],
+                 folder: str) -> argparse.Namespace:
+    """train.py's flags on --resume: the saved run's (state['args']) become the defaults, and flags given now
+    override those that fit the state. A run flag (run_flags: those its weights, batches and random streams
+    depend on) given with another value than the saved run's is a FlagError."""
+    saved = json.loads(state["args"])
+    parser.set_defaults(**{k: v for k, v in saved.items() if k not in ("out", "resume")})
+    args = parser.parse_args()
+    differ = [f"--{k.replace('_', '-')} {getattr(args, k)} (saved: {saved.get(k)})" for k in run_flags
+              if getattr(args, k) != saved.get(k, parser.get_default(k))]
+    if differ:
+        raise FlagError(f"--resume: {', '.join(differ)} contradict the run saved in {folder}. Drop these flags (on "
+                        f"--resume the saved run's flags are the defaults), or start a new run in another --out.")
+    return args
+
+
+def load_state(path: str, state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler) -> None:
+    """read_state's training state (of `path`) into the run's objects: the weights and the optimizer's moments,
+    strictly (a state of another model or version is a FlagError), and the loss scale where both runs keep one."""
+    try:
+        model.load_state_dict(state["uda"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError) as e:  # strict loading: a state of another model or version
+        raise FlagError(f"--resume: {path} does not fit this model: {str(e).splitlines()[0]} Start a new run in "
+                        f"another --out.") from None
+    if scaler.is_enabled() and state["scaler"]:  # an fp16 run resumed in bf16/fp32 drops its loss scale
+        scaler.load_state_dict(state["scaler"])
 
 
 def check_one_run(folder: str, run_ids: dict[str, Callable[[], str | None]]) -> None:

@@ -127,17 +127,19 @@ def raise_everywhere(world: World, error: files.UserError | None, saved: int = 0
     raise kind(" ".join(dict.fromkeys(str(e) for e in met)) + (note if saved else "")) from None
 
 
-def on_master(world: World, work: Callable[[], None], saved: int = 0) -> None:
-    """Rank 0 does `work` (the run's set-up, an evaluation) while the others wait on the patient default group; a
-    user error it raises stops every rank (raise_everywhere; saved as there)."""
-    error = None
+def on_master(world: World, work: Callable[[], object], saved: int = 0) -> object:
+    """Rank 0 does `work` (the run's set-up, an evaluation) while the others wait on the patient default group, and
+    returns what it returns (None on the other ranks); a user error it raises stops every rank (raise_everywhere;
+    saved as there)."""
+    error = result = None
     if world.master:
         try:
-            work()
+            result = work()
         except files.UserError as e:
             error = e
     if agree(world, error, patient=True)[0]:
         raise_everywhere(world, error, saved)
+    return result
 
 
 def met_alone(error: files.UserError) -> files.UserError:
@@ -176,15 +178,17 @@ def gather_rng(world: World) -> list[dict]:
     return states
 
 
-def restore_rng(world: World, states: list[dict]) -> bool:
-    """This rank's random state from a checkpoint's gather_rng; False (nothing restored) when another number of
-    processes saved it."""
+def restore_rng(world: World, states: list[dict]) -> None:
+    """This rank's random state from a checkpoint's gather_rng. Where another number of processes saved it, nothing
+    is restored (each stream stays as --seed + rank set it), and rank 0 says so."""
     if len(states) != world.size:
-        return False
+        if world.master:  # the batches still follow (seed, iteration, rank); only the augmentation streams restart
+            print(f"note: the run was saved by {len(states)} processes and continues on {world.size}: each "
+                  f"process's random stream restarts from --seed + rank, so it will not match an uninterrupted run.")
+        return
     torch.set_rng_state(states[world.rank]["cpu"])
     if world.device.type == "cuda" and states[world.rank]["cuda"] is not None:
         torch.cuda.set_rng_state(states[world.rank]["cuda"])
-    return True
 
 
 # ----------------------------------------------------------------------------------------------------------------

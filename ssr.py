@@ -4,6 +4,7 @@
 2. SSR's branch: frozen SAM tokens fused into every MiT stage by cross-attention (training only).
 3. DACS's pieces as small pure functions: EMA teacher, pseudo-labels, ClassMix, augmentation, FD, MIC, the loss.
 4. UDA: one training step's loss terms by name; the caller sums them and calls backward in its autocast context.
+   Beside it, the parameter groups of the paper's AdamW.
 5. train.py --compile, applied from outside. Appendix: kornia's color math.
 The deployed model's checkpoints are written and read by weights.py.
 
@@ -446,6 +447,19 @@ class UDA(nn.Module):
                 src_img=src_img, src_lbl=src_lbl, src_logits=src_logits, ssr_logits=src_enh_logits, tgt_img=tgt_img,
                 tgt_logits=tgt_logits, plabel=plabel, mix_img=mix_img, mix_lbl=mix_lbl).items() if v is not None}
         return losses
+
+
+def param_groups(uda: UDA) -> list[dict]:
+    """AdamW's parameter groups as the paper's config, each with its lr_mult (the caller sets lr = rate x lr_mult).
+    mmcv's paramwise_cfg matches names: 'head' -> lr x10, 'norm' -> no weight decay (so the head's BatchNorms do
+    decay, as in DAFormer). SSR modules: base lr."""
+    groups = {}
+    for n, prm in uda.named_parameters():
+        if not prm.requires_grad:
+            continue  # the EMA teacher and the ImageNet copy are not trained
+        lr_mult, wd = (10.0, 0.01) if "decode_head" in n else (1.0, 0.0 if "norm" in n else 0.01)
+        groups.setdefault((lr_mult, wd), []).append(prm)
+    return [dict(params=v, lr_mult=k[0], weight_decay=k[1]) for k, v in groups.items()]
 
 # ----------------------------------------------------------------------------------------------------------------
 # 5. Speed, applied from outside the method: train.py --compile

@@ -40,6 +40,7 @@ import files
 import eval as ev
 import mit
 import pictures
+import predict
 import processes
 import sam_encoder
 import ssr
@@ -1553,7 +1554,7 @@ def test_run_folder_waits_for_the_leftovers_of_a_killed_torchrun_only(tmp_path, 
 
 
 # ==============================================================================================================
-# eval.py: the metric, the evaluator, released checkpoints
+# eval.py and predict.py: the metric, the inference, the evaluator, released checkpoints, predictions of any folder
 # ==============================================================================================================
 
 _EVAL_FILE = os.path.join(_ROOT, "eval.py")
@@ -1643,10 +1644,10 @@ def test_metric_is_dataset_wide_not_per_image():
 
 def test_window_boxes_follow_mmseg():
     # 1024x512 image, 512 windows, stride 341: three windows, the last shifted back to end at the border
-    assert ev.window_boxes(512, 1024, 512, 341) == [(0, 512, 0, 512), (0, 512, 341, 853), (0, 512, 512, 1024)]
-    assert ev.window_boxes(128, 256, 512, 341) == [(0, 128, 0, 256)]  # smaller than a window: the whole image
+    assert predict.window_boxes(512, 1024, 512, 341) == [(0, 512, 0, 512), (0, 512, 341, 853), (0, 512, 512, 1024)]
+    assert predict.window_boxes(128, 256, 512, 341) == [(0, 128, 0, 256)]  # smaller than a window: the whole image
     cover = torch.zeros(300, 700)
-    for y1, y2, x1, x2 in ev.window_boxes(300, 700, 128, 85):
+    for y1, y2, x1, x2 in predict.window_boxes(300, 700, 128, 85):
         assert (y2 - y1, x2 - x1) == (128, 128)
         cover[y1:y2, x1:x2] += 1
     assert cover.min() >= 1
@@ -1658,10 +1659,10 @@ def test_network_logits_pads_inputs_too_thin_for_mit():
     thin = torch.randn(1, 3, 18, 64)  # a 18-row grid of 1/4 is 5 rows: less than the first 8x8 spatial reduction
     with torch.no_grad():
         for mode in ("whole", "slide"):
-            assert ev.network_logits(model, thin, mode, crop=32, stride=21).shape == (1, 19, 18, 64)
+            assert predict.network_logits(model, thin, mode, crop=32, stride=21).shape == (1, 19, 18, 64)
         wide = torch.randn(1, 3, 64, 96)  # large enough: exactly the model's logits, resized
         expected = F.interpolate(model(wide), size=(64, 96), mode="bilinear", align_corners=False)
-        assert torch.equal(ev.network_logits(model, wide, "whole", crop=32, stride=21), expected)
+        assert torch.equal(predict.network_logits(model, wide, "whole", crop=32, stride=21), expected)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -2011,14 +2012,14 @@ def test_cli_predicts_a_folder_of_own_images(tmp_path, monkeypatch, capsys):
     lines = captured.out.splitlines()
     assert lines[0].startswith(f"wrote 9 predictions to {out}; skipped 2: ")
     assert f"{photos / 'hdr.tif'} (a float picture, mode F, with values from 0 to 1.5, outside the range 0..1" in lines[0]
-    assert lines[1:] == [f"left out 1 file(s) that are not images ({'/'.join(ev.IMAGE_SUFFIXES)}): notes.txt"]
-    assert ".webp" in ev.IMAGE_SUFFIXES  # this Pillow reads WebP (PIL.features.check("webp"))
+    assert lines[1:] == [f"left out 1 file(s) that are not images ({'/'.join(predict.IMAGE_SUFFIXES)}): notes.txt"]
+    assert ".webp" in predict.IMAGE_SUFFIXES  # this Pillow reads WebP (PIL.features.check("webp"))
     for name, size in (("street.png", (50, 30)), ("gray.png", (23, 41)), ("trip/alpha.png", (70, 20)),
                        ("trip/pal.png", (16, 16)), ("gray16.png", (60, 40)), ("fmt_webp.png", (34, 12)),
                        ("fmt_bmp.png", (34, 12)), ("fmt_TIF.png", (34, 12)), ("fmt_tiff.png", (34, 12))):
         pred = Image.open(out / name)
         assert pred.mode == "P" and pred.size == size and (np.asarray(pred) == 13).all(), name  # the image's size
-        assert ev.own_output(str(out / name)), name  # written through save_atomic, OWN_MARK kept
+        assert predict.own_output(str(out / name)), name  # written through save_atomic, OWN_MARK kept
     assert sorted(p.name for p in out.rglob("*.png") if "side_by_side" not in p.parts) == [
         "alpha.png", "fmt_TIF.png", "fmt_bmp.png", "fmt_tiff.png", "fmt_webp.png", "gray.png", "gray16.png",
         "pal.png", "street.png"]
@@ -2263,15 +2264,15 @@ def test_predict_images_names_and_skips_an_image_it_cannot_predict(tmp_path, mon
     # out of memory for one photo (e.g. a huge one) costs that photo, not the ones after it
     photos, out = tmp_path / "photos", tmp_path / "preds"
     _eval_photos(photos, {"a_huge.png": (64, 32), "b_street.png": (50, 30)})
-    network_logits = ev.network_logits
+    network_logits = predict.network_logits
 
     def logits(net, img, *args):
         if img.shape[-1] == 64:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 99.00 GiB")
         return network_logits(net, img, *args)
 
-    monkeypatch.setattr(ev, "network_logits", logits)
-    written, skipped, left_out = ev.predict_images(_eval_forced(13), str(photos), str(out), device="cpu",
+    monkeypatch.setattr(predict, "network_logits", logits)
+    written, skipped, left_out = predict.predict_images(_eval_forced(13), str(photos), str(out), device="cpu",
                                                    scale=(64, 32))
     assert written == 1 and len(skipped) == 1 and left_out == []
     assert re.fullmatch(r".*a_huge.png \(OutOfMemoryError .*64x32.*: CUDA out of memory. Tried .*\)", skipped[0])

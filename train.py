@@ -9,11 +9,11 @@ Zurich) with SSR, DAFormer or source only.
     python train.py --demo --resume                         # continue a stopped run (its flags are the defaults)
 
 Reads top to bottom: arguments, set-up, the run folder, data, models, optimizer, one loop. The method itself (what
-one step computes) lives in ssr.py; how several processes act as one run, in processes.py; this file owns the
-optimizer, mixed precision, logging, checkpoints and resume.
+one step computes) lives in ssr.py; how several processes act as one run, in processes.py; the run folder's file
+machinery (its lock, the checkpoint pair, a state read back), in files.py. This file owns the optimizer, mixed
+precision, logging, and what a checkpoint holds.
 """
 import argparse
-import atexit
 import json
 import os
 import pathlib
@@ -112,14 +112,7 @@ world = processes.start(checkpoint=state_path)  # under torchrun: one process pe
 files.wait_for_leftovers(out, say=world.master)  # the workers of a killed torchrun, saving their last iteration
 state = files.read_state(state_path) if args.resume else None
 if state:  # the saved run's flags become the defaults; flags given now override those that fit the state
-    saved = json.loads(state["args"])
-    p.set_defaults(**{k: v for k, v in saved.items() if k not in ("out", "resume")})
-    args = p.parse_args()
-    differ = [f"--{k.replace('_', '-')} {getattr(args, k)} (saved: {saved.get(k)})" for k in RUN_FLAGS
-              if getattr(args, k) != saved.get(k, p.get_default(k))]
-    if differ:
-        raise files.FlagError(f"--resume: {', '.join(differ)} contradict the run saved in {out}. Drop these flags "
-                             f"(on --resume the saved run's flags are the defaults), or start a new run in another --out.")
+    args = files.resumed_args(p, state, RUN_FLAGS, out)
 args.out = out  # resolved, for config.json and the saved flags
 run_id = state.get("run_id") if state else uuid.uuid4().hex[:12]  # tells this run's files from another run's
 
@@ -147,21 +140,8 @@ else:
 
 # Every flag is checked here, before anything slow or anything written.
 stages = tuple(int(s) for s in args.ssr_stages.split(",") if s.strip().isdigit())
-conditions = datasets.parse_conditions(args.acdc_conditions)
-if args.src == args.tgt and args.method != "source-only":  # source only on the target's labels: the oracle
-    raise files.FlagError(f"--src and --tgt are both {args.src}: adaptation needs two domains, e.g. --src cityscapes "
-                          f"--tgt acdc (or --method source-only, for the target oracle: UDA's upper bound).")
-if args.tgt != "acdc" and args.acdc_conditions != p.get_default("acdc_conditions"):
-    raise files.FlagError(f"--acdc-conditions only applies to --tgt acdc, not to --tgt {args.tgt}: drop it.")
-if args.pretrained is None:
-    raise files.FlagError(f"--pretrained is required: pass the ImageNet MiT weights ({weights.MIT_DOWNLOAD}; see "
-                         f"README) or --pretrained none for a random initialization (tests only: far from the "
-                         f"paper's numbers).")
-if args.method == "ssr" and args.sam_weights is None:
-    raise files.FlagError(f"--method ssr needs the SAM teacher: pass --sam-weights PATH ({weights.SAM_DOWNLOAD}; see "
-                         f"README), or --sam-weights none for a random teacher (tests and demo only).")
-if args.method != "ssr" and args.sam_weights not in (None, "none"):
-    raise files.FlagError(f"--sam-weights is only used by --method ssr, not by --method {args.method}: drop it.")
+conditions = datasets.check_pair(args.src, args.tgt, args.acdc_conditions, args.method)
+weights.check_weight_flags(args.method, args.pretrained, args.sam_weights)
 if len(stages) != len(args.ssr_stages.split(",")) or not set(stages) <= {0, 1, 2, 3} or len(set(stages)) < len(stages):
     raise files.FlagError(f"--ssr-stages {args.ssr_stages!r}: give distinct MiT stages among 0,1,2,3, e.g. 0,1,2,3.")
 if args.ssr_context == "shuffled" and args.batch_size < 2:
@@ -177,10 +157,7 @@ if args.iters <= 0 or args.batch_size <= 0 or not 0 <= args.ema_alpha < 1:
 if min(args.log_every, args.eval_every, args.save_every, args.debug_every, args.workers) < 0:
     raise files.FlagError("--log-every, --eval-every, --save-every, --debug-every and --workers cannot be negative "
                          "(0 = at the end, or for --debug-every never, or for --workers, load in the main process).")
-if os.path.exists(args.data_root) and not os.path.isdir(args.data_root):
-    raise files.FlagError(f"--data-root {args.data_root} is a file; give the folder that holds gta5/ and cityscapes/"
-                         f"{' (the demo writes them there)' if args.demo else ''}.")
-files.check_outside(out, [os.path.join(args.data_root, datasets.FOLDERS[name]) for name in (args.src, args.tgt)])
+datasets.check_data_root(args.data_root, [args.src, args.tgt], out, demo=args.demo)
 
 # -----------------------------------------------------------------------------
 # set-up: device, precision
@@ -209,33 +186,17 @@ def model_meta(it: int) -> dict:
                 **({"acdc_conditions": list(conditions)} if args.tgt == "acdc" else {}))
 
 
-def catch_up_model() -> None:
-    """A kill between the two renames of a save (files.save_checkpoint) leaves model.safetensors one save behind
-    train_state.pt: the model is written again from the state's student."""
-    behind = not os.path.exists(model_path) or weights.load_segmentor(model_path)[1].get("iters", 0) < state["iter"]
-    if behind:
-        with torch.device("meta"):  # every tensor comes from the state
-            seg = ssr.build_segmentor(ssr.SegConfig(backbone=args.backbone, **seg_sizes))
-        seg.load_state_dict({k.removeprefix("student."): v for k, v in state["uda"].items()
-                             if k.startswith("student.")}, strict=True, assign=True)
-        files.save_atomic(model_path, lambda tmp: weights.write_segmentor(seg, tmp, **model_meta(state["iter"])))
-        print(f"{model_path} was one save behind {state_path} (a stop between their two renames): written again "
-              f"from the state, of iteration {state['iter']}")
-
-
 def prepare() -> None:
     """Rank 0, while the others wait: hold --out for the run's whole life (at exit, what a failed start made is
     removed again), refuse another run's files, make the demo's, and check every data file from its header (a bad
     file is found now, not in hour 5)."""
-    atexit.register(files.release_folder, *files.claim_folder(out))
-    if not args.resume and os.path.exists(state_path):  # checked holding the lock: a running run says so first
-        raise files.FlagError(f"{out} already holds a run (train_state.pt). Continue it with --resume, or choose "
-                             f"another --out.")
+    files.claim_run(out, state_path, args.resume)
     if state:  # the run id ties the state to the config.json and model.safetensors beside it
         files.check_one_run(out, {state_path: lambda: state.get("run_id"),
                                  config_path: lambda: json.loads(pathlib.Path(config_path).read_text()).get("run_id"),
                                  model_path: lambda: weights.load_segmentor(model_path)[1].get("run_id")})
-        catch_up_model()
+        weights.catch_up_model(model_path, state_path, state, ssr.SegConfig(backbone=args.backbone, **seg_sizes),
+                               **model_meta(state["iter"]))
         if state["iter"] >= args.iters:
             raise files.FlagError(f"the run in {out} finished already ({state['iter']} of {args.iters} iterations); "
                                  f"pass a larger --iters to train further.")
@@ -297,33 +258,16 @@ if args.compile:  # speed, applied from outside the method: the same losses (tes
         ssr.compile_blocks(net)
 model = processes.wrap(world, uda)  # under torchrun DistributedDataParallel, which averages the gradients
 
-# AdamW as the paper's config. mmcv's paramwise_cfg matches names: 'head' -> lr x10, 'norm' -> no weight decay
-# (so the head's BatchNorms do decay, as in DAFormer). SSR modules: base lr.
-groups = {}
-for n, prm in uda.named_parameters():
-    if not prm.requires_grad:
-        continue  # the EMA teacher and the ImageNet copy are not trained
-    lr_mult, wd = (10.0, 0.01) if "decode_head" in n else (1.0, 0.0 if "norm" in n else 0.01)
-    groups.setdefault((lr_mult, wd), []).append(prm)
-optimizer = torch.optim.AdamW([dict(params=v, lr_mult=k[0], weight_decay=k[1]) for k, v in groups.items()],
-                              lr=args.lr, betas=(0.9, 0.999), fused=True)  # fused: one kernel for all tensors
+# AdamW as the paper's config, the head at 10x the rate (ssr.param_groups: which parameters, at which rate and decay)
+optimizer = torch.optim.AdamW(ssr.param_groups(uda), lr=args.lr, betas=(0.9, 0.999),
+                              fused=True)  # fused: one kernel for all tensors
 scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
 # resume: weights, optimizer, and each rank's own random stream (mixing, jitter, drop path)
 torch.manual_seed(args.seed + world.rank)
 if state:
-    try:
-        uda.load_state_dict(state["uda"])
-        optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError) as e:  # strict loading: a state of another model or version
-        raise files.FlagError(f"--resume: {state_path} does not fit this model: {str(e).splitlines()[0]} Start a "
-                             f"new run in another --out.") from None
-    if scaler.is_enabled() and state["scaler"]:  # an fp16 run resumed in bf16/fp32 drops its loss scale
-        scaler.load_state_dict(state["scaler"])
-    if not processes.restore_rng(world, state["rng"]) and world.master:
-        # the batches still follow (seed, iteration, rank); only the augmentation streams restart
-        print(f"note: the run was saved by {len(state['rng'])} processes and continues on {world.size}: each "
-              f"process's random stream restarts from --seed + rank, so it will not match an uninterrupted run.")
+    files.load_state(state_path, state, uda, optimizer, scaler)
+    processes.restore_rng(world, state["rng"])
     if world.master:
         print(f"resuming {out} at iteration {start}")
     del state
@@ -352,13 +296,37 @@ def out_of_memory_explained(it: int, last_saved: int):
             f"backward pass: less memory, slower). {kept(last_saved)}")) from None
 
 
-def evaluate_and_log(it: int) -> None:
-    """The student on the target's val set: its mIoU logged, the training curves drawn."""
-    result = evaluate(student, val_loader, device=device, amp_dtype=amp_dtype)
-    mious.append((it, print_table(result, data.CLASSES, args.src)))  # mIoU16 for SYNTHIA
-    files.log_line(log_path, dict(iter=it, miou=mious[-1][1]))
+def log_progress(it: int, totals: dict, counted: int, losses: dict, skipped: int, elapsed: float) -> None:
+    """One progress line: the losses averaged over the interval's `counted` finite iterations (their `totals`; with
+    none, this iteration's `losses`), as mmseg logs them, the rate, the peak memory so far on a GPU. It is logged
+    before it is printed: a line on the screen is on disk too."""
+    means = {k: (v / counted).item() for k, v in totals.items()} if counted else {
+        k: v.item() for k, v in losses.items()}
+    speed = (it - start) / elapsed
+    mem = {"mem_gib": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}
+    files.log_line(log_path, dict(iter=it, **means, lr=get_lr(it - 1), it_s=speed, elapsed_s=elapsed,
+                                 skipped=skipped, **mem))
+    print(f"iter {it}/{args.iters} " + " ".join(f"{k} {v:.4g}" for k, v in means.items())
+          + f" lr {get_lr(it - 1):.2e} {speed:.2f} it/s elapsed {elapsed / 60:.1f} min"
+          + f" eta {(args.iters - it) / speed / 60:.0f} min" + (f" skipped {skipped}" if skipped else "")
+          + "".join(f" mem {v:.1f} GiB" for v in mem.values()), flush=True)
+
+
+def save_debug_panel(it: int) -> None:
+    """<out>/debug/iter_NNNNNN.png from the tensors that the step's forward kept (uda.keep_pictures), then let go."""
+    os.makedirs(os.path.join(out, "debug"), exist_ok=True)
+    files.save_atomic(os.path.join(out, "debug", f"iter_{it:06d}.png"),
+                     lambda tmp: debug_panel(uda.pictures).save(tmp, format="PNG"))
+    uda.keep_pictures, uda.pictures = False, None
+
+
+def evaluate_and_log(it: int) -> float:
+    """The student's mIoU on the target's val set (mIoU16 for SYNTHIA), logged; the training curves drawn."""
+    miou = print_table(evaluate(student, val_loader, device=device, amp_dtype=amp_dtype), data.CLASSES, args.src)
+    files.log_line(log_path, dict(iter=it, miou=miou))
     files.save_atomic(os.path.join(out, "curves.png"),
                      lambda tmp: training_curves(files.read_log(log_path)).save(tmp, format="PNG"))
+    return miou
 
 
 # -----------------------------------------------------------------------------
@@ -373,7 +341,7 @@ if world.master:  # every flag's value, defaults included, and the run's id
     if start:
         files.log_line(log_path, dict(resume=start))  # the lines of later iterations that follow replace these
 stop = processes.catch_stops()  # from here a stop finishes the iteration, saves, and exits
-mious, bad, skipped, t0, it = [], 0, 0, time.time(), start
+mious, bad, skipped, t0, it = [], 0, 0, time.time(), start  # t0 of this process: a resumed run counts from its resume
 totals, counted = {}, 0  # loss sums over the logging interval, on the device (no sync per iteration)
 uda.train()  # once: evaluate() puts the student back in training mode itself
 while it < args.iters:
@@ -406,25 +374,10 @@ while it < args.iters:
     optimizer.zero_grad(set_to_none=True)
     it += 1
     if uda.keep_pictures:
-        os.makedirs(os.path.join(out, "debug"), exist_ok=True)
-        files.save_atomic(os.path.join(out, "debug", f"iter_{it:06d}.png"),
-                         lambda tmp: debug_panel(uda.pictures).save(tmp, format="PNG"))
-        uda.keep_pictures, uda.pictures = False, None
+        save_debug_panel(it)
     if world.master and ((args.log_every and it % args.log_every == 0) or it == args.iters):
-        # the losses averaged over the interval's (finite) iterations, as mmseg logs them
-        vals = {k: (v / counted).item() for k, v in totals.items()} if counted else {
-            k: v.item() for k, v in losses.items()}
+        log_progress(it, totals, counted, losses, skipped, elapsed=time.time() - t0)
         totals, counted = {}, 0
-        elapsed = time.time() - t0  # of this process: a resumed run counts from its resume
-        speed = (it - start) / elapsed
-        mem = {"mem_gib": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}  # peak so far
-        # logged before it is printed: a line on the screen is on disk too
-        files.log_line(log_path, dict(iter=it, **vals, lr=get_lr(it - 1), it_s=speed, elapsed_s=elapsed,
-                                     skipped=skipped, **mem))
-        print(f"iter {it}/{args.iters} " + " ".join(f"{k} {v:.4g}" for k, v in vals.items())
-              + f" lr {get_lr(it - 1):.2e} {speed:.2f} it/s elapsed {elapsed / 60:.1f} min"
-              + f" eta {(args.iters - it) / speed / 60:.0f} min" + (f" skipped {skipped}" if skipped else "")
-              + "".join(f" mem {v:.1f} GiB" for v in mem.values()), flush=True)
     evaluating = (args.eval_every and it % args.eval_every == 0) or it == args.iters
     if (args.save_every and it % args.save_every == 0) or evaluating or stopping or data_failed:
         save(it, last_saved)  # before evaluating: an evaluation that fails loses nothing
@@ -432,7 +385,7 @@ while it < args.iters:
     if data_failed:
         processes.raise_everywhere(world, data_error, saved=it)
     if evaluating:
-        processes.on_master(world, lambda: evaluate_and_log(it), saved=it)
+        mious.append((it, processes.on_master(world, lambda: evaluate_and_log(it), saved=it)))  # None off rank 0
     if stopping:
         if world.master:
             print(f"stopped at iteration {it}; the state is saved in {out}: continue with --resume")

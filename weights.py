@@ -384,6 +384,20 @@ def frozen_sam(name: str, path: str | None, img_size: int = 1024, device="cpu", 
     return model.eval().requires_grad_(False).to(device, dtype)
 
 
+def check_weight_flags(method: str, pretrained: str | None, sam_weights: str | None) -> None:
+    """train.py's --pretrained and --sam-weights: the ImageNet MiT always (or 'none'), the SAM teacher for --method
+    ssr and for it only."""
+    if pretrained is None:
+        raise files.FlagError(f"--pretrained is required: pass the ImageNet MiT weights ({MIT_DOWNLOAD}; see README) "
+                              f"or --pretrained none for a random initialization (tests only: far from the paper's "
+                              f"numbers).")
+    if method == "ssr" and sam_weights is None:
+        raise files.FlagError(f"--method ssr needs the SAM teacher: pass --sam-weights PATH ({SAM_DOWNLOAD}; see "
+                              f"README), or --sam-weights none for a random teacher (tests and demo only).")
+    if method != "ssr" and sam_weights not in (None, "none"):
+        raise files.FlagError(f"--sam-weights is only used by --method ssr, not by --method {method}: drop it.")
+
+
 def sam_from_checkpoint(sd: dict[str, Tensor], src: str) -> tuple[dict[str, Tensor], str]:
     """A .pth SAM state dict (official or HF layout) -> (the image encoder alone under our names, what it is). The
     prompt encoder and mask decoder are dropped; load_sam checks the rest strictly against the model it loads
@@ -439,6 +453,21 @@ def load_segmentor(path: str, device="cpu") -> tuple[ssr.Segmentor, dict]:
                "The file was edited or mixed up; re-save with save_segmentor.")
     model.load_state_dict(sd, strict=True, assign=True)
     return model.to(device).eval(), {"cfg": cfg, **json.loads(header.get("meta", "{}"))}
+
+
+def catch_up_model(model_path: str, state_path: str, state: dict, cfg: ssr.SegConfig, **meta) -> None:
+    """A kill between the two renames of a save (files.save_checkpoint) leaves train.py's model.safetensors one save
+    behind its train_state.pt (`state`): the model is written again from the state's student, of SegConfig cfg,
+    with `meta`."""
+    behind = not os.path.exists(model_path) or load_segmentor(model_path)[1].get("iters", 0) < state["iter"]
+    if behind:
+        with torch.device("meta"):  # every tensor comes from the state
+            seg = ssr.build_segmentor(cfg)
+        seg.load_state_dict({k.removeprefix("student."): v for k, v in state["uda"].items()
+                             if k.startswith("student.")}, strict=True, assign=True)
+        files.save_atomic(model_path, lambda tmp: write_segmentor(seg, tmp, **meta))
+        print(f"{model_path} was one save behind {state_path} (a stop between their two renames): written again "
+              f"from the state, of iteration {state['iter']}")
 
 # ----------------------------------------------------------------------------------------------------------------
 # 5. Released mmseg checkpoints (DAFormer, MIC): torch.save'd dicts whose 'state_dict' holds the student under
