@@ -3075,6 +3075,13 @@ def test_demo_regenerates_only_the_folders_it_marked(tmp_path):
     assert not (root / "gta5" / demo.MARKER).exists() and sorted(os.listdir(root)) == ["cityscapes", "gta5"]
 
 
+def test_demo_gap_closed_is_measured_from_source_only_to_the_oracle():
+    so, oracle = demo.GAP["source_only"], demo.GAP["oracle"]
+    assert demo.gap_closed_line(so).startswith("gap closed: 0% of the domain gap")
+    assert demo.gap_closed_line(oracle).startswith("gap closed: 100% ")
+    assert demo.gap_closed_line((so + oracle) / 2).startswith("gap closed: 50% ")
+
+
 def test_demo_data_and_toy_networks_of_another_world_are_made_again(tmp_path, monkeypatch):
     """The marker and the cache keys hold the world's hash: after a change of the world (as the demo-gap issue made)
     the old data and the old toy networks are not taken for this world's."""
