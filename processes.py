@@ -49,7 +49,11 @@ def start(checkpoint: str) -> World:
     rank, size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if torchrun else (0, 1)
     hook = partial(report_errors, rank=rank, together=torchrun, checkpoint=checkpoint)
     sys.excepthook = hook
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    # SIGINT too, although Python raises KeyboardInterrupt on it already: Python does so only if SIGINT was not
+    # ignored when it started, and a shell without job control starts a job given with & (a script's, or a test
+    # suite's) ignoring SIGINT; that job then let a Ctrl-C pass unnoticed during the set-up (the demo ran on),
+    # while catch_stops acts on it in the loop. Installed here, a stop acts the same however the run was started.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, stop_as_interrupt)
     launcher = 0
     if torchrun:

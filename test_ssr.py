@@ -2839,13 +2839,18 @@ def test_train_full_disk_is_one_error_and_the_checkpoint_pair_stays_of_one_itera
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGHUP", "Ctrl-C"])
 def test_train_stop_before_the_loop_leaves_nothing_and_says_one_line(tmp_path, how):
     """A stop while the demo writes its data: no traceback (nor the pool workers'), no half dataset folder, no run
-    folder; the exit status is Ctrl-C's."""
+    folder; the exit status is Ctrl-C's. The run starts with SIGINT ignored, as a shell without job control starts
+    a job given with & (this suite, run so, too): it stops on Ctrl-C all the same (processes.start)."""
     root, out = tmp_path / "data", tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", SSR_CACHE=str(tmp_path / "cache"))
     cmd = [sys.executable, os.path.join(_ROOT, "train.py"), "--demo", "--method", "dacs", "--data-root", str(root),
            "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=_ROOT,
-                            start_new_session=True)
+    sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the run
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=_ROOT,
+                                start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, sigint)
     for line in proc.stdout:
         if line.startswith("writing the synthetic demo domains"):
             time.sleep(1)  # the pool is drawing scenes
