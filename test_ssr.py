@@ -3068,6 +3068,20 @@ def test_demo_regenerates_only_the_folders_it_marked(tmp_path):
     assert not (root / "gta5" / demo.MARKER).exists() and sorted(os.listdir(root)) == ["cityscapes", "gta5"]
 
 
+def test_demo_stop_as_the_data_root_is_made_leaves_no_folder(tmp_path, monkeypatch):
+    """Ctrl-C right after the first folder is made (--data-root and its folder for writing aside): neither is
+    left, since both are made inside the clean-up's try."""
+    makedirs = os.makedirs
+
+    def stop_after(path, *a, **k):
+        makedirs(path, *a, **k)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os, "makedirs", stop_after)
+    with pytest.raises(KeyboardInterrupt):
+        demo.write_data(str(tmp_path / "data"), n_src=1, n_tgt=1, n_val=1)
+    assert os.listdir(tmp_path) == []
+
+
 def test_demo_teacher_targets_never_depend_on_class_ids_or_colors():
     """The teacher's pretext target is which painted shape owns a pixel: the same whatever the palette (so whatever
     color a class has), and finer than the classes (every car, wheel, window texture is its own segment)."""
