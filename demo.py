@@ -25,7 +25,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 
 import numpy as np
 from PIL import Image
@@ -379,14 +378,17 @@ def write_data(root: str, seed: int = 0, n_src: int = CONFIG["n_src"], n_tgt: in
     interrupted run leaves no half dataset that a later run would take for a whole one."""
     check_root(root)
     made_root = not os.path.exists(root)
+    # Named before it is made, inside the try: a stop (Ctrl-C) at any moment, even between the making of root and
+    # of tmp, finds in `finally` what to remove.
+    tmp = os.path.join(root, f".ssr-demo-tmp-{os.getpid()}")  # per process: two runs never share it
     try:
-        os.makedirs(root, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".ssr-demo-tmp-", dir=root)  # per process: two runs never share it
-    except OSError as e:  # the default data/demo in a read-only checkout
-        raise files.DatasetError(f"--data-root {root} cannot be written ({e.strerror or e}): the demo writes its "
-                                f"synthetic datasets there. Pass --data-root a folder you can write to, e.g. "
-                                f"--data-root ~/ssr-demo-data.") from None
-    try:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run whose pid this one has now
+            os.makedirs(tmp)  # and root
+        except OSError as e:  # the default data/demo in a read-only checkout
+            raise files.DatasetError(f"--data-root {root} cannot be written ({e.strerror or e}): the demo writes "
+                                     f"its synthetic datasets there. Pass --data-root a folder you can write to, "
+                                     f"e.g. --data-root ~/ssr-demo-data.") from None
         folders = [os.path.join(tmp, "gta5", d) for d in ("images", "labels")]
         folders += [os.path.join(tmp, "cityscapes", d, split, city) for d in ("leftImg8bit", "gtFine")
                     for split, cities in CITIES.items() for city in cities]
@@ -405,6 +407,6 @@ def write_data(root: str, seed: int = 0, n_src: int = CONFIG["n_src"], n_tgt: in
             os.replace(os.path.join(tmp, name), os.path.join(root, name))
     finally:  # on a stop or an error too: no half dataset, and no empty folder this call made
         shutil.rmtree(tmp, ignore_errors=True)
-        if made_root and not os.listdir(root):
+        if made_root and os.path.isdir(root) and not os.listdir(root):
             os.rmdir(root)
 

@@ -49,8 +49,11 @@ def start(checkpoint: str) -> World:
     rank, size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if torchrun else (0, 1)
     hook = partial(report_errors, rank=rank, together=torchrun, checkpoint=checkpoint)
     sys.excepthook = hook
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, stop_as_interrupt)
+    # SIGINT too, although Python raises KeyboardInterrupt on it already: Python does so only if SIGINT was not
+    # ignored when it started, and a shell without job control starts a job given with & (a script's, or a test
+    # suite's) ignoring SIGINT; that job then let a Ctrl-C pass unnoticed during the set-up (the demo ran on),
+    # while catch_stops acts on it in the loop. Installed here, a stop acts the same however the run was started.
+    install_stops({sig: stop_as_interrupt for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)})
     launcher = 0
     if torchrun:
         # The launcher's death (a kill of torchrun, the OOM killer) reaches the workers, in sessions of their own,
@@ -204,6 +207,14 @@ def _silence_terminal() -> None:
     os.close(null)
 
 
+def install_stops(handlers: dict) -> None:
+    """Install the handlers of the stop signals, but leave SIGHUP ignored where it is: nohup starts a program so,
+    for it to outlive its terminal, and that choice stands."""
+    for sig, handler in handlers.items():
+        if sig != signal.SIGHUP or signal.getsignal(sig) != signal.SIG_IGN:
+            signal.signal(sig, handler)
+
+
 def stop_as_interrupt(sig: int, frame) -> None:
     """Before the loop a stop acts as Ctrl-C: whatever is being made (the demo's data, a pretraining) is cleaned up
     on the way out, and report_errors says one line."""
@@ -222,9 +233,8 @@ def catch_stops() -> list[int]:
         _silence_terminal()
         stops.append(sig)
 
-    signal.signal(signal.SIGINT, lambda sig, frame: (stops.append(sig), signal.signal(sig, signal.SIG_DFL)))
-    signal.signal(signal.SIGTERM, lambda sig, frame: stops.append(sig))
-    signal.signal(signal.SIGHUP, hang_up)
+    install_stops({signal.SIGINT: lambda sig, frame: (stops.append(sig), signal.signal(sig, signal.SIG_DFL)),
+                   signal.SIGTERM: lambda sig, frame: stops.append(sig), signal.SIGHUP: hang_up})
     return stops
 
 

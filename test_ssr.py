@@ -2445,8 +2445,12 @@ def test_train_resume_is_bit_identical(_train_root, tmp_path):
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # the cut run draws debug panels at every iteration: they change neither the random stream nor the losses
-    proc = subprocess.Popen(_train_cmd(_train_root, cut, *common, "--debug-every", "1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=_ROOT)
+    hup = signal.signal(signal.SIGHUP, signal.SIG_DFL)  # the run's, even if this suite runs under nohup
+    try:
+        proc = subprocess.Popen(_train_cmd(_train_root, cut, *common, "--debug-every", "1"), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env, cwd=_ROOT)
+    finally:
+        signal.signal(signal.SIGHUP, hup)
     for line in proc.stdout:
         if line.startswith("iter 2/"):
             proc.send_signal(signal.SIGHUP)
@@ -2851,24 +2855,54 @@ def test_train_full_disk_is_one_error_and_the_checkpoint_pair_stays_of_one_itera
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGHUP", "Ctrl-C"])
 def test_train_stop_before_the_loop_leaves_nothing_and_says_one_line(tmp_path, how):
     """A stop while the demo writes its data: no traceback (nor the pool workers'), no half dataset folder, no run
-    folder; the exit status is Ctrl-C's."""
+    folder; the exit status is Ctrl-C's. The run starts with SIGINT ignored, as a shell without job control starts
+    a job given with & (this suite, run so, too): it stops on Ctrl-C all the same (processes.start)."""
     root, out = tmp_path / "data", tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", SSR_CACHE=str(tmp_path / "cache"))
     cmd = [sys.executable, os.path.join(_ROOT, "train.py"), "--demo", "--method", "dacs", "--data-root", str(root),
            "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=_ROOT,
-                            start_new_session=True)
-    for line in proc.stdout:
-        if line.startswith("writing the synthetic demo domains"):
-            time.sleep(1)  # the pool is drawing scenes
-            if how in ("SIGTERM", "SIGHUP"):
-                proc.send_signal(getattr(signal, how))
-            else:  # a terminal sends SIGINT to the whole foreground group, pool workers included
-                os.killpg(proc.pid, signal.SIGINT)
-            break
-    _, err = proc.communicate(timeout=120)
+    # inherited by the run: SIGINT ignored; SIGHUP not, even if this suite runs under nohup
+    saved = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=_ROOT,
+                                start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+        signal.signal(signal.SIGHUP, saved[1])
+    try:
+        for line in proc.stdout:
+            if line.startswith("writing the synthetic demo domains"):
+                time.sleep(1)  # the pool is drawing scenes
+                if how in ("SIGTERM", "SIGHUP"):
+                    proc.send_signal(getattr(signal, how))
+                else:  # a terminal sends SIGINT to the whole foreground group, pool workers included
+                    os.killpg(proc.pid, signal.SIGINT)
+                break
+        _, err = proc.communicate(timeout=120)
+    finally:  # a run that failed to stop does not load the machine for the rest of the suite
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode in (130, -signal.SIGINT) and err.strip() == "stopped before training began; nothing was saved", err
     assert not root.exists() and not out.exists()
+
+
+def test_train_started_under_nohup_keeps_sighup_ignored():
+    """nohup starts a run with SIGHUP ignored so that it outlives its terminal: neither the set-up's stops nor the
+    loop's take that away; SIGINT and SIGTERM are caught all the same."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        for ignored in (True, False):
+            signal.signal(signal.SIGHUP, signal.SIG_IGN if ignored else signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            processes.install_stops({s: processes.stop_as_interrupt for s in saved})
+            assert (signal.getsignal(signal.SIGHUP) == signal.SIG_IGN) == ignored
+            assert signal.getsignal(signal.SIGTERM) == processes.stop_as_interrupt
+            processes.catch_stops()
+            assert (signal.getsignal(signal.SIGHUP) == signal.SIG_IGN) == ignored
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, processes.stop_as_interrupt)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
 
 
 def test_train_bug_keeps_its_traceback(_train_root, tmp_path, monkeypatch):
@@ -3092,6 +3126,20 @@ def test_demo_data_and_toy_networks_of_another_world_are_made_again(tmp_path, mo
     monkeypatch.setitem(demo.DOMAINS, "target", dict(demo.DOMAINS["target"], light=0.5))
     assert not demo.check_root(str(root))  # another world: written again (its folders are the demo's own)
     assert toys.imagenet_path() != paths[0] and toys.teacher_path() != paths[1]
+
+
+def test_demo_stop_as_the_data_root_is_made_leaves_no_folder(tmp_path, monkeypatch):
+    """Ctrl-C right after the first folder is made (--data-root and its folder for writing aside): neither is
+    left, since both are made inside the clean-up's try."""
+    makedirs = os.makedirs
+
+    def stop_after(path, *a, **k):
+        makedirs(path, *a, **k)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os, "makedirs", stop_after)
+    with pytest.raises(KeyboardInterrupt):
+        demo.write_data(str(tmp_path / "data"), n_src=1, n_tgt=1, n_val=1)
+    assert os.listdir(tmp_path) == []
 
 
 def test_demo_teacher_targets_never_depend_on_class_ids_or_colors():
