@@ -9,7 +9,7 @@ and runs DAFormer's pipeline on them. A missing folder or file is a files.Datase
 archive that holds it.
 """
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from files import DatasetError, FlagError, check_outside
 
@@ -41,6 +41,30 @@ TARGETS = {"cityscapes": dict(scale=(1024, 512), submission={".": "label_ids"},
 ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
 FOLDERS = {"gta5": "gta5", "synthia": "synthia", "cityscapes": "cityscapes", "acdc": "acdc",
            "darkzurich": "dark_zurich"}  # each dataset's folder under --data-root
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The sizes of a train.py run, from the file that owns them: the benchmark's (sizes below) or the demo's
+    (demo.sizes). An empty override, or None, keeps the default of the module that defines it."""
+    src_scale: tuple[int, int]  # the source images are resized to fit inside it, keeping the ratio
+    tgt_scale: tuple[int, int]  # the same for the target's, in training and test alike
+    rcs_min_pixels: int  # rare class sampling's min_pixels
+    seg: dict = field(default_factory=dict)  # ssr.SegConfig's fields besides the backbone; {}: the --backbone preset
+    sam: dict = field(default_factory=dict)  # sam_encoder's size overrides; {}: the --sam preset
+    ignore_rows: tuple[int, int] | None = None  # the pseudo-labels' rows of weight 0; None: ssr.IGNORE_ROWS
+
+    @property
+    def max_crop(self) -> int:
+        """The largest training crop: the lower of the two heights the images are resized to."""
+        return min(self.src_scale[1], self.tgt_scale[1])
+
+
+def sizes(src: str, tgt: str) -> Sizes:
+    """The benchmark's sizes for --src and --tgt: DAFormer's scales and min_pixels (SOURCES, TARGETS), the
+    networks' presets, and the method's own ignored rows (DAFormer's, for 512 crops)."""
+    return Sizes(src_scale=SOURCES[src]["scale"], tgt_scale=TARGETS[tgt]["scale"],
+                 rcs_min_pixels=SOURCES[src]["rcs_min_pixels"])
 
 
 def parse_conditions(text: str) -> tuple[str, ...]:

@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 import data
+import datasets
 import files
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -59,6 +60,16 @@ def schedule(iters: int) -> dict:
     alpha) ends there too). For the demo's 600 iterations: a warm-up of 22 and alpha = 1 - 1/15."""
     horizon = max(iters * DAFORMER_EMA_ITERS / DAFORMER_ITERS, 1.0)
     return dict(iters=iters, warmup=round(iters * DAFORMER_WARMUP / DAFORMER_ITERS), ema_alpha=round(1 - 1 / horizon, 4))
+
+
+def sizes(src: str) -> datasets.Sizes:
+    """train.py --demo's sizes, from CONFIG. --src cityscapes is the target oracle: the student trains on the
+    target's own train images and labels, at the target's scale."""
+    oracle = src == "cityscapes"
+    return datasets.Sizes(src_scale=CONFIG["tgt_scale" if oracle else "src_scale"], tgt_scale=CONFIG["tgt_scale"],
+                          rcs_min_pixels=CONFIG["oracle_rcs_min_pixels" if oracle else "rcs_min_pixels"],
+                          seg=dict(mit=CONFIG["mit"], channels=CONFIG["channels"]), sam=CONFIG["sam"],
+                          ignore_rows=CONFIG["ignore_rows"])
 
 
 # train.py --demo sets these defaults (flags still override them). --pretrained and --sam-weights are left unset:

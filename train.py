@@ -125,18 +125,9 @@ def get_lr(it: int) -> float:
     return lr
 
 
-# The sizes: the demo's (demo.CONFIG), or the benchmark's (datasets.SOURCES, TARGETS: DAFormer's configs), each
-# taken from the file that owns it
-if args.demo:
-    c = demo.CONFIG
-    seg_sizes, sam_overrides, ignore_rows = dict(mit=c["mit"], channels=c["channels"]), c["sam"], c["ignore_rows"]
-    src_scale, tgt_scale, rcs_min_pixels = c["src_scale"], c["tgt_scale"], c["rcs_min_pixels"]
-    if args.src == "cityscapes":  # the target oracle: the target's own train images and labels
-        src_scale, rcs_min_pixels = tgt_scale, c["oracle_rcs_min_pixels"]
-else:
-    c = datasets.SOURCES[args.src]
-    seg_sizes, sam_overrides, ignore_rows = {}, {}, ssr.IGNORE_ROWS  # SegConfig's, SAM's presets, DAFormer's rows
-    src_scale, tgt_scale, rcs_min_pixels = c["scale"], datasets.TARGETS[args.tgt]["scale"], c["rcs_min_pixels"]
+# The sizes, each from the file that owns it: the demo's (demo.CONFIG) or the benchmark's (datasets.SOURCES,
+# TARGETS: DAFormer's configs)
+sizes = demo.sizes(args.src) if args.demo else datasets.sizes(args.src, args.tgt)
 
 # Every flag is checked here, before anything slow or anything written.
 stages = tuple(int(s) for s in args.ssr_stages.split(",") if s.strip().isdigit())
@@ -149,9 +140,9 @@ if args.ssr_context == "shuffled" and args.batch_size < 2:
 if args.sam_img_size <= 0 or args.sam_img_size % 16:
     raise files.FlagError(f"--sam-img-size {args.sam_img_size}: SAM cuts its input into 16x16 patches, so give a "
                          f"positive multiple of 16, e.g. 1024 (the paper) or 512.")
-if args.crop <= 0 or args.crop % 32 or args.crop > min(src_scale[1], tgt_scale[1]):
+if args.crop <= 0 or args.crop % 32 or args.crop > sizes.max_crop:
     raise files.FlagError(f"--crop {args.crop}: the crop must be a positive multiple of 32 and at most the height "
-                         f"the images are resized to ({min(src_scale[1], tgt_scale[1])} px here), e.g. --crop 512.")
+                         f"the images are resized to ({sizes.max_crop} px here), e.g. --crop 512.")
 if args.iters <= 0 or args.batch_size <= 0 or not 0 <= args.ema_alpha < 1:
     raise files.FlagError("--iters and --batch-size must be positive, and --ema-alpha in [0, 1).")
 if min(args.log_every, args.eval_every, args.save_every, args.debug_every, args.workers) < 0:
@@ -181,7 +172,7 @@ for warn, what in ((args.pretrained == "none", "--pretrained none: the MiT start
 
 def model_meta(it: int) -> dict:
     """What model.safetensors records beside its weights: enough for eval.py to evaluate it as trained."""
-    return dict(dataset=args.tgt, source=args.src, test_scale=list(tgt_scale), data_root=args.data_root,
+    return dict(dataset=args.tgt, source=args.src, test_scale=list(sizes.tgt_scale), data_root=args.data_root,
                 method=args.method, ssr_context=args.ssr_context, iters=it, run_id=run_id,
                 **({"acdc_conditions": list(conditions)} if args.tgt == "acdc" else {}))
 
@@ -195,7 +186,7 @@ def prepare() -> None:
         files.check_one_run(out, {state_path: lambda: state.get("run_id"),
                                  config_path: lambda: json.loads(pathlib.Path(config_path).read_text()).get("run_id"),
                                  model_path: lambda: weights.load_segmentor(model_path)[1].get("run_id")})
-        weights.catch_up_model(model_path, state_path, state, ssr.SegConfig(backbone=args.backbone, **seg_sizes),
+        weights.catch_up_model(model_path, state_path, state, ssr.SegConfig(backbone=args.backbone, **sizes.seg),
                                **model_meta(state["iter"]))
         if state["iter"] >= args.iters:
             raise files.FlagError(f"the run in {out} finished already ({state['iter']} of {args.iters} iterations); "
@@ -234,25 +225,26 @@ start = last_saved = state["iter"] if state else 0  # last_saved: the iteration 
 
 train_batches = data.make_train_loader(
     args.data_root, args.src, args.tgt, crop=args.crop, batch_size=args.batch_size, seed=args.seed, start_iter=start,
-    workers=args.workers, rank=world.rank, world_size=world.size, src_scale=src_scale, tgt_scale=tgt_scale,
-    rcs_min_pixels=rcs_min_pixels, pin_memory=device.type == "cuda", conditions=conditions)
-val_loader = data.make_val_loader(args.data_root, args.tgt, "val", scale=tgt_scale, batch_size=1,
+    workers=args.workers, rank=world.rank, world_size=world.size, pin_memory=device.type == "cuda",
+    conditions=conditions, src_scale=sizes.src_scale, tgt_scale=sizes.tgt_scale, rcs_min_pixels=sizes.rcs_min_pixels)
+val_loader = data.make_val_loader(args.data_root, args.tgt, "val", scale=sizes.tgt_scale, batch_size=1,
                                   workers=args.workers, pin_memory=device.type == "cuda",
                                   conditions=conditions) if world.master else None
 
 # the student segmentor, the UDA wrapper (EMA teacher, ImageNet copy, SSR branch), the SAM teacher
 torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts them from rank 0)
-student = ssr.build_segmentor(ssr.SegConfig(backbone=args.backbone, **seg_sizes))
+student = ssr.build_segmentor(ssr.SegConfig(backbone=args.backbone, **sizes.seg))
 if args.pretrained != "none":
     weights.load_mit(student.backbone, args.pretrained)
 student.backbone.grad_checkpoint = args.grad_checkpoint
 uda = ssr.UDA(student, method=args.method, mic=args.mic, ssr_stages=stages, sam_img_size=args.sam_img_size,
-              ignore_rows=ignore_rows, ema_alpha=args.ema_alpha, ssr_context=args.ssr_context).to(device)
+              ema_alpha=args.ema_alpha, ssr_context=args.ssr_context,
+              ignore_rows=sizes.ignore_rows or ssr.IGNORE_ROWS).to(device)  # None: the method's, DAFormer's
 sam = None
 if args.method == "ssr" and args.ssr_context != "zeros":  # a zero context needs no SAM pass
     sam = weights.frozen_sam(args.sam, None if args.sam_weights == "none" else args.sam_weights,
                              img_size=args.sam_img_size, device=device, dtype=amp_dtype or torch.float32,
-                             **sam_overrides)
+                             **sizes.sam)
 if args.compile:  # speed, applied from outside the method: the same losses (tested)
     for net in (uda.student, uda.ema, uda.imnet, uda.ssr, sam):
         ssr.compile_blocks(net)
