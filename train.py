@@ -20,7 +20,6 @@ import pathlib
 import sys
 import time
 import uuid
-import warnings
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -161,10 +160,8 @@ if args.amp is None:
     args.amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.amp]
 ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-for warn, what in ((args.pretrained == "none", "--pretrained none: the MiT starts from random weights"),
-                   (args.method == "ssr" and args.sam_weights == "none", "--sam-weights none: the SAM teacher is random")):
-    if warn and world.master and not args.demo:
-        warnings.warn(f"{what}; fine for tests, but this run will not reproduce the paper.", stacklevel=1)
+if world.master and not args.demo:
+    weights.warn_random_weights(args.method, args.pretrained, args.sam_weights)
 
 
 # -----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import re
 import sys
 import tempfile
 import types
+import warnings
 from dataclasses import asdict
 
 import torch
@@ -398,6 +399,15 @@ def check_weight_flags(method: str, pretrained: str | None, sam_weights: str | N
         raise files.FlagError(f"--sam-weights is only used by --method ssr, not by --method {method}: drop it.")
 
 
+def warn_random_weights(method: str, pretrained: str, sam_weights: str | None) -> None:
+    """train.py's warning for --pretrained none and, with --method ssr, --sam-weights none: allowed, but far from the
+    paper."""
+    for chosen, what in ((pretrained == "none", "--pretrained none: the MiT starts from random weights"),
+                         (method == "ssr" and sam_weights == "none", "--sam-weights none: the SAM teacher is random")):
+        if chosen:  # stacklevel 2: the warning names the line of train.py that called
+            warnings.warn(f"{what}; fine for tests, but this run will not reproduce the paper.", stacklevel=2)
+
+
 def sam_from_checkpoint(sd: dict[str, Tensor], src: str) -> tuple[dict[str, Tensor], str]:
     """A .pth SAM state dict (official or HF layout) -> (the image encoder alone under our names, what it is). The
     prompt encoder and mask decoder are dropped; load_sam checks the rest strictly against the model it loads
@@ -468,6 +478,7 @@ def catch_up_model(model_path: str, state_path: str, state: dict, cfg: ssr.SegCo
         files.save_atomic(model_path, lambda tmp: write_segmentor(seg, tmp, **meta))
         print(f"{model_path} was one save behind {state_path} (a stop between their two renames): written again "
               f"from the state, of iteration {state['iter']}")
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # 5. Released mmseg checkpoints (DAFormer, MIC): torch.save'd dicts whose 'state_dict' holds the student under
