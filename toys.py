@@ -430,6 +430,12 @@ def teacher_path() -> str:
     return cache_path("toy_teacher", TEACHER, demo.world_key(), TEACHER_VERSION)
 
 
+def demo_weights(method: str, pretrained: str | None, sam_weights: str | None) -> tuple[str, str | None]:
+    """train.py --demo's --pretrained and --sam-weights where they are not given: the toy ImageNet encoder and, for
+    --method ssr, the toy teacher (prepare makes them on first use); 'none' stays a random network."""
+    return pretrained or imagenet_path(), teacher_path() if method == "ssr" and sam_weights is None else sam_weights
+
+
 def readable(path: str) -> bool:
     """A cached network that can be used: present and a whole safetensors file (a cut-short or empty one is made
     again, not trusted)."""

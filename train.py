@@ -96,9 +96,7 @@ if "--demo" in sys.argv[1:]:
     p.set_defaults(**demo.FLAGS)
 args = p.parse_args()
 if args.demo:  # toys.py's toy ImageNet and toy SAM teacher, made on first use (toys.prepare below)
-    args.pretrained = args.pretrained or toys.imagenet_path()
-    if args.method == "ssr" and args.sam_weights is None:
-        args.sam_weights = toys.teacher_path()
+    args.pretrained, args.sam_weights = toys.demo_weights(args.method, args.pretrained, args.sam_weights)
 
 tgt_name = args.tgt if args.acdc_conditions == p.get_default("acdc_conditions") else (
     f"{args.tgt}-{args.acdc_conditions.replace(',', '-')}")  # acdc-night: a subset never shares a folder with all
