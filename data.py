@@ -466,6 +466,15 @@ def make_train_loader(data_root: str, src: str = "gta5", tgt: str = "cityscapes"
     return iter(loader)
 
 
+def next_batch(batches: Iterator[dict]) -> tuple[dict | None, DatasetError | None]:
+    """The next training batch, or the files.DatasetError met reading it, returned rather than raised: train.py's
+    ranks first agree that one of them met it (processes.agree), then all stop alike."""
+    try:
+        return next(batches), None
+    except DatasetError as e:
+        return None, e
+
+
 def make_val_loader(data_root: str, tgt: str = "cityscapes", split: str = "val", *, scale=None,
                     batch_size: int = 1, workers: int = 2, pin_memory: bool = False,
                     conditions=ACDC_CONDITIONS) -> DataLoader:

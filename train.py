@@ -260,14 +260,6 @@ if state:
     del state
 
 
-def next_batch() -> tuple[dict | None, files.DatasetError | None]:
-    """This rank's next batch, or the error met reading it (which every rank must learn of: see the loop)."""
-    try:
-        return next(train_batches), None
-    except files.DatasetError as e:
-        return None, e
-
-
 @contextmanager
 def out_of_memory_explained(it: int, last_saved: int):
     """The device's (torch.OutOfMemoryError) or the CPU's allocator failing in the step, as one paragraph."""
@@ -319,7 +311,7 @@ def evaluate_and_log(it: int) -> float:
 # -----------------------------------------------------------------------------
 # the loop
 
-batch, data_error = next_batch()
+batch, data_error = data.next_batch(train_batches)
 if processes.agree(world, data_error)[0]:
     processes.raise_everywhere(world, data_error)
 if world.master:  # every flag's value, defaults included, and the run's id
@@ -342,7 +334,7 @@ while it < args.iters:
             losses = model(src_img, src_lbl, tgt_img, it, sam=sam)  # the EMA teacher's update included
         loss = sum(losses.values())
         scaler.scale(loss).backward()  # always, so that DDP ranks stay in step even when one loss is bad
-    batch, data_error = next_batch() if it + 1 < args.iters else (None, None)
+    batch, data_error = data.next_batch(train_batches) if it + 1 < args.iters else (None, None)
     # The one agreement of the iteration: did any rank see a bad loss, a stop signal (or its launcher's death), or
     # an unreadable next batch? All ranks act alike on each.
     nonfinite, stopping, data_failed = processes.agree(
