@@ -178,11 +178,8 @@ def prepare() -> None:
     file is found now, not in hour 5)."""
     files.claim_run(out, state_path, args.resume)
     if state:  # the run id ties the state to the config.json and model.safetensors beside it
-        files.check_one_run(out, {state_path: lambda: state.get("run_id"),
-                                 config_path: lambda: json.loads(pathlib.Path(config_path).read_text()).get("run_id"),
-                                 model_path: lambda: weights.load_segmentor(model_path)[1].get("run_id")})
-        weights.catch_up_model(model_path, state_path, state, ssr.SegConfig(backbone=args.backbone, **sizes.seg),
-                               **model_meta(state["iter"]))
+        weights.check_resumed_run(out, state, state_path, config_path, model_path,
+                                  ssr.SegConfig(backbone=args.backbone, **sizes.seg), **model_meta(state["iter"]))
         if state["iter"] >= args.iters:
             raise files.FlagError(f"the run in {out} finished already ({state['iter']} of {args.iters} iterations); "
                                  f"pass a larger --iters to train further.")

@@ -17,6 +17,7 @@ import argparse
 import collections
 import json
 import os
+import pathlib
 import pickle
 import re
 import sys
@@ -479,6 +480,16 @@ def catch_up_model(model_path: str, state_path: str, state: dict, cfg: ssr.SegCo
         print(f"{model_path} was one save behind {state_path} (a stop between their two renames): written again "
               f"from the state, of iteration {state['iter']}")
 
+
+def check_resumed_run(folder: str, state: dict, state_path: str, config_path: str, model_path: str,
+                      cfg: ssr.SegConfig, **meta) -> None:
+    """train.py --resume in `folder`: its train_state.pt (`state`), config.json and model.safetensors must come
+    from one run, by the run id each records (files.check_one_run); a model one save behind the state is then
+    written again (catch_up_model)."""
+    files.check_one_run(folder, {state_path: lambda: state.get("run_id"),
+                                 config_path: lambda: json.loads(pathlib.Path(config_path).read_text()).get("run_id"),
+                                 model_path: lambda: load_segmentor(model_path)[1].get("run_id")})
+    catch_up_model(model_path, state_path, state, cfg, **meta)
 
 # ----------------------------------------------------------------------------------------------------------------
 # 5. Released mmseg checkpoints (DAFormer, MIC): torch.save'd dicts whose 'state_dict' holds the student under
