@@ -8,8 +8,9 @@ The miniature, decided before the study's first number (README, "The demo"):
   ran on them (issue #32): 200 labelled GTA5-like images, 200 unlabelled and 100 val Cityscapes-like ones, written in
   the datasets' real layouts so that --demo runs the real code path. The target is dimmer, less saturated, bluer
   and noisier, blurred, with an ego car, bigger cars and people, and finer windows, paving and fence slats
-  (DOMAINS). Source only scores 38.91 mIoU on its val set and the oracle (the same student on the target's own train
-  labels) 72.57, means of 6 seeds: a ratio of 0.54, as GTA5 -> Cityscapes' 45 / 78 = 0.58, and a gap of 33.7 mIoU.
+  (DOMAINS). The student trains on 96 px crops. Source only scores 41.09 mIoU on its val set and the oracle (the
+  same student on the target's own train labels) 71.56, means of 6 seeds: a ratio of 0.57, as GTA5 -> Cityscapes'
+  45 / 78 = 0.58, and a gap of 30.5 mIoU.
 - The student starts from a toy ImageNet and the teacher is a toy SAM, both pretrained on other scenes of this
   world, never on a class label of the two demo domains (toys.py). study.py runs the study on top of train.py.
 - The schedule is DAFormer's scaled down (schedule()): 600 iterations, with every time constant the same fraction
@@ -41,15 +42,15 @@ CONFIG = dict(
     src_size=(384, 216), tgt_size=(512, 256), n_src=200, n_tgt=200, n_val=100,
     # the pipeline's scales and crop: val images at 256x128 with 512x256 labels mimic the real 1024x512 /
     # 2048x1024 protocol
-    src_scale=(256, 144), tgt_scale=(256, 128), crop=128,
+    src_scale=(256, 144), tgt_scale=(256, 128), crop=96,
     rcs_min_pixels=round(3000 * 384 * 216 / (1914 * 1052)),  # DAFormer's 3000 for 1914x1052 labels, scaled
     oracle_rcs_min_pixels=round(3000 * 512 * 256 / (2048 * 1024)),  # --src cityscapes: the same for its labels
-    ignore_rows=(4, 30),  # DAFormer's 15 and 120 pseudo-label rows are for 512 crops; these are 128
+    ignore_rows=(3, 22),  # DAFormer's 15 and 120 pseudo-label rows are for 512 crops; these are 96
     mit=dict(embed_dims=(32, 64, 160, 256), depths=(1, 1, 1, 1)), channels=32,  # MiT-B0 made narrower and shallow
     sam=dict(embed_dim=96, depth=2, num_heads=2, global_attn_indexes=(1,)),  # one window block, one global
-    # the crop upsampled 2x, as the paper's 512 crops are for SAM's 1024 input: a 16x16 token grid, the grid of
+    # the crop upsampled 2x, as the paper's 512 crops are for SAM's 1024 input: a 12x12 token grid, the grid of
     # the student's second stage, as in the benchmark (64x64 tokens for a 512 crop)
-    sam_img_size=256,
+    sam_img_size=192,
 )
 DAFORMER_ITERS, DAFORMER_WARMUP, DAFORMER_EMA_ITERS = 40000, 1500, 1000  # alpha = min(1 - 1/(it+1), 0.999)
 
@@ -82,7 +83,7 @@ FLAGS = dict(data_root="data/demo", backbone="mit_b0", sam_img_size=CONFIG["sam_
 # The domain gap, measured by the study (study.py; README) at these flags before any adaptation ran on this world:
 # the target val mIoU of source only and of the target oracle (trained on the target's own train labels), means
 # over its seeds. train.py --demo says what part of this gap its run closed (gap_closed_line).
-GAP = dict(source_only=38.91, oracle=72.57, seeds=6)
+GAP = dict(source_only=41.09, oracle=71.56, seeds=6)
 
 
 def gap_closed_line(miou: float) -> str:
@@ -97,7 +98,7 @@ def gap_closed_line(miou: float) -> str:
 # 2. the world: street scenes in the GTA5 and Cityscapes layouts with a real domain shift between them
 #
 # The domain gap is the benchmark's (issue #32's rule: chosen with source-only and oracle runs alone, before any
-# adaptation ran on it): a student trained on the source scores 0.54 of what the same student trained on the
+# adaptation ran on it): a student trained on the source scores 0.57 of what the same student trained on the
 # target's own labels scores on the target val set, as on GTA5 -> Cityscapes (45 / 78). The README lists every
 # world tried on the way, with its two numbers.
 

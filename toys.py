@@ -11,7 +11,7 @@ As DAFormer's, the student starts from an ImageNet: `pretrain` trains the demo's
 (IMAGENET: 800 scenes, 500 steps of 16 crops). It is the feature distance's ImageNet copy too. As SAM, the teacher
 saw every kind of image and no class: `teacher` trains the demo's SAM encoder on pixel-pair affinity (same painted
 shape or not) over random and demo-styled domains (TEACHER: 600 scenes, 400 steps of 12). It sees the crop
-upsampled 2x, as SAM sees a 512 crop at 1024: a 16x16 token grid, the student's stage-2 grid. Each network is
+upsampled 2x, as SAM sees a 512 crop at 1024: a 12x12 token grid, the student's stage-2 grid. Each network is
 pretrained once and cached under a key of everything that determines it (cache_path).
 
 Read top to bottom: 1. the two worlds and the toy ImageNet; 2. the toy SAM; 3. the probe; 4. what train.py --demo
@@ -58,7 +58,7 @@ import weights
 
 IMAGENET_VERSION = 1  # bump when the code changes what it learns: the cache key holds it
 IMAGENET = dict(n_scenes=800, n_held_out=100, steps=500, batch=16, lr=1e-3, weight_decay=0.05, warmup=40,
-                zoom=(0.25, 1.0),  # object_crops' squares: 32 to 128 px of a scene, resized to the 128 crop
+                zoom=(0.25, 1.0),  # object_crops' squares: 24 to 96 px of a scene, resized to the 96 crop
                 min_fraction=0.02,  # a part is present from 2% of the square (a wheel or a lamp close up)
                 seed=0)
 TEACHER_VERSION = 2
