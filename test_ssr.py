@@ -3066,7 +3066,8 @@ def test_demo_data_is_read_by_the_same_loaders(tmp_path):
     sizes = {k: demo.CONFIG[k] for k in ("src_scale", "tgt_scale", "crop", "rcs_min_pixels")}
     batch = next(data.make_train_loader(str(tmp_path), batch_size=2, workers=0, cache_dir=str(tmp_path / "c"),
                                         **sizes))
-    assert batch["src_img"].shape == batch["tgt_img"].shape == (2, 3, 128, 128)
+    crop = demo.CONFIG["crop"]
+    assert batch["src_img"].shape == batch["tgt_img"].shape == (2, 3, crop, crop)
     val = list(data.make_val_loader(str(tmp_path), scale=demo.CONFIG["tgt_scale"], batch_size=2, workers=0))
     assert len(val) == 2 and val[0]["img"].shape == (2, 3, 128, 256) and val[0]["lbl"].shape == (2, 256, 512)
     present = set(np.unique(data.class_pixel_counts(datasets.list_gta5(str(tmp_path)), str(tmp_path / "c")).nonzero()[1]))
