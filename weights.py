@@ -491,6 +491,7 @@ def check_resumed_run(folder: str, state: dict, state_path: str, config_path: st
                                  model_path: lambda: load_segmentor(model_path)[1].get("run_id")})
     catch_up_model(model_path, state_path, state, cfg, **meta)
 
+
 # ----------------------------------------------------------------------------------------------------------------
 # 5. Released mmseg checkpoints (DAFormer, MIC): torch.save'd dicts whose 'state_dict' holds the student under
 # 'model.', the EMA teacher under 'ema_model.' and the frozen ImageNet copy (for the feature distance) under
