@@ -78,15 +78,40 @@ def reported_means(iou: list[float], source: str) -> dict[str, float]:
 # saved predictions
 
 
+def saved_name(image: str) -> str:
+    """The name of an image's prediction file: frankfurt_000000_000019_leftImg8bit.png -> frankfurt_000000_000019.png"""
+    return os.path.basename(image).removesuffix(".png").removesuffix("_leftImg8bit") + ".png"
+
+
+def check_save_dir(save_dir: str, loaders: list, side_by_side: bool) -> None:
+    """Fail, before anything is written, where the predictions of the loaders' images could replace a file that
+    eval.py did not write (predict.check_replaceable), or where two images would be saved under one name."""
+    names = {}
+    for image in (s.img for loader in loaders for s in loader.dataset.samples):
+        other = names.setdefault(saved_name(image), image)
+        if other != image:
+            raise files.DatasetError(f"--save-dir: the images {other} and {image} would both be saved as "
+                                     f"{saved_name(image)}; evaluate them into separate --save-dir folders (ACDC: one "
+                                     f"--acdc-conditions at a time), or without --save-dir.")
+    folders = [save_dir] + [os.path.join(save_dir, "side_by_side")] * side_by_side
+    predict.check_replaceable([os.path.join(folder, name) for folder in folders for name in names])
+
+
 def save_predictions(save_dir: str, batch: dict, pred: Tensor, with_side: bool) -> None:
-    """save_dir/<stem>.png (palette PNG) for each image, and save_dir/side_by_side/<stem>.png with with_side."""
+    """save_dir/<saved_name> (palette PNG) for each image, and save_dir/side_by_side/<saved_name> with with_side;
+    each written aside and renamed, so a stop leaves whole files, and marked (predict.OWN_MARK), so a rerun knows
+    them for its own."""
     preds, labels = pred.cpu().numpy(), batch["lbl"].numpy()
+    mark = PngImagePlugin.PngInfo()
+    mark.add_text(*predict.OWN_MARK)
     for i, path in enumerate(batch["path"]):
-        stem = os.path.basename(path).removesuffix(".png").removesuffix("_leftImg8bit")
-        pictures.colorize(preds[i]).save(os.path.join(save_dir, stem + ".png"))
-        if with_side:
-            picture = pictures.side_by_side(batch["img"][i], labels[i], preds[i])  # image | ground truth | prediction
-            picture.save(os.path.join(save_dir, "side_by_side", stem + ".png"))
+        outputs = [(save_dir, pictures.colorize(preds[i]))]
+        if with_side:  # image | ground truth | prediction
+            outputs.append((os.path.join(save_dir, "side_by_side"),
+                            pictures.side_by_side(batch["img"][i], labels[i], preds[i])))
+        for folder, picture in outputs:
+            files.save_atomic(os.path.join(folder, saved_name(path)),
+                              lambda tmp: picture.save(tmp, format="PNG", pnginfo=mark))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,7 +251,8 @@ def write_submission(model: ssr.Segmentor, loader, target: str, folder: str, *, 
                 conf, pred = full[0].softmax(0).max(0)
                 for sub, kind in kinds.items():
                     out = os.path.normpath(os.path.join(folder, sub, os.path.basename(path)))
-                    submission_png(kind, pred, conf).save(out, pnginfo=mark)
+                    picture = submission_png(kind, pred, conf)  # written aside and renamed: a stop leaves whole files
+                    files.save_atomic(out, lambda tmp: picture.save(tmp, format="PNG", pnginfo=mark))
                     written.add(out)
             n, total = len(written) // len(kinds), len(loader.dataset)
             if n * 10 // total > (n - len(batch["path"])) * 10 // total:  # crossed a tenth
@@ -345,13 +371,20 @@ def main() -> None:
     device = check_device(args.device)
     if args.images:
         predict.check_outputs(args.images, args.save_dir, args.side_by_side)
-    if args.save_dir:
-        check_writable(args.save_dir, "--save-dir")
     if args.submit:
         check_submission_folder(args.submit)
         check_writable(args.submit, "--submit")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.amp]
+    held = files.claim_folder(args.save_dir, "--save-dir") if args.save_dir else None  # a second eval fails now
+    try:
+        run(args, device, conditions)
+    finally:
+        if held:  # what a failed start made is removed again
+            files.release_folder(*held)
 
+
+def run(args: argparse.Namespace, device: torch.device, conditions: tuple[str, ...]) -> None:
+    """main()'s work, its flags checked: the model loaded, then the evaluation, the predictions or the submission."""
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.amp]
     model, meta = weights.load_segmentor(args.ckpt, device)
     files.note_model_behind(args.ckpt, meta.get("iters"))  # a train.py run stopped between its two renames
     if model.cfg.num_classes != len(data.CLASSES):
@@ -362,7 +395,7 @@ def main() -> None:
     if target not in datasets.TARGETS:
         raise files.FlagError(f"{args.ckpt} was trained for '{target}', which eval.py does not know; pass --tgt "
                               f"with one of {', '.join(datasets.TARGETS)}.")
-    if target != "acdc" and args.acdc_conditions != p.get_default("acdc_conditions"):
+    if target != "acdc" and args.acdc_conditions != ",".join(datasets.ACDC_CONDITIONS):
         raise files.FlagError(f"--acdc-conditions only applies to ACDC, and this evaluation is on {target}; drop it.")
     # the checkpoint's test scale is the benchmark's, or the demo's for its own world
     scale = tuple(meta["test_scale"]) if "test_scale" in meta and target == trained_for else (
@@ -379,6 +412,8 @@ def main() -> None:
     loaders = [data.make_val_loader(root, target, args.split, scale=scale, batch_size=args.batch_size,
                                     workers=args.workers, pin_memory=device.type == "cuda", conditions=group)
                for group in groups]
+    if args.save_dir:
+        check_save_dir(args.save_dir, loaders, args.side_by_side)
     if args.submit:
         print_submission(model, loaders[0], target, args.submit, conditions, device=device, amp_dtype=amp_dtype,
                          mode=args.mode)

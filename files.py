@@ -235,8 +235,8 @@ def claim_folder(folder: str, flag: str = "--out") -> tuple[IO, list[str]]:
         for d in made:  # what makedirs got to make, all empty
             if os.path.isdir(d):
                 os.rmdir(d)
-        raise FlagError(f"{flag} {folder} cannot be written ({e.strerror}). Choose a folder you can write "
-                        f"to.") from None
+        why = "it is a file" if os.path.isfile(folder) else e.strerror  # not "File exists"
+        raise FlagError(f"{flag} {folder} cannot be written ({why}). Choose a folder you can write to.") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

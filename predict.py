@@ -8,7 +8,7 @@ The inference is mmseg's: the whole image at once, or crop x crop windows whose 
 overlap; the head's 1/4-resolution logits are resized bilinearly to the input. A photo is read as the val protocol
 reads an image (resized to the test scale keeping its ratio, EXIF rotation applied) and predicted at its own size.
 No file of the user's is replaced: the outputs are checked before anything is written (check_outputs), and each
-carries a mark (OWN_MARK) by which a later run knows its own.
+carries a mark (OWN_MARK, also on eval.py's labelled --save-dir predictions) by which a later run knows its own.
 
 Read top to bottom: 1. the inference; 2. the photos under a folder; 3. their predictions, written aside and renamed.
 """
@@ -83,7 +83,7 @@ def network_logits(model: Callable[[Tensor], Tensor], img: Tensor, mode: str, cr
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff") + ((".webp",) if features.check("webp") else ())
 # PNG text chunk in every file predict_images writes: a later run replaces a file at an output path only when it
 # carries this (check_outputs), so never a picture of the user's, while its own earlier predictions are replaced
-OWN_MARK = ("Software", "ssr eval.py --images")
+OWN_MARK = ("Software", "ssr eval.py --save-dir")
 FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
               (stat.S_ISBLK, "a block device"))
 
@@ -193,9 +193,9 @@ class UserImages(Dataset):
 
 
 def own_output(path: str, mark: tuple[str, str] = OWN_MARK) -> bool:
-    """Whether path is a PNG that predict_images wrote (it carries OWN_MARK; write_submission's: SUBMIT_MARK). False
-    for any other file, a folder, a dangling symlink, a FIFO (which is never opened: that could wait forever) and
-    anything unreadable."""
+    """Whether path is a PNG that eval.py wrote into --save-dir (it carries OWN_MARK; write_submission's carry
+    SUBMIT_MARK). False for any other file, a folder, a dangling symlink, a FIFO (which is never opened: that could
+    wait forever) and anything unreadable."""
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             return False
@@ -241,15 +241,22 @@ def check_outputs(images: str, save_dir: str, with_legend: bool) -> None:
     paths = listing.paths
     photos = {os.path.realpath(os.path.join(images, p)): p for p in paths}
     out_dirs = [save_dir, os.path.join(save_dir, "side_by_side")] if with_legend else [save_dir]
-    for name in output_names(paths):
-        for path in (os.path.join(d, name) for d in out_dirs):
-            if os.path.realpath(path) in photos:
-                raise files.FlagError(f"--save-dir: the output {path} is the photo "
-                                f"{os.path.join(images, photos[os.path.realpath(path)])} through a symlink, and "
-                                f"its prediction would replace it; remove the symlink or pass another --save-dir.")
-            if os.path.lexists(path) and not own_output(path):
-                raise files.FlagError(f"--save-dir: {path} exists and is not a prediction that eval.py --images wrote, "
-                                f"so it is not replaced; move it away or pass another --save-dir.")
+    outputs = [os.path.join(d, name) for name in output_names(paths) for d in out_dirs]
+    for path in outputs:
+        if os.path.realpath(path) in photos:
+            raise files.FlagError(f"--save-dir: the output {path} is the photo "
+                                  f"{os.path.join(images, photos[os.path.realpath(path)])} through a symlink, and "
+                                  f"its prediction would replace it; remove the symlink or pass another --save-dir.")
+    check_replaceable(outputs)
+
+
+def check_replaceable(outputs: list[str]) -> None:
+    """Fail where one of the output paths exists and is not a prediction that eval.py wrote into --save-dir (it
+    lacks OWN_MARK): a rerun replaces its own predictions, and nothing else."""
+    for path in outputs:
+        if os.path.lexists(path) and not own_output(path):
+            raise files.FlagError(f"--save-dir: {path} exists and is not a prediction that eval.py wrote, so it is "
+                                  f"not replaced; move it away or pass another --save-dir.")
 
 
 class Stopped(KeyboardInterrupt):
@@ -265,14 +272,13 @@ def predict_images(model: ssr.Segmentor, folder: str, save_dir: str, *, device, 
 
     Inference as the val protocol: resize to `scale` keeping the ratio, logits resized bilinearly back to the
     image's size, argmax. Returns (images written, messages for the files skipped because they cannot be read or
-    predicted, list_images' lines on what it left out). eval.py's main() runs check_outputs first, so that no file
-    of the user's is replaced. save_dir is held for the run (files.claim_folder): a second run into it fails at
-    once, naming this one. Each file is written aside and renamed (files.save_atomic), so a stop at any moment leaves
-    the earlier file or the new one, never half of one. A stop raises Stopped and a file that cannot be written a
-    files.UserError, each saying how many predictions are written."""
+    predicted, list_images' lines on what it left out). eval.py's main() holds save_dir for the run
+    (files.claim_folder) and runs check_outputs first, so that no file of the user's is replaced. Each file is
+    written aside and renamed (files.save_atomic), so a stop at any moment leaves the earlier file or the new one,
+    never half of one. A stop raises Stopped and a file that cannot be written a files.UserError, each saying how
+    many predictions are written."""
     listing = list_images(folder)
     paths, names = listing.paths, output_names(listing.paths)
-    held = files.claim_folder(save_dir, "--save-dir")
     loader = DataLoader(UserImages(folder, paths, scale), batch_size=None, num_workers=workers,
                         generator=torch.Generator())  # images differ in size: one at a time
     device, written, skipped = torch.device(device), 0, []
@@ -323,8 +329,6 @@ def predict_images(model: ssr.Segmentor, folder: str, save_dir: str, *, device, 
     except KeyboardInterrupt:
         raise Stopped(f"{written} of {len(paths)} predictions are written to {save_dir}, each one whole; the same "
                       f"command again writes them all.") from None
-    finally:
-        files.release_folder(*held)
     return written, skipped, listing.left_out
 
 

@@ -2104,7 +2104,7 @@ def test_cli_own_images_replace_their_own_predictions_and_nothing_else(tmp_path,
         before = _eval_files(out)
         msg = run(13)
         assert msg.startswith("error: --save-dir") and str(foreign) in msg and "\n" not in msg, msg
-        assert "not a prediction that eval.py --images wrote" in msg
+        assert "not a prediction that eval.py wrote" in msg
         assert _eval_files(out) == before
         foreign.unlink()
     assert run(13) == ""  # the user's files moved away: it writes again
@@ -2260,6 +2260,47 @@ def test_cli_own_images_second_run_on_the_same_save_dir_fails_at_once(tmp_path, 
     assert (out / "street.png").is_file()
 
 
+def test_cli_labelled_save_dir_replaces_its_own_predictions_and_nothing_else(tmp_path, monkeypatch, capsys):
+    root, out = tmp_path / "d", tmp_path / "preds"
+    _eval_write_val(root, n=2)
+    ckpts = {}
+    for cls in (13, 0):
+        ckpts[cls] = str(tmp_path / f"m{cls}.safetensors")
+        weights.save_segmentor(_eval_forced(cls), ckpts[cls], dataset="cityscapes", test_scale=[64, 32])
+    run = lambda ckpt, save_dir=out: _eval_cli(monkeypatch, "--ckpt", ckpt, "--data-root", str(root), "--save-dir",
+                                               str(save_dir), "--side-by-side", "--workers", "0")  # noqa: E731
+    names = ["frankfurt_000000_000019.png", "lindau_000001_000019.png"]
+    assert run(ckpts[13]) == "" and run(ckpts[0]) == ""  # the second run replaces the first one's predictions
+    for name in names:
+        assert (np.asarray(Image.open(out / name)) == 0).all() and predict.own_output(str(out / name))
+        assert predict.own_output(str(out / "side_by_side" / name))
+    capsys.readouterr()
+    # a file of the user's at an output path is never replaced, nor is anything else written
+    for foreign in (out / names[1], out / "side_by_side" / names[0]):
+        Image.fromarray(np.full((64, 128), 7, np.uint8)).save(foreign)
+        before = _eval_files(out)
+        msg = run(ckpts[13])
+        assert msg == (f"error: --save-dir: {foreign} exists and is not a prediction that eval.py wrote, so it is not "
+                       f"replaced; move it away or pass another --save-dir."), msg
+        assert _eval_files(out) == before and "mIoU" not in capsys.readouterr().out
+        foreign.unlink()
+    # held for the run: a second evaluation into it fails at once, before its (here missing) checkpoint is read
+    lock, made = files.claim_folder(str(out), "--save-dir")
+    msg = run(str(tmp_path / "missing.safetensors"))
+    assert msg.startswith(f"error: --save-dir {out} is in use by another run: pid {os.getpid()} ("), msg
+    files.release_folder(lock, made)
+    # a failed start leaves no trace: the folder it made is gone again
+    msg = run(str(tmp_path / "missing.safetensors"), tmp_path / "new" / "preds")
+    assert msg.startswith("error: checkpoint") and not (tmp_path / "new").exists(), msg
+    # two images of one name (in two cities' folders) would share one prediction file: refused, nothing written
+    for kind, suffix in (("leftImg8bit", "_leftImg8bit.png"), ("gtFine", "_gtFine_labelIds.png")):
+        val = root / "cityscapes" / kind / "val"
+        shutil.copy(val / "frankfurt" / f"frankfurt_000000_000019{suffix}", val / "lindau")
+    msg = run(ckpts[13], tmp_path / "twice")
+    assert "would both be saved as frankfurt_000000_000019.png" in msg and "\n" not in msg, msg
+    assert not any(p.suffix == ".png" for p in (tmp_path / "twice").rglob("*"))
+
+
 def test_predict_images_names_and_skips_an_image_it_cannot_predict(tmp_path, monkeypatch, capsys):
     # out of memory for one photo (e.g. a huge one) costs that photo, not the ones after it
     photos, out = tmp_path / "photos", tmp_path / "preds"
@@ -2283,8 +2324,8 @@ def test_predict_images_names_and_skips_an_image_it_cannot_predict(tmp_path, mon
 def test_cli_device_and_output_errors_come_before_any_slow_step(tmp_path, monkeypatch):
     missing = str(tmp_path / "missing.safetensors")  # the checkpoint would fail later: the flag must fail first
     (tmp_path / "file").write_text("a file where a folder must go")
-    cases = [(["--save-dir", str(tmp_path / "file" / "preds")], r"--save-dir: cannot write into .*file.preds"),
-             (["--save-dir", str(tmp_path / "file")], r"--save-dir: cannot write into .*file"),
+    cases = [(["--save-dir", str(tmp_path / "file" / "preds")], r"--save-dir .*file.preds cannot be written \(Not a"),
+             (["--save-dir", str(tmp_path / "file")], r"--save-dir .*file cannot be written \(it is a file\)"),
              (["--images", str(tmp_path)], "--images writes its predictions into --save-dir"),
              (["--device", "gpu0"], "--device gpu0: not a device name")]
     if not torch.cuda.is_available():
