@@ -2,7 +2,8 @@
 moment leaves the old file or the new one; the cache; process pools that stop quietly; a training run's folder
 (its lock, its checkpoint pair, its log).
 
-Read top to bottom: 1. the errors; 2. the cache, pools and atomic writes; 3. a run's folder (train.py's --out).
+Read top to bottom: 1. the errors, and the strict key check of weights files; 2. the cache, pools and atomic
+writes; 3. a run's folder (train.py's --out).
 """
 import argparse
 import atexit
@@ -42,6 +43,27 @@ class WeightsError(UserError):
 
 class DatasetError(UserError):
     """A dataset file or folder that is missing, unreadable or not in the layout of its download."""
+
+
+# The strict key check of every weights file: the official ones and our segmentor checkpoint (weights.py).
+
+def few_keys(keys: list[str], n: int = 3) -> str:
+    """'a, b, c, ...': the first n keys, for a message."""
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def check_keys(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str, what: str, advice: str) -> None:
+    """Raise WeightsError unless sd has exactly the model's keys and shapes: '{where} does not match the {what}:
+    the keys that differ. {advice}'."""
+    ours = model.state_dict()
+    missing = sorted(set(ours) - set(sd))
+    unexpected = sorted(set(sd) - set(ours))
+    shape = sorted(f"{k} {tuple(sd[k].shape)} vs model {tuple(ours[k].shape)}"
+                   for k in set(ours) & set(sd) if sd[k].shape != ours[k].shape)
+    problems = [f"{len(ks)} {kind} ({few_keys(ks)})" for kind, ks in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("keys of the wrong shape", shape)) if ks]
+    if problems:
+        raise WeightsError(f"{where} does not match the {what}: {'; '.join(problems)}. {advice}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

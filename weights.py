@@ -27,7 +27,6 @@ import warnings
 from dataclasses import asdict
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -41,11 +40,8 @@ import ssr
 from files import WeightsError
 
 # ----------------------------------------------------------------------------------------------------------------
-# 1. What every format shares: the strict key check, a size's preset name, reading and writing files
-
-
-def _few(keys: list[str], n: int = 3) -> str:
-    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+# 1. What every format shares: a size's preset name, reading and writing files (the strict key check is
+# files.check_keys)
 
 
 def preset_of(presets: dict[str, dict], **arch) -> str | None:
@@ -56,20 +52,6 @@ def preset_of(presets: dict[str, dict], **arch) -> str | None:
 def arch_text(presets: dict[str, dict], custom: str, **arch) -> str:
     """'mit_b5 (embed_dims=(64, 128, 320, 512), depths=(3, 6, 40, 3))', or `custom` where no preset fits."""
     return f"{preset_of(presets, **arch) or custom} ({', '.join(f'{k}={v}' for k, v in arch.items())})"
-
-
-def check_keys(model: nn.Module, sd: dict[str, Tensor], where: str, what: str, advice: str) -> None:
-    """Raise WeightsError unless sd has exactly the model's keys and shapes: '{where} does not match the {what}:
-    the keys that differ. {advice}'."""
-    ours = model.state_dict()
-    missing = sorted(set(ours) - set(sd))
-    unexpected = sorted(set(sd) - set(ours))
-    shape = sorted(f"{k} {tuple(sd[k].shape)} vs model {tuple(ours[k].shape)}"
-                   for k in set(ours) & set(sd) if sd[k].shape != ours[k].shape)
-    problems = [f"{len(ks)} {kind} ({_few(ks)})" for kind, ks in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("keys of the wrong shape", shape)) if ks]
-    if problems:
-        raise WeightsError(f"{where} does not match the {what}: {'; '.join(problems)}. {advice}")
 
 
 def read_safetensors(path: str, what: str, convert: str, download: str) -> dict[str, Tensor]:
@@ -246,7 +228,7 @@ def check_mit(model: mit.MixVisionTransformer, sd: dict[str, Tensor], where: str
             f"{where} holds {arch_text(mit.MIT_PRESETS, 'a custom MiT', embed_dims=dims, depths=depths)} but the "
             f"model is {arch_text(mit.MIT_PRESETS, 'a custom MiT', **ours)}; build the model that matches the "
             f"weights (build_mit(name)) or pass the weights of this model size.")
-    check_keys(model, sd, where, "MiT encoder", MIT_LAYOUTS)
+    files.check_keys(model, sd, where, "MiT encoder", MIT_LAYOUTS)
 
 
 def load_mit(model: mit.MixVisionTransformer, path: str) -> None:
@@ -363,7 +345,7 @@ def check_sam(model: sam_encoder.SamEncoder, sd: dict[str, Tensor], where: str) 
                          depth=model.cfg.depth)
         raise WeightsError(f"{where} holds {theirs} but the model is {ours}; build the model that matches the "
                            f"weights (build_sam_encoder(name)) or pass the weights of this model size.")
-    check_keys(model, sd, where, "SAM image encoder", SAM_LAYOUTS)
+    files.check_keys(model, sd, where, "SAM image encoder", SAM_LAYOUTS)
 
 
 def load_sam(model: sam_encoder.SamEncoder, path: str) -> None:
@@ -460,8 +442,8 @@ def load_segmentor(path: str, device="cpu") -> tuple[ssr.Segmentor, dict]:
         raise WeightsError(f"{path}: unreadable segmentor metadata ({e}); re-save with save_segmentor.") from None
     with torch.device("meta"):  # no time spent on random init: every tensor comes from the file
         model = ssr.build_segmentor(cfg)
-    check_keys(model, sd, path, f"segmentor its metadata describes ({cfg})",
-               "The file was edited or mixed up; re-save with save_segmentor.")
+    files.check_keys(model, sd, path, f"segmentor its metadata describes ({cfg})",
+                     "The file was edited or mixed up; re-save with save_segmentor.")
     model.load_state_dict(sd, strict=True, assign=True)
     return model.to(device).eval(), {"cfg": cfg, **json.loads(header.get("meta", "{}"))}
 
@@ -526,8 +508,8 @@ def segmentor_from_mmseg(sd: dict, src: str) -> tuple[ssr.Segmentor, str]:
     cfg = config_from_state_dict(student, src)
     with torch.device("meta"):  # no time spent on random init: every tensor comes from the file
         model = ssr.build_segmentor(cfg)
-    check_keys(model, student, src, f"DAFormer segmentor {cfg}", "Only DAFormer-head models (DAFormer, MIC with the "
-               "DAFormer head) convert; HRDA's multi-resolution head does not.")
+    files.check_keys(model, student, src, f"DAFormer segmentor {cfg}", "Only DAFormer-head models (DAFormer, MIC "
+                     "with the DAFormer head) convert; HRDA's multi-resolution head does not.")
     model.load_state_dict(student, strict=True, assign=True)
     return model, (f"a DAFormer/MIC segmentor, {cfg.backbone}{' ' + str(cfg.mit) if cfg.mit else ''}, "
                    f"{cfg.num_classes} classes, head width {cfg.channels}; written as a checkpoint for eval.py --ckpt")
@@ -586,7 +568,7 @@ def convert(src: str, dst: str, source: str | None = None, target: str | None = 
             ckpt = ckpt[wrapper]
     kind = kind_of(ckpt)
     if kind is None:
-        keys = _few([str(k) for k in ckpt], 4) if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
+        keys = files.few_keys([str(k) for k in ckpt], 4) if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
         raise WeightsError(f"{src} holds no SAM image encoder, MiT encoder or DAFormer/MIC segmentor (it holds "
                            f"{keys or 'an empty dict'}), so it does not convert. Pass {ACCEPTS}.")
     for flag, value in (("--src", source), ("--tgt", target)):
@@ -602,7 +584,7 @@ def convert(src: str, dst: str, source: str | None = None, target: str | None = 
     bad = sorted(k for k, v in ckpt.items() if not isinstance(v, Tensor))
     if bad:
         raise WeightsError(f"{src} holds no flat state dict of tensors (nor one under 'model' or 'state_dict'): "
-                           f"{_few(bad)} are not tensors. Pass {ACCEPTS}.")
+                           f"{files.few_keys(bad)} are not tensors. Pass {ACCEPTS}.")
     sd, what = (mit_from_checkpoint if kind == "mit" else sam_from_checkpoint)(ckpt, src)
     write_tensors(sd, dst)
     return what, skipped
