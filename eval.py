@@ -34,13 +34,13 @@ import torch.nn.functional as F
 from PIL import Image, PngImagePlugin
 from torch import Tensor
 
+import checkpoint
 import data
 import datasets
 import files
 import pictures
 import predict
 import ssr
-import weights
 
 # ----------------------------------------------------------------------------------------------------------------
 # the metric
@@ -385,7 +385,7 @@ def main() -> None:
 def run(args: argparse.Namespace, device: torch.device, conditions: tuple[str, ...]) -> None:
     """main()'s work, its flags checked: the model loaded, then the evaluation, the predictions or the submission."""
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.amp]
-    model, meta = weights.load_segmentor(args.ckpt, device)
+    model, meta = checkpoint.load_segmentor(args.ckpt, device)
     files.note_model_behind(args.ckpt, meta.get("iters"))  # a train.py run stopped between its two renames
     if model.cfg.num_classes != len(data.CLASSES):
         raise files.WeightsError(f"{args.ckpt} predicts {model.cfg.num_classes} classes but the evaluation uses the "

@@ -45,7 +45,9 @@ class DatasetError(UserError):
     """A dataset file or folder that is missing, unreadable or not in the layout of its download."""
 
 
-# The strict key check of every weights file: the official ones and our segmentor checkpoint (weights.py).
+# The strict key check, shared by the official weight files (weights.py) and our segmentor checkpoint
+# (checkpoint.py). It lives here, below both: weights.py's converter writes our checkpoint, so weights.py imports
+# checkpoint.py and checkpoint.py cannot import weights.py.
 
 def few_keys(keys: list[str], n: int = 3) -> str:
     """'a, b, c, ...': the first n keys, for a message."""

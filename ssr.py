@@ -6,7 +6,7 @@
 4. UDA: one training step's loss terms by name; the caller sums them and calls backward in its autocast context.
    Beside it, the parameter groups of the paper's AdamW.
 5. train.py --compile, applied from outside. Appendix: kornia's color math.
-The deployed model's checkpoints are written and read by weights.py.
+The deployed model's checkpoints are written and read by checkpoint.py.
 
 References: lhoyer/DAFormer (mmseg/models/uda/dacs.py, utils/dacs_transforms.py), lhoyer/MIC
 (masking_consistency_module.py) and geyanqi/SSR (mmseg/models/uda/ssr.py).

@@ -33,6 +33,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import bench
+import checkpoint
 import data
 import datasets
 import demo
@@ -149,30 +150,30 @@ def test_ssr_save_load_round_trip_and_errors(tmp_path):
     model = ssr.build_segmentor(_TINY)
     model.train()(torch.randn(2, 3, 64, 64))  # move the BatchNorm running statistics away from their init
     path = str(tmp_path / "model.safetensors")
-    weights.save_segmentor(model, path, dataset="cityscapes", test_scale=[1024, 512], iters=7)
+    checkpoint.save_segmentor(model, path, dataset="cityscapes", test_scale=[1024, 512], iters=7)
     assert not os.path.exists(path + ".tmp")
-    loaded, meta = weights.load_segmentor(path)
+    loaded, meta = checkpoint.load_segmentor(path)
     assert meta == {"cfg": _TINY, "dataset": "cityscapes", "test_scale": [1024, 512], "iters": 7}
     assert not loaded.training
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(loaded(x), model.eval()(x))
 
     with pytest.raises(files.WeightsError, match="missing.safetensors"):
-        weights.load_segmentor(str(tmp_path / "missing.safetensors"))
+        checkpoint.load_segmentor(str(tmp_path / "missing.safetensors"))
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file at all")
     with pytest.raises(ValueError, match="garbage.safetensors"):
-        weights.load_segmentor(str(garbage))
+        checkpoint.load_segmentor(str(garbage))
     backbone_only = str(tmp_path / "mit.safetensors")  # e.g. ImageNet MiT weights
     save_file({k: v.contiguous() for k, v in model.backbone.state_dict().items()}, backbone_only)
     with pytest.raises(ValueError, match="mit.safetensors.*not a segmentor"):
-        weights.load_segmentor(backbone_only)
+        checkpoint.load_segmentor(backbone_only)
     other = ssr.build_segmentor(ssr.SegConfig(**{**vars(_TINY), "num_classes": 5}))
     mixed = str(tmp_path / "mixed.safetensors")  # 5-class tensors under a 19-class configuration
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, mixed,
-              metadata={"format": weights.FORMAT, "cfg": json.dumps(vars(_TINY)), "meta": "{}"})
+              metadata={"format": checkpoint.FORMAT, "cfg": json.dumps(vars(_TINY)), "meta": "{}"})
     with pytest.raises(ValueError, match="mixed.safetensors.*conv_seg"):
-        weights.load_segmentor(mixed)
+        checkpoint.load_segmentor(mixed)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -475,7 +476,7 @@ def test_ssr_context_ablations_give_another_images_tokens_or_zeros():
 def test_train_records_the_ssr_context_in_the_checkpoint(_train_root, tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert _train_inprocess(monkeypatch, *_train_tiny(_train_root, out, "--iters", "1", "--ssr-context", "shuffled")) == ""
-    assert weights.load_segmentor(str(out / "model.safetensors"))[1]["ssr_context"] == "shuffled"
+    assert checkpoint.load_segmentor(str(out / "model.safetensors"))[1]["ssr_context"] == "shuffled"
     assert json.load(open(out / "config.json"))["ssr_context"] == "shuffled"
     msg = _train_inprocess(monkeypatch, "--resume", "--out", str(out), "--iters", "2", "--ssr-context", "zeros")
     assert "--ssr-context zeros (saved: shuffled)" in msg, msg
@@ -1744,7 +1745,7 @@ def test_convert_mmseg_round_trip(tmp_path):
         torch.load(src, weights_only=True)
     _, skipped = weights.convert(src, dst)
     assert f"{__name__}._EvalConfigDict" in skipped and any(s.endswith("multiarray._reconstruct") for s in skipped)
-    model, meta = weights.load_segmentor(dst)
+    model, meta = checkpoint.load_segmentor(dst)
     cfg = meta["cfg"]
     assert (cfg.num_classes, cfg.channels, tuple(cfg.mit["embed_dims"]), tuple(cfg.mit["depths"])) == (
         19, 32, (16, 32, 40, 64), (1, 1, 1, 1))
@@ -1794,7 +1795,7 @@ def test_convert_cli_records_the_source_and_bad_inputs_are_one_paragraph(tmp_pat
     out = capsys.readouterr().out
     assert f"{src}: a DAFormer/MIC segmentor, mit_b5 {{'embed_dims': (16, 32, 40, 64)" in out
     assert "skipped non-tensor objects without running them: " in out and out.endswith(f"wrote {dst}\n")
-    assert weights.load_segmentor(dst)[1]["source"] == "synthia"  # eval.py reports mIoU16 and mIoU13
+    assert checkpoint.load_segmentor(dst)[1]["source"] == "synthia"  # eval.py reports mIoU16 and mIoU13
     notmmseg = str(tmp_path / "plain.pth")
     torch.save({"weights": torch.zeros(3)}, notmmseg)
     for args, pattern in (((str(tmp_path / "nope.pth"), dst), r"nope.pth does not exist; pass one of: an NVlabs"),
@@ -1826,7 +1827,7 @@ def _eval_cli(monkeypatch, *args) -> str:
 def test_cli_end_to_end(tmp_path):
     train = _eval_write_val(tmp_path)
     ckpt = str(tmp_path / "model.safetensors")
-    weights.save_segmentor(_eval_forced(0), ckpt, dataset="cityscapes", test_scale=[64, 32])
+    checkpoint.save_segmentor(_eval_forced(0), ckpt, dataset="cityscapes", test_scale=[64, 32])
     out = subprocess.run([sys.executable, _EVAL_FILE, "--ckpt", ckpt, "--data-root", str(tmp_path), "--workers", "0",
                           "--save-dir", str(tmp_path / "preds")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -1849,8 +1850,8 @@ def test_cli_bad_inputs(tmp_path, monkeypatch):
     _eval_write_val(tmp_path / "nolabels", labels=False)
     _eval_write_val(tmp_path / "ok")
     good, k16, foreign = (str(tmp_path / f) for f in ("good.safetensors", "k16.safetensors", "foreign.safetensors"))
-    weights.save_segmentor(_eval_tiny(), good, dataset="cityscapes", test_scale=[64, 32])
-    weights.save_segmentor(_eval_tiny(num_classes=16), k16, dataset="cityscapes", test_scale=[64, 32])
+    checkpoint.save_segmentor(_eval_tiny(), good, dataset="cityscapes", test_scale=[64, 32])
+    checkpoint.save_segmentor(_eval_tiny(num_classes=16), k16, dataset="cityscapes", test_scale=[64, 32])
     with open(foreign, "w") as f:
         f.write("not a checkpoint")
     run = tmp_path / "run"  # a train.py run folder, and one without a checkpoint
@@ -1884,7 +1885,7 @@ def test_cli_synthia_checkpoint_reports_miou16_and_miou13(tmp_path, monkeypatch,
     ckpts = {}
     for source in ("synthia", None):
         ckpts[source] = str(tmp_path / f"{source}.safetensors")
-        weights.save_segmentor(_eval_forced(0), ckpts[source], dataset="cityscapes", test_scale=[64, 32],
+        checkpoint.save_segmentor(_eval_forced(0), ckpts[source], dataset="cityscapes", test_scale=[64, 32],
                            **({"source": source} if source else {}))
     for ckpt, extra in ((ckpts["synthia"], ()), (ckpts[None], ("--src", "synthia"))):
         assert _eval_cli(monkeypatch, "--ckpt", ckpt, "--data-root", str(tmp_path), "--workers", "0", *extra) == ""
@@ -1900,7 +1901,7 @@ def test_cli_synthia_checkpoint_reports_miou16_and_miou13(tmp_path, monkeypatch,
 def test_cli_acdc_and_dark_zurich_val_report_each_condition_then_all(tmp_path, monkeypatch, capsys, target):
     truth = _data_acdc(tmp_path) if target == "acdc" else {"night": _data_dark_zurich(tmp_path, n=2)}
     ckpt = str(tmp_path / "model.safetensors")  # the dataset train.py records, and a (small) test scale
-    weights.save_segmentor(_eval_forced(0), ckpt, dataset=target, test_scale=[48, 27])
+    checkpoint.save_segmentor(_eval_forced(0), ckpt, dataset=target, test_scale=[48, 27])
     assert _eval_cli(monkeypatch, "--ckpt", ckpt, "--data-root", str(tmp_path), "--workers", "0") == ""
     lines = capsys.readouterr().out.strip().splitlines()
     overall = _eval_expected(np.concatenate([t.ravel() for t in truth.values()]), 0)[1]  # one histogram of all
@@ -1929,7 +1930,7 @@ def _eval_test_split(root, target) -> list[pathlib.Path]:
 def test_cli_test_split_is_written_as_each_server_reads_it(tmp_path, monkeypatch, capsys, target):
     images = _eval_test_split(tmp_path / "data", target)
     ckpt, out = str(tmp_path / "model.safetensors"), tmp_path / "submit"
-    weights.save_segmentor(_eval_forced(13), ckpt, dataset=target, test_scale=[48, 27])  # car everywhere
+    checkpoint.save_segmentor(_eval_forced(13), ckpt, dataset=target, test_scale=[48, 27])  # car everywhere
     cli = ("--ckpt", ckpt, "--data-root", str(tmp_path / "data"), "--workers", "0", "--split", "test",
            "--submit", str(out))
     assert _eval_cli(monkeypatch, *cli) == ""
@@ -1968,7 +1969,7 @@ def test_cli_test_split_is_written_as_each_server_reads_it(tmp_path, monkeypatch
 def test_cli_test_split_bad_input(tmp_path, monkeypatch):
     _data_dark_zurich(tmp_path / "data", "val")  # no test/: it is a download of its own
     ckpt = str(tmp_path / "model.safetensors")
-    weights.save_segmentor(_eval_forced(0), ckpt, dataset="darkzurich", test_scale=[48, 27])
+    checkpoint.save_segmentor(_eval_forced(0), ckpt, dataset="darkzurich", test_scale=[48, 27])
     os.makedirs(tmp_path / "full")
     (tmp_path / "full" / "notes.txt").write_text("mine")
     submit = ("--split", "test", "--submit")
@@ -2002,7 +2003,7 @@ def test_cli_predicts_a_folder_of_own_images(tmp_path, monkeypatch, capsys):
     (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (photos / "notes.txt").write_text("not an image: left out, and named")
     ckpt = str(tmp_path / "m.safetensors")
-    weights.save_segmentor(_eval_forced(13), ckpt, dataset="cityscapes", test_scale=[64, 32])
+    checkpoint.save_segmentor(_eval_forced(13), ckpt, dataset="cityscapes", test_scale=[64, 32])
     out = tmp_path / "preds"
     msg = _eval_cli(monkeypatch, "--ckpt", ckpt, "--images", str(photos), "--save-dir", str(out), "--side-by-side",
                     "--workers", "0")
@@ -2057,7 +2058,7 @@ def test_cli_own_images_refuse_a_save_dir_that_holds_the_photos(tmp_path, monkey
     os.makedirs(tmp_path / "out")
     os.symlink(photos / "street.png", tmp_path / "out" / "street.png")  # an output path that is one of the photos
     ckpt = str(tmp_path / "m.safetensors")
-    weights.save_segmentor(_eval_forced(13), ckpt, dataset="cityscapes", test_scale=[64, 32])
+    checkpoint.save_segmentor(_eval_forced(13), ckpt, dataset="cityscapes", test_scale=[64, 32])
     before = _eval_files(tmp_path)
     cases = [(photos, photos, r"photos is the --images folder"),  # street.png would be replaced by its prediction
              (photos, tmp_path / "link", r"link is the --images folder .*photos with symlinks followed"),
@@ -2089,7 +2090,7 @@ def test_cli_own_images_replace_their_own_predictions_and_nothing_else(tmp_path,
     ckpts = {}
     for cls in (13, 0):
         ckpts[cls] = str(tmp_path / f"m{cls}.safetensors")
-        weights.save_segmentor(_eval_forced(cls), ckpts[cls], dataset="cityscapes", test_scale=[64, 32])
+        checkpoint.save_segmentor(_eval_forced(cls), ckpts[cls], dataset="cityscapes", test_scale=[64, 32])
     run = lambda cls: _eval_cli(monkeypatch, "--ckpt", ckpts[cls], "--images", str(photos), "--save-dir", str(out),
                                 "--side-by-side", "--workers", "0")  # noqa: E731
     assert run(13) == ""
@@ -2115,7 +2116,7 @@ def test_cli_own_images_predicts_thin_images_and_goes_on(tmp_path, monkeypatch, 
     photos, out = tmp_path / "photos", tmp_path / "preds"
     _eval_photos(photos, {"1_tall.png": (1, 3000), "2_wide.png": (3000, 1), "3_street.png": (50, 30)})
     ckpt = str(tmp_path / "m.safetensors")
-    weights.save_segmentor(_eval_forced(13), ckpt, dataset="cityscapes", test_scale=[64, 32])
+    checkpoint.save_segmentor(_eval_forced(13), ckpt, dataset="cityscapes", test_scale=[64, 32])
     msg = _eval_cli(monkeypatch, "--ckpt", ckpt, "--images", str(photos), "--save-dir", str(out), "--side-by-side",
                     "--workers", "0")
     assert msg == ""
@@ -2150,7 +2151,7 @@ def test_cli_own_images_follow_symlinked_folders_once_and_leave_out_fifos(tmp_pa
     os.symlink(tmp_path / "missing.png", photos / "dangling.png")
     os.mkfifo(photos / "x.png")  # opening it would wait for a writer forever
     ckpt = str(tmp_path / "m.safetensors")
-    weights.save_segmentor(_eval_forced(13), ckpt, dataset="cityscapes", test_scale=[64, 32])
+    checkpoint.save_segmentor(_eval_forced(13), ckpt, dataset="cityscapes", test_scale=[64, 32])
     run = lambda save_dir, *extra: _eval_cli(monkeypatch, "--ckpt", ckpt, "--images", str(photos), "--save-dir",
                                              str(save_dir), "--workers", "0", *extra)  # noqa: E731
     with _eval_deadline(60):
@@ -2186,7 +2187,7 @@ def test_cli_own_images_stop_or_full_disk_say_what_is_written_and_no_file_is_hal
     ckpts = {}
     for cls in (13, 0):
         ckpts[cls] = str(tmp_path / f"m{cls}.safetensors")
-        weights.save_segmentor(_eval_forced(cls), ckpts[cls], dataset="cityscapes", test_scale=[64, 32])
+        checkpoint.save_segmentor(_eval_forced(cls), ckpts[cls], dataset="cityscapes", test_scale=[64, 32])
     run = lambda cls: _eval_cli(monkeypatch, "--ckpt", ckpts[cls], "--images", str(photos), "--save-dir", str(out),
                                 "--workers", "0")  # noqa: E731
     assert run(13) == ""
@@ -2249,7 +2250,7 @@ def test_cli_own_images_second_run_on_the_same_save_dir_fails_at_once(tmp_path, 
     photos, out = tmp_path / "photos", tmp_path / "preds"
     _eval_photos(photos, {"street.png": (50, 30)})
     ckpt = str(tmp_path / "m.safetensors")
-    weights.save_segmentor(_eval_forced(13), ckpt, dataset="cityscapes", test_scale=[64, 32])
+    checkpoint.save_segmentor(_eval_forced(13), ckpt, dataset="cityscapes", test_scale=[64, 32])
     lock, made = files.claim_folder(str(out), "--save-dir")  # a run that holds the folder
     msg = _eval_cli(monkeypatch, "--ckpt", ckpt, "--images", str(photos), "--save-dir", str(out), "--workers", "0")
     assert msg.startswith(f"error: --save-dir {out} is in use by another run: pid {os.getpid()} (") and "\n" not in msg
@@ -2266,7 +2267,7 @@ def test_cli_labelled_save_dir_replaces_its_own_predictions_and_nothing_else(tmp
     ckpts = {}
     for cls in (13, 0):
         ckpts[cls] = str(tmp_path / f"m{cls}.safetensors")
-        weights.save_segmentor(_eval_forced(cls), ckpts[cls], dataset="cityscapes", test_scale=[64, 32])
+        checkpoint.save_segmentor(_eval_forced(cls), ckpts[cls], dataset="cityscapes", test_scale=[64, 32])
     run = lambda ckpt, save_dir=out: _eval_cli(monkeypatch, "--ckpt", ckpt, "--data-root", str(root), "--save-dir",
                                                str(save_dir), "--side-by-side", "--workers", "0")  # noqa: E731
     names = ["frankfurt_000000_000019.png", "lindau_000001_000019.png"]
@@ -2338,7 +2339,7 @@ def test_cli_device_and_output_errors_come_before_any_slow_step(tmp_path, monkey
 def test_cli_keeps_the_traceback_of_a_bug(tmp_path, monkeypatch):
     _eval_write_val(tmp_path)
     ckpt = str(tmp_path / "m.safetensors")
-    weights.save_segmentor(_eval_tiny(), ckpt, dataset="cityscapes", test_scale=[64, 32])
+    checkpoint.save_segmentor(_eval_tiny(), ckpt, dataset="cityscapes", test_scale=[64, 32])
     monkeypatch.setattr(ev.F, "interpolate", lambda *a, **k: (_ for _ in ()).throw(ValueError("a bug")))
     with pytest.raises(ValueError, match="a bug"):  # not turned into an 'error:' line
         _eval_cli(monkeypatch, "--ckpt", ckpt, "--data-root", str(tmp_path), "--workers", "0")
@@ -2406,7 +2407,7 @@ def test_train_from_synthia_records_the_source(_train_root, tmp_path):
                               "--iters", "2", "--eval-every", "0"))
     assert r.returncode == 0, r.stderr
     assert "rare-class statistics of 6 labels" in r.stdout
-    assert weights.load_segmentor(str(tmp_path / "run" / "model.safetensors"))[1]["source"] == "synthia"
+    assert checkpoint.load_segmentor(str(tmp_path / "run" / "model.safetensors"))[1]["source"] == "synthia"
 
 
 @pytest.fixture(scope="module")
@@ -2441,7 +2442,7 @@ def test_train_cityscapes_to_acdc_and_dark_zurich_end_to_end(_benchmark_root, tm
     assert msg == ""
     printed = capsys.readouterr().out
     assert "rare-class statistics of 4 labels" in printed and f"\n{val_images} images, " in printed
-    meta = weights.load_segmentor(str(out / "model.safetensors"))[1]
+    meta = checkpoint.load_segmentor(str(out / "model.safetensors"))[1]
     assert (meta["dataset"], meta["source"], meta["test_scale"]) == (tgt, "cityscapes", [128, 72])
     conditions = extra[1].split(",") if "--acdc-conditions" in extra else list(datasets.ACDC_CONDITIONS)
     assert meta.get("acdc_conditions") == (conditions if tgt == "acdc" else None)
@@ -2791,7 +2792,7 @@ def test_train_refuses_a_state_of_another_run_and_resumes_a_moved_folder(_train_
     assert all((b / f).read_bytes() == v for f, v in before.items())
     assert _train_inprocess(monkeypatch, "--resume", "--out", str(tmp_path / "moved"), "--iters", "3") == ""
     assert _train_state(tmp_path / "moved")["iter"] == 3
-    assert weights.load_segmentor(str(tmp_path / "moved" / "model.safetensors"))[1]["run_id"] == ids[1]
+    assert checkpoint.load_segmentor(str(tmp_path / "moved" / "model.safetensors"))[1]["run_id"] == ids[1]
     # a file that cannot be read is said to be so, and why, not "of another run"
     (tmp_path / "moved" / "config.json").unlink()
     (tmp_path / "moved" / "config.json").mkdir()
@@ -2832,7 +2833,7 @@ def test_train_a_model_one_save_behind_its_state_is_noted_and_written_again(_tra
     assert _train_inprocess(monkeypatch, *_train_tiny(_train_root, out, "--method", "source-only", "--iters", "1")) == ""
     behind = (out / "model.safetensors").read_bytes()
     assert _train_inprocess(monkeypatch, "--resume", "--out", str(out), "--iters", "2") == ""
-    model, meta = weights.load_segmentor(str(out / "model.safetensors"))
+    model, meta = checkpoint.load_segmentor(str(out / "model.safetensors"))
     current = {k: v.clone() for k, v in model.state_dict().items()}  # a copy: the file is mapped, then rewritten
     (out / "model.safetensors").write_bytes(behind)  # the state of iteration 2 beside the model of iteration 1
     capsys.readouterr()
@@ -2842,7 +2843,7 @@ def test_train_a_model_one_save_behind_its_state_is_noted_and_written_again(_tra
                            f"iteration 2") and "--resume" in note, note
     msg = _train_inprocess(monkeypatch, "--resume", "--out", str(out))
     assert "finished already (2 of 2 iterations)" in msg, msg
-    again, again_meta = weights.load_segmentor(str(out / "model.safetensors"))  # as the save of iteration 2 wrote it
+    again, again_meta = checkpoint.load_segmentor(str(out / "model.safetensors"))  # as the save of iteration 2 wrote it
     assert again_meta == meta and meta["iters"] == 2 and all(torch.equal(v, current[k]) for k, v in again.state_dict().items())
     capsys.readouterr()
     _eval_cli(monkeypatch, "--ckpt", str(out / "model.safetensors"), "--workers", "0")
@@ -2886,7 +2887,7 @@ def test_train_full_disk_is_one_error_and_the_checkpoint_pair_stays_of_one_itera
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
         msg = next(line for line in r.stderr.splitlines() if line.startswith("error:"))
         assert f"the disk that holds {out} is full" in msg and "the checkpoint of iteration 2" in msg, msg
-        saved = weights.load_segmentor(str(out / "model.safetensors"))[1]["iters"]
+        saved = checkpoint.load_segmentor(str(out / "model.safetensors"))[1]["iters"]
         assert _train_state(out)["iter"] == saved == 2  # the pair of one iteration
         assert not [f for f in os.listdir(out) if f.endswith(".tmp")]  # nothing half-written left
     finally:

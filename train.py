@@ -24,6 +24,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+import checkpoint
 import data
 import datasets
 import demo
@@ -178,8 +179,8 @@ def prepare() -> None:
     file is found now, not in hour 5)."""
     files.claim_run(out, state_path, args.resume)
     if state:  # the run id ties the state to the config.json and model.safetensors beside it
-        weights.check_resumed_run(out, state, state_path, config_path, model_path,
-                                  ssr.SegConfig(backbone=args.backbone, **sizes.seg), **model_meta(state["iter"]))
+        checkpoint.check_resumed_run(out, state, state_path, config_path, model_path,
+                                     ssr.SegConfig(backbone=args.backbone, **sizes.seg), **model_meta(state["iter"]))
         if state["iter"] >= args.iters:
             raise files.FlagError(f"the run in {out} finished already ({state['iter']} of {args.iters} iterations); "
                                  f"pass a larger --iters to train further.")
@@ -198,8 +199,9 @@ def save(it: int, last_saved: int) -> None:
     if world.master:
         state = dict(uda=uda.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter=it,
                      rng=rngs, args=json.dumps(vars(args)), run_id=run_id)
-        files.save_checkpoint(out, it, last_saved, (model_path, lambda tmp: weights.write_segmentor(student, tmp, **model_meta(it))),
-                             (state_path, lambda tmp: torch.save(state, tmp)))
+        files.save_checkpoint(out, it, last_saved,
+                              (model_path, lambda tmp: checkpoint.write_segmentor(student, tmp, **model_meta(it))),
+                              (state_path, lambda tmp: torch.save(state, tmp)))
     processes.agree(world, patient=True)  # on a stop, no rank exits while rank 0 still writes (torchrun would end it)
 
 

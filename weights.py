@@ -1,5 +1,4 @@
-"""The weight files: official layouts (NVlabs, Hugging Face, SAM, mmseg), strict loading, conversion, and this
-project's segmentor checkpoints.
+"""The official weight files: their layouts (NVlabs, Hugging Face, SAM, mmseg), strict loading, and conversion.
 
 The networks (mit.py, sam_encoder.py, ssr.py) name their modules as the official checkpoints name their keys, so
 loading is mostly checking: every key and shape must match, and only the parts a model does not have (an ImageNet
@@ -10,28 +9,27 @@ Models load .safetensors only (it holds tensors, never code); a .pth is converte
     python weights.py convert sam_vit_b_01ec64.pth sam_vit_b.safetensors  # official SAM -> --sam-weights
     python weights.py convert gta2cs_daformer.pth daformer.safetensors    # DAFormer/MIC release -> eval.py --ckpt
 
-Sections, helpers first: 1. what every format shares; 2. MiT; 3. SAM; 4. our segmentor checkpoints; 5. released
-mmseg checkpoints; 6. the converter and its command line.
+A released DAFormer/MIC model converts to this project's own segmentor checkpoint, which checkpoint.py writes and
+reads. Sections, helpers first: 1. what every format shares; 2. MiT; 3. SAM; 4. released mmseg checkpoints; 5. the
+converter and its command line.
 """
 import argparse
 import collections
-import json
 import os
-import pathlib
 import pickle
 import re
 import sys
 import tempfile
 import types
 import warnings
-from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+import checkpoint
 import datasets
 import files
 import mit
@@ -41,7 +39,7 @@ from files import WeightsError
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. What every format shares: a size's preset name, reading and writing files (the strict key check is
-# files.check_keys)
+# files.check_keys, shared with checkpoint.py)
 
 
 def preset_of(presets: dict[str, dict], **arch) -> str | None:
@@ -405,77 +403,7 @@ def sam_from_checkpoint(sd: dict[str, Tensor], src: str) -> tuple[dict[str, Tens
     return sd, f"a SAM image encoder, {arch}, {layout}; written alone, for train.py --sam-weights"
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4. This project's segmentor checkpoints: the deployed model's tensors, its SegConfig and extras in the metadata
-
-FORMAT = "ssr-segmentor"  # metadata mark that tells our checkpoints from other safetensors files
-INSTEAD = ("pass the model.safetensors that train.py wrote, or convert a released DAFormer/MIC .pth with python "
-           "weights.py convert IN.pth OUT.safetensors")  # what every load error asks for
-
-
-def write_segmentor(model: ssr.Segmentor, path: str, **meta) -> None:
-    """Weights as safetensors, with the SegConfig and `meta` (JSON-serializable extras) in its metadata."""
-    metadata = {"format": FORMAT, "cfg": json.dumps(asdict(model.cfg)), "meta": json.dumps(meta)}
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, path, metadata=metadata)
-
-
-def save_segmentor(model: ssr.Segmentor, path: str, **meta) -> None:
-    """write_segmentor, atomically (files.save_atomic): an interrupted save never leaves a broken file."""
-    files.save_atomic(path, lambda tmp: write_segmentor(model, tmp, **meta))
-
-
-def load_segmentor(path: str, device="cpu") -> tuple[ssr.Segmentor, dict]:
-    """A checkpoint of save_segmentor -> (model in eval mode on `device`, dict(cfg=SegConfig, **meta)), strictly."""
-    if not os.path.isfile(path):
-        raise WeightsError(f"checkpoint {path} does not exist; {INSTEAD}.")
-    try:
-        with safe_open(path, "pt") as f:
-            header = f.metadata() or {}
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise WeightsError(f"{path} is not a safetensors file ({e}); {INSTEAD}.") from None
-    if header.get("format") != FORMAT or "cfg" not in header:
-        raise WeightsError(f"{path} is a safetensors file but not a segmentor checkpoint of this project (no "
-                           f"'{FORMAT}' metadata; ImageNet MiT weights go to train.py --pretrained): {INSTEAD}.")
-    try:
-        cfg = ssr.SegConfig(**json.loads(header["cfg"]))
-    except (TypeError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{path}: unreadable segmentor metadata ({e}); re-save with save_segmentor.") from None
-    with torch.device("meta"):  # no time spent on random init: every tensor comes from the file
-        model = ssr.build_segmentor(cfg)
-    files.check_keys(model, sd, path, f"segmentor its metadata describes ({cfg})",
-                     "The file was edited or mixed up; re-save with save_segmentor.")
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model.to(device).eval(), {"cfg": cfg, **json.loads(header.get("meta", "{}"))}
-
-
-def catch_up_model(model_path: str, state_path: str, state: dict, cfg: ssr.SegConfig, **meta) -> None:
-    """A kill between the two renames of a save (files.save_checkpoint) leaves train.py's model.safetensors one save
-    behind its train_state.pt (`state`): the model is written again from the state's student, of SegConfig cfg,
-    with `meta`."""
-    behind = not os.path.exists(model_path) or load_segmentor(model_path)[1].get("iters", 0) < state["iter"]
-    if behind:
-        with torch.device("meta"):  # every tensor comes from the state
-            seg = ssr.build_segmentor(cfg)
-        seg.load_state_dict({k.removeprefix("student."): v for k, v in state["uda"].items()
-                             if k.startswith("student.")}, strict=True, assign=True)
-        files.save_atomic(model_path, lambda tmp: write_segmentor(seg, tmp, **meta))
-        print(f"{model_path} was one save behind {state_path} (a stop between their two renames): written again "
-              f"from the state, of iteration {state['iter']}")
-
-
-def check_resumed_run(folder: str, state: dict, state_path: str, config_path: str, model_path: str,
-                      cfg: ssr.SegConfig, **meta) -> None:
-    """train.py --resume in `folder`: its train_state.pt (`state`), config.json and model.safetensors must come
-    from one run, by the run id each records (files.check_one_run); a model one save behind the state is then
-    written again (catch_up_model)."""
-    files.check_one_run(folder, {state_path: lambda: state.get("run_id"),
-                                 config_path: lambda: json.loads(pathlib.Path(config_path).read_text()).get("run_id"),
-                                 model_path: lambda: load_segmentor(model_path)[1].get("run_id")})
-    catch_up_model(model_path, state_path, state, cfg, **meta)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 5. Released mmseg checkpoints (DAFormer, MIC): torch.save'd dicts whose 'state_dict' holds the student under
+# 4. Released mmseg checkpoints (DAFormer, MIC): torch.save'd dicts whose 'state_dict' holds the student under
 # 'model.', the EMA teacher under 'ema_model.' and the frozen ImageNet copy (for the feature distance) under
 # 'imnet_model.'. Our segmentor's keys are mmseg's, so the student loads as it is.
 
@@ -515,7 +443,7 @@ def segmentor_from_mmseg(sd: dict, src: str) -> tuple[ssr.Segmentor, str]:
                    f"{cfg.num_classes} classes, head width {cfg.channels}; written as a checkpoint for eval.py --ckpt")
 
 # ----------------------------------------------------------------------------------------------------------------
-# 6. The converter: it recognizes what it is given by the keys
+# 5. The converter: it recognizes what it is given by the keys
 
 ACCEPTS = (f"one of: an NVlabs mit_b*.pth or a Hugging Face pytorch_model.bin of a MiT encoder (Download: "
            f"{MIT_DOWNLOAD}); an official sam_vit_b/l/h_*.pth (Download: {SAM_DOWNLOAD}); the .pth of a released "
@@ -578,8 +506,8 @@ def convert(src: str, dst: str, source: str | None = None, target: str | None = 
     if kind == "mmseg":
         model, what = segmentor_from_mmseg(ckpt, src)
         target = target or "cityscapes"
-        save_segmentor(model, dst, dataset=target, test_scale=list(datasets.TARGETS[target]["scale"]),
-                       converted_from=os.path.basename(src), **({"source": source} if source else {}))
+        checkpoint.save_segmentor(model, dst, dataset=target, test_scale=list(datasets.TARGETS[target]["scale"]),
+                                  converted_from=os.path.basename(src), **({"source": source} if source else {}))
         return what, skipped
     bad = sorted(k for k, v in ckpt.items() if not isinstance(v, Tensor))
     if bad:
