@@ -78,7 +78,7 @@ def catch_up_model(model_path: str, state_path: str, state: dict, cfg: ssr.SegCo
             seg = ssr.build_segmentor(cfg)
         seg.load_state_dict({k.removeprefix("student."): v for k, v in state["uda"].items()
                              if k.startswith("student.")}, strict=True, assign=True)
-        files.save_atomic(model_path, lambda tmp: write_segmentor(seg, tmp, **meta))
+        save_segmentor(seg, model_path, **meta)
         print(f"{model_path} was one save behind {state_path} (a stop between their two renames): written again "
               f"from the state, of iteration {state['iter']}")
 
