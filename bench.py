@@ -16,7 +16,8 @@ Items, ours / reference in the ratio columns:
   4. Evaluation throughput of the deployable Segmentor (autocast forward, resize to the input, argmax), images/s.
   5. Item 3's ssr iteration with its networks compiled as train.py --compile does (ssr.compile_blocks) vs eager;
      the first two compiled iterations (the compilation) are timed apart.
-Item 3 also counts the FLOPs of each iteration (count_flops) and, in bf16 on a GPU, the card's matmul rate.
+Item 3 also counts the FLOPs of each iteration (count_flops), the aten ops of the ssr iteration by network
+(count_ops: what an eager step costs the host) and, in bf16 on a GPU, the card's matmul rate.
 suite.py runs the programs themselves at the paper's sizes and these items, for every GPU figure in one call.
 
 Time: the median of --repeats calls after --warmup calls; the two sides of a ratio are called in turn (ours,
@@ -32,6 +33,7 @@ Weights are random (nothing is downloaded): speed does not depend on their value
 Time on an idle machine: OpenMP's threads spin while they wait, and beside another busy process both crawl.
 """
 import argparse
+import collections
 import ctypes
 import gc
 import importlib.util
@@ -42,10 +44,12 @@ import tempfile
 import time
 import types
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.utils import flop_counter
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mit
 import sam_encoder
@@ -251,9 +255,10 @@ def bench_mit(s: Setup) -> tuple:
             f"transformers {s.dtype}", r["ours"], r["ref"], note)
 
 
-def train_iterations(s: Setup, method: str, compiled: bool = False):
-    """fn() running the next UDA training iteration of `method` on random images at every call, as train.py does:
-    autocast forward, backward, AdamW step, gradients set to None; `compiled`: the networks as train.py --compile."""
+def train_iterations(s: Setup, method: str, compiled: bool = False) -> tuple[Callable[[], None], dict]:
+    """(fn, nets): fn() runs the next UDA training iteration of `method` on random images at every call, as train.py
+    does: autocast forward, backward, AdamW step, gradients set to None; `compiled`: the networks as train.py
+    --compile. nets: the networks it runs by name, the UDA wrapper first (for count_ops)."""
     torch.manual_seed(0)
     src, tgt = (torch.randn(s.batch, 3, s.crop, s.crop, device=s.device) for _ in range(2))
     lbl = torch.randint(0, 19, (s.batch, s.crop, s.crop), device=s.device)
@@ -281,7 +286,9 @@ def train_iterations(s: Setup, method: str, compiled: bool = False):
         optimizer.zero_grad(set_to_none=True)
         it[0] += 1
 
-    return fn
+    nets = {"UDA.forward itself": uda, "student": uda.student.backbone, "head": uda.student.decode_head,
+            "EMA teacher": uda.ema, "ImageNet copy": uda.imnet, "SSR branch": uda.ssr, "SAM": sam}
+    return fn, {name: net for name, net in nets.items() if net is not None}
 
 
 def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
@@ -317,6 +324,49 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
+# aten ops that make a view of their input: no kernel runs, and on a GPU nothing is launched
+VIEW_OPS = frozenset({"view", "_unsafe_view", "_reshape_alias", "t", "transpose", "permute", "expand", "slice",
+                      "select", "unsqueeze", "squeeze", "as_strided", "alias", "detach", "split", "split_with_sizes",
+                      "unbind", "lift_fresh", "unfold", "narrow", "diagonal"})
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while it is active, below autograd and autocast (so the backward's ops and
+    autocast's casts count too), by the innermost running network of `nets` (forward hooks), else 'outside'."""
+
+    def __init__(self, nets: dict[str, torch.nn.Module]):
+        super().__init__()
+        self.kernels, self.views, self.running, self.hooks = collections.Counter(), collections.Counter(), [], []
+        for name, net in nets.items():
+            self.hooks += [net.register_forward_pre_hook(lambda m, a, name=name: self.running.append(name)),
+                           net.register_forward_hook(self.leave)]
+
+    def leave(self, module, args, output) -> None:  # None: the network's output stays as it is
+        self.running.pop()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        where = self.running[-1] if self.running else "outside"
+        (self.views if func.overloadpacket.__name__ in VIEW_OPS else self.kernels)[where] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn, nets: dict[str, torch.nn.Module]) -> str:
+    """The aten ops of one call of fn, by network (OpCounter), as one line. In eager mode each op costs
+    the host its Python, dispatch and launch, whatever the op's size: where a step's time over its op count is
+    near that cost, the step is bound by the host, not the device, and only fewer ops (compilation) or no launches
+    (CUDA graphs) make it faster."""
+    counter = OpCounter(nets)
+    try:
+        with counter:
+            fn()
+    finally:
+        for hook in counter.hooks:
+            hook.remove()
+    where = ", ".join(f"{name} {n}" for name, n in counter.kernels.most_common())
+    return (f"{sum(counter.kernels.values())} aten ops and {sum(counter.views.values())} views ({where}; outside: "
+            f"the backward and AdamW; UDA.forward itself: EMA update, mixing, losses)")
+
+
 def matmul_rate(s: Setup, n: int = 8192, calls: int = 20) -> float:
     """FLOP/s of a large bf16 matrix product on s's device: the ceiling the MFU is read against (the H200's
     datasheet says about 990 TFLOP/s dense bf16; a measured rate is what this card gives)."""
@@ -329,12 +379,14 @@ def matmul_rate(s: Setup, n: int = 8192, calls: int = 20) -> float:
 def bench_train(s: Setup) -> tuple:
     r, flops = {}, {}
     for method in ("dacs", "ssr"):  # one method's models at a time: both at once would double the memory at B5
-        fn = train_iterations(s, method)
+        fn, nets = train_iterations(s, method)
         r[method] = measure(s, {method: fn})[method]
         flops[method] = count_flops(fn)
+    ops = count_ops(fn, nets)
     if s.profile:
         profile(s, fn)
-    note = f"{s.dtype}; TFLOP per iteration: ssr {flops['ssr'] / 1e12:.4g}, dacs {flops['dacs'] / 1e12:.4g}"
+    note = (f"{s.dtype}; TFLOP per iteration: ssr {flops['ssr'] / 1e12:.4g}, dacs {flops['dacs'] / 1e12:.4g}; "
+            f"the ssr iteration runs {ops}")
     if s.cuda and s.dtype == "bf16":  # the model FLOP utilization of the bare step
         rate = matmul_rate(s)
         note += (f"; bf16 matmul {rate / 1e12:.0f} TFLOP/s, so the bare ssr step uses "
@@ -371,7 +423,7 @@ def bench_eval(s: Setup) -> tuple:
 
 
 def bench_compile(s: Setup) -> tuple:
-    compiled, eager = train_iterations(s, "ssr", compiled=True), train_iterations(s, "ssr")
+    compiled, eager = train_iterations(s, "ssr", compiled=True)[0], train_iterations(s, "ssr")[0]
     first = [timed(s, compiled) for _ in range(2)]  # the compilation, and any recompilation it needs
     r = measure(s, {"compiled": compiled, "eager": eager})
     return (f"5 ssr {s.train_name()}", "compiled", "eager", r["compiled"], r["eager"],

@@ -3398,7 +3398,8 @@ def test_suite_runs_its_cpu_parts_with_tiny(tmp_path):
     assert re.search(r"8 images: evaluation \d+\.\d s \([\d.]+ images/s\), the command \d+\.\d s", run.stdout)
     assert "train.py --method dacs --mic" in figures and "the compiled levers run on cuda only" in figures, run.stdout
     assert re.search(r"3 train iter MiT-tiny crop 64 b2 SAM 64 mic .* \d+\.\d\d .*TFLOP per iteration: ssr "
-                     r"0\.001\d+, dacs 0\.000\d+", run.stdout), run.stdout  # ~1.2 and ~0.74 GFLOP at the tiny sizes
+                     r"0\.001\d+, dacs 0\.000\d+; the ssr iteration runs \d+ aten ops and \d+ views \(.*SSR branch \d+",
+                     run.stdout), run.stdout  # ~1.2 and ~0.74 GFLOP at the tiny sizes
     assert re.search(r"profile of iterations 2-6: [\d.]+ ms per iteration: waiting for data [\d.]+ ms, the rest on "
                      r"the CPU [\d.]+ ms", run.stdout), run.stdout  # the real loop, profiled
     assert re.search(r"ok: stopped by SIGTERM at iteration \d+ \(exit 130\), resumed there in run \w+, saved again",
@@ -3418,6 +3419,27 @@ def test_bench_counts_a_depthwise_convs_backward_as_its_forward():
     assert bench.count_flops(lambda: conv(x).sum().backward()) == 3 * forward  # input's and weight's gradients
     q, k, v = (torch.randn(1, 2, 32, 16, requires_grad=True) for _ in range(3))  # the CPU's attention counts too
     assert bench.count_flops(lambda: F.scaled_dot_product_attention(q, k, v)) == 2 * 2 * (2 * 32 * 32 * 16)
+
+
+def test_bench_counts_aten_ops_by_the_innermost_running_network():
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.lin(x).relu().view(-1)
+
+    outer, x = Outer(), torch.randn(4, 8)
+    nets = {"outer": outer, "lin": outer.lin}
+    # addmm in lin, relu in outer; views launch nothing: the weight's transpose, relu's saved output, the view
+    line = bench.count_ops(lambda: outer(x), nets)
+    assert line.startswith("2 aten ops and 3 views (lin 1, outer 1; outside: the backward"), line
+    # the backward runs outside the networks' forwards: sum, its gradient (ones_like), relu's, the weight's (mm), the
+    # bias's (sum); with no gradients yet to add to
+    line = bench.count_ops(lambda: outer(x).sum().backward(), nets)
+    assert re.match(r"7 aten ops and \d+ views \(outside 5, lin 1, outer 1;", line), line
+    assert not outer._forward_hooks and not outer.lin._forward_pre_hooks  # the counter leaves no hook behind
 
 
 def test_suite_rejects_a_baseline_without_bench_py(tmp_path):
