@@ -266,6 +266,7 @@ def train_iterations(s: Setup, method: str, compiled: bool = False) -> tuple[Cal
     student = ssr.build_segmentor(s.seg_config())
     student.backbone.grad_checkpoint = s.grad_checkpoint
     uda = ssr.UDA(student, method=method, mic=s.mic, sam_img_size=s.sam_size).to(s.device).train()
+    ssr.cast_frozen_weights(uda.imnet, s.amp_dtype)
     sam = weights.frozen_sam(  # random weights: the teacher's speed does not depend on them
         "vit_b", None, img_size=s.sam_size, device=s.device, dtype=s.amp_dtype or torch.float32,
         **s.sam_overrides()) if method == "ssr" else None
@@ -363,8 +364,7 @@ def count_ops(fn, nets: dict[str, torch.nn.Module]) -> str:
         for hook in counter.hooks:
             hook.remove()
     where = ", ".join(f"{name} {n}" for name, n in counter.kernels.most_common())
-    return (f"{sum(counter.kernels.values())} aten ops and {sum(counter.views.values())} views ({where}; outside: "
-            f"the backward and AdamW; UDA.forward itself: EMA update, mixing, losses)")
+    return f"{sum(counter.kernels.values())} aten ops and {sum(counter.views.values())} views ({where})"
 
 
 def matmul_rate(s: Setup, n: int = 8192, calls: int = 20) -> float:
@@ -386,7 +386,8 @@ def bench_train(s: Setup) -> tuple:
     if s.profile:
         profile(s, fn)
     note = (f"{s.dtype}; TFLOP per iteration: ssr {flops['ssr'] / 1e12:.4g}, dacs {flops['dacs'] / 1e12:.4g}; "
-            f"the ssr iteration runs {ops}")
+            f"the ssr iteration runs {ops}; outside: the backward and AdamW; UDA.forward itself: the EMA update, "
+            f"mixing, losses")
     if s.cuda and s.dtype == "bf16":  # the model FLOP utilization of the bare step
         rate = matmul_rate(s)
         note += (f"; bf16 matmul {rate / 1e12:.0f} TFLOP/s, so the bare ssr step uses "

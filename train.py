@@ -239,6 +239,7 @@ if args.method == "ssr" and args.ssr_context != "zeros":  # a zero context needs
     sam = weights.frozen_sam(args.sam, None if args.sam_weights == "none" else args.sam_weights,
                              img_size=args.sam_img_size, device=device, dtype=amp_dtype or torch.float32,
                              **sizes.sam)
+ssr.cast_frozen_weights(uda.imnet, amp_dtype)  # speed, from outside the method: the same features (tested)
 if args.compile:  # speed, applied from outside the method: the same losses (tested)
     for net in (uda.student, uda.ema, uda.imnet, uda.ssr, sam):
         ssr.compile_blocks(net)
