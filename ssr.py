@@ -479,7 +479,6 @@ def compile_blocks(net: nn.Module | None, **compile_kwargs) -> None:
         m.compile(dynamic=False, **compile_kwargs)
 
 
-
 def cast_frozen_weights(net: nn.Module | None, dtype: torch.dtype | None) -> None:
     """Store a frozen network's Linear and Conv2d weights and biases in autocast's dtype (None: fp32, nothing to
     do), once. Autocast would cast them again in every forward, one kernel each, to the same values (a rounding is
