@@ -5,6 +5,7 @@ segment_anything) where those define the right answer."""
 import atexit
 import collections
 import contextlib
+import copy
 import dataclasses
 import errno
 import fnmatch
@@ -455,6 +456,75 @@ def test_ssr_frozen_weights_cast_once_train_bit_identical():
     assert all(p.dtype == torch.float32 for p in [*cast.student.parameters(), *cast.ema.parameters()])
     ssr.cast_frozen_weights(eager.imnet, None)  # fp32 training: nothing to cast
     assert all(p.dtype == torch.float32 for p in eager.imnet.parameters())
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # graph_frozen's autocast to cuda, here a no-op
+def test_ssr_graph_frozen_networks_capture_what_uda_forward_runs(monkeypatch):
+    """graph_frozen_networks (train.py --cuda-graphs) on the CPU, torch's capture stood in for by a fake that runs
+    the network as torch's does (3 warm-up passes, then the capture) and replays it eagerly, after checking that the
+    call's input has the captured shape and dtype (a real replay copies it into the graph's input, casting quietly).
+    The losses equal those of eager networks, and the BatchNorm statistics are those of the real passes only."""
+    calls = []
+
+    def make_graphed_callables(net, sample_args):
+        for _ in range(4):
+            net(*sample_args)
+        captured, forward = [(a.shape, a.dtype) for a in sample_args], net.forward
+
+        def replay(*args):
+            assert [(a.shape, a.dtype) for a in args] == captured, (type(net).__name__, captured)
+            calls.append(type(net).__name__)
+            return forward(*args)
+        net.forward = replay
+        return net
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", make_graphed_callables)
+
+    def run(graphed: bool):
+        torch.manual_seed(0)
+        uda = ssr.UDA(ssr.build_segmentor(_TINY), method="ssr", mic=True, sam_img_size=64, ignore_rows=(2, 8))
+        sam = _ssr_tiny_sam().to(torch.bfloat16)  # SAM in the training dtype, its input cast to it
+        if graphed:
+            ssr.graph_frozen_networks(uda, sam, 2, 64, torch.bfloat16)
+        torch.manual_seed(1)  # as train.py, which seeds the loop's streams after the capture
+        src, lbl, tgt = _ssr_batch()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = [torch.stack(list(uda(src, lbl, tgt, it, sam=sam).values())).detach() for it in range(2)]
+        return uda, losses
+
+    eager, expected = run(False)
+    graphed, got = run(True)
+    assert calls == ["Segmentor", "MixVisionTransformer", "SamEncoder"] * 2, calls
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    moved = [b for b in eager.ema.buffers() if b.is_floating_point() and not torch.equal(b, torch.zeros_like(b))]
+    assert moved and all(torch.equal(a, b) for a, b in zip(graphed.buffers(), eager.buffers()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs run on a GPU only")
+def test_ssr_cuda_graphed_frozen_networks_replay_like_eager():
+    """graph_frozen (train.py --cuda-graphs): each call replays on its new input and on the weights as they are
+    then (the EMA update changes them in place); the capture's warm-up leaves the BatchNorm statistics as they were,
+    and the replays move them as eager passes do."""
+    torch.manual_seed(0)
+    uda = ssr.UDA(ssr.build_segmentor(_TINY), method="ssr", sam_img_size=64, ignore_rows=(2, 8)).cuda()
+    twin, sam = copy.deepcopy(uda), _ssr_tiny_sam().to(device="cuda", dtype=torch.bfloat16)
+    sam_twin = copy.deepcopy(sam)
+    ssr.graph_frozen(uda.ema, torch.randn(2, 3, 64, 64, device="cuda"), torch.bfloat16)
+    ssr.graph_frozen(uda.imnet, torch.randn(2, 3, 64, 64, device="cuda"), torch.bfloat16)
+    ssr.graph_frozen(sam, torch.randn(4, 3, 64, 64, device="cuda", dtype=torch.bfloat16), torch.bfloat16)
+    assert "forward" in vars(uda.ema) and "forward" in vars(sam)  # replays, not the modules' own forward
+    assert all(torch.equal(a, b) for a, b in zip(uda.buffers(), twin.buffers()))
+    for _ in range(3):
+        x = torch.randn(2, 3, 64, 64, device="cuda")
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            pairs = [(uda.ema(x), twin.ema(x)), *zip(uda.imnet(x), twin.imnet(x))]
+            pairs.append((sam(torch.cat([x, x]).bfloat16()), sam_twin(torch.cat([x, x]).bfloat16())))
+            for got, expected in pairs:
+                torch.testing.assert_close(got, expected)
+            noise = [0.01 * torch.randn_like(p) for p in uda.ema.parameters()]  # an EMA update, in place
+            torch._foreach_add_(list(uda.ema.parameters()), noise)
+            torch._foreach_add_(list(twin.ema.parameters()), noise)
+    torch.testing.assert_close(list(uda.ema.buffers()), list(twin.ema.buffers()))
 
 
 def test_ssr_branch_trains_but_is_not_part_of_the_deployed_model():
@@ -2636,6 +2706,7 @@ def test_train_bad_input_is_one_clear_error(_train_root, tmp_path, monkeypatch, 
     (["--src", "cityscapes"], "--src and --tgt are both cityscapes"),
     (["--acdc-conditions", "night"], "--acdc-conditions only applies to --tgt acdc, not to --tgt cityscapes"),
     (["--tgt", "acdc", "--acdc-conditions", "fog,haze"], "--acdc-conditions fog,haze: give distinct ACDC conditions"),
+    *[(["--cuda-graphs"], "--cuda-graphs: PyTorch sees no CUDA GPU")] * (not torch.cuda.is_available()),
 ])
 def test_train_every_flag_is_checked_before_anything_is_written(tmp_path, monkeypatch, flags, expect):
     # the demo would write its data under --data-root and the run folder under runs/: neither may appear

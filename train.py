@@ -79,7 +79,11 @@ p.add_argument("--ema-alpha", type=float, default=ssr.EMA_ALPHA, help="the EMA t
 p.add_argument("--amp", choices=["bf16", "fp16", "fp32"], help="mixed precision; unset: bf16 where supported, else fp32")
 p.add_argument("--seed", type=int, default=0, help="seed for weights, sampling and augmentation")
 p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes per GPU")
-p.add_argument("--compile", action="store_true", help="torch.compile the networks, block by block (the first iterations compile)")
+speed_flags = p.add_mutually_exclusive_group()
+speed_flags.add_argument("--compile", action="store_true", help="torch.compile the networks, block by block (the first iterations compile)")
+speed_flags.add_argument("--cuda-graphs", action="store_true",
+                         help="replay the frozen networks' forwards (EMA teacher, ImageNet copy, SAM) as CUDA graphs, "
+                              "one launch each instead of one per op (cuda only)")
 p.add_argument("--grad-checkpoint", action="store_true", help="recompute MiT blocks in backward to save memory")
 p.add_argument("--out", help="run folder; unset: runs/<name>_seed<seed>")
 p.add_argument("--log-every", type=int, default=50, help="print a progress line every N iterations (0 = at the end)")
@@ -146,6 +150,8 @@ if args.iters <= 0 or args.batch_size <= 0 or not 0 <= args.ema_alpha < 1:
 if min(args.log_every, args.eval_every, args.save_every, args.debug_every, args.workers) < 0:
     raise files.FlagError("--log-every, --eval-every, --save-every, --debug-every and --workers cannot be negative "
                          "(0 = at the end, or for --debug-every never, or for --workers, load in the main process).")
+if args.cuda_graphs and not torch.cuda.is_available():
+    raise files.FlagError("--cuda-graphs: PyTorch sees no CUDA GPU, and CUDA graphs run on one only. Drop the flag.")
 datasets.check_data_root(args.data_root, [args.src, args.tgt], out, demo=args.demo)
 
 # -----------------------------------------------------------------------------
@@ -243,6 +249,8 @@ ssr.cast_frozen_weights(uda.imnet, amp_dtype)  # speed, from outside the method:
 if args.compile:  # speed, applied from outside the method: the same losses (tested)
     for net in (uda.student, uda.ema, uda.imnet, uda.ssr, sam):
         ssr.compile_blocks(net)
+if args.cuda_graphs:  # speed, applied from outside the method: the frozen networks' passes replayed
+    ssr.graph_frozen_networks(uda, sam, args.batch_size, args.crop, amp_dtype)
 model = processes.wrap(world, uda)  # under torchrun DistributedDataParallel, which averages the gradients
 
 # AdamW as the paper's config, the head at 10x the rate (ssr.param_groups: which parameters, at which rate and decay)
