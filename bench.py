@@ -5,6 +5,7 @@ Speed and memory of ssr's models, measured side by side with the reference imple
     python bench.py --dtype bf16 --items 1,3 --mic    # GPU target: our bf16 SAM vs official fp32; SSR vs DACS
     python bench.py --items 3 --profile --dtype bf16  # where an iteration's time goes
     python bench.py --items 5 --dtype bf16            # what train.py --compile buys (compile time apart)
+    python bench.py --items 6 --dtype bf16 --mic      # what train.py --cuda-graphs buys
     python bench.py --tiny --repeats 1 --warmup 0     # tiny configs, seconds (the smoke test)
 
 Items, ours / reference in the ratio columns:
@@ -16,6 +17,8 @@ Items, ours / reference in the ratio columns:
   4. Evaluation throughput of the deployable Segmentor (autocast forward, resize to the input, argmax), images/s.
   5. Item 3's ssr iteration with its networks compiled as train.py --compile does (ssr.compile_blocks) vs eager;
      the first two compiled iterations (the compilation) are timed apart.
+  6. Item 3's ssr iteration with its frozen networks replayed as CUDA graphs as train.py --cuda-graphs does
+     (ssr.graph_frozen_networks) vs eager; cuda only.
 Item 3 also counts the FLOPs of each iteration (count_flops), the aten ops of the ssr iteration by network
 (count_ops: what an eager step costs the host) and, in bf16 on a GPU, the card's matmul rate.
 suite.py runs the programs themselves at the paper's sizes and these items, for every GPU figure in one call.
@@ -255,10 +258,11 @@ def bench_mit(s: Setup) -> tuple:
             f"transformers {s.dtype}", r["ours"], r["ref"], note)
 
 
-def train_iterations(s: Setup, method: str, compiled: bool = False) -> tuple[Callable[[], None], dict]:
+def train_iterations(s: Setup, method: str, compiled: bool = False, graphs: bool = False
+                     ) -> tuple[Callable[[], None], dict]:
     """(fn, nets): fn() runs the next UDA training iteration of `method` on random images at every call, as train.py
-    does: autocast forward, backward, AdamW step, gradients set to None; `compiled`: the networks as train.py
-    --compile. nets: the networks it runs by name, the UDA wrapper first (for count_ops)."""
+    does: autocast forward, backward, AdamW step, gradients set to None; `compiled`, `graphs`: the networks as
+    train.py --compile, --cuda-graphs. nets: the networks it runs by name, the UDA wrapper first (for count_ops)."""
     torch.manual_seed(0)
     src, tgt = (torch.randn(s.batch, 3, s.crop, s.crop, device=s.device) for _ in range(2))
     lbl = torch.randint(0, 19, (s.batch, s.crop, s.crop), device=s.device)
@@ -276,6 +280,8 @@ def train_iterations(s: Setup, method: str, compiled: bool = False) -> tuple[Cal
     scaler = torch.amp.GradScaler(s.device.type, enabled=s.amp_dtype == torch.float16)
     for net in (uda.student, uda.ema, uda.imnet, uda.ssr, sam) if compiled else ():
         ssr.compile_blocks(net)
+    if graphs:
+        ssr.graph_frozen_networks(uda, sam, s.batch, s.crop, s.amp_dtype)
     it = [0]
 
     def fn():
@@ -431,7 +437,14 @@ def bench_compile(s: Setup) -> tuple:
             f"{s.dtype}; first iterations (compile) {first[0]:.1f} s, {first[1]:.1f} s")
 
 
-BENCHES = {"1": bench_sam, "2": bench_mit, "3": bench_train, "4": bench_eval, "5": bench_compile}
+def bench_graphs(s: Setup) -> tuple:
+    graphed, eager = train_iterations(s, "ssr", graphs=True)[0], train_iterations(s, "ssr")[0]
+    r = measure(s, {"graphed": graphed, "eager": eager})
+    return (f"6 ssr {s.train_name()}", "CUDA graphs", "eager", r["graphed"], r["eager"],
+            f"{s.dtype}; the EMA teacher, ImageNet copy and SAM replayed")
+
+
+BENCHES = {"1": bench_sam, "2": bench_mit, "3": bench_train, "4": bench_eval, "5": bench_compile, "6": bench_graphs}
 
 
 def run_items(s: Setup, items: list[str]) -> None:
@@ -453,11 +466,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="the items' precision (see above)")
     p.add_argument("--repeats", type=int, help="timed calls per model (default 10, 3 on cpu)")
     p.add_argument("--warmup", type=int, help="untimed calls first (default 3, 1 on cpu)")
-    p.add_argument("--sam-size", type=int, help="SAM input side, items 1, 3, 5 (default 1024)")
-    p.add_argument("--crop", type=int, help="training crop side, items 2, 3, 5 (default 512)")
-    p.add_argument("--batch-size", type=int, help="batch of items 2, 3 and 5 (default 2)")
-    p.add_argument("--grad-checkpoint", action="store_true", help="items 3, 5: recompute the MiT blocks in backward")
-    p.add_argument("--mic", action="store_true", help="items 3, 5: the step with masked image consistency")
+    p.add_argument("--sam-size", type=int, help="SAM input side, items 1, 3, 5, 6 (default 1024)")
+    p.add_argument("--crop", type=int, help="training crop side, items 2, 3, 5, 6 (default 512)")
+    p.add_argument("--batch-size", type=int, help="batch of items 2, 3, 5 and 6 (default 2)")
+    p.add_argument("--grad-checkpoint", action="store_true", help="items 3, 5, 6: recompute the MiT blocks in backward")
+    p.add_argument("--mic", action="store_true", help="items 3, 5, 6: the step with masked image consistency")
     p.add_argument("--profile", action="store_true", help="item 3: print a torch.profiler table of the ssr iteration")
     p.add_argument("--tiny", action="store_true", help="tiny models and sizes for every item (seconds on a CPU)")
     args = p.parse_args(argv)
@@ -466,6 +479,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: --items {args.items}: choose among {','.join(BENCHES)} (comma-separated).")
     s = Setup(torch.device(args.device), args.dtype, args.repeats, args.warmup, args.tiny, args.crop, args.batch_size,
               args.sam_size, args.grad_checkpoint, args.mic, args.profile)
+    if "6" in items and not s.cuda:
+        sys.exit(f"error: --items {args.items}: item 6 times CUDA graphs, which run on a GPU only; give --device "
+                 f"cuda, or leave item 6 out.")
     print(f"device {s.device} ({s.device_name()}), torch {torch.__version__}, dtype {s.dtype}, median of {s.repeats} "
           f"after {s.warmup} warm-up", flush=True)
     try:
