@@ -15,10 +15,10 @@ Items, ours / reference in the ratio columns:
   3. One training iteration (UDA forward, backward, AdamW step) of method 'ssr' vs 'dacs': the cost of the SAM
      regularizer. --profile adds a torch.profiler table of the ssr iteration and the device's busy time.
   4. Evaluation throughput of the deployable Segmentor (autocast forward, resize to the input, argmax), images/s.
-  5. Item 3's ssr iteration with its networks compiled as train.py --compile does (ssr.compile_blocks) vs eager;
+  5. Item 3's ssr iteration with its networks compiled as train.py --compile does (speed.compile_blocks) vs eager;
      the first two compiled iterations (the compilation) are timed apart.
   6. Item 3's ssr iteration with its frozen networks replayed as CUDA graphs as train.py --cuda-graphs does
-     (ssr.graph_frozen_networks) vs eager; cuda only.
+     (speed.graph_frozen_networks) vs eager; cuda only.
 Item 3 also counts the FLOPs of each iteration (count_flops), the aten ops of the ssr iteration by network
 (count_ops: what an eager step costs the host) and, in bf16 on a GPU, the card's matmul rate.
 suite.py runs the programs themselves at the paper's sizes and these items, for every GPU figure in one call.
@@ -57,6 +57,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import mit
 import sam_encoder
 import ssr
+import speed
 import weights
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -270,7 +271,7 @@ def train_iterations(s: Setup, method: str, compiled: bool = False, graphs: bool
     student = ssr.build_segmentor(s.seg_config())
     student.backbone.grad_checkpoint = s.grad_checkpoint
     uda = ssr.UDA(student, method=method, mic=s.mic, sam_img_size=s.sam_size).to(s.device).train()
-    ssr.cast_frozen_weights(uda.imnet, s.amp_dtype)
+    speed.cast_frozen_weights(uda.imnet, s.amp_dtype)
     sam = weights.frozen_sam(  # random weights: the teacher's speed does not depend on them
         "vit_b", None, img_size=s.sam_size, device=s.device, dtype=s.amp_dtype or torch.float32,
         **s.sam_overrides()) if method == "ssr" else None
@@ -279,9 +280,9 @@ def train_iterations(s: Setup, method: str, compiled: bool = False, graphs: bool
                                   fused=True)
     scaler = torch.amp.GradScaler(s.device.type, enabled=s.amp_dtype == torch.float16)
     for net in (uda.student, uda.ema, uda.imnet, uda.ssr, sam) if compiled else ():
-        ssr.compile_blocks(net)
+        speed.compile_blocks(net)
     if graphs:
-        ssr.graph_frozen_networks(uda, sam, s.batch, s.crop, s.amp_dtype)
+        speed.graph_frozen_networks(uda, sam, s.batch, s.crop, s.amp_dtype)
     it = [0]
 
     def fn():

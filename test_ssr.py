@@ -46,6 +46,7 @@ import predict
 import processes
 import sam_encoder
 import ssr
+import speed
 import study
 import toys
 import weights
@@ -358,175 +359,6 @@ def test_ssr_training_steps_lower_the_loss(method, mic, keys):
     assert src_loss() < 0.85 * start
 
 
-def test_ssr_compiled_networks_train_like_eager():
-    """compile_blocks (train.py --compile) keeps parameter names, losses and gradients, on the GPU's path: bf16
-    autocast, the SAM teacher in bf16. Every graph compiles in the first step, none later. The aot_eager backend traces the autograd
-    graphs as inductor does, without inductor's C++ build (minutes on 2 cores); by hand, with inductor on this
-    CPU (fp32), the losses equalled eager ones to 4 decimals over 6 steps."""
-    def run(compiled: bool):
-        torch.manual_seed(0)
-        uda = ssr.UDA(ssr.build_segmentor(_TINY), method="ssr", mic=True, sam_img_size=64, ignore_rows=(2, 8))
-        sam = _ssr_tiny_sam().to(torch.bfloat16)
-        if compiled:
-            for net in (uda.student, uda.ema, uda.imnet, uda.ssr, sam):
-                ssr.compile_blocks(net, backend="aot_eager")
-        opt = torch.optim.AdamW([p for p in uda.parameters() if p.requires_grad], lr=3e-3)
-        src, lbl, tgt = _ssr_batch()
-        history = []
-        for it in range(3):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                losses = uda(src, lbl, tgt, it, sam=sam)
-            sum(losses.values()).backward()
-            history.append((torch.stack(list(losses.values())).detach(),
-                            {n: p.grad.clone() for n, p in uda.named_parameters() if p.grad is not None}))
-            opt.step()
-            opt.zero_grad()
-            per_step.append(dict(torch._dynamo.utils.counters["frames"]))
-        return uda, history
-
-    per_step = []
-    eager, expected = run(False)
-    torch._dynamo.utils.counters.clear()
-    per_step.clear()
-    compiled, got = run(True)
-    assert per_step[0]["total"] > 0 and per_step[1] == per_step[2] == per_step[0], per_step  # none after step 0
-    with torch.no_grad():  # train.py's evaluation in fp32: the student at another size, more graphs of the blocks
-        x = torch.randn(1, 3, 64, 128)
-        out = compiled.student.eval()(x)
-        assert out.shape == (1, _TINY.num_classes, 16, 32)
-        torch.testing.assert_close(out, eager.student.eval()(x), atol=1e-3, rtol=1e-3)  # trained alike (see below)
-    frames = torch._dynamo.utils.counters["frames"]  # a function past dynamo's recompile limit would run eager
-    assert frames["total"] == frames["ok"] > 0, dict(frames)
-    assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints keep the official names
-    # Step 0: the same losses and gradients (in fp32, aot_eager's decomposed backward ops would round apart), but
-    # for the head, which runs twice (the plain and the SAM-enhanced features) and its fusion layer once per
-    # domain: eager autocast sums the uses' weight gradients in bf16 through one cached cast, the compiled head
-    # casts in each graph and sums in fp32, one bf16 rounding apart. AdamW turns such roundings of tiny gradients
-    # into whole steps, so later steps are only close.
-    (loss, grads), (expected_loss, expected_grads) = got[0], expected[0]
-    torch.testing.assert_close(loss, expected_loss)
-    assert grads.keys() == expected_grads.keys()
-    assert expected_grads["student.backbone.patch_embed1.proj.weight"].abs().sum() > 0  # the first layer learns
-    for name, g in grads.items():
-        if ".decode_head." in name:
-            assert (g - expected_grads[name]).norm() <= 1e-2 * expected_grads[name].norm(), name
-        else:
-            torch.testing.assert_close(g, expected_grads[name], msg=name)
-    torch.testing.assert_close([loss for loss, _ in got[1:]], [loss for loss, _ in expected[1:]], atol=1e-4, rtol=1e-3)
-    for net in (compiled.student, compiled.ema, compiled.imnet):
-        blocks = [m for m in net.modules() if isinstance(m, mit.Block)]  # compiled block by block
-        assert blocks and all(b._compiled_call_impl is not None for b in blocks)
-    assert compiled.student.decode_head._compiled_call_impl is not None and compiled.ssr._compiled_call_impl
-    assert not any(m._compiled_call_impl for m in eager.modules())
-
-
-def test_ssr_frozen_weights_cast_once_train_bit_identical():
-    """cast_frozen_weights (train.py in bf16 or fp16) stores the ImageNet copy's Linear and Conv2d weights in bf16:
-    the same losses and gradients, bit for bit, as autocast casting them in every forward, one op fewer a tensor."""
-    def run(cast: bool):
-        torch.manual_seed(0)
-        uda = ssr.UDA(ssr.build_segmentor(_TINY), method="dacs", ignore_rows=(2, 8))
-        if cast:
-            ssr.cast_frozen_weights(uda.imnet, torch.bfloat16)
-        opt = torch.optim.AdamW([p for p in uda.parameters() if p.requires_grad], lr=3e-3)
-        src, lbl, tgt = _ssr_batch()
-        history = []
-        for it in range(2):  # at step 0 the student is the ImageNet copy (FD 0); at step 1 it has moved away
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                losses = uda(src, lbl, tgt, it)
-            sum(losses.values()).backward()
-            history.append((losses["fd"].item(), torch.stack(list(losses.values())).detach(),
-                            {n: p.grad.clone() for n, p in uda.named_parameters() if p.grad is not None}))
-            opt.step()
-            opt.zero_grad()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            ops = int(bench.count_ops(lambda: uda.imnet(src), {"ImageNet copy": uda.imnet}).split()[0])
-        return uda, history, ops
-
-    eager, expected, eager_ops = run(False)
-    cast, got, cast_ops = run(True)
-    assert got[1][0] > 0  # the feature distance, which the ImageNet copy's features enter, is at work
-    for (_, loss, grads), (_, expected_loss, expected_grads) in zip(got, expected):
-        assert torch.equal(loss, expected_loss)
-        assert grads.keys() == expected_grads.keys() and all(torch.equal(g, expected_grads[n]) for n, g in grads.items())
-    low = {n for n, p in cast.imnet.named_parameters() if p.dtype == torch.bfloat16}
-    layers = [m for m in cast.imnet.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-    assert len(low) == sum(len(list(m.parameters())) for m in layers) == eager_ops - cast_ops > 0
-    assert all(".norm" in n or n.startswith("norm") for n, p in cast.imnet.named_parameters() if n not in low)
-    assert all(p.dtype == torch.float32 for p in [*cast.student.parameters(), *cast.ema.parameters()])
-    ssr.cast_frozen_weights(eager.imnet, None)  # fp32 training: nothing to cast
-    assert all(p.dtype == torch.float32 for p in eager.imnet.parameters())
-
-
-@pytest.mark.filterwarnings("ignore:CUDA is not available")  # graph_frozen's autocast to cuda, here a no-op
-def test_ssr_graph_frozen_networks_capture_what_uda_forward_runs(monkeypatch):
-    """graph_frozen_networks (train.py --cuda-graphs) on the CPU, torch's capture stood in for by a fake that runs
-    the network as torch's does (3 warm-up passes, then the capture) and replays it eagerly, after checking that the
-    call's input has the captured shape and dtype (a real replay copies it into the graph's input, casting quietly).
-    The losses equal those of eager networks, and the BatchNorm statistics are those of the real passes only."""
-    calls = []
-
-    def make_graphed_callables(net, sample_args):
-        for _ in range(4):
-            net(*sample_args)
-        captured, forward = [(a.shape, a.dtype) for a in sample_args], net.forward
-
-        def replay(*args):
-            assert [(a.shape, a.dtype) for a in args] == captured, (type(net).__name__, captured)
-            calls.append(type(net).__name__)
-            return forward(*args)
-        net.forward = replay
-        return net
-
-    monkeypatch.setattr(torch.cuda, "make_graphed_callables", make_graphed_callables)
-
-    def run(graphed: bool):
-        torch.manual_seed(0)
-        uda = ssr.UDA(ssr.build_segmentor(_TINY), method="ssr", mic=True, sam_img_size=64, ignore_rows=(2, 8))
-        sam = _ssr_tiny_sam().to(torch.bfloat16)  # SAM in the training dtype, its input cast to it
-        if graphed:
-            ssr.graph_frozen_networks(uda, sam, 2, 64, torch.bfloat16)
-        torch.manual_seed(1)  # as train.py, which seeds the loop's streams after the capture
-        src, lbl, tgt = _ssr_batch()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            losses = [torch.stack(list(uda(src, lbl, tgt, it, sam=sam).values())).detach() for it in range(2)]
-        return uda, losses
-
-    eager, expected = run(False)
-    graphed, got = run(True)
-    assert calls == ["Segmentor", "MixVisionTransformer", "SamEncoder"] * 2, calls
-    assert all(torch.equal(a, b) for a, b in zip(got, expected))
-    moved = [b for b in eager.ema.buffers() if b.is_floating_point() and not torch.equal(b, torch.zeros_like(b))]
-    assert moved and all(torch.equal(a, b) for a, b in zip(graphed.buffers(), eager.buffers()))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs run on a GPU only")
-def test_ssr_cuda_graphed_frozen_networks_replay_like_eager():
-    """graph_frozen (train.py --cuda-graphs): each call replays on its new input and on the weights as they are
-    then (the EMA update changes them in place); the capture's warm-up leaves the BatchNorm statistics as they were,
-    and the replays move them as eager passes do."""
-    torch.manual_seed(0)
-    uda = ssr.UDA(ssr.build_segmentor(_TINY), method="ssr", sam_img_size=64, ignore_rows=(2, 8)).cuda()
-    twin, sam = copy.deepcopy(uda), _ssr_tiny_sam().to(device="cuda", dtype=torch.bfloat16)
-    sam_twin = copy.deepcopy(sam)
-    ssr.graph_frozen(uda.ema, torch.randn(2, 3, 64, 64, device="cuda"), torch.bfloat16)
-    ssr.graph_frozen(uda.imnet, torch.randn(2, 3, 64, 64, device="cuda"), torch.bfloat16)
-    ssr.graph_frozen(sam, torch.randn(4, 3, 64, 64, device="cuda", dtype=torch.bfloat16), torch.bfloat16)
-    assert "forward" in vars(uda.ema) and "forward" in vars(sam)  # replays, not the modules' own forward
-    assert all(torch.equal(a, b) for a, b in zip(uda.buffers(), twin.buffers()))
-    for _ in range(3):
-        x = torch.randn(2, 3, 64, 64, device="cuda")
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            pairs = [(uda.ema(x), twin.ema(x)), *zip(uda.imnet(x), twin.imnet(x))]
-            pairs.append((sam(torch.cat([x, x]).bfloat16()), sam_twin(torch.cat([x, x]).bfloat16())))
-            for got, expected in pairs:
-                torch.testing.assert_close(got, expected)
-            noise = [0.01 * torch.randn_like(p) for p in uda.ema.parameters()]  # an EMA update, in place
-            torch._foreach_add_(list(uda.ema.parameters()), noise)
-            torch._foreach_add_(list(twin.ema.parameters()), noise)
-    torch.testing.assert_close(list(uda.ema.buffers()), list(twin.ema.buffers()))
-
-
 def test_ssr_branch_trains_but_is_not_part_of_the_deployed_model():
     torch.manual_seed(0)
     student = ssr.build_segmentor(_TINY)
@@ -616,6 +448,180 @@ def test_ssr_mic_learns_the_teachers_confident_labels_on_masked_targets():
         mic = uda(src, lbl, tgt, 1)["mic"]
         # an untrained student gives class 3 a probability near 1/19: CE ~ ln 19 on the weighted pixels
         assert (mic > 0.5 * math.log(19)) if confident else (mic == 0)
+
+
+# ==============================================================================================================
+# speed.py: the speed levers, each computing what the method computes
+# ==============================================================================================================
+
+
+def test_speed_compiled_networks_train_like_eager():
+    """compile_blocks (train.py --compile) keeps parameter names, losses and gradients, on the GPU's path: bf16
+    autocast, the SAM teacher in bf16. Every graph compiles in the first step, none later. The aot_eager backend traces the autograd
+    graphs as inductor does, without inductor's C++ build (minutes on 2 cores); by hand, with inductor on this
+    CPU (fp32), the losses equalled eager ones to 4 decimals over 6 steps."""
+    def run(compiled: bool):
+        torch.manual_seed(0)
+        uda = ssr.UDA(ssr.build_segmentor(_TINY), method="ssr", mic=True, sam_img_size=64, ignore_rows=(2, 8))
+        sam = _ssr_tiny_sam().to(torch.bfloat16)
+        if compiled:
+            for net in (uda.student, uda.ema, uda.imnet, uda.ssr, sam):
+                speed.compile_blocks(net, backend="aot_eager")
+        opt = torch.optim.AdamW([p for p in uda.parameters() if p.requires_grad], lr=3e-3)
+        src, lbl, tgt = _ssr_batch()
+        history = []
+        for it in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                losses = uda(src, lbl, tgt, it, sam=sam)
+            sum(losses.values()).backward()
+            history.append((torch.stack(list(losses.values())).detach(),
+                            {n: p.grad.clone() for n, p in uda.named_parameters() if p.grad is not None}))
+            opt.step()
+            opt.zero_grad()
+            per_step.append(dict(torch._dynamo.utils.counters["frames"]))
+        return uda, history
+
+    per_step = []
+    eager, expected = run(False)
+    torch._dynamo.utils.counters.clear()
+    per_step.clear()
+    compiled, got = run(True)
+    assert per_step[0]["total"] > 0 and per_step[1] == per_step[2] == per_step[0], per_step  # none after step 0
+    with torch.no_grad():  # train.py's evaluation in fp32: the student at another size, more graphs of the blocks
+        x = torch.randn(1, 3, 64, 128)
+        out = compiled.student.eval()(x)
+        assert out.shape == (1, _TINY.num_classes, 16, 32)
+        torch.testing.assert_close(out, eager.student.eval()(x), atol=1e-3, rtol=1e-3)  # trained alike (see below)
+    frames = torch._dynamo.utils.counters["frames"]  # a function past dynamo's recompile limit would run eager
+    assert frames["total"] == frames["ok"] > 0, dict(frames)
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints keep the official names
+    # Step 0: the same losses and gradients (in fp32, aot_eager's decomposed backward ops would round apart), but
+    # for the head, which runs twice (the plain and the SAM-enhanced features) and its fusion layer once per
+    # domain: eager autocast sums the uses' weight gradients in bf16 through one cached cast, the compiled head
+    # casts in each graph and sums in fp32, one bf16 rounding apart. AdamW turns such roundings of tiny gradients
+    # into whole steps, so later steps are only close.
+    (loss, grads), (expected_loss, expected_grads) = got[0], expected[0]
+    torch.testing.assert_close(loss, expected_loss)
+    assert grads.keys() == expected_grads.keys()
+    assert expected_grads["student.backbone.patch_embed1.proj.weight"].abs().sum() > 0  # the first layer learns
+    for name, g in grads.items():
+        if ".decode_head." in name:
+            assert (g - expected_grads[name]).norm() <= 1e-2 * expected_grads[name].norm(), name
+        else:
+            torch.testing.assert_close(g, expected_grads[name], msg=name)
+    torch.testing.assert_close([loss for loss, _ in got[1:]], [loss for loss, _ in expected[1:]], atol=1e-4, rtol=1e-3)
+    for net in (compiled.student, compiled.ema, compiled.imnet):
+        blocks = [m for m in net.modules() if isinstance(m, mit.Block)]  # compiled block by block
+        assert blocks and all(b._compiled_call_impl is not None for b in blocks)
+    assert compiled.student.decode_head._compiled_call_impl is not None and compiled.ssr._compiled_call_impl
+    assert not any(m._compiled_call_impl for m in eager.modules())
+
+
+def test_speed_frozen_weights_cast_once_train_bit_identical():
+    """cast_frozen_weights (train.py in bf16 or fp16) stores the ImageNet copy's Linear and Conv2d weights in bf16:
+    the same losses and gradients, bit for bit, as autocast casting them in every forward, one op fewer a tensor."""
+    def run(cast: bool):
+        torch.manual_seed(0)
+        uda = ssr.UDA(ssr.build_segmentor(_TINY), method="dacs", ignore_rows=(2, 8))
+        if cast:
+            speed.cast_frozen_weights(uda.imnet, torch.bfloat16)
+        opt = torch.optim.AdamW([p for p in uda.parameters() if p.requires_grad], lr=3e-3)
+        src, lbl, tgt = _ssr_batch()
+        history = []
+        for it in range(2):  # at step 0 the student is the ImageNet copy (FD 0); at step 1 it has moved away
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                losses = uda(src, lbl, tgt, it)
+            sum(losses.values()).backward()
+            history.append((losses["fd"].item(), torch.stack(list(losses.values())).detach(),
+                            {n: p.grad.clone() for n, p in uda.named_parameters() if p.grad is not None}))
+            opt.step()
+            opt.zero_grad()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            ops = int(bench.count_ops(lambda: uda.imnet(src), {"ImageNet copy": uda.imnet}).split()[0])
+        return uda, history, ops
+
+    eager, expected, eager_ops = run(False)
+    cast, got, cast_ops = run(True)
+    assert got[1][0] > 0  # the feature distance, which the ImageNet copy's features enter, is at work
+    for (_, loss, grads), (_, expected_loss, expected_grads) in zip(got, expected):
+        assert torch.equal(loss, expected_loss)
+        assert grads.keys() == expected_grads.keys() and all(torch.equal(g, expected_grads[n]) for n, g in grads.items())
+    low = {n for n, p in cast.imnet.named_parameters() if p.dtype == torch.bfloat16}
+    layers = [m for m in cast.imnet.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    assert len(low) == sum(len(list(m.parameters())) for m in layers) == eager_ops - cast_ops > 0
+    assert all(".norm" in n or n.startswith("norm") for n, p in cast.imnet.named_parameters() if n not in low)
+    assert all(p.dtype == torch.float32 for p in [*cast.student.parameters(), *cast.ema.parameters()])
+    speed.cast_frozen_weights(eager.imnet, None)  # fp32 training: nothing to cast
+    assert all(p.dtype == torch.float32 for p in eager.imnet.parameters())
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # graph_frozen's autocast to cuda, here a no-op
+def test_speed_graph_frozen_networks_capture_what_uda_forward_runs(monkeypatch):
+    """graph_frozen_networks (train.py --cuda-graphs) on the CPU, torch's capture stood in for by a fake that runs
+    the network as torch's does (3 warm-up passes, then the capture) and replays it eagerly, after checking that the
+    call's input has the captured shape and dtype (a real replay copies it into the graph's input, casting quietly).
+    The losses equal those of eager networks, and the BatchNorm statistics are those of the real passes only."""
+    calls = []
+
+    def make_graphed_callables(net, sample_args):
+        for _ in range(4):
+            net(*sample_args)
+        captured, forward = [(a.shape, a.dtype) for a in sample_args], net.forward
+
+        def replay(*args):
+            assert [(a.shape, a.dtype) for a in args] == captured, (type(net).__name__, captured)
+            calls.append(type(net).__name__)
+            return forward(*args)
+        net.forward = replay
+        return net
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", make_graphed_callables)
+
+    def run(graphed: bool):
+        torch.manual_seed(0)
+        uda = ssr.UDA(ssr.build_segmentor(_TINY), method="ssr", mic=True, sam_img_size=64, ignore_rows=(2, 8))
+        sam = _ssr_tiny_sam().to(torch.bfloat16)  # SAM in the training dtype, its input cast to it
+        if graphed:
+            speed.graph_frozen_networks(uda, sam, 2, 64, torch.bfloat16)
+        torch.manual_seed(1)  # as train.py, which seeds the loop's streams after the capture
+        src, lbl, tgt = _ssr_batch()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = [torch.stack(list(uda(src, lbl, tgt, it, sam=sam).values())).detach() for it in range(2)]
+        return uda, losses
+
+    eager, expected = run(False)
+    graphed, got = run(True)
+    assert calls == ["Segmentor", "MixVisionTransformer", "SamEncoder"] * 2, calls
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    moved = [b for b in eager.ema.buffers() if b.is_floating_point() and not torch.equal(b, torch.zeros_like(b))]
+    assert moved and all(torch.equal(a, b) for a, b in zip(graphed.buffers(), eager.buffers()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs run on a GPU only")
+def test_speed_cuda_graphed_frozen_networks_replay_like_eager():
+    """graph_frozen (train.py --cuda-graphs): each call replays on its new input and on the weights as they are
+    then (the EMA update changes them in place); the capture's warm-up leaves the BatchNorm statistics as they were,
+    and the replays move them as eager passes do."""
+    torch.manual_seed(0)
+    uda = ssr.UDA(ssr.build_segmentor(_TINY), method="ssr", sam_img_size=64, ignore_rows=(2, 8)).cuda()
+    twin, sam = copy.deepcopy(uda), _ssr_tiny_sam().to(device="cuda", dtype=torch.bfloat16)
+    sam_twin = copy.deepcopy(sam)
+    speed.graph_frozen(uda.ema, torch.randn(2, 3, 64, 64, device="cuda"), torch.bfloat16)
+    speed.graph_frozen(uda.imnet, torch.randn(2, 3, 64, 64, device="cuda"), torch.bfloat16)
+    speed.graph_frozen(sam, torch.randn(4, 3, 64, 64, device="cuda", dtype=torch.bfloat16), torch.bfloat16)
+    assert "forward" in vars(uda.ema) and "forward" in vars(sam)  # replays, not the modules' own forward
+    assert all(torch.equal(a, b) for a, b in zip(uda.buffers(), twin.buffers()))
+    for _ in range(3):
+        x = torch.randn(2, 3, 64, 64, device="cuda")
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            pairs = [(uda.ema(x), twin.ema(x)), *zip(uda.imnet(x), twin.imnet(x))]
+            pairs.append((sam(torch.cat([x, x]).bfloat16()), sam_twin(torch.cat([x, x]).bfloat16())))
+            for got, expected in pairs:
+                torch.testing.assert_close(got, expected)
+            noise = [0.01 * torch.randn_like(p) for p in uda.ema.parameters()]  # an EMA update, in place
+            torch._foreach_add_(list(uda.ema.parameters()), noise)
+            torch._foreach_add_(list(twin.ema.parameters()), noise)
+    torch.testing.assert_close(list(uda.ema.buffers()), list(twin.ema.buffers()))
 
 
 # ==============================================================================================================

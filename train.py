@@ -33,6 +33,7 @@ import mit
 import processes
 import sam_encoder
 import ssr
+import speed
 import toys
 import weights
 from eval import evaluate, print_table
@@ -245,12 +246,12 @@ if args.method == "ssr" and args.ssr_context != "zeros":  # a zero context needs
     sam = weights.frozen_sam(args.sam, None if args.sam_weights == "none" else args.sam_weights,
                              img_size=args.sam_img_size, device=device, dtype=amp_dtype or torch.float32,
                              **sizes.sam)
-ssr.cast_frozen_weights(uda.imnet, amp_dtype)  # speed, from outside the method: the same features (tested)
+speed.cast_frozen_weights(uda.imnet, amp_dtype)  # speed, from outside the method: the same features (tested)
 if args.compile:  # speed, applied from outside the method: the same losses (tested)
     for net in (uda.student, uda.ema, uda.imnet, uda.ssr, sam):
-        ssr.compile_blocks(net)
+        speed.compile_blocks(net)
 if args.cuda_graphs:  # speed, applied from outside the method: the frozen networks' passes replayed
-    ssr.graph_frozen_networks(uda, sam, args.batch_size, args.crop, amp_dtype)
+    speed.graph_frozen_networks(uda, sam, args.batch_size, args.crop, amp_dtype)
 model = processes.wrap(world, uda)  # under torchrun DistributedDataParallel, which averages the gradients
 
 # AdamW as the paper's config, the head at 10x the rate (ssr.param_groups: which parameters, at which rate and decay)

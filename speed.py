@@ -1,0 +1,78 @@
+"""Speed levers, applied to the method from outside: the method's functions (ssr.py) read as the paper says, and
+each lever here is tested to compute what they compute.
+
+1. compile_blocks: train.py --compile, torch.compile block by block.
+2. cast_frozen_weights: the frozen ImageNet copy's Linear and Conv2d weights kept in the autocast dtype (bf16, fp16).
+3. graph_frozen, graph_frozen_networks: train.py --cuda-graphs, the frozen networks' passes replayed as CUDA graphs.
+"""
+import contextlib
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+import mit
+import sam_encoder
+import ssr
+
+
+def compile_blocks(net: nn.Module | None, **compile_kwargs) -> None:
+    """torch.compile a network in place, block by block: each MiT or SAM block and each DAFormer head on its own (a
+    network of none of them, the SSR branch, whole), with static shapes, so the blocks of a stage share one graph.
+    Measured (bench.py --items 5, 2-core CPU, MiT-B5, crop 128, SAM at 256): bf16 6.89 -> 5.87 s per ssr iteration
+    after about 195 s of compiling; fp32 6.94 -> 8.09 s; at the demo's sizes no change. GPU: not yet measured."""
+    if net is None:
+        return
+    # a graph per stage and use (training, the teacher's no-grad pass, evaluation): past dynamo's 8, they run eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    regions = [m for m in net.modules() if isinstance(m, (mit.Block, sam_encoder.Block, ssr.DAFormerHead))]
+    for m in regions or [net]:
+        m.compile(dynamic=False, **compile_kwargs)
+
+
+def cast_frozen_weights(net: nn.Module | None, dtype: torch.dtype | None) -> None:
+    """Store a frozen network's Linear and Conv2d weights and biases in autocast's dtype (None: fp32, nothing to
+    do), once. Autocast would cast them again in every forward, one kernel each, to the same values (a rounding is
+    a rounding): the outputs are bit-identical (tested), and a MiT-B5 pass runs 735 aten ops instead of 1465
+    (bench.count_ops). LayerNorms keep fp32, as autocast runs them. train.py does it to the ImageNet copy only: the
+    EMA teacher changes at every step, and SAM is built in the dtype whole."""
+    if net is None or dtype is None:
+        return
+    for m in net.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            m.to(dtype)
+
+
+def graph_frozen(net: nn.Module | None, sample: Tensor, dtype: torch.dtype | None) -> None:
+    """train.py --cuda-graphs: a frozen network's forward captured once as a CUDA graph, on `sample`'s shape and
+    dtype, under autocast to `dtype` (None: fp32), and replayed by every later call. In eager mode the host
+    launches a pass's ops one by one (the EMA teacher's: 1534 aten ops per bf16 pass, bench.count_ops), so a
+    host-bound step waits on them; a replay is one launch. Valid as the shapes are fixed and the weights change
+    only in place (the EMA update's foreach ops, load_state_dict): the graph reads them where they lie. The
+    outputs are the graph's own memory, which the next call overwrites: UDA.forward uses them within its iteration.
+    Capturing runs the network 4 times (torch's warm-up): the BatchNorm statistics these passes move (the EMA
+    teacher's head) are put back."""
+    if net is None:
+        return
+    saved = [b.clone() for b in net.buffers()]
+    amp = torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext()
+    with torch.no_grad(), amp:  # capturing forbids autocast's cache; frozen weights are never cached anyway
+        torch.cuda.make_graphed_callables(net, (sample,))  # sets net.forward to the replay
+    with torch.no_grad():
+        for buffer, value in zip(net.buffers(), saved):
+            buffer.copy_(value)
+
+
+def graph_frozen_networks(uda: ssr.UDA, sam: nn.Module | None, batch_size: int, crop: int,
+                          dtype: torch.dtype | None) -> None:
+    """train.py --cuda-graphs: graph_frozen on the networks that UDA.forward runs without gradients, each on an input
+    of the shape and dtype it gets there: the EMA teacher (the target crops), the ImageNet copy (the source crops),
+    SAM (the source and mixed crops resized to its input side, in its dtype)."""
+    device = next(uda.parameters()).device
+    image = torch.randn(batch_size, 3, crop, crop, device=device)
+    graph_frozen(uda.ema, image, dtype)
+    graph_frozen(uda.imnet, image, dtype)
+    if sam is not None:
+        S = uda.sam_img_size
+        graph_frozen(sam, torch.randn(2 * batch_size, 3, S, S, device=device, dtype=next(sam.parameters()).dtype),
+                     dtype)
