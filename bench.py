@@ -5,7 +5,7 @@ Speed and memory of ssr's models, measured side by side with the reference imple
     python bench.py --dtype bf16 --items 1,3 --mic    # GPU target: our bf16 SAM vs official fp32; SSR vs DACS
     python bench.py --items 3 --profile --dtype bf16  # where an iteration's time goes
     python bench.py --items 5 --dtype bf16            # what train.py --compile buys (compile time apart)
-    python bench.py --items 6 --dtype bf16 --mic      # what train.py --cuda-graphs buys
+    python bench.py --items 6,7 --dtype bf16 --mic    # what train.py --cuda-graphs and the frozen weights' cast buy
     python bench.py --tiny --repeats 1 --warmup 0     # tiny configs, seconds (the smoke test)
 
 Items, ours / reference in the ratio columns:
@@ -19,6 +19,8 @@ Items, ours / reference in the ratio columns:
      the first two compiled iterations (the compilation) are timed apart.
   6. Item 3's ssr iteration with its frozen networks replayed as CUDA graphs as train.py --cuda-graphs does
      (speed.graph_frozen_networks) vs eager; cuda only.
+  7. Item 3's ssr iteration with the ImageNet copy's weights cast once, as train.py does in bf16 and fp16
+     (speed.cast_frozen_weights), vs cast by autocast in every pass.
 Item 3 also counts the FLOPs of each iteration (count_flops), the aten ops of the ssr iteration by network
 (count_ops: what an eager step costs the host) and, in bf16 on a GPU, the card's matmul rate.
 suite.py runs the programs themselves at the paper's sizes and these items, for every GPU figure in one call.
@@ -259,11 +261,12 @@ def bench_mit(s: Setup) -> tuple:
             f"transformers {s.dtype}", r["ours"], r["ref"], note)
 
 
-def train_iterations(s: Setup, method: str, compiled: bool = False, graphs: bool = False
+def train_iterations(s: Setup, method: str, compiled: bool = False, graphs: bool = False, cast: bool = True
                      ) -> tuple[Callable[[], None], dict]:
     """(fn, nets): fn() runs the next UDA training iteration of `method` on random images at every call, as train.py
     does: autocast forward, backward, AdamW step, gradients set to None; `compiled`, `graphs`: the networks as
-    train.py --compile, --cuda-graphs. nets: the networks it runs by name, the UDA wrapper first (for count_ops)."""
+    train.py --compile, --cuda-graphs; `cast`: the ImageNet copy's weights cast once, as train.py (False: by
+    autocast in every pass). nets: the networks it runs by name, the UDA wrapper first (for count_ops)."""
     torch.manual_seed(0)
     src, tgt = (torch.randn(s.batch, 3, s.crop, s.crop, device=s.device) for _ in range(2))
     lbl = torch.randint(0, 19, (s.batch, s.crop, s.crop), device=s.device)
@@ -271,7 +274,8 @@ def train_iterations(s: Setup, method: str, compiled: bool = False, graphs: bool
     student = ssr.build_segmentor(s.seg_config())
     student.backbone.grad_checkpoint = s.grad_checkpoint
     uda = ssr.UDA(student, method=method, mic=s.mic, sam_img_size=s.sam_size).to(s.device).train()
-    speed.cast_frozen_weights(uda.imnet, s.amp_dtype)
+    if cast:
+        speed.cast_frozen_weights(uda.imnet, s.amp_dtype)
     sam = weights.frozen_sam(  # random weights: the teacher's speed does not depend on them
         "vit_b", None, img_size=s.sam_size, device=s.device, dtype=s.amp_dtype or torch.float32,
         **s.sam_overrides()) if method == "ssr" else None
@@ -445,7 +449,15 @@ def bench_graphs(s: Setup) -> tuple:
             f"{s.dtype}; the EMA teacher, ImageNet copy and SAM replayed")
 
 
-BENCHES = {"1": bench_sam, "2": bench_mit, "3": bench_train, "4": bench_eval, "5": bench_compile, "6": bench_graphs}
+def bench_cast(s: Setup) -> tuple:
+    cast, autocast = train_iterations(s, "ssr")[0], train_iterations(s, "ssr", cast=False)[0]
+    r = measure(s, {"cast": cast, "autocast": autocast})
+    what = "fp32: nothing to cast" if s.dtype == "fp32" else "the ImageNet copy's Linear and Conv2d weights"
+    return f"7 ssr {s.train_name()}", "cast once", "autocast", r["cast"], r["autocast"], f"{s.dtype}; {what}"
+
+
+BENCHES = {"1": bench_sam, "2": bench_mit, "3": bench_train, "4": bench_eval, "5": bench_compile, "6": bench_graphs,
+           "7": bench_cast}
 
 
 def run_items(s: Setup, items: list[str]) -> None:
@@ -467,11 +479,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="the items' precision (see above)")
     p.add_argument("--repeats", type=int, help="timed calls per model (default 10, 3 on cpu)")
     p.add_argument("--warmup", type=int, help="untimed calls first (default 3, 1 on cpu)")
-    p.add_argument("--sam-size", type=int, help="SAM input side, items 1, 3, 5, 6 (default 1024)")
-    p.add_argument("--crop", type=int, help="training crop side, items 2, 3, 5, 6 (default 512)")
-    p.add_argument("--batch-size", type=int, help="batch of items 2, 3, 5 and 6 (default 2)")
-    p.add_argument("--grad-checkpoint", action="store_true", help="items 3, 5, 6: recompute the MiT blocks in backward")
-    p.add_argument("--mic", action="store_true", help="items 3, 5, 6: the step with masked image consistency")
+    p.add_argument("--sam-size", type=int, help="SAM input side, items 1, 3, 5-7 (default 1024)")
+    p.add_argument("--crop", type=int, help="training crop side, items 2, 3, 5-7 (default 512)")
+    p.add_argument("--batch-size", type=int, help="batch of items 2, 3, 5-7 (default 2)")
+    p.add_argument("--grad-checkpoint", action="store_true", help="items 3, 5-7: recompute the MiT blocks in backward")
+    p.add_argument("--mic", action="store_true", help="items 3, 5-7: the step with masked image consistency")
     p.add_argument("--profile", action="store_true", help="item 3: print a torch.profiler table of the ssr iteration")
     p.add_argument("--tiny", action="store_true", help="tiny models and sizes for every item (seconds on a CPU)")
     args = p.parse_args(argv)

@@ -16,8 +16,8 @@ they compress and decode like photos) from random weights, most important first:
   4. a stop (SIGTERM) and --resume, checked to continue from the saved state;
   5. eval.py on the saved model; train.py --method dacs --mic (what ssr costs) and --ssr-context shuffled;
   then one summary line (the 40k run's hours, ssr's cost over dacs, TFLOP per iteration, MFU), and, on cuda only,
-  the levers: train.py --cuda-graphs, bench.py item 6, eval.py --amp bf16, train.py --compile, item 5, item 3 in
-  fp32.
+  the levers: train.py --cuda-graphs, bench.py items 6 and 7, eval.py --amp bf16, train.py --compile, item 5, item 3
+  in fp32.
 """
 import argparse
 import glob
@@ -214,7 +214,7 @@ def run_gpu_suite(device: torch.device, tiny: bool, repeats: int, warmup: int, b
     and all) on files of the datasets' sizes from random weights: train.py --method ssr --mic and its steady rate,
     peak memory and MFU; the profile of that loop; item 3 (the bare step, its FLOPs, the card's matmul rate); a stop
     and --resume; eval.py on the saved model; train.py --method dacs --mic (ssr's cost) and --ssr-context shuffled;
-    cuda only: train.py --cuda-graphs, item 6, eval.py --amp bf16, train.py --compile, item 5, item 3 in fp32."""
+    cuda only: train.py --cuda-graphs, items 6 and 7, eval.py --amp bf16, train.py --compile, item 5, item 3 in fp32."""
     start, card = time.perf_counter(), bench.Setup(device).device_name()
     dev = ["--device", str(device), "--repeats", str(repeats), "--warmup", str(warmup)] + ["--tiny"] * tiny
     n_eval, iters, warm = (8, 4, 2) if tiny else (200, 110, 30)
@@ -267,6 +267,8 @@ def run_gpu_suite(device: torch.device, tiny: bool, repeats: int, warmup: int, b
             tmp, os.path.join(tmp, "ssr_graphs"), ssr_mic + ["--cuda-graphs"], iters, warm, t))
         report("ssr iteration with CUDA graphs vs eager, bf16 (item 6)", 120, lambda t: run_bench(
             dev + ["--items", "6", "--dtype", "bf16", "--mic"], t))
+        report("ssr iteration with the ImageNet copy's weights cast once vs by autocast, bf16 (item 7)", 120,
+               lambda t: run_bench(dev + ["--items", "7", "--dtype", "bf16", "--mic"], t))
         report(f"eval.py --amp bf16, {n_eval} Cityscapes-sized files", 90, lambda t: run_eval_files(
             tmp, ckpt, ["--device", "cuda", "--amp", "bf16"], t))
         # compilation (the first iterations) is read apart from the steady rate after it

@@ -3568,7 +3568,18 @@ def test_suite_rejects_a_baseline_without_bench_py(tmp_path):
     assert "Traceback" not in run.stderr
 
 
-@pytest.mark.parametrize("items, expect", [("3,7", "error: --items 3,7: choose among 1,2,3,4,5,6"),
+def test_bench_item_7_times_the_frozen_weights_cast_once_against_autocast():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "bench.py", "--tiny", "--items", "7", "--dtype", "bf16", "--repeats", "2",
+                          "--warmup", "0"], cwd=_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = next(line for line in run.stdout.splitlines() if line.startswith("7 "))
+    ours, ref, ratio = map(float, re.search(r"cast once\s+autocast\s+(\d+\.\d)\s+(\d+\.\d)\s+(\d+\.\d\d)\s", row).groups())
+    assert abs(ours / ref - ratio) <= ratio * (0.06 / ours + 0.06 / ref) + 0.006, row
+    assert row.endswith("bf16; the ImageNet copy's Linear and Conv2d weights"), row
+
+
+@pytest.mark.parametrize("items, expect", [("3,8", "error: --items 3,8: choose among 1,2,3,4,5,6,7"),
                                            ("3,6", "error: --items 3,6: item 6 times CUDA graphs, which run on a GPU")])
 def test_bench_rejects_unknown_item(items, expect):
     run = subprocess.run([sys.executable, "bench.py", "--tiny", "--device", "cpu", "--items", items], cwd=_ROOT,
