@@ -3,9 +3,11 @@ each lever here is tested to compute what they compute.
 
 1. compile_blocks: train.py --compile, torch.compile block by block.
 2. cast_frozen_weights: the frozen ImageNet copy's Linear and Conv2d weights kept in the autocast dtype (bf16, fp16).
-3. graph_frozen, graph_frozen_networks: train.py --cuda-graphs, the frozen networks' passes replayed as CUDA graphs.
+3. cuda_graph, graph_frozen, graph_frozen_networks: train.py --cuda-graphs, the frozen networks' passes replayed as
+   CUDA graphs.
 """
 import contextlib
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -46,24 +48,55 @@ def cast_frozen_weights(net: nn.Module | None, dtype: torch.dtype | None) -> Non
             m.to(dtype)
 
 
+def cuda_graph(fn: Callable[[Tensor], object], x: Tensor) -> Callable[[], object]:
+    """fn(x) captured as a CUDA graph -> replay(): fn run again on what x holds then, its output written where the
+    capture's was, and returned. Three warm-up calls on a side stream first, so that cuDNN's autotuning and lazy
+    set-up are done, not captured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: the train loader's pin-memory thread (and NCCL's watchdog) call CUDA meanwhile; in the default
+    # 'global' mode such a call from another thread breaks the capture, and the loader with it
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        out = fn(x)
+
+    def replay() -> object:
+        graph.replay()
+        return out
+    return replay
+
+
 def graph_frozen(net: nn.Module | None, sample: Tensor, dtype: torch.dtype | None) -> None:
-    """train.py --cuda-graphs: a frozen network's forward captured once as a CUDA graph, on `sample`'s shape and
-    dtype, under autocast to `dtype` (None: fp32), and replayed by every later call. In eager mode the host
-    launches a pass's ops one by one (the EMA teacher's: 1534 aten ops per bf16 pass, bench.count_ops), so a
+    """train.py --cuda-graphs: a frozen network's forward captured once as a CUDA graph (cuda_graph), on `sample`'s
+    shape and dtype, under autocast to `dtype` (None: fp32), and replayed by every later call. In eager mode the
+    host launches a pass's ops one by one (the EMA teacher's: 1534 aten ops per bf16 pass, bench.count_ops), so a
     host-bound step waits on them; a replay is one launch. Valid as the shapes are fixed and the weights change
     only in place (the EMA update's foreach ops, load_state_dict): the graph reads them where they lie. The
     outputs are the graph's own memory, which the next call overwrites: UDA.forward uses them within its iteration.
-    Capturing runs the network 4 times (torch's warm-up): the BatchNorm statistics these passes move (the EMA
-    teacher's head) are put back. GPU: not yet measured (suite.py runs train.py --cuda-graphs and bench.py item 6)."""
+    The warm-up's passes move the BatchNorm statistics of the EMA teacher's head: they are put back.
+    GPU: not yet measured (suite.py runs train.py --cuda-graphs and bench.py item 6)."""
     if net is None:
         return
     saved = [b.clone() for b in net.buffers()]
+    static = sample.clone()  # the graph's input, refilled at every call
     amp = torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext()
-    with torch.no_grad(), amp:  # capturing forbids autocast's cache; frozen weights are never cached anyway
-        torch.cuda.make_graphed_callables(net, (sample,))  # sets net.forward to the replay
-    with torch.no_grad():
+    with torch.no_grad(), amp:  # no cache: a cast cached during the capture would be freed under the graph
+        replay = cuda_graph(net, static)
         for buffer, value in zip(net.buffers(), saved):
             buffer.copy_(value)
+
+    def forward(x: Tensor) -> object:
+        if x.shape != static.shape or x.dtype != static.dtype:
+            raise ValueError(f"{type(net).__name__} was captured as a CUDA graph on {tuple(static.shape)} "
+                             f"{static.dtype} and called on {tuple(x.shape)} {x.dtype}: shapes and dtypes must not "
+                             f"change.")
+        static.copy_(x)
+        return replay()
+    net.forward = forward  # an instance attribute: nn.Module.__call__ runs it in place of the class's forward
 
 
 def graph_frozen_networks(uda: ssr.UDA, sam: nn.Module | None, batch_size: int, crop: int,
