@@ -274,19 +274,14 @@ def train_iterations(s: Setup, method: str, compiled: bool = False, graphs: bool
     student = ssr.build_segmentor(s.seg_config())
     student.backbone.grad_checkpoint = s.grad_checkpoint
     uda = ssr.UDA(student, method=method, mic=s.mic, sam_img_size=s.sam_size).to(s.device).train()
-    if cast:
-        speed.cast_frozen_weights(uda.imnet, s.amp_dtype)
     sam = weights.frozen_sam(  # random weights: the teacher's speed does not depend on them
         "vit_b", None, img_size=s.sam_size, device=s.device, dtype=s.amp_dtype or torch.float32,
         **s.sam_overrides()) if method == "ssr" else None
+    speed.apply(uda, sam, s.amp_dtype, s.batch, s.crop, compiled=compiled, cuda_graphs=graphs, cast=cast)
     # as train.py: one fused kernel per step where torch has it (cuda, and cpu since torch 2.4)
     optimizer = torch.optim.AdamW([q for q in uda.parameters() if q.requires_grad], lr=6e-5, weight_decay=0.01,
                                   fused=True)
     scaler = torch.amp.GradScaler(s.device.type, enabled=s.amp_dtype == torch.float16)
-    for net in (uda.student, uda.ema, uda.imnet, uda.ssr, sam) if compiled else ():
-        speed.compile_blocks(net)
-    if graphs:
-        speed.graph_frozen_networks(uda, sam, s.batch, s.crop, s.amp_dtype)
     it = [0]
 
     def fn():

@@ -5,6 +5,7 @@ each lever here is tested to compute what they compute.
 2. cast_frozen_weights: the frozen ImageNet copy's Linear and Conv2d weights kept in the autocast dtype (bf16, fp16).
 3. cuda_graph, graph_frozen, graph_frozen_networks: train.py --cuda-graphs, the frozen networks' passes replayed as
    CUDA graphs.
+apply: what train.py applies of them, which bench.py applies alike.
 """
 import contextlib
 from typing import Callable
@@ -112,3 +113,16 @@ def graph_frozen_networks(uda: ssr.UDA, sam: nn.Module | None, batch_size: int, 
         S = uda.sam_img_size
         graph_frozen(sam, torch.randn(2 * batch_size, 3, S, S, device=device, dtype=next(sam.parameters()).dtype),
                      dtype)
+
+
+def apply(uda: ssr.UDA, sam: nn.Module | None, dtype: torch.dtype | None, batch_size: int, crop: int,
+          compiled: bool = False, cuda_graphs: bool = False, cast: bool = True) -> None:
+    """The levers train.py applies to its networks, in place (bench.py calls this too, so it times what train.py
+    runs): the ImageNet copy's weights cast once to the autocast dtype (`cast=False`: left to autocast, for timing
+    the difference), then --compile or --cuda-graphs."""
+    if cast:
+        cast_frozen_weights(uda.imnet, dtype)
+    for net in (uda.student, uda.ema, uda.imnet, uda.ssr, sam) if compiled else ():
+        compile_blocks(net)
+    if cuda_graphs:
+        graph_frozen_networks(uda, sam, batch_size, crop, dtype)

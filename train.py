@@ -246,12 +246,8 @@ if args.method == "ssr" and args.ssr_context != "zeros":  # a zero context needs
     sam = weights.frozen_sam(args.sam, None if args.sam_weights == "none" else args.sam_weights,
                              img_size=args.sam_img_size, device=device, dtype=amp_dtype or torch.float32,
                              **sizes.sam)
-speed.cast_frozen_weights(uda.imnet, amp_dtype)  # speed, from outside the method: the same features (tested)
-if args.compile:  # speed, applied from outside the method: the same losses (tested)
-    for net in (uda.student, uda.ema, uda.imnet, uda.ssr, sam):
-        speed.compile_blocks(net)
-if args.cuda_graphs:  # speed, applied from outside the method: the frozen networks' passes replayed
-    speed.graph_frozen_networks(uda, sam, args.batch_size, args.crop, amp_dtype)
+# speed, applied from outside the method (each lever tested to compute what the method computes)
+speed.apply(uda, sam, amp_dtype, args.batch_size, args.crop, compiled=args.compile, cuda_graphs=args.cuda_graphs)
 model = processes.wrap(world, uda)  # under torchrun DistributedDataParallel, which averages the gradients
 
 # AdamW as the paper's config, the head at 10x the rate (ssr.param_groups: which parameters, at which rate and decay)
