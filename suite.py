@@ -51,10 +51,11 @@ def profile_train(argv: list[str], start: int, n: int) -> str:
     cuda = torch.cuda.is_available()
     prof = torch.profiler.profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda,
                                   schedule=schedule(wait=max(start - 1, 0), warmup=1, active=n, repeat=1))
-    make_loader = data.make_train_loader
+    make_loader, made = data.make_train_loader, []
 
     def marked_loader(*args, **kwargs):
         batches = make_loader(*args, **kwargs)
+        made.append(batches)
         while True:
             with record_function(WAIT):
                 batch = next(batches)
@@ -71,6 +72,8 @@ def profile_train(argv: list[str], start: int, n: int) -> str:
             raise
     finally:
         data.make_train_loader = make_loader
+        for batches in made:  # its workers stopped now: left to the cyclic gc, each would cost 5 s (data.CleanLoader)
+            batches.close()
     prof.stop()
     return loop_split(prof.events(), n, cuda)
 

@@ -3562,6 +3562,22 @@ def test_bench_counts_aten_ops_by_the_innermost_running_network():
     assert not outer._forward_hooks and not outer.lin._forward_pre_hooks  # the counter leaves no hook behind
 
 
+def test_suite_profile_stops_the_loader_workers_itself(tmp_path):
+    # train.py runs inside the profiling process; its namespace, loader iterator included, dies in the cyclic gc,
+    # which would wait 5 s for each worker: profile_train stops them itself (here with the gc off, so it must)
+    script = ("import gc, multiprocessing, sys, suite; suite.loop_data(sys.argv[1], True, 8); gc.disable(); "
+              "print(suite.profile_train(sys.argv[2:], 1, 1)); print('children', multiprocessing.active_children())")
+    flags = ["--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--log-every", "0", "--demo",
+             "--pretrained", "none", "--eval-every", "0", "--save-every", "0", "--debug-every", "0", "--workers", "2",
+             "--method", "dacs"]
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "data")] + flags, cwd=_ROOT,
+                         env={**os.environ, "SSR_CACHE": str(tmp_path / "cache")}, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert re.search(r"ms per iteration: waiting for data", run.stdout), run.stdout
+    assert "children []" in run.stdout, run.stdout
+
+
 def test_suite_rejects_a_baseline_without_bench_py(tmp_path):
     run = subprocess.run([sys.executable, "suite.py", "--tiny", "--baseline", str(tmp_path)],
                          cwd=_ROOT, capture_output=True, text=True, timeout=60)
