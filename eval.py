@@ -23,7 +23,6 @@ import collections
 import glob
 import os
 import shlex
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -40,6 +39,7 @@ import datasets
 import files
 import pictures
 import predict
+import processes
 import ssr
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -429,7 +429,7 @@ def run(args: argparse.Namespace, device: torch.device, conditions: tuple[str, .
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's stop acts as Ctrl-C: temp files go
+    processes.stops_interrupt()  # a scheduler's stop and a closed terminal act as Ctrl-C: temp files go
     try:
         main()
     except files.UserError as e:  # user input; a bug keeps its traceback

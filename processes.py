@@ -49,11 +49,7 @@ def start(checkpoint: str) -> World:
     rank, size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if torchrun else (0, 1)
     hook = partial(report_errors, rank=rank, together=torchrun, checkpoint=checkpoint)
     sys.excepthook = hook
-    # SIGINT too, although Python raises KeyboardInterrupt on it already: Python does so only if SIGINT was not
-    # ignored when it started, and a shell without job control starts a job given with & (a script's, or a test
-    # suite's) ignoring SIGINT; that job then let a Ctrl-C pass unnoticed during the set-up (the demo ran on),
-    # while catch_stops acts on it in the loop. Installed here, a stop acts the same however the run was started.
-    install_stops({sig: stop_as_interrupt for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)})
+    stops_interrupt()  # until the loop, where catch_stops takes over
     launcher = 0
     if torchrun:
         # The launcher's death (a kill of torchrun, the OOM killer) reaches the workers, in sessions of their own,
@@ -216,11 +212,19 @@ def install_stops(handlers: dict) -> None:
 
 
 def stop_as_interrupt(sig: int, frame) -> None:
-    """Before the loop a stop acts as Ctrl-C: whatever is being made (the demo's data, a pretraining) is cleaned up
-    on the way out, and report_errors says one line."""
+    """A stop acts as Ctrl-C: whatever is being made (the demo's data, a pretraining, a prediction) is cleaned up
+    on the way out, and the program says one line (train.py's report_errors, eval.py's and toys.py's main)."""
     if sig == signal.SIGHUP:
         _silence_terminal()
     raise KeyboardInterrupt
+
+
+def stops_interrupt() -> None:
+    """Every stop signal raises KeyboardInterrupt (stop_as_interrupt), however the program was started. SIGINT too,
+    although Python raises KeyboardInterrupt on it already: it does so only if SIGINT was not ignored when it
+    started, and a shell without job control starts a job given with & (a script's, or a test suite's) ignoring
+    SIGINT; such a job let a Ctrl-C pass unnoticed (the demo's set-up ran on)."""
+    install_stops(dict.fromkeys(files.STOPS, stop_as_interrupt))
 
 
 def catch_stops() -> list[int]:

@@ -1927,15 +1927,16 @@ def test_convert_cli_records_the_source_and_bad_inputs_are_one_paragraph(tmp_pat
 
 def _eval_cli(monkeypatch, *args) -> str:
     """Run eval.py's __main__ in this process; return the SystemExit message ('' when it ends normally). Its
-    SIGTERM handler is undone."""
+    handlers of the stop signals are undone."""
     monkeypatch.setattr(sys, "argv", ["eval.py", *args])
-    handler = signal.getsignal(signal.SIGTERM)
+    handlers = {s: signal.getsignal(s) for s in files.STOPS}
     try:
         runpy.run_path(_EVAL_FILE, run_name="__main__")
     except SystemExit as e:
         return str(e.code)
     finally:
-        signal.signal(signal.SIGTERM, handler)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
     return ""
 
 
@@ -3056,7 +3057,7 @@ def test_train_started_under_nohup_keeps_sighup_ignored():
         for ignored in (True, False):
             signal.signal(signal.SIGHUP, signal.SIG_IGN if ignored else signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            processes.install_stops({s: processes.stop_as_interrupt for s in saved})
+            processes.stops_interrupt()
             assert (signal.getsignal(signal.SIGHUP) == signal.SIG_IGN) == ignored
             assert signal.getsignal(signal.SIGTERM) == processes.stop_as_interrupt
             processes.catch_stops()
@@ -3303,6 +3304,32 @@ def test_demo_stop_as_the_data_root_is_made_leaves_no_folder(tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         demo.write_data(str(tmp_path / "data"), n_src=1, n_tgt=1, n_val=1)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_demo_toys_cli_stops_as_on_ctrl_c_however_it_was_started(tmp_path, monkeypatch, capsys, sig):
+    # a scheduler's SIGTERM, and a Ctrl-C in a job that a shell without job control started with & (SIGINT ignored
+    # from its start), stop a pretraining with one line and a Ctrl-C's status, nothing written
+    sig, out = getattr(signal, sig), tmp_path / "mit.safetensors"
+    monkeypatch.setattr(sys, "argv", ["toys.py", "pretrain", "--out", str(out)])
+
+    def pretrain(path):
+        os.kill(os.getpid(), sig)
+        time.sleep(5)  # a stop's KeyboardInterrupt ends this at once; a signal ignored or only noted would not
+        pathlib.Path(path).write_text("finished")
+
+    monkeypatch.setattr(toys, "pretrain_imagenet", pretrain)
+    saved = {s: signal.getsignal(s) for s in files.STOPS}
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, lambda *_: None)  # not the default: a toys.py that kept it would end pytest
+        with pytest.raises(SystemExit) as e:
+            toys.main()
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    assert e.value.code == 130 and not out.exists()
+    assert capsys.readouterr().err == "stopped; nothing half-written was left behind\n"
 
 
 def test_demo_teacher_targets_never_depend_on_class_ids_or_colors():

@@ -36,6 +36,7 @@ import data
 import demo
 import files
 import mit
+import processes
 import sam_encoder
 import weights
 
@@ -484,6 +485,7 @@ def main() -> None:
     pr = sub.add_parser("probe", help="linear probe of a teacher's frozen features: fit on source, score on target")
     pr.add_argument("--weights", default=None, help="SAM weights to probe, or 'none' (default: the toy teacher)")
     args = p.parse_args()
+    processes.stops_interrupt()  # a scheduler's stop and a closed terminal act as Ctrl-C: nothing is left half-made
     try:
         if args.cmd == "pretrain":
             out = args.out or imagenet_path()
@@ -507,8 +509,9 @@ def main() -> None:
                   f"mIoU {r['source']:.1f} on held-out source crops, {r['target']:.1f} on target crops")
     except files.UserError as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("stopped; nothing half-written was left behind")
+    except KeyboardInterrupt:  # one line and the status of a Ctrl-C, as train.py and eval.py
+        print("stopped; nothing half-written was left behind", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
