@@ -1925,18 +1925,26 @@ def test_convert_cli_records_the_source_and_bad_inputs_are_one_paragraph(tmp_pat
 # command line
 
 
+@contextlib.contextmanager
+def _stop_handlers_kept():
+    """The handlers of the stop signals (files.STOPS) as they were before, whatever the body installs."""
+    saved = {s: signal.getsignal(s) for s in files.STOPS}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
 def _eval_cli(monkeypatch, *args) -> str:
     """Run eval.py's __main__ in this process; return the SystemExit message ('' when it ends normally). Its
     handlers of the stop signals are undone."""
     monkeypatch.setattr(sys, "argv", ["eval.py", *args])
-    handlers = {s: signal.getsignal(s) for s in files.STOPS}
     try:
-        runpy.run_path(_EVAL_FILE, run_name="__main__")
+        with _stop_handlers_kept():
+            runpy.run_path(_EVAL_FILE, run_name="__main__")
     except SystemExit as e:
         return str(e.code)
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
     return ""
 
 
@@ -2651,12 +2659,12 @@ def _train_inprocess(monkeypatch, *argv) -> str:
     normally. The exit functions it registers (the lock's release) run at its end, as at a real exit, and its
     signal handlers and excepthook are undone."""
     monkeypatch.setattr(sys, "argv", ["train.py", *argv])
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     at_exit = []
     monkeypatch.setattr(atexit, "register", lambda fn, *a, **k: at_exit.append(lambda: fn(*a, **k)))
     hook = sys.excepthook
     try:
-        runpy.run_path(os.path.join(_ROOT, "train.py"), run_name="__main__")
+        with _stop_handlers_kept():
+            runpy.run_path(os.path.join(_ROOT, "train.py"), run_name="__main__")
     except SystemExit as e:
         return str(e.code)
     except files.UserError as e:
@@ -2664,8 +2672,6 @@ def _train_inprocess(monkeypatch, *argv) -> str:
     finally:
         for fn in reversed(at_exit):
             fn()
-        for s, h in handlers.items():
-            signal.signal(s, h)
         sys.excepthook = hook
     return ""
 
@@ -3025,13 +3031,11 @@ def test_train_stop_before_the_loop_leaves_nothing_and_says_one_line(tmp_path, h
     cmd = [sys.executable, os.path.join(_ROOT, "train.py"), "--demo", "--method", "dacs", "--data-root", str(root),
            "--out", str(out)]
     # inherited by the run: SIGINT ignored; SIGHUP not, even if this suite runs under nohup
-    saved = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGHUP, signal.SIG_DFL)
-    try:
+    with _stop_handlers_kept():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=_ROOT,
                                 start_new_session=True)
-    finally:
-        signal.signal(signal.SIGINT, saved[0])
-        signal.signal(signal.SIGHUP, saved[1])
     try:
         for line in proc.stdout:
             if line.startswith("writing the synthetic demo domains"):
@@ -3052,8 +3056,7 @@ def test_train_stop_before_the_loop_leaves_nothing_and_says_one_line(tmp_path, h
 def test_train_started_under_nohup_keeps_sighup_ignored():
     """nohup starts a run with SIGHUP ignored so that it outlives its terminal: neither the set-up's stops nor the
     loop's take that away; SIGINT and SIGTERM are caught all the same."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
+    with _stop_handlers_kept():
         for ignored in (True, False):
             signal.signal(signal.SIGHUP, signal.SIG_IGN if ignored else signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -3063,9 +3066,6 @@ def test_train_started_under_nohup_keeps_sighup_ignored():
             processes.catch_stops()
             assert (signal.getsignal(signal.SIGHUP) == signal.SIG_IGN) == ignored
             assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, processes.stop_as_interrupt)
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
 
 
 def test_train_bug_keeps_its_traceback(_train_root, tmp_path, monkeypatch):
@@ -3319,15 +3319,10 @@ def test_demo_toys_cli_stops_as_on_ctrl_c_however_it_was_started(tmp_path, monke
         pathlib.Path(path).write_text("finished")
 
     monkeypatch.setattr(toys, "pretrain_imagenet", pretrain)
-    saved = {s: signal.getsignal(s) for s in files.STOPS}
-    try:
+    with _stop_handlers_kept(), pytest.raises(SystemExit) as e:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, lambda *_: None)  # not the default: a toys.py that kept it would end pytest
-        with pytest.raises(SystemExit) as e:
-            toys.main()
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
+        toys.main()
     assert e.value.code == 130 and not out.exists()
     assert capsys.readouterr().err == "stopped; nothing half-written was left behind\n"
 
