@@ -213,9 +213,13 @@ def install_stops(handlers: dict) -> None:
 
 def stop_as_interrupt(sig: int, frame) -> None:
     """A stop acts as Ctrl-C: whatever is being made (the demo's data, a pretraining, a prediction) is cleaned up
-    on the way out, and the program says one line (train.py's report_errors, eval.py's and toys.py's main)."""
+    on the way out, and the program says one line (train.py's report_errors, eval.py's, toys.py's and study.py's
+    main). From then on, as in train.py's loop (catch_stops), a second Ctrl-C ends the program at once and another
+    SIGTERM or SIGHUP changes nothing: it would interrupt that clean-up (a study passes its stop on to its runs as
+    SIGTERM, and after a Ctrl-C at the terminal they have the SIGINT already)."""
     if sig == signal.SIGHUP:
         _silence_terminal()
+    install_stops({signal.SIGINT: signal.SIG_DFL, signal.SIGTERM: signal.SIG_IGN, signal.SIGHUP: signal.SIG_IGN})
     raise KeyboardInterrupt
 
 

@@ -6,15 +6,18 @@ intervals, the smallest difference the study detects) and a chart.
     python study.py --seeds 2 --iters 200 --settings dacs,ssr-toy --out runs/quick
 
 Each run is a train.py subprocess on one core, two at a time; a run whose folder holds its result is not run
-again, and one cut short continues (--resume), so a stopped study goes on where it stopped when run again. The
-data and the toy networks are made once before the first run (toys.prepare); --out is checked before that.
+again, and one cut short continues (--resume), so a stopped study goes on where it stopped when run again. A stop
+(Ctrl-C, SIGTERM, SIGHUP) reaches the runs in flight, which save and end. The data and the toy networks are made
+once before the first run (toys.prepare); --out is checked before that.
 """
 import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +28,7 @@ import data
 import demo
 import files
 import pictures
+import processes
 import toys
 
 
@@ -77,8 +81,40 @@ def parse_final_table(stdout: str) -> dict:
     return dict(miou=miou, iou=iou)
 
 
-def run_setting(setting: str, seed: int, iters: int, out: str, data_root: str, amp: str | None) -> dict:
-    """Train one setting with train.py on one core (skipped when out holds its result already) ->
+class Runs:
+    """The train.py processes in flight, so that a stop of the study reaches them. A Ctrl-C at a terminal reaches
+    every process of the job; a SIGTERM (kill, a scheduler) or a SIGHUP reaches the study alone, whose runs would
+    go on without it, and a run started after the stop would too."""
+
+    def __init__(self):
+        self.running, self.lock, self.stopped = set(), threading.Lock(), False
+
+    def run(self, cmd: list[str], env: dict) -> subprocess.CompletedProcess:
+        """subprocess.run(cmd, capture_output=True, text=True, env=env), unless the study was stopped."""
+        with self.lock:
+            if self.stopped:
+                raise KeyboardInterrupt
+            child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            self.running.add(child)
+        try:
+            stdout, stderr = child.communicate()
+        finally:
+            with self.lock:
+                self.running.discard(child)
+        return subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
+
+    def stop(self) -> None:
+        """SIGTERM to every run in flight: each finishes its iteration, saves and ends (train.py's loop), so
+        that the study, run again, continues it; no run starts after this."""
+        with self.lock:
+            self.stopped = True
+            for child in self.running:
+                child.send_signal(signal.SIGTERM)
+
+
+def run_setting(setting: str, seed: int, iters: int, out: str, data_root: str, amp: str | None,
+                runs: Runs) -> dict:
+    """Train one setting with train.py on one core (skipped when out holds its result already), one of `runs` ->
     dict(miou, iou, seconds)."""
     result_path = os.path.join(out, "study_result.json")
     if os.path.isfile(result_path):
@@ -93,7 +129,7 @@ def run_setting(setting: str, seed: int, iters: int, out: str, data_root: str, a
         cmd.append("--resume")
     t0 = time.time()
     env = dict(os.environ, OMP_NUM_THREADS="1")  # two runs at a time, one core each (study())
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    run = runs.run(cmd, env)
     if run.returncode:
         raise files.UserError(f"{' '.join(cmd)} failed (exit status {run.returncode}): "
                              f"{' '.join(run.stderr.split()[-60:])}")
@@ -177,12 +213,12 @@ def study(seeds: list[int], iters: int, out: str, data_root: str, settings: list
     uses_teacher = any("--sam-weights" not in SETTINGS[n] and "zeros" not in SETTINGS[n] for n in settings
                        if SETTINGS[n][1] == "ssr")
     toys.prepare(data_root, toys.teacher_path() if uses_teacher else None, toys.imagenet_path())  # once, first
-    results, t0 = {n: {} for n in settings}, time.time()
+    results, t0, runs = {n: {} for n in settings}, time.time(), Runs()
     todo = [(n, seed) for seed in seeds for n in settings]
 
     def run(job):
         n, seed = job
-        r = run_setting(n, seed, iters, os.path.join(out, f"{n}_seed{seed}"), data_root, amp)
+        r = run_setting(n, seed, iters, os.path.join(out, f"{n}_seed{seed}"), data_root, amp, runs)
         print(f"{n} seed {seed}: target mIoU {r['miou']:.2f} ({r['seconds']:.0f} s)", flush=True)
         return job, r
 
@@ -190,8 +226,10 @@ def study(seeds: list[int], iters: int, out: str, data_root: str, settings: list
         try:
             for (n, seed), r in pool.map(run, todo):
                 results[n][seed] = r
-        except BaseException:  # a failed or stopped run: start no queued one (the running one ends on its own)
-            pool.shutdown(cancel_futures=True)
+        except BaseException as e:  # a failed run or a stop: start no queued run; a stop ends the running ones
+            if isinstance(e, KeyboardInterrupt):
+                runs.stop()
+            pool.shutdown(cancel_futures=True)  # waits for the running ones to end
             raise
     wall = time.time() - t0
     note = (f"{len(seeds)} seeds, {iters} iterations, {amp or 'fp32'}, {jobs} runs at a time; `python study.py "
@@ -220,6 +258,7 @@ def main() -> None:
     p.add_argument("--amp", choices=["bf16", "fp16", "fp32"],
                    help="train.py --amp for every run (default: train.py's, fp32 on a CPU)")
     args = p.parse_args()
+    processes.stops_interrupt()  # SIGTERM and SIGHUP too stop the study as Ctrl-C does, with its line
     try:
         settings = [x for x in args.settings.split(",") if x]
         if not settings or any(x not in SETTINGS for x in settings):
@@ -231,9 +270,10 @@ def main() -> None:
         study(list(range(args.seeds)), args.iters, args.out, args.data_root, settings, args.amp, args.jobs)
     except files.UserError as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("stopped; nothing half-written was left behind (a study continues where it stopped when run "
-                 "again)")
+    except KeyboardInterrupt:  # one line and the status of a Ctrl-C, as train.py, eval.py and toys.py
+        print("stopped; nothing half-written was left behind (a study continues where it stopped when run again)",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 import zlib
@@ -3483,6 +3484,64 @@ def test_study_refuses_an_out_it_cannot_write_before_any_work(tmp_path, monkeypa
         msg = str(e.value.code)
         assert msg.startswith(f"error: --out {out} cannot be written (") and "Pass --out a folder" in msg, msg
         assert "\n" not in msg and not (tmp_path / "data").exists() and not out.exists()
+
+
+_FAKE_TRAIN = """import os, signal, sys, time
+out = sys.argv[sys.argv.index("--out") + 1]
+def stop(sig, frame):  # as train.py's loop: finish the iteration, save, end with a Ctrl-C's status
+    open(os.path.join(out, "train_state.pt"), "w").close()
+    sys.exit(130)
+signal.signal(signal.SIGTERM, stop)
+os.makedirs(out)
+open(os.path.join(out, "started"), "w").close()
+time.sleep(20)
+"""
+
+
+def test_study_stopped_by_sigterm_stops_its_runs_which_save(tmp_path, monkeypatch, capsys):
+    """A SIGTERM (kill, a scheduler) reaches the study alone: it passes it on to the runs in flight, which save and
+    end (so the study, run again, continues them), starts no queued run, and ends with its one line. It died at
+    once, its runs going on without it."""
+    fake = tmp_path / "train.py"  # stands in for train.py: the study's part is what is tested here
+    fake.write_text(_FAKE_TRAIN)
+    run = study.Runs.run
+    monkeypatch.setattr(study.Runs, "run", lambda self, cmd, env: run(self, [cmd[0], str(fake)] + cmd[2:], env))
+    monkeypatch.setattr(toys, "prepare", lambda *a: None)
+    out = tmp_path / "study"
+    monkeypatch.setattr(sys, "argv", ["study.py", "--settings", "dacs", "--seeds", "3", "--jobs", "2", "--out",
+                                      str(out), "--data-root", str(tmp_path / "data")])
+
+    def stop_when_both_started():
+        while not all((out / f"dacs_seed{s}" / "started").exists() for s in (0, 1)):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_when_both_started, daemon=True).start()
+    with _stop_handlers_kept(), pytest.raises(SystemExit) as e:
+        signal.signal(signal.SIGTERM, lambda *_: None)  # not the default: a study.py that kept it would end pytest
+        study.main()
+    assert e.value.code == 130 and capsys.readouterr().err.startswith("stopped; nothing half-written was left")
+    assert [(out / f"dacs_seed{s}" / "train_state.pt").exists() for s in (0, 1)] == [True, True]
+    assert not (out / "dacs_seed2").exists()  # queued when the stop came: never started
+
+
+def test_a_stop_during_the_clean_up_of_a_stop_does_not_interrupt_it():
+    """After the first stop, as in train.py's loop: another SIGTERM changes nothing (a study's, after the Ctrl-C
+    that its runs got from the terminal: it interrupted their clean-up with a traceback), a second Ctrl-C ends
+    the program at once."""
+    cleaned = []
+    with _stop_handlers_kept():
+        processes.stops_interrupt()
+        with pytest.raises(KeyboardInterrupt):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the stop's KeyboardInterrupt ends this at once
+            finally:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.01)
+                cleaned.append(True)
+        assert cleaned and signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
 
 
 # ==============================================================================================================
