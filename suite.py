@@ -105,19 +105,22 @@ def loop_split(events, n: int, cuda: bool) -> str:
 # ------------------------------------------------------------------------------------------------------------------
 # the programs as a user runs them
 
-def loop_data(root: str, tiny: bool, n_eval: int) -> None:
+def loop_data(root: str, eval_root: str, tiny: bool, n_eval: int) -> None:
     """GTA5 and Cityscapes trees in root, of 24 scenes each at the datasets' sizes (the demo's with tiny), drawn by
-    demo.py (street scenes: they compress and decode like photos, ~3 MB a PNG); Cityscapes' val split holds 8 drawn
-    scenes and copies of them up to n_eval images (drawing is slow; decoding a copy costs the same)."""
+    demo.py (street scenes: they compress and decode like photos, ~3 MB a PNG), with 8 drawn scenes in Cityscapes'
+    val split: the evaluation that ends each train.py run reads only those. eval.py is timed on eval_root's val
+    split of n_eval images, copies of the 8 (drawing is slow; decoding a copy costs the same)."""
     import demo
     sizes = {} if tiny else dict(src_size=(1914, 1052), tgt_size=(2048, 1024))  # GTA5's and Cityscapes' (W, H)
     demo.write_data(root, n_src=24, n_tgt=24, n_val=8, **sizes)
     val = sorted(glob.glob(os.path.join(root, "cityscapes", "leftImg8bit", "val", "*", "*_leftImg8bit.png")))
-    for i in range(n_eval - len(val)):
+    for i in range(n_eval):
         stem = val[i % len(val)][: -len("_leftImg8bit.png")]
         for kind, suffix in (("leftImg8bit", "_leftImg8bit.png"), ("gtFine", "_gtFine_labelIds.png")):
             src = stem.replace(f"{os.sep}leftImg8bit{os.sep}", f"{os.sep}{kind}{os.sep}") + suffix
-            shutil.copy(src, src.replace(suffix, f"_copy{i}{suffix}"))
+            dst = os.path.join(eval_root, os.path.relpath(src, root)).replace(suffix, f"_copy{i}{suffix}")
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copy(src, dst)
 
 
 def run_script(script: str, args: list[str], timeout: float, cwd: str = ".", env: dict | None = None
@@ -236,7 +239,8 @@ def run_gpu_suite(device: torch.device, tiny: bool, repeats: int, warmup: int, b
 
     tmp = tempfile.mkdtemp(prefix="ssr-bench-")
     try:
-        loop_data(tmp, tiny, n_eval)
+        evals = os.path.join(tmp, "eval")  # eval.py's data
+        loop_data(tmp, evals, tiny, n_eval)
         print(f"[{card}] synthetic data written in {time.perf_counter() - start:.0f} s", flush=True)
         flags = ["--pretrained", "none", "--eval-every", "0", "--save-every", "0", "--debug-every", "0"]
         flags += ["--demo"] * tiny  # the demo's sizes
@@ -253,7 +257,7 @@ def run_gpu_suite(device: torch.device, tiny: bool, repeats: int, warmup: int, b
         report("a stop and --resume (train.py --method ssr --mic)", 150, lambda t: run_stop_resume(
             tmp, os.path.join(tmp, "resumed"), ssr_mic, t))
         report(f"eval.py, {n_eval} Cityscapes-sized files", 90, lambda t: run_eval_files(
-            tmp, ckpt, ["--device", str(device)], t))
+            evals, ckpt, ["--device", str(device)], t))
         report("train.py --method dacs --mic", 120, lambda t: run_loop(
             tmp, os.path.join(tmp, "dacs"), flags + ["--method", "dacs", "--mic"], iters, warm, t))
         report("train.py --method ssr --ssr-context shuffled", 90, lambda t: run_loop(
@@ -273,7 +277,7 @@ def run_gpu_suite(device: torch.device, tiny: bool, repeats: int, warmup: int, b
         report("ssr iteration with the ImageNet copy's weights cast once vs by autocast, bf16 (item 7)", 120,
                lambda t: run_bench(dev + ["--items", "7", "--dtype", "bf16", "--mic"], t))
         report(f"eval.py --amp bf16, {n_eval} Cityscapes-sized files", 90, lambda t: run_eval_files(
-            tmp, ckpt, ["--device", "cuda", "--amp", "bf16"], t))
+            evals, ckpt, ["--device", "cuda", "--amp", "bf16"], t))
         # compilation (the first iterations) is read apart from the steady rate after it
         report("train.py --method ssr --mic --compile", 400, lambda t: run_loop(
             tmp, os.path.join(tmp, "ssr_compiled"), ssr_mic + ["--compile"], iters + 100, warm + 100, t))

@@ -3643,11 +3643,22 @@ def test_bench_counts_aten_ops_by_the_innermost_running_network():
     assert not outer._forward_hooks and not outer.lin._forward_pre_hooks  # the counter leaves no hook behind
 
 
+def test_suite_train_runs_evaluate_8_images_and_eval_py_all(tmp_path):
+    # each train.py run of the suite ends with an evaluation of its val split: 8 images, not the 200 that eval.py is
+    # timed on (at the paper's sizes each run would spend its end decoding and evaluating 2048x1024 files)
+    import suite
+    suite.loop_data(str(tmp_path / "data"), str(tmp_path / "eval"), True, 11)
+    val = lambda root: datasets.list_dataset(str(tmp_path / root), "cityscapes", "val")  # noqa: E731
+    assert len(val("data")) == 8 and len(val("eval")) == 11 and all(s.lbl for s in val("eval"))
+    assert not (tmp_path / "eval" / "gta5").exists()
+
+
 def test_suite_profile_stops_the_loader_workers_itself(tmp_path):
     # train.py runs inside the profiling process; its namespace, loader iterator included, dies in the cyclic gc,
     # which would wait 5 s for each worker: profile_train stops them itself (here with the gc off, so it must)
-    script = ("import gc, multiprocessing, sys, suite; suite.loop_data(sys.argv[1], True, 8); gc.disable(); "
-              "print(suite.profile_train(sys.argv[2:], 1, 1)); print('children', multiprocessing.active_children())")
+    script = ("import gc, multiprocessing, sys, suite; suite.loop_data(sys.argv[1], sys.argv[1] + '/eval', True, 8); "
+              "gc.disable(); print(suite.profile_train(sys.argv[2:], 1, 1)); "
+              "print('children', multiprocessing.active_children())")
     flags = ["--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--log-every", "0", "--demo",
              "--pretrained", "none", "--eval-every", "0", "--save-every", "0", "--debug-every", "0", "--workers", "2",
              "--method", "dacs"]
