@@ -223,7 +223,8 @@ def run_gpu_suite(device: torch.device, tiny: bool, repeats: int, warmup: int, b
     cuda only: train.py --cuda-graphs, items 6 and 7, eval.py --amp bf16, train.py --compile, item 5, item 3 in fp32."""
     start, card = time.perf_counter(), bench.Setup(device).device_name()
     dev = ["--device", str(device), "--repeats", str(repeats), "--warmup", str(warmup)] + ["--tiny"] * tiny
-    n_eval, iters, warm = (8, 4, 2) if tiny else (200, 110, 30)
+    # profiled: reading the profiler's events costs ~1 s per iteration on the CPU
+    n_eval, iters, warm, profiled = (8, 4, 2, 2) if tiny else (200, 110, 30, 5)
     texts = {}
 
     def report(what: str, limit: float, fn) -> None:
@@ -247,11 +248,12 @@ def run_gpu_suite(device: torch.device, tiny: bool, repeats: int, warmup: int, b
         ssr_mic, ckpt = flags + ["--method", "ssr", "--mic", "--sam-weights", "none"], f"{tmp}/ssr/model.safetensors"
         report("train.py --method ssr --mic", 180, lambda t: run_loop(
             tmp, os.path.join(tmp, "ssr"), ssr_mic, iters, warm, t))
-        prof = ["--data-root", tmp, "--out", os.path.join(tmp, "profiled"), "--log-every", "0"] + ssr_mic
-        report(f"where the loop's time goes: train.py --method ssr --mic, iterations {warm}-{warm + 4} profiled", 150,
-               lambda t: next(line for line in run_script("suite.py", ["--profile-train", str(warm), "5"] + prof, t,
-                                                          env=suite_env(prof[3]))[0].splitlines()
-                              if line.startswith("profile of")))
+        prof = ["--profile-train", str(warm), str(profiled), "--data-root", tmp, "--out", f"{tmp}/profiled",
+                "--log-every", "0"] + ssr_mic
+        report(f"where the loop's time goes: train.py --method ssr --mic, iterations {warm}-{warm + profiled - 1} "
+               f"profiled", 150, lambda t: next(line for line in run_script(
+                   "suite.py", prof, t, env=suite_env(f"{tmp}/profiled"))[0].splitlines()
+                   if line.startswith("profile of")))
         report("train iteration with mic, eager bf16 (item 3: the bare step and its FLOPs)", 150, lambda t: run_bench(
             dev + ["--items", "3", "--dtype", "bf16", "--mic"], t))
         report("a stop and --resume (train.py --method ssr --mic)", 150, lambda t: run_stop_resume(
