@@ -216,7 +216,22 @@ def launcher_gone(pid: int) -> bool:
             parent = f.read()
     except (OSError, ValueError, IndexError):
         return False
-    return worker and b"torchrun" not in parent and b"torch.distributed.run" not in parent
+    return worker and not runs_torchrun(parent)
+
+
+def runs_torchrun(cmdline: bytes) -> bool:
+    """Whether a /proc/PID/cmdline (NUL-separated) runs torchrun: its console script (python .../bin/torchrun ...)
+    or python -m torch.distributed.run. The program is read, not searched for in the arguments: a parent that runs
+    `pytest -k torchrun` is no torchrun."""
+    args = cmdline.split(b"\0")
+    if os.path.basename(args[0]) == b"torchrun":
+        return True
+    args = args[1:]  # the interpreter's options, then its program
+    while args and args[0].startswith(b"-") and args[0] != b"-m":
+        args = args[2:] if args[0] in (b"-W", b"-X") else args[1:]  # the two options that take a value apart
+    if args[:2] == [b"-m", b"torch.distributed.run"]:
+        return True
+    return bool(args) and os.path.basename(args[0]) == b"torchrun"
 
 
 def wait_for_leftovers(folder: str, say: bool, most_s: float = 120) -> None:

@@ -1640,6 +1640,18 @@ def test_save_atomic_replaces_whole_and_a_failed_rename_leaves_no_temporary_file
     assert sorted(os.listdir(tmp_path)) == ["f.bin", "folder"] and not os.listdir(tmp_path / "folder")
 
 
+@pytest.mark.parametrize("cmdline, torchrun", [
+    ("/venv/bin/python3 /venv/bin/torchrun --standalone --nproc_per_node=2 train.py --out run", True),
+    ("python3 -u -X faulthandler -m torch.distributed.run --nproc_per_node=8 train.py", True),
+    ("/usr/local/bin/torchrun train.py", True),
+    ("python3 -m pytest -q test_ssr.py -k torchrun", False),  # a parent that only names it
+    ("python3 -W ignore train.py --note torch.distributed.run", False),
+    ("/sbin/init", False),
+])
+def test_a_torchrun_launcher_is_told_by_the_program_it_runs(cmdline, torchrun):
+    assert files.runs_torchrun(cmdline.replace(" ", "\0").encode() + b"\0") == torchrun
+
+
 def test_run_folder_waits_for_the_leftovers_of_a_killed_torchrun_only(tmp_path, capsys):
     """A holder of the lock that is a torchrun worker (TORCHELASTIC_RUN_ID in its environment) whose parent is no
     torchrun is a leftover of a killed torchrun, which saves and ends by itself: it is waited for, saying so in one
