@@ -87,13 +87,13 @@ def end(world: World) -> None:
     """Tear the process groups down, at exit, however the run ends (start registers it). A group's threads free
     the work of its last collectives, which takes the interpreter's lock: if the interpreter is shutting down by
     then, that thread is ended mid-way and the process aborts ("terminate called without an active exception",
-    SIGABRT). So every reference to the groups is dropped here (DDP holds the loop's twice), and each group,
-    destroyed, joins its threads while the interpreter still runs. SIGTERM is ignored from here: torchrun sends it
-    to the processes still running once one has exited, and a process that is ending anyway must end with its own
-    status, not as killed by a signal."""
+    SIGABRT). So every reference to the loop's group is dropped here (DDP holds it, and its reducer, which DDP's
+    logger holds too), and the group, destroyed, joins its threads while the interpreter still runs. SIGTERM is
+    ignored from here: torchrun sends it to the processes still running once one has exited, and a process that is
+    ending anyway must end with its own status, not as killed by a signal."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if world.ddp is not None:
-        del world.ddp.reducer, world.ddp.process_group
+        del world.ddp.reducer, world.ddp.logger, world.ddp.process_group
     dist.destroy_process_group()
     world.group = None
 
