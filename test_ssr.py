@@ -3110,6 +3110,7 @@ def test_train_the_end_of_a_run_tears_its_loop_group_down_while_python_still_run
     """
     r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "store")], cwd=_ROOT, capture_output=True,
                        text=True, timeout=60, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert len(r.stdout.split()) == 3, r.stderr
     alone, both, after = map(int, r.stdout.split())
     assert both > alone and after <= alone, (alone, both, after)
 

@@ -434,11 +434,10 @@ def segmentor_from_mmseg(sd: dict, src: str) -> tuple[ssr.Segmentor, str]:
         raise WeightsError(f"{src}: the weights {', '.join(bad[:3])} are not plain tensors; pass the .pth file of a "
                            f"released DAFormer or MIC model.")
     cfg = config_from_state_dict(student, src)
-    with torch.device("meta"):  # no time spent on random init: every tensor comes from the file
-        model = ssr.build_segmentor(cfg)
+    model = ssr.build_segmentor(cfg)  # not on the meta device: see checkpoint.load_segmentor
     files.check_keys(model, student, src, f"DAFormer segmentor {cfg}", "Only DAFormer-head models (DAFormer, MIC "
                      "with the DAFormer head) convert; HRDA's multi-resolution head does not.")
-    model.load_state_dict(student, strict=True, assign=True)
+    model.load_state_dict(student, strict=True)
     return model, (f"a DAFormer/MIC segmentor, {cfg.backbone}{' ' + str(cfg.mit) if cfg.mit else ''}, "
                    f"{cfg.num_classes} classes, head width {cfg.channels}; written as a checkpoint for eval.py --ckpt")
 
