@@ -3098,7 +3098,8 @@ def test_train_the_end_of_a_run_tears_its_loop_group_down_while_python_still_run
         import os, sys, time, torch, torch.distributed as dist, processes
         def loops():  # gloo's worker threads, 2 per group; each names itself once started
             time.sleep(0.5)
-            return sum("pt_gloo_runloop" in open(f"/proc/self/task/{t}/comm").read() for t in os.listdir("/proc/self/task"))
+            names = [open(f"/proc/self/task/{t}/comm").read() for t in os.listdir("/proc/self/task")]
+            return sum("pt_gloo_runloop" in name for name in names)
         dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
         alone = loops()
         world = processes.World(0, 1, torch.device("cpu"), "unused", dist.new_group(), 0)
