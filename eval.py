@@ -373,9 +373,13 @@ def main() -> None:
         predict.check_outputs(args.images, args.save_dir, args.side_by_side)
     if args.submit:
         check_submission_folder(args.submit)
-        check_writable(args.submit, "--submit")
-    held = files.claim_folder(args.save_dir, "--save-dir") if args.save_dir else None  # a second eval fails now
+    # held for the run, so that a second evaluation into it fails now; --submit's on the folder itself, which must
+    # zip into the predictions alone (save_dir and submit never go together)
+    folder, flag = (args.save_dir, "--save-dir") if args.save_dir else (args.submit, "--submit")
+    held = files.claim_folder(folder, flag, lock_file=not args.submit) if folder else None
     try:
+        if args.submit:
+            check_writable(args.submit, "--submit")
         run(args, device, conditions)
     finally:
         if held:  # what a failed start made is removed again

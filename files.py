@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from multiprocessing import Pool
-from typing import IO, Callable
+from typing import Callable
 
 import torch
 
@@ -180,10 +180,10 @@ def save_atomic(path: str, write: Callable[[str], None]) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # 3. a training run's folder (train.py's --out): its lock, its training state, its log
 
-def lock_holders(lock_file: IO) -> list[int]:
-    """The pids that hold an flock on lock_file's inode (Linux's /proc/locks); [] where unknown."""
+def lock_holders(fd: int) -> list[int]:
+    """The pids that hold an flock on the inode of the open file fd (Linux's /proc/locks); [] where unknown."""
     try:
-        ino = os.fstat(lock_file.fileno()).st_ino
+        ino = os.fstat(fd).st_ino
         with open("/proc/locks") as f:
             rows = [line.split() for line in f]
         return sorted({int(r[4]) for r in rows if len(r) > 5 and r[1] == "FLOCK" and r[5].endswith(f":{ino}")})
@@ -245,31 +245,32 @@ def wait_for_leftovers(folder: str, say: bool, most_s: float = 120) -> None:
         return
     with lock:
         deadline = time.monotonic() + most_s
-        pids = lock_holders(lock)
+        pids = lock_holders(lock.fileno())
         if pids and all(launcher_gone(q) for q in pids) and say:
             print(f"{folder} is held by pid {', '.join(map(str, pids))}, a worker of a torchrun that is gone: waiting "
                   f"for it to save its last iteration and end (at most {most_s / 60:.0f} minutes)", flush=True)
         while pids and all(launcher_gone(q) for q in pids) and time.monotonic() < deadline:
             time.sleep(0.2)
-            pids = lock_holders(lock)
+            pids = lock_holders(lock.fileno())
 
 
-def claim_folder(folder: str, flag: str = "--out") -> tuple[IO, list[str]]:
-    """Create `folder` (given by `flag`) if needed and hold it: an exclusive flock on <folder>/.lock, which the OS
-    releases when every process holding it ends, however it ends. A second claim fails at once, saying which
-    process holds it. Returns the lock file and the paths this call created, deepest first (the lock file, then
-    the folders above it), for release_folder."""
+def claim_folder(folder: str, flag: str = "--out", lock_file: bool = True) -> tuple[int, list[str]]:
+    """Create `folder` (given by `flag`) if needed and hold it: an exclusive flock, which the OS releases when every
+    process holding it ends, however it ends. The flock is on <folder>/.lock, which records the holder's pid; with
+    lock_file=False, on the folder itself, for a folder that must hold its outputs alone (--submit's zips into the
+    predictions). A second claim fails at once, saying which process holds it. Returns the lock's file descriptor
+    and the paths this call created, deepest first (the lock file, then the folders above it), for release_folder."""
     made = []
     d = os.path.abspath(folder)
     while not os.path.exists(d):
         made.append(d)
         d = os.path.dirname(d)
-    lock_path = os.path.join(folder, ".lock")
-    if not os.path.exists(lock_path):
+    lock_path = os.path.abspath(os.path.join(folder, ".lock") if lock_file else folder)
+    if lock_file and not os.path.exists(lock_path):
         made.insert(0, lock_path)
     try:
         os.makedirs(folder, exist_ok=True)
-        f = open(lock_path, "a+")  # "a+": create, but never clobber the holder's pid
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT if lock_file else os.O_RDONLY)  # never clobbers the pid in it
     except OSError as e:
         for d in made:  # what makedirs got to make, all empty
             if os.path.isdir(d):
@@ -277,33 +278,35 @@ def claim_folder(folder: str, flag: str = "--out") -> tuple[IO, list[str]]:
         why = "it is a file" if os.path.isfile(folder) else e.strerror  # not "File exists"
         raise FlagError(f"{flag} {folder} cannot be written ({why}). Choose a folder you can write to.") from None
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        f.seek(0)
-        written = f.read().strip()
-        pids = lock_holders(f) or ([int(written)] if written.isdigit() else [])
-        f.close()
+        written = os.pread(fd, 32, 0).decode(errors="replace").strip() if lock_file else ""
+        pids = lock_holders(fd) or ([int(written)] if written.isdigit() else [])
+        os.close(fd)
         who = "; ".join(describe(q) for q in pids) or "a process that could not be identified"
         raise FlagError(f"{flag} {folder} is in use by another run: {who}. Wait for it to end, stop it (kill "
                         f"{' '.join(map(str, pids)) or 'PID'}; one whose parent is gone is a leftover), or choose "
                         f"another {flag}.") from None
-    f.truncate(0)
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f, made
+    if lock_file:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd, made
 
 
-def release_folder(lock: IO, made: list[str]) -> None:
-    """Let claim_folder's lock go. If that claim made the lock file and the folder holds nothing else (a failed
-    start), the lock file and the folders made for it are removed first: a failed start leaves no trace."""
-    if made[:1] == [lock.name] and os.listdir(os.path.dirname(lock.name)) == [".lock"]:
-        os.remove(lock.name)
-        for d in made[1:]:
-            try:
-                os.rmdir(d)
-            except OSError:  # not empty after all: what lies above it is not empty either
+def release_folder(fd: int, made: list[str]) -> None:
+    """Let claim_folder's lock go. A failed start leaves no trace: where the folder holds nothing but what this
+    claim made, that (the lock file, the folders made for it) is removed first."""
+    for path in made:  # deepest first
+        try:
+            if os.path.isdir(path):
+                os.rmdir(path)  # not empty: what lies above it is not empty either
+            elif os.listdir(os.path.dirname(path)) == [".lock"]:
+                os.remove(path)
+            else:
                 break
-    lock.close()
+        except OSError:
+            break
+    os.close(fd)
 
 
 def claim_run(folder: str, state_path: str, resume: bool) -> None:

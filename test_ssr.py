@@ -2102,6 +2102,13 @@ def test_cli_test_split_is_written_as_each_server_reads_it(tmp_path, monkeypatch
     shutil.copy(out / written[-1], stale)
     assert _eval_cli(monkeypatch, *cli) == ""  # a second run replaces its own predictions, and removes the stale one
     assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()) == written
+    # held for the run, on the folder itself (no lock file in what the server gets): a second submission into it
+    # fails at once, and two never mix
+    lock, made = files.claim_folder(str(out), "--submit", lock_file=False)
+    msg = _eval_cli(monkeypatch, *cli)
+    assert msg.startswith(f"error: --submit {out} is in use by another run: pid {os.getpid()} ("), msg
+    files.release_folder(lock, made)
+    assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()) == written
 
 
 def test_cli_test_split_bad_input(tmp_path, monkeypatch):
@@ -2123,6 +2130,7 @@ def test_cli_test_split_bad_input(tmp_path, monkeypatch):
         msg = _eval_cli(monkeypatch, "--ckpt", ckpt, "--data-root", str(tmp_path / "data"), "--workers", "0", *args)
         assert msg.startswith("error:") and re.search(pattern, msg) and "\n" not in msg.strip(), (args, msg)
     assert os.listdir(tmp_path / "full") == ["notes.txt"] and (tmp_path / "full" / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "s").exists()  # a failed start leaves no trace: the folder it made is gone again
 
 
 def test_cli_predicts_a_folder_of_own_images(tmp_path, monkeypatch, capsys):
