@@ -38,7 +38,9 @@ def cast_frozen_weights(net: nn.Module | None, dtype: torch.dtype | None) -> Non
     do), once. Autocast would cast them again in every forward, one kernel each, to the same values (a rounding is
     a rounding): the outputs are bit-identical (tested), and a MiT-B5 pass runs 735 aten ops instead of 1465
     (bench.count_ops). LayerNorms keep fp32, as autocast runs them. train.py does it to the ImageNet copy only: the
-    EMA teacher changes at every step, and SAM is built in the dtype whole.
+    EMA teacher changes at every step, and SAM is built in the dtype whole. The run's state saves the cast weights,
+    and a resumed run loads them as saved: a bf16 run continued with --amp fp32 keeps the rounded values, so the
+    feature distance measures against the same network throughout.
     Measured (bench.py --items 7, bf16, MiT-B5, crop 128, SAM at 256, MIC), 2-core CPU: 3.21 -> 3.20 s per ssr
     iteration, no change (the ImageNet copy's pass alone, crop 512, batch 2: 0.497 -> 0.456 s). GPU, where every
     op costs the host its launch: not yet measured (suite.py runs item 7)."""
