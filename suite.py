@@ -10,7 +10,7 @@ costs that figure only), on files of the datasets' sizes (GTA5 1914x1052, Citysc
 they compress and decode like photos) from random weights, most important first:
   1. train.py --method ssr --mic: its steady rate, its peak memory;
   2. the same loop profiled (--profile-train): per iteration, the host waiting for data, the host-to-device copies,
-     the device's busy and idle time, the host blocked in synchronizations;
+     the device's busy and idle time, the host blocked in synchronizations, the ops that took the most time;
   3. bench.py item 3 in bf16 with MIC: the bare step of ssr and dacs, the FLOPs of each (torch.utils.flop_counter)
      and the card's bf16 matmul rate, which the model FLOP utilization is read against;
   4. a stop (SIGTERM) and --resume, checked to continue from the saved state;
@@ -45,7 +45,8 @@ def profile_train(argv: list[str], start: int, n: int) -> str:
     torch.profiler; -> where their time went. The loader is wrapped (data.make_train_loader): each batch it hands
     over marks an iteration, and the wait for it is recorded as such. Read from the profile, per iteration: the
     wall time; the host waiting for data; on the device, the host-to-device copies and the busy time of the kernels
-    (their union), and its idle time; the host blocked in synchronizations (a .item(), a cudaStreamSynchronize)."""
+    (their union), and its idle time; the host blocked in synchronizations (a .item(), a cudaStreamSynchronize);
+    then the ops that took the most time, on the device and on the host (costliest)."""
     from torch.profiler import ProfilerActivity, record_function, schedule
 
     cuda = torch.cuda.is_available()
@@ -75,7 +76,10 @@ def profile_train(argv: list[str], start: int, n: int) -> str:
         for batches in made:  # its workers stopped now: left to the cyclic gc, each would cost 5 s (data.CleanLoader)
             batches.close()
     prof.stop()
-    return loop_split(prof.events(), n, cuda)
+    averages = prof.key_averages()
+    return "\n    ".join([loop_split(prof.events(), n, cuda)] + [
+        f"{what} by op, per iteration: {costliest(averages, n, key)}" for what, key in (
+            ("device time", "self_device_time_total"), ("host time", "self_cpu_time_total"))[not cuda:]])
 
 
 WAIT = "waiting for the next batch"
@@ -100,6 +104,15 @@ def loop_split(events, n: int, cuda: bool) -> str:
     syncs = sum(e.cpu_time_total for e in events if e.name in SYNCS)
     return text + (f", host-to-device copies {ms(copies)}, device busy {ms(busy)} (idle {ms(wall - busy)}), "
                    f"host blocked in synchronizations {ms(syncs)}")
+
+
+def costliest(averages, n: int, key: str, k: int = 6) -> str:
+    """The k ops of a profile (its key_averages(), over n iterations) that took the most `key` time, each with its
+    ms and calls per iteration: on the device, the time of the kernels that each op launched itself; on the host,
+    each op's own time (its children's excluded). What to make faster first, by name."""
+    ops = [e for e in averages if e.device_type.name == "CPU" and e.key != WAIT and not e.key.startswith("ProfilerStep")]
+    top = sorted(ops, key=lambda e: getattr(e, key), reverse=True)[:k]
+    return ", ".join(f"{e.key} {getattr(e, key) / n / 1e3:.1f} ms ({e.count / n:.0f} calls)" for e in top)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -250,10 +263,12 @@ def run_gpu_suite(device: torch.device, tiny: bool, repeats: int, warmup: int, b
             tmp, os.path.join(tmp, "ssr"), ssr_mic, iters, warm, t))
         prof = ["--profile-train", str(warm), str(profiled), "--data-root", tmp, "--out", f"{tmp}/profiled",
                 "--log-every", "0"] + ssr_mic
+
+        def profiled_loop(timeout: float) -> str:
+            out = run_script("suite.py", prof, timeout, env=suite_env(f"{tmp}/profiled"))[0]
+            return out[out.index("profile of"):].strip()  # train.py's own lines come first
         report(f"where the loop's time goes: train.py --method ssr --mic, iterations {warm}-{warm + profiled - 1} "
-               f"profiled", 150, lambda t: next(line for line in run_script(
-                   "suite.py", prof, t, env=suite_env(f"{tmp}/profiled"))[0].splitlines()
-                   if line.startswith("profile of")))
+               f"profiled", 150, profiled_loop)
         report("train iteration with mic, eager bf16 (item 3: the bare step and its FLOPs)", 150, lambda t: run_bench(
             dev + ["--items", "3", "--dtype", "bf16", "--mic"], t))
         report("a stop and --resume (train.py --method ssr --mic)", 150, lambda t: run_stop_resume(
