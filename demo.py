@@ -73,6 +73,21 @@ def sizes(src: str) -> datasets.Sizes:
                           ignore_rows=CONFIG["ignore_rows"])
 
 
+def check_flags(src: str, tgt: str, sized: list[str]) -> None:
+    """train.py --demo's flags that its world cannot honour, as a files.FlagError: a source or target other than its
+    two domains (train.py would look for the real dataset in the demo's folder), and `sized`, the flags given that
+    size the real networks (--backbone, --sam), which the tiny ones of CONFIG would silently replace."""
+    if src not in ("gta5", "cityscapes") or tgt != "cityscapes":
+        raise files.FlagError(f"--demo with --src {src} --tgt {tgt}: the demo's world has a GTA5-like source and a "
+                              f"Cityscapes-like target only; give --src gta5 (or cityscapes, for the target oracle) "
+                              f"and --tgt cityscapes, or train on the downloaded datasets without --demo.")
+    if sized:
+        them = "them" if len(sized) > 1 else "it"
+        raise files.FlagError(f"{' and '.join(sized)} given: --backbone and --sam size the real MiT and SAM encoders, "
+                              f"but --demo builds its own tiny ones (demo.CONFIG); drop {them}, or train on the "
+                              f"downloaded datasets without --demo.")
+
+
 # train.py --demo sets these defaults (flags still override them). --pretrained and --sam-weights are left unset:
 # train.py then takes the toy ImageNet encoder (toys.imagenet_path()) and, for --method ssr, the toy teacher
 # (toys.teacher_path()); 'none' gives a random one. The learning rate is 10x DAFormer's: a tiny encoder, briefly

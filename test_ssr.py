@@ -2746,6 +2746,9 @@ def test_train_bad_input_is_one_clear_error(_train_root, tmp_path, monkeypatch, 
     (["--acdc-conditions", "night"], "--acdc-conditions only applies to --tgt acdc, not to --tgt cityscapes"),
     (["--tgt", "acdc", "--acdc-conditions", "fog,haze"], "--acdc-conditions fog,haze: give distinct ACDC conditions"),
     *[(["--cuda-graphs"], "--cuda-graphs: PyTorch sees no CUDA GPU")] * (not torch.cuda.is_available()),
+    (["--tgt", "acdc"], "--demo with --src gta5 --tgt acdc: the demo's world has a GTA5-like source"),
+    (["--src", "synthia"], "--demo with --src synthia --tgt cityscapes"),
+    (["--backbone", "mit_b5", "--sam", "vit_l"], "--backbone and --sam given: --backbone and --sam size the real MiT"),
 ])
 def test_train_every_flag_is_checked_before_anything_is_written(tmp_path, monkeypatch, flags, expect):
     # the demo would write its data under --data-root and the run folder under runs/: neither may appear

@@ -135,6 +135,8 @@ sizes = demo.sizes(args.src) if args.demo else datasets.sizes(args.src, args.tgt
 # Every flag is checked here, before anything slow or anything written.
 stages = tuple(int(s) for s in args.ssr_stages.split(",") if s.strip().isdigit())
 conditions = datasets.check_pair(args.src, args.tgt, args.acdc_conditions, args.method)
+if args.demo:
+    demo.check_flags(args.src, args.tgt, [f"--{k}" for k in ("backbone", "sam") if vars(args)[k] != p.get_default(k)])
 weights.check_weight_flags(args.method, args.pretrained, args.sam_weights)
 if len(stages) != len(args.ssr_stages.split(",")) or not set(stages) <= {0, 1, 2, 3} or len(set(stages)) < len(stages):
     raise files.FlagError(f"--ssr-stages {args.ssr_stages!r}: give distinct MiT stages among 0,1,2,3, e.g. 0,1,2,3.")
