@@ -140,6 +140,14 @@ if args.demo:
 weights.check_weight_flags(args.method, args.pretrained, args.sam_weights)
 if len(stages) != len(args.ssr_stages.split(",")) or not set(stages) <= {0, 1, 2, 3} or len(set(stages)) < len(stages):
     raise files.FlagError(f"--ssr-stages {args.ssr_stages!r}: give distinct MiT stages among 0,1,2,3, e.g. 0,1,2,3.")
+ssr_flags = [f"--{k.replace('_', '-')} {vars(args)[k]}" for k in ("ssr_stages", "ssr_context")
+             if vars(args)[k] != p.get_default(k)]  # the SSR branch's, given
+if args.method != "ssr" and ssr_flags:
+    raise files.FlagError(f"{' and '.join(ssr_flags)}: only --method ssr has SAM's branch, not --method "
+                         f"{args.method}; drop {'them' if len(ssr_flags) > 1 else 'it'}.")
+if args.mic and args.method == "source-only":
+    raise files.FlagError("--mic trains on the EMA teacher's pseudo-labels, which --method source-only has none of; "
+                         "use it with --method dacs or ssr.")
 if args.ssr_context == "shuffled" and args.batch_size < 2:
     raise files.FlagError("--ssr-context shuffled needs --batch-size 2 or more: it gives each image another's tokens.")
 if args.sam_img_size <= 0 or args.sam_img_size % 16:
