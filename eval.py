@@ -411,9 +411,11 @@ def run(args: argparse.Namespace, device: torch.device, conditions: tuple[str, .
         return
     source = args.src or meta.get("source", "gta5")  # train.py records it; older and converted files may not
     root = args.data_root or meta.get("data_root") or "data"
-    if args.split == "test" and os.path.isfile(os.path.join(root, "cityscapes", demo.MARKER)):
-        raise files.DatasetError(f"{root} holds the demo's synthetic world, which has no test split and no server to "
-                                 f"score one; its val split has labels: drop --split test and --submit.")
+    in_demo = os.path.isfile(os.path.join(root, "cityscapes", demo.MARKER))  # the demo's world, not a download
+    if in_demo and (args.split == "test" or target != "cityscapes"):
+        raise files.DatasetError(f"{root} holds the demo's synthetic world: a Cityscapes-like target with a train "
+                                 f"and a val split only (no test split, and no server to score one). Evaluate on its "
+                                 f"val split, or pass --data-root with the downloaded {target} dataset.")
     # ACDC: one loader per condition, each reported, then all in one histogram; every one is listed (and a missing
     # folder found) before the first image is predicted
     groups = [(c,) for c in conditions] if target == "acdc" and not args.submit else [conditions]

@@ -2131,10 +2131,10 @@ def test_cli_test_split_bad_input(tmp_path, monkeypatch):
         assert msg.startswith("error:") and re.search(pattern, msg) and "\n" not in msg.strip(), (args, msg)
     os.makedirs(tmp_path / "demo" / "cityscapes")  # the demo's world: what the error says is not a download to fetch
     (tmp_path / "demo" / "cityscapes" / demo.MARKER).write_text("")
-    msg = _eval_cli(monkeypatch, "--ckpt", ckpt, "--tgt", "cityscapes", "--data-root", str(tmp_path / "demo"),
-                    *submit, str(tmp_path / "s"))
-    assert re.fullmatch(r"error: \S+demo holds the demo's synthetic world, which has no test split .*--submit\.",
-                        msg.strip()), msg
+    for args in (["--tgt", "cityscapes", *submit, str(tmp_path / "s")], ["--tgt", "acdc"]):
+        msg = _eval_cli(monkeypatch, "--ckpt", ckpt, "--data-root", str(tmp_path / "demo"), "--workers", "0", *args)
+        assert re.fullmatch(rf"error: \S+demo holds the demo's synthetic world: .* pass --data-root with the "
+                            rf"downloaded {args[1]} dataset\.", msg.strip()), msg
     assert os.listdir(tmp_path / "full") == ["notes.txt"] and (tmp_path / "full" / "notes.txt").read_text() == "mine"
     assert not (tmp_path / "s").exists()  # a failed start leaves no trace: the folder it made is gone again
 
