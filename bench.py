@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import files
 import mit
 import sam_encoder
 import ssr
@@ -485,7 +486,11 @@ def main(argv: list[str] | None = None) -> None:
     items = args.items.split(",")
     if not set(items) <= set(BENCHES):
         sys.exit(f"error: --items {args.items}: choose among {','.join(BENCHES)} (comma-separated).")
-    s = Setup(torch.device(args.device), args.dtype, args.repeats, args.warmup, args.tiny, args.crop, args.batch_size,
+    try:
+        device = files.check_device(args.device)
+    except files.FlagError as e:
+        sys.exit(f"error: {e}")
+    s = Setup(device, args.dtype, args.repeats, args.warmup, args.tiny, args.crop, args.batch_size,
               args.sam_size, args.grad_checkpoint, args.mic, args.profile)
     if "6" in items and not s.cuda:
         sys.exit(f"error: --items {args.items}: item 6 times CUDA graphs, which run on a GPU only; give --device "

@@ -292,24 +292,6 @@ def print_submission(model: ssr.Segmentor, loader, target: str, folder: str, con
 # command line
 
 
-def check_device(name: str) -> torch.device:
-    """The torch.device for --device, or a files.FlagError where this machine does not have it."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise files.FlagError(f"--device {name}: not a device name; use cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise files.FlagError(f"--device {name}: PyTorch sees no CUDA GPU on this machine (torch {torch.__version__}, "
-                        f"built {'without CUDA' if torch.version.cuda is None else 'for CUDA ' + torch.version.cuda}"
-                        f"); use --device cpu.")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise files.FlagError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from "
-                        f"0; pick one of them.")
-    if device.type not in ("cpu", "cuda"):
-        raise files.FlagError(f"--device {name}: eval.py runs on cpu or cuda[:N].")
-    return device
-
-
 def check_writable(folder: str, flag: str) -> None:
     """Fail now, not after the slow steps, when no file can be written in folder (made first)."""
     why = files.cannot_write(folder)
@@ -369,7 +351,7 @@ def main() -> None:
                               if inside else f"--ckpt {args.ckpt} is a folder and holds no .safetensors checkpoint; "
                               f"pass the model.safetensors that train.py wrote (in its --out folder).")
     conditions = datasets.parse_conditions(args.acdc_conditions)
-    device = check_device(args.device)
+    device = files.check_device(args.device)
     if args.images:
         predict.check_outputs(args.images, args.save_dir, args.side_by_side)
     if args.submit:

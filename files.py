@@ -2,8 +2,8 @@
 moment leaves the old file or the new one; the cache; process pools that stop quietly; a training run's folder
 (its lock, its checkpoint pair, its log).
 
-Read top to bottom: 1. the errors, and the strict key check of weights files; 2. the cache, pools and atomic
-writes; 3. a run's folder (train.py's --out).
+Read top to bottom: 1. the errors, a --device this machine has, and the strict key check of weights files; 2. the
+cache, pools and atomic writes; 3. a run's folder (train.py's --out).
 """
 import argparse
 import atexit
@@ -43,6 +43,24 @@ class WeightsError(UserError):
 
 class DatasetError(UserError):
     """A dataset file or folder that is missing, unreadable or not in the layout of its download."""
+
+
+def check_device(name: str) -> torch.device:
+    """The torch.device for a program's --device, or a FlagError where this machine does not have it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FlagError(f"--device {name}: not a device name; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FlagError(f"--device {name}: PyTorch sees no CUDA GPU on this machine (torch {torch.__version__}, "
+                        f"built {'without CUDA' if torch.version.cuda is None else 'for CUDA ' + torch.version.cuda}"
+                        f"); use --device cpu.")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise FlagError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from "
+                        f"0; pick one of them.")
+    if device.type not in ("cpu", "cuda"):
+        raise FlagError(f"--device {name}: the programs run on cpu or cuda[:N].")
+    return device
 
 
 # The strict key check, shared by the official weight files (weights.py) and our segmentor checkpoint

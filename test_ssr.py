@@ -3729,6 +3729,15 @@ def test_suite_profile_stops_the_loader_workers_itself(tmp_path):
     assert "children []" in run.stdout, run.stdout
 
 
+@pytest.mark.parametrize("program", ["bench", "suite"])
+def test_bench_and_suite_refuse_a_device_this_machine_lacks(program):
+    cases = [("gpu0", "not a device name")] + [("cuda", "PyTorch sees no CUDA GPU")] * (not torch.cuda.is_available())
+    for device, said in cases:
+        with pytest.raises(SystemExit) as stop:  # one line, no traceback
+            {"bench": bench, "suite": suite}[program].main(["--device", device])
+        assert str(stop.value.code).startswith(f"error: --device {device}: {said}"), stop.value.code
+
+
 def test_suite_rejects_a_baseline_without_bench_py(tmp_path):
     with pytest.raises(SystemExit) as stop:  # sys.exit(message): one line on stderr, exit status 1
         suite.main(["--tiny", "--baseline", str(tmp_path)])
