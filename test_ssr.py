@@ -1922,7 +1922,7 @@ def test_convert_cli_records_the_source_and_bad_inputs_are_one_paragraph(tmp_pat
     _eval_save_released(src, _eval_tiny())
     assert cli(src, dst, "--src", "synthia") == ""
     out = capsys.readouterr().out
-    assert f"{src}: a DAFormer/MIC segmentor, mit_b5 {{'embed_dims': (16, 32, 40, 64)" in out
+    assert f"{src}: a DAFormer/MIC segmentor, a custom MiT (embed_dims=(16, 32, 40, 64), depths=" in out
     assert "skipped non-tensor objects without running them: " in out and out.endswith(f"wrote {dst}\n")
     assert checkpoint.load_segmentor(dst)[1]["source"] == "synthia"  # eval.py reports mIoU16 and mIoU13
     notmmseg = str(tmp_path / "plain.pth")

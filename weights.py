@@ -438,7 +438,8 @@ def segmentor_from_mmseg(sd: dict, src: str) -> tuple[ssr.Segmentor, str]:
     files.check_keys(model, student, src, f"DAFormer segmentor {cfg}", "Only DAFormer-head models (DAFormer, MIC "
                      "with the DAFormer head) convert; HRDA's multi-resolution head does not.")
     model.load_state_dict(student, strict=True)
-    return model, (f"a DAFormer/MIC segmentor, {cfg.backbone}{' ' + str(cfg.mit) if cfg.mit else ''}, "
+    encoder = arch_text(mit.MIT_PRESETS, "a custom MiT", **cfg.mit) if cfg.mit else cfg.backbone
+    return model, (f"a DAFormer/MIC segmentor, {encoder}, "
                    f"{cfg.num_classes} classes, head width {cfg.channels}; written as a checkpoint for eval.py --ckpt")
 
 # ----------------------------------------------------------------------------------------------------------------
