@@ -2552,11 +2552,14 @@ def test_train_each_method_end_to_end(_train_root, tmp_path, monkeypatch, capsys
 def test_train_from_synthia_records_the_source(_train_root, tmp_path, monkeypatch, capsys):
     root = tmp_path / "data"
     os.makedirs(root)
-    for name in ("gta5", "cityscapes"):  # the demo's target; gta5 present, so --demo writes nothing here
-        os.symlink(os.path.join(_train_root, name), root / name)
+    os.symlink(os.path.join(_train_root, "cityscapes"), root / "cityscapes")  # the demo's target, in its layout
     _data_synthia(root, n=6, h=144, w=256)
-    assert _train_inprocess(monkeypatch, *_train_tiny(root, tmp_path / "run", "--src", "synthia", "--method",
-                                                      "source-only", "--iters", "2")) == ""
+    monkeypatch.setitem(datasets.SOURCES, "synthia", dict(datasets.SOURCES["synthia"], scale=(256, 144)))
+    monkeypatch.setitem(datasets.TARGETS, "cityscapes", dict(datasets.TARGETS["cityscapes"], scale=(128, 64)))
+    monkeypatch.setenv("SSR_CACHE", str(tmp_path / "cache"))
+    assert _train_inprocess(monkeypatch, "--src", "synthia", "--method", "source-only", "--pretrained", "none",
+                            "--backbone", "mit_b0", "--crop", "64", "--workers", "0", "--iters", "2",
+                            "--eval-every", "0", "--data-root", str(root), "--out", str(tmp_path / "run")) == ""
     assert "rare-class statistics of 6 labels" in capsys.readouterr().out
     assert checkpoint.load_segmentor(str(tmp_path / "run" / "model.safetensors"))[1]["source"] == "synthia"
 
