@@ -110,7 +110,8 @@ def costliest(averages, n: int, key: str, k: int = 6) -> str:
     """The k ops of a profile (its key_averages(), over n iterations) that took the most `key` time, each with its
     ms and calls per iteration: on the device, the time of the kernels that each op launched itself; on the host,
     each op's own time (its children's excluded). What to make faster first, by name."""
-    ops = [e for e in averages if e.device_type.name == "CPU" and e.key != WAIT and not e.key.startswith("ProfilerStep")]
+    ops = [e for e in averages
+           if e.device_type.name == "CPU" and e.key != WAIT and not e.key.startswith("ProfilerStep")]
     top = sorted(ops, key=lambda e: getattr(e, key), reverse=True)[:k]
     return ", ".join(f"{e.key} {getattr(e, key) / n / 1e3:.1f} ms ({e.count / n:.0f} calls)" for e in top)
 

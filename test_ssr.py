@@ -3665,7 +3665,8 @@ def test_suite_runs_its_cpu_parts_with_tiny(tmp_path):
                      run.stdout), run.stdout  # ~1.2 and ~0.74 GFLOP at the tiny sizes
     assert re.search(r"profile of iterations 2-3: [\d.]+ ms per iteration: waiting for data [\d.]+ ms, the rest on "
                      r"the CPU [\d.]+ ms", run.stdout), run.stdout  # the real loop, profiled
-    assert re.search(r"\n    host time by op, per iteration: aten::\w+ [\d.]+ ms \(\d+ calls\), ", run.stdout), run.stdout
+    assert re.search(r"\n    host time by op, per iteration: aten::\w+ [\d.]+ ms \(\d+ calls\), ",
+                     run.stdout), run.stdout  # the costliest ops, named
     assert re.search(r"ok: stopped by SIGTERM at iteration \d+ \(exit 130\), resumed there in run \w+, saved again",
                      run.stdout), run.stdout
     assert "train.py --method ssr --ssr-context shuffled" in figures, run.stdout
