@@ -95,8 +95,9 @@ p.add_argument("--debug-every", type=int, default=1000,
                help="write a debug panel to <out>/debug/iter_NNNNNN.png every N iterations (dacs, ssr; 0 = never)")
 p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt; flags not given take the saved run's values")
 p.add_argument("--demo", action="store_true",
-               help="train a tiny model on synthetic domains (generated if absent), pretrained on toys.py's toy "
-                    "ImageNet, with its toy SAM teacher (both made on first use): minutes on a CPU; sets the defaults "
+               help="train a tiny model on synthetic domains (generated if absent; --src gta5, or cityscapes for the "
+                    "oracle, --tgt cityscapes), pretrained on toys.py's toy ImageNet, with its toy SAM teacher (both "
+                    "made on first use; --backbone and --sam cannot change them): minutes on a CPU; sets the defaults "
                     + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in demo.FLAGS.items()))
 if "--demo" in sys.argv[1:]:
     p.set_defaults(**demo.FLAGS)
