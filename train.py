@@ -157,8 +157,9 @@ if args.sam_img_size <= 0 or args.sam_img_size % 16:
 if args.crop <= 0 or args.crop % 32 or args.crop > sizes.max_crop:
     raise files.FlagError(f"--crop {args.crop}: the crop must be a positive multiple of 32 and at most the height "
                          f"the images are resized to ({sizes.max_crop} px here), e.g. --crop 512.")
-if args.iters <= 0 or args.batch_size <= 0 or not 0 <= args.ema_alpha < 1:
-    raise files.FlagError("--iters and --batch-size must be positive, and --ema-alpha in [0, 1).")
+if min(args.iters, args.batch_size, args.lr) <= 0 or args.warmup < 0 or not 0 <= args.ema_alpha < 1:
+    raise files.FlagError("--iters, --batch-size and --lr must be positive, --warmup at least 0 (no warm-up), and "
+                         "--ema-alpha in [0, 1).")
 if min(args.log_every, args.eval_every, args.save_every, args.debug_every, args.workers) < 0:
     raise files.FlagError("--log-every, --eval-every, --save-every, --debug-every and --workers cannot be negative "
                          "(0 = at the end, or for --debug-every never, or for --workers, load in the main process).")
