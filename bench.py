@@ -486,6 +486,13 @@ def main(argv: list[str] | None = None) -> None:
     items = args.items.split(",")
     if not set(items) <= set(BENCHES):
         sys.exit(f"error: --items {args.items}: choose among {','.join(BENCHES)} (comma-separated).")
+    bad = [f"--{flag} {v}" for flag, v, unit in (("repeats", args.repeats, 1), ("batch-size", args.batch_size, 1),
+                                                 ("crop", args.crop, 32), ("sam-size", args.sam_size, 16))
+           if v is not None and (v <= 0 or v % unit)]  # given, and not a positive multiple of its unit
+    bad += [f"--warmup {args.warmup}"] * (args.warmup is not None and args.warmup < 0)
+    if bad:
+        sys.exit(f"error: {', '.join(bad)}: --repeats and --batch-size must be positive, --warmup at least 0, --crop "
+                 f"a positive multiple of 32 and --sam-size of 16.")
     try:
         device = files.check_device(args.device)
     except files.FlagError as e:

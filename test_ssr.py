@@ -3744,6 +3744,15 @@ def test_bench_and_suite_refuse_a_device_this_machine_lacks(program):
         assert str(stop.value.code).startswith(f"error: --device {device}: {said}"), stop.value.code
 
 
+def test_bench_refuses_sizes_it_cannot_run():
+    cases = [(["--repeats", "0"], "--repeats 0"), (["--crop", "48", "--sam-size", "20"], "--crop 48, --sam-size 20"),
+             (["--batch-size", "-1", "--warmup", "-1"], "--batch-size -1, --warmup -1")]
+    for argv, named in cases:
+        with pytest.raises(SystemExit) as stop:  # one line, before any model is built
+            bench.main(["--tiny", *argv])
+        assert str(stop.value.code).startswith(f"error: {named}: --repeats and --batch-size must be"), stop.value.code
+
+
 def test_suite_rejects_a_baseline_without_bench_py(tmp_path):
     with pytest.raises(SystemExit) as stop:  # sys.exit(message): one line on stderr, exit status 1
         suite.main(["--tiny", "--baseline", str(tmp_path)])
