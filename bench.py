@@ -468,6 +468,14 @@ def run_items(s: Setup, items: list[str]) -> None:
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
+def device_or_exit(name: str) -> torch.device:
+    """--device of bench.py or suite.py: the device (files.check_device), or the program's one-line error."""
+    try:
+        return files.check_device(name)
+    except files.FlagError as e:
+        sys.exit(f"error: {e}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", default="1,2,3,4", help="comma-separated items to run (see above)")
@@ -493,11 +501,7 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         sys.exit(f"error: {', '.join(bad)}: --repeats and --batch-size must be positive, --warmup at least 0, --crop "
                  f"a positive multiple of 32 and --sam-size of 16.")
-    try:
-        device = files.check_device(args.device)
-    except files.FlagError as e:
-        sys.exit(f"error: {e}")
-    s = Setup(device, args.dtype, args.repeats, args.warmup, args.tiny, args.crop, args.batch_size,
+    s = Setup(device_or_exit(args.device), args.dtype, args.repeats, args.warmup, args.tiny, args.crop, args.batch_size,
               args.sam_size, args.grad_checkpoint, args.mic, args.profile)
     if "6" in items and not s.cuda:
         sys.exit(f"error: --items {args.items}: item 6 times CUDA graphs, which run on a GPU only; give --device "

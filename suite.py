@@ -327,11 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.baseline and not os.path.isfile(os.path.join(args.baseline, "bench.py")):
         sys.exit(f"error: --baseline {args.baseline} holds no bench.py; give a checkout of this project, e.g. made "
                  f"with git worktree add {args.baseline} COMMIT.")
-    try:
-        device = files.check_device(args.device)
-    except files.FlagError as e:
-        sys.exit(f"error: {e}")
-    s = bench.Setup(device, repeats=args.repeats, warmup=args.warmup, tiny=args.tiny)
+    s = bench.Setup(bench.device_or_exit(args.device), repeats=args.repeats, warmup=args.warmup, tiny=args.tiny)
     if not s.cuda and not args.tiny:
         sys.exit("error: suite.py needs a CUDA device (or --tiny, which runs its CPU-runnable parts at tiny sizes).")
     print(f"device {s.device} ({s.device_name()}), torch {torch.__version__}", flush=True)
