@@ -324,6 +324,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     if train_flags:
         p.error(f"unrecognized arguments: {' '.join(train_flags)}")
+    bad = [f"--{flag} {v:g}" for flag, v, least in (("repeats", args.repeats, 1), ("warmup", args.warmup, 0),
+                                                    ("budget", args.budget, 20)) if v is not None and v < least]
+    if bad:  # under 20 s left, report() starts no measurement
+        sys.exit(f"error: {', '.join(bad)}: --repeats must be positive, --warmup at least 0 and --budget at least 20 "
+                 f"seconds.")
     if args.baseline and not os.path.isfile(os.path.join(args.baseline, "bench.py")):
         sys.exit(f"error: --baseline {args.baseline} holds no bench.py; give a checkout of this project, e.g. made "
                  f"with git worktree add {args.baseline} COMMIT.")

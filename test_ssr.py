@@ -3753,6 +3753,14 @@ def test_bench_refuses_sizes_it_cannot_run():
         assert str(stop.value.code).startswith(f"error: {named}: --repeats and --batch-size must be"), stop.value.code
 
 
+def test_suite_refuses_sizes_it_cannot_run():
+    cases = [(["--repeats", "0"], "--repeats 0"), (["--warmup", "-1", "--budget", "5"], "--warmup -1, --budget 5")]
+    for argv, named in cases:
+        with pytest.raises(SystemExit) as stop:  # one line, before anything is written
+            suite.main(["--tiny", *argv])
+        assert str(stop.value.code).startswith(f"error: {named}: --repeats must be positive"), stop.value.code
+
+
 def test_suite_rejects_a_baseline_without_bench_py(tmp_path):
     with pytest.raises(SystemExit) as stop:  # sys.exit(message): one line on stderr, exit status 1
         suite.main(["--tiny", "--baseline", str(tmp_path)])
