@@ -3140,7 +3140,7 @@ def test_train_the_end_of_a_run_tears_its_loop_group_down_while_python_still_run
     counts = r.stdout.splitlines()[-1].split() if r.stdout else []  # torch 2.8's gloo prints a line per group first
     assert len(counts) == 3, r.stderr
     alone, both, after = map(int, counts)
-    if alone == 0:
+    if both == 0:  # not even the DDP group's threads are named (the default group's may not be yet, under load)
         pytest.skip(f"torch {torch.__version__} does not name gloo's threads, which this test counts")
     assert both > alone and after <= alone, (alone, both, after)
 
